@@ -1,0 +1,262 @@
+//! The local catalog: a SQLite cache of what the box holds.
+//!
+//! It knows every volume and where each block sits, the versions, and the
+//! change-detection cache that lets a backup skip unchanged files without
+//! reading them. It can always be rebuilt from the box (indexes and
+//! manifests), so losing it loses nothing.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::crypto::BlockId;
+use crate::error::{Error, IoContext, Result};
+use crate::objects::{self, Manifest, VolumeIndex};
+use crate::tree::BlockRef;
+use crate::wire::{Reader, Writer};
+
+/// Where a block lives in the box.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockLocation {
+    /// Volume object name.
+    pub volume: String,
+    /// Offset of the sealed block in the volume.
+    pub offset: u64,
+    /// Sealed length.
+    pub length: u32,
+    /// Plaintext length.
+    pub raw_len: u32,
+}
+
+/// What the change-detection cache remembers about one source file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CachedFile {
+    /// Absolute source path (raw bytes).
+    pub path: Vec<u8>,
+    /// Size when it was last read.
+    pub size: u64,
+    /// Modification time (ns).
+    pub mtime_ns: i64,
+    /// Status change time (ns).
+    pub ctime_ns: i64,
+    /// Inode number.
+    pub ino: u64,
+    /// Content blocks.
+    pub content: Vec<BlockRef>,
+}
+
+/// The SQLite catalog of one repository.
+pub struct Catalog {
+    conn: Connection,
+    path: PathBuf,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS volumes (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    state TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS blocks (
+    hash BLOB PRIMARY KEY,
+    volume INTEGER NOT NULL REFERENCES volumes(id),
+    offset INTEGER NOT NULL,
+    length INTEGER NOT NULL,
+    raw_length INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blocks_volume ON blocks(volume);
+CREATE TABLE IF NOT EXISTS versions (
+    id TEXT PRIMARY KEY,
+    time_ns INTEGER NOT NULL,
+    manifest TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS filecache (
+    path BLOB PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    content BLOB NOT NULL
+) WITHOUT ROWID;
+";
+
+impl Catalog {
+    /// Opens (creating if needed) the catalog file at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).at(dir)?;
+            }
+        }
+        let conn = Connection::open(path).map_err(|e| catalog_err(path, e))?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| catalog_err(path, e))?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(|e| catalog_err(path, e))?;
+        conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(|e| catalog_err(path, e))?;
+        conn.execute_batch(SCHEMA).map_err(|e| catalog_err(path, e))?;
+        Ok(Self { conn, path: path.to_path_buf() })
+    }
+
+    /// The catalog file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The repository id this catalog belongs to, if recorded.
+    pub fn repo_id(&self) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'repo_id'", [], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Records the repository id.
+    pub fn set_repo_id(&self, id: &str) -> Result<()> {
+        self.conn
+            .execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('repo_id', ?1)", [id])?;
+        Ok(())
+    }
+
+    /// Where a block is stored, if any volume holds it.
+    pub fn block(&self, id: &BlockId) -> Result<Option<BlockLocation>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT v.name, b.offset, b.length, b.raw_length FROM blocks b JOIN volumes v ON v.id = b.volume WHERE b.hash = ?1",
+        )?;
+        Ok(st
+            .query_row([&id.0[..]], |r| {
+                Ok(BlockLocation { volume: r.get(0)?, offset: r.get(1)?, length: r.get(2)?, raw_len: r.get(3)? })
+            })
+            .optional()?)
+    }
+
+    /// Whether a block is stored.
+    pub fn has_block(&self, id: &BlockId) -> Result<bool> {
+        let mut st = self.conn.prepare_cached("SELECT 1 FROM blocks WHERE hash = ?1")?;
+        Ok(st.exists([&id.0[..]])?)
+    }
+
+    /// Records an uploaded volume and all its blocks in one transaction.
+    pub fn add_volume(&mut self, index: &VolumeIndex) -> Result<()> {
+        let name = objects::volume_name(&index.volume_id);
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT OR IGNORE INTO volumes(name, size, state) VALUES (?1, ?2, 'uploaded')",
+            params![name, index.volume_size as i64],
+        )?;
+        let vid: i64 = tx.query_row("SELECT id FROM volumes WHERE name = ?1", [&name], |r| r.get(0))?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT OR IGNORE INTO blocks(hash, volume, offset, length, raw_length) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for e in &index.entries {
+                st.execute(params![&e.id.0[..], vid, e.offset as i64, e.length, e.raw_len])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Names of all known volumes.
+    pub fn volume_names(&self) -> Result<Vec<String>> {
+        let mut st = self.conn.prepare("SELECT name FROM volumes")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Forgets a volume and its blocks (it is gone from the box).
+    pub fn remove_volume(&mut self, name: &str) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM blocks WHERE volume = (SELECT id FROM volumes WHERE name = ?1)", [name])?;
+        tx.execute("DELETE FROM volumes WHERE name = ?1", [name])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Counts of volumes, blocks and the sum of volume sizes.
+    pub fn totals(&self) -> Result<(u64, u64, u64)> {
+        let (v, s): (i64, i64) =
+            self.conn.query_row("SELECT count(*), coalesce(sum(size), 0) FROM volumes", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let b: i64 = self.conn.query_row("SELECT count(*) FROM blocks", [], |r| r.get(0))?;
+        Ok((v as u64, b as u64, s as u64))
+    }
+
+    /// All versions, oldest first.
+    pub fn versions(&self) -> Result<Vec<Manifest>> {
+        let mut st = self.conn.prepare("SELECT manifest FROM versions ORDER BY time_ns, id")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for json in rows {
+            let json = json?;
+            out.push(serde_json::from_str(&json).map_err(|e| Error::Format(format!("catalog manifest: {e}")))?);
+        }
+        Ok(out)
+    }
+
+    /// Records a version, and with it the change-detection rows of the files it read.
+    pub fn add_version(&mut self, m: &Manifest, cache: &[CachedFile]) -> Result<()> {
+        let json = serde_json::to_string(m).map_err(|e| Error::Format(e.to_string()))?;
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO versions(id, time_ns, manifest) VALUES (?1, ?2, ?3)",
+            params![m.id, m.time_ns, json],
+        )?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT OR REPLACE INTO filecache(path, size, mtime_ns, ctime_ns, ino, content) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for f in cache {
+                st.execute(params![f.path, f.size as i64, f.mtime_ns, f.ctime_ns, f.ino as i64, encode_content(&f.content)])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Forgets a version (its manifest is gone from the box).
+    pub fn remove_version(&self, id: &str) -> Result<()> {
+        self.conn.execute("DELETE FROM versions WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    /// The change-detection row of a source path.
+    pub fn cached_file(&self, path: &[u8]) -> Result<Option<CachedFile>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT size, mtime_ns, ctime_ns, ino, content FROM filecache WHERE path = ?1")?;
+        let row = st
+            .query_row([path], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?, r.get::<_, Vec<u8>>(4)?))
+            })
+            .optional()?;
+        let Some((size, mtime_ns, ctime_ns, ino, blob)) = row else { return Ok(None) };
+        let Ok(content) = decode_content(&blob) else { return Ok(None) };
+        Ok(Some(CachedFile { path: path.to_vec(), size: size as u64, mtime_ns, ctime_ns, ino: ino as u64, content }))
+    }
+}
+
+fn catalog_err(path: &Path, e: rusqlite::Error) -> Error {
+    Error::Invalid(format!("cannot open catalog {}: {e}", path.display()))
+}
+
+fn encode_content(blocks: &[BlockRef]) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.uvar(blocks.len() as u64);
+    for b in blocks {
+        w.raw(&b.id.0);
+        w.uvar(u64::from(b.len));
+    }
+    w.into_bytes()
+}
+
+fn decode_content(buf: &[u8]) -> Result<Vec<BlockRef>> {
+    let mut r = Reader::new(buf, "filecache");
+    let n = r.len(buf.len() / 33 + 1)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let id = BlockId(r.array()?);
+        let len = r.u32var()?;
+        out.push(BlockRef { id, len });
+    }
+    Ok(out)
+}

@@ -1,0 +1,22 @@
+//! Brickbox engine: the repository format, chunking, crypto, compression,
+//! volumes, the SQLite catalog, the storage backend, and the backup, restore
+//! and browse operations. No OS-specific code beyond what `brickbox-platform`
+//! provides, and no front-end types.
+
+pub mod backend;
+pub mod backup;
+pub mod browse;
+pub mod catalog;
+pub mod codec;
+pub mod crypto;
+pub mod error;
+pub mod objects;
+pub mod repo;
+pub mod restore;
+pub mod time;
+pub mod tree;
+pub mod volume;
+pub mod wire;
+
+pub use error::{Error, Result};
+pub use repo::Repository;

@@ -1,0 +1,312 @@
+//! The objects of a box besides volumes: config, key files, volume indexes and
+//! version manifests, and the envelope that seals metadata objects.
+//!
+//! Layout of a box:
+//! ```text
+//! config                      plaintext JSON: format version, repository id, chunker parameters
+//! keys/<id>.key               plaintext JSON: Argon2id parameters + wrapped master key
+//! data/<volume>.dblock.zip    zip of stored entries, one sealed block each
+//! index/<volume>.dindex       sealed: ids, offsets and lengths of the blocks of one volume
+//! versions/<id>.dlist         sealed: one backup version (root tree, statistics); written last
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, Codec};
+use crate::crypto::{self, BlockId, Keys};
+use crate::error::{Error, Result};
+use crate::wire::{Reader, Writer};
+
+/// The repository format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Name of the config object.
+pub const CONFIG_NAME: &str = "config";
+/// Folder of key files.
+pub const KEYS_DIR: &str = "keys/";
+/// Folder of data volumes.
+pub const DATA_DIR: &str = "data/";
+/// Folder of volume indexes.
+pub const INDEX_DIR: &str = "index/";
+/// Folder of version manifests.
+pub const VERSIONS_DIR: &str = "versions/";
+
+const SEALED_MAGIC: &[u8; 4] = b"BBO1";
+
+/// Kinds of sealed metadata objects (the byte after the magic).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ObjectKind {
+    /// A volume index.
+    Index = 1,
+    /// A version manifest.
+    Manifest = 2,
+}
+
+/// Content-defined chunking parameters, fixed per repository.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChunkerParams {
+    /// Smallest block in bytes.
+    pub min_size: u32,
+    /// Target average block size.
+    pub avg_size: u32,
+    /// Largest block.
+    pub max_size: u32,
+}
+
+impl Default for ChunkerParams {
+    fn default() -> Self {
+        Self { min_size: 128 * 1024, avg_size: 512 * 1024, max_size: 2 * 1024 * 1024 }
+    }
+}
+
+/// The plaintext `config` object.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Config {
+    /// Always "brickbox".
+    pub format: String,
+    /// Repository format version.
+    pub version: u32,
+    /// Random repository id (hex, 32 digits); names the local catalog.
+    pub id: String,
+    /// Chunker parameters used by every backup into this box.
+    pub chunker: ChunkerParams,
+    /// Creation time (RFC 3339).
+    pub created: String,
+}
+
+impl Config {
+    /// A new config with a random id.
+    pub fn new(created: String) -> Self {
+        Self {
+            format: "brickbox".into(),
+            version: FORMAT_VERSION,
+            id: hex::encode(crypto::random_bytes::<16>()),
+            chunker: ChunkerParams::default(),
+            created,
+        }
+    }
+
+    /// Parses and validates the config object.
+    pub fn parse(bytes: &[u8]) -> Result<Self> {
+        let c: Config = serde_json::from_slice(bytes)
+            .map_err(|e| Error::damaged(CONFIG_NAME, format!("not a valid config: {e}")))?;
+        if c.format != "brickbox" {
+            return Err(Error::damaged(CONFIG_NAME, "not a Brickbox config"));
+        }
+        if c.version != FORMAT_VERSION {
+            return Err(Error::UnsupportedVersion { found: c.version, supported: FORMAT_VERSION });
+        }
+        let p = c.chunker;
+        if !(64..=1 << 26).contains(&p.min_size) || p.min_size > p.avg_size || p.avg_size > p.max_size || p.max_size > 1 << 28 {
+            return Err(Error::damaged(CONFIG_NAME, "chunker parameters out of range"));
+        }
+        Ok(c)
+    }
+}
+
+/// Seals a metadata object: `"BBO1" || kind || nonce || AES-GCM(codec byte || payload) || tag`, AAD = object name.
+pub fn seal_object(keys: &Keys, kind: ObjectKind, name: &str, payload: &[u8]) -> Vec<u8> {
+    let plain = codec::encode(Codec::Zstd, payload);
+    let sealed = crypto::seal(keys.meta_cipher(), name.as_bytes(), &plain);
+    let mut out = Vec::with_capacity(5 + sealed.len());
+    out.extend_from_slice(SEALED_MAGIC);
+    out.push(kind as u8);
+    out.extend_from_slice(&sealed);
+    out
+}
+
+/// Opens a sealed metadata object and returns its payload.
+pub fn open_object(keys: &Keys, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<Vec<u8>> {
+    if bytes.len() < 5 || &bytes[..4] != SEALED_MAGIC {
+        return Err(Error::damaged(name, "not a sealed Brickbox object (bad magic)"));
+    }
+    if bytes[4] != kind as u8 {
+        return Err(Error::damaged(name, format!("object kind {} where {:?} was expected", bytes[4], kind)));
+    }
+    let plain = crypto::open(keys.meta_cipher(), name.as_bytes(), &bytes[5..], name)?;
+    let (&tag, rest) = plain.split_first().ok_or_else(|| Error::damaged(name, "empty payload"))?;
+    match Codec::from_u8(tag) {
+        Some(Codec::None) => Ok(rest.to_vec()),
+        Some(Codec::Zstd) => decode_zstd_unbounded(rest).map_err(|e| Error::damaged(name, e)),
+        _ => Err(Error::damaged(name, format!("unexpected codec byte {tag}"))),
+    }
+}
+
+fn decode_zstd_unbounded(data: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    zstd::stream::read::Decoder::new(data)
+        .and_then(|d| d.take(1 << 31).read_to_end(&mut out))
+        .map_err(|e| format!("zstd: {e}"))?;
+    Ok(out)
+}
+
+/// Object name of a data volume.
+pub fn volume_name(volume_id: &[u8; 16]) -> String {
+    format!("{DATA_DIR}{}.dblock.zip", hex::encode(volume_id))
+}
+
+/// Object name of a volume's index.
+pub fn index_name(volume_id: &[u8; 16]) -> String {
+    format!("{INDEX_DIR}{}.dindex", hex::encode(volume_id))
+}
+
+/// Object name of a version manifest.
+pub fn manifest_name(version_id: &str) -> String {
+    format!("{VERSIONS_DIR}{version_id}.dlist")
+}
+
+/// Volume id from a `data/<hex>.dblock.zip` or `index/<hex>.dindex` name.
+pub fn volume_id_from_name(name: &str) -> Option<[u8; 16]> {
+    let file = name.rsplit('/').next()?;
+    let stem = file.strip_suffix(".dblock.zip").or_else(|| file.strip_suffix(".dindex"))?;
+    let mut id = [0u8; 16];
+    hex::decode_to_slice(stem, &mut id).ok()?;
+    Some(id)
+}
+
+/// Where one block sits in its volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// Block id.
+    pub id: BlockId,
+    /// Offset of the sealed block inside the volume object.
+    pub offset: u64,
+    /// Length of the sealed block.
+    pub length: u32,
+    /// Length of the block's plaintext.
+    pub raw_len: u32,
+}
+
+/// The index of one volume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeIndex {
+    /// Random id of the volume (also in its name).
+    pub volume_id: [u8; 16],
+    /// Size of the volume object in bytes.
+    pub volume_size: u64,
+    /// Every block in the volume.
+    pub entries: Vec<IndexEntry>,
+}
+
+const INDEX_MAGIC: &[u8; 4] = b"BBI1";
+
+impl VolumeIndex {
+    /// Binary payload (before sealing).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.raw(INDEX_MAGIC);
+        w.raw(&self.volume_id);
+        w.uvar(self.volume_size);
+        w.uvar(self.entries.len() as u64);
+        for e in &self.entries {
+            w.raw(&e.id.0);
+            w.uvar(e.offset);
+            w.uvar(u64::from(e.length));
+            w.uvar(u64::from(e.raw_len));
+        }
+        w.into_bytes()
+    }
+
+    /// Parses an index payload.
+    pub fn decode(buf: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(buf, "index");
+        if r.raw(4)? != INDEX_MAGIC {
+            return Err(Error::Format("index: bad magic".into()));
+        }
+        let volume_id = r.array()?;
+        let volume_size = r.uvar()?;
+        let n = r.len(buf.len() / 35 + 1)?;
+        let mut entries = Vec::with_capacity(n);
+        for _ in 0..n {
+            let id = BlockId(r.array()?);
+            let offset = r.uvar()?;
+            let length = r.u32var()?;
+            let raw_len = r.u32var()?;
+            if offset.checked_add(u64::from(length)).is_none_or(|end| end > volume_size) {
+                return Err(Error::Format("index: block extends past the end of its volume".into()));
+            }
+            entries.push(IndexEntry { id, offset, length, raw_len });
+        }
+        if !r.is_empty() {
+            return Err(Error::Format("index: trailing bytes".into()));
+        }
+        Ok(Self { volume_id, volume_size, entries })
+    }
+}
+
+/// A version manifest: what one backup run stored.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Manifest {
+    /// Manifest format version (1).
+    pub format: u32,
+    /// Random version id (16 hex digits).
+    pub id: String,
+    /// Start of the backup, ns since the epoch (UTC).
+    pub time_ns: i64,
+    /// Host the backup ran on.
+    pub host: String,
+    /// User-given tags.
+    pub tags: Vec<String>,
+    /// The source paths as given (lossy UTF-8, for display).
+    pub sources: Vec<String>,
+    /// Tree block of the root directory `/`.
+    pub root: String,
+    /// Regular files in the version.
+    pub files: u64,
+    /// Directories in the version.
+    pub dirs: u64,
+    /// Sum of file sizes.
+    pub bytes: u64,
+    /// Bytes this version added to the box (after dedup and compression).
+    pub bytes_added: u64,
+    /// Previous version this one was built on, if any.
+    pub parent: Option<String>,
+}
+
+impl Manifest {
+    /// The root tree id.
+    pub fn root_id(&self) -> Result<BlockId> {
+        BlockId::from_hex(&self.root).ok_or_else(|| Error::Format(format!("manifest {}: bad root id", self.id)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn index_round_trip(raw in proptest::collection::vec((any::<[u8; 32]>(), 0u64..1000, any::<u32>(), any::<u32>()), 0..20)) {
+            let entries: Vec<IndexEntry> = raw.into_iter().map(|(id, offset, length, raw_len)| IndexEntry { id: BlockId(id), offset, length, raw_len }).collect();
+            let idx = VolumeIndex { volume_id: [3; 16], volume_size: 1 << 40, entries };
+            prop_assert_eq!(VolumeIndex::decode(&idx.encode()).unwrap(), idx);
+        }
+
+        #[test]
+        fn sealed_objects_round_trip_and_bind_their_name(payload: Vec<u8>) {
+            let keys = Keys::from_master([9; 32]);
+            let sealed = seal_object(&keys, ObjectKind::Index, "index/a.dindex", &payload);
+            prop_assert_eq!(open_object(&keys, ObjectKind::Index, "index/a.dindex", &sealed).unwrap(), payload);
+            prop_assert!(open_object(&keys, ObjectKind::Index, "index/b.dindex", &sealed).is_err());
+            prop_assert!(open_object(&keys, ObjectKind::Manifest, "index/a.dindex", &sealed).is_err());
+        }
+
+        #[test]
+        fn garbage_objects_fail_cleanly(data: Vec<u8>) {
+            let keys = Keys::from_master([9; 32]);
+            let _ = open_object(&keys, ObjectKind::Index, "x", &data);
+            let _ = VolumeIndex::decode(&data);
+            let _ = Config::parse(&data);
+        }
+    }
+
+    #[test]
+    fn names() {
+        let id = [0xab; 16];
+        assert_eq!(volume_id_from_name(&volume_name(&id)), Some(id));
+        assert_eq!(volume_id_from_name(&index_name(&id)), Some(id));
+        assert_eq!(volume_id_from_name("data/zz.dblock.zip"), None);
+    }
+}

@@ -1,0 +1,541 @@
+//! The restore engine.
+//!
+//! Plans every entry first, creates directories, restores file contents in
+//! parallel (neighbouring blocks of one volume are fetched with one ranged
+//! read, every block is authenticated and its id checked), then creates
+//! links and special files, and applies metadata last, directories deepest
+//! first so their times survive their children being written.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{File, OpenOptions};
+use std::io::ErrorKind;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use brickbox_platform::{self as platform, FileKind};
+use rayon::prelude::*;
+
+use crate::catalog::BlockLocation;
+use crate::error::{Error, IoContext, Result};
+use crate::objects::Manifest;
+use crate::repo::Repository;
+use crate::tree::{BlockRef, Node};
+
+/// How to restore.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreOptions {
+    /// Restore below this directory (`DIR/<absolute path without leading '/'>`); `None` = original place.
+    pub target: Option<PathBuf>,
+    /// Replace existing files that differ.
+    pub overwrite: bool,
+    /// Also restore owners and all extended attributes (POSIX ACLs included).
+    pub restore_permissions: bool,
+}
+
+/// Live counters for a front end.
+#[derive(Debug, Default)]
+pub struct RestoreProgress {
+    /// Entries done.
+    pub files: AtomicU64,
+    /// Bytes of file content done.
+    pub bytes: AtomicU64,
+}
+
+/// The outcome of a restore.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RestoreSummary {
+    /// Regular files restored or verified identical.
+    pub files: u64,
+    /// Directories.
+    pub dirs: u64,
+    /// Symlinks, hard links, FIFOs, devices.
+    pub others: u64,
+    /// Total file bytes in the restored set.
+    pub bytes: u64,
+    /// Bytes written to disk.
+    pub bytes_written: u64,
+    /// Existing files that were already identical.
+    pub files_unchanged: u64,
+    /// Entries that could not be restored because data is damaged or missing.
+    pub errors: Vec<String>,
+    /// Entries skipped for other reasons (existing files, permissions…).
+    pub warnings: Vec<String>,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+struct Item {
+    /// Absolute path in the backup.
+    source: PathBuf,
+    /// Where it goes.
+    dest: PathBuf,
+    node: Node,
+    depth: usize,
+}
+
+struct Ctx<'a> {
+    repo: &'a Repository,
+    opts: &'a RestoreOptions,
+    progress: &'a RestoreProgress,
+    cancel: &'a AtomicBool,
+    warnings: Mutex<Vec<String>>,
+    errors: Mutex<Vec<String>>,
+    written: AtomicU64,
+    unchanged: AtomicU64,
+}
+
+/// Restores `paths` (absolute paths inside the version; empty = all) of `version`.
+pub fn restore(
+    repo: &Repository,
+    version: &Manifest,
+    paths: &[PathBuf],
+    opts: &RestoreOptions,
+    progress: &RestoreProgress,
+    cancel: &AtomicBool,
+) -> Result<RestoreSummary> {
+    let started = Instant::now();
+    let root = repo.tree(&version.root_id()?)?;
+    let mut items = Vec::new();
+    let wanted: Vec<PathBuf> = if paths.is_empty() { vec![PathBuf::from("/")] } else { paths.to_vec() };
+    for want in &wanted {
+        let want = normalise(want);
+        if want == Path::new("/") {
+            for n in &root.nodes {
+                collect(repo, Path::new("/"), n, 1, opts, &mut items)?;
+            }
+            continue;
+        }
+        let node = crate::browse::lookup(repo, version, &want)?
+            .ok_or_else(|| Error::NotFound(format!("{} is not in version {}", want.display(), version.id)))?;
+        let parent = want.parent().unwrap_or(Path::new("/"));
+        collect(repo, parent, &node, want.components().count() - 1, opts, &mut items)?;
+    }
+    let ctx = Ctx {
+        repo,
+        opts,
+        progress,
+        cancel,
+        warnings: Mutex::new(Vec::new()),
+        errors: Mutex::new(Vec::new()),
+        written: AtomicU64::new(0),
+        unchanged: AtomicU64::new(0),
+    };
+    if let Some(t) = &opts.target {
+        std::fs::create_dir_all(t)
+            .map_err(|e| Error::Invalid(format!("cannot create restore target {}: {e}", t.display())))?;
+        let probe = t.join(format!(".brickbox-write-test-{}", std::process::id()));
+        File::create(&probe)
+            .map_err(|e| Error::Invalid(format!("restore target {} is not writable: {e}", t.display())))?;
+        let _ = std::fs::remove_file(&probe);
+    }
+
+    // 1. Directories, parents first (items are in walk order).
+    for it in items.iter().filter(|i| i.node.kind == FileKind::Dir) {
+        if let Some(parent) = it.dest.parent() {
+            ctx.ensure_dir(parent)?;
+        }
+        match std::fs::symlink_metadata(&it.dest) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) if opts.overwrite => {
+                let _ = std::fs::remove_file(&it.dest);
+                ctx.make_dir(&it.dest)?;
+            }
+            Ok(_) => ctx.warn(format!("{}: exists and is not a directory (use --overwrite)", it.dest.display())),
+            Err(_) => ctx.make_dir(&it.dest)?,
+        }
+    }
+
+    // 2. File contents, in parallel; the first path of each hard-link group carries the data.
+    let mut first_of_group: HashMap<u64, usize> = HashMap::new();
+    let mut files = Vec::new();
+    let mut links = Vec::new();
+    for (i, it) in items.iter().enumerate() {
+        if it.node.kind != FileKind::File {
+            continue;
+        }
+        if it.node.link_group != 0 {
+            if let Some(&first) = first_of_group.get(&it.node.link_group) {
+                links.push((first, i));
+                continue;
+            }
+            first_of_group.insert(it.node.link_group, i);
+        }
+        files.push(i);
+    }
+    files.sort_by_key(|&i| std::cmp::Reverse(items[i].node.size));
+    files.par_iter().try_for_each(|&i| ctx.restore_file(&items[i]))?;
+    if cancel.load(Ordering::Relaxed) {
+        return Err(Error::Interrupted("restore stopped; restored files may be incomplete".into()));
+    }
+
+    // 3. Hard links, symlinks and special files.
+    for (first, i) in links {
+        ctx.hard_link(&items[first], &items[i]);
+    }
+    for it in items.iter().filter(|i| !matches!(i.node.kind, FileKind::File | FileKind::Dir)) {
+        ctx.restore_special(it);
+    }
+
+    // 4. Metadata: everything but directories, then directories deepest first.
+    for it in items.iter().filter(|i| i.node.kind != FileKind::Dir) {
+        ctx.apply_metadata(it);
+    }
+    let mut dirs: Vec<&Item> = items.iter().filter(|i| i.node.kind == FileKind::Dir).collect();
+    dirs.sort_by_key(|i| std::cmp::Reverse(i.depth));
+    for it in dirs {
+        ctx.apply_metadata(it);
+    }
+
+    let count = |k: &dyn Fn(&Item) -> bool| items.iter().filter(|i| k(i)).count() as u64;
+    Ok(RestoreSummary {
+        files: count(&|i| i.node.kind == FileKind::File),
+        dirs: count(&|i| i.node.kind == FileKind::Dir),
+        others: count(&|i| !matches!(i.node.kind, FileKind::File | FileKind::Dir)),
+        bytes: items.iter().filter(|i| i.node.kind == FileKind::File).map(|i| i.node.size).sum(),
+        bytes_written: ctx.written.load(Ordering::Relaxed),
+        files_unchanged: ctx.unchanged.load(Ordering::Relaxed),
+        errors: ctx.errors.into_inner().unwrap_or_default(),
+        warnings: ctx.warnings.into_inner().unwrap_or_default(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn normalise(p: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in p.components() {
+        match c {
+            std::path::Component::Normal(n) => out.push(n),
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Adds `node` (at `parent/name`) and everything below it to the plan.
+fn collect(repo: &Repository, parent: &Path, node: &Node, depth: usize, opts: &RestoreOptions, out: &mut Vec<Item>) -> Result<()> {
+    let source = parent.join(OsStr::from_bytes(&node.name));
+    let dest = match &opts.target {
+        Some(t) => t.join(source.strip_prefix("/").unwrap_or(&source)),
+        None => source.clone(),
+    };
+    let subtree = node.subtree;
+    let mut item_node = node.clone();
+    item_node.subtree = None;
+    out.push(Item { source: source.clone(), dest, node: item_node, depth });
+    if let Some(id) = subtree {
+        let tree = repo.tree(&id)?;
+        for child in &tree.nodes {
+            collect(repo, &source, child, depth + 1, opts, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// Largest ranged read when fetching neighbouring blocks together.
+const MAX_COALESCED: u64 = 16 << 20;
+/// Largest gap between blocks (zip headers) still read in one request.
+const MAX_GAP: u64 = 4096;
+const PAGE: usize = 4096;
+
+impl Ctx<'_> {
+    fn warn(&self, msg: String) {
+        if let Ok(mut w) = self.warnings.lock() {
+            w.push(msg);
+        }
+    }
+
+    fn error(&self, msg: String) {
+        if let Ok(mut w) = self.errors.lock() {
+            w.push(msg);
+        }
+    }
+
+    fn make_dir(&self, p: &Path) -> Result<()> {
+        match std::fs::create_dir(p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(fatal_or(p, e)),
+        }
+    }
+
+    fn ensure_dir(&self, p: &Path) -> Result<()> {
+        if p.is_dir() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(p).map_err(|e| fatal_or(p, e))
+    }
+
+    /// Restores one regular file's content; errors that concern only this file become warnings.
+    fn restore_file(&self, it: &Item) -> Result<()> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let r = self.write_file(it);
+        self.progress.files.fetch_add(1, Ordering::Relaxed);
+        match r {
+            Ok(()) => Ok(()),
+            Err(e @ (Error::Damaged { .. } | Error::MissingBlock(_))) => {
+                self.error(format!("{}: {e}", it.source.display()));
+                Ok(())
+            }
+            Err(Error::Io { path, source }) if source.kind() == ErrorKind::StorageFull => {
+                Err(Error::Io { path, source })
+            }
+            Err(e @ Error::Backend { .. }) => Err(e),
+            Err(e @ Error::Catalog(_)) => Err(e),
+            Err(e) => {
+                self.warn(format!("{}: {e}", it.dest.display()));
+                Ok(())
+            }
+        }
+    }
+
+    fn write_file(&self, it: &Item) -> Result<()> {
+        let dest = &it.dest;
+        if let Some(parent) = dest.parent() {
+            self.ensure_dir(parent)?;
+        }
+        let existing = std::fs::symlink_metadata(dest);
+        let (file, fresh) = match existing {
+            Ok(m) if m.is_file() => {
+                let f = OpenOptions::new().read(true).write(true).open(dest).at(dest)?;
+                (f, false)
+            }
+            Ok(_) => {
+                if !self.opts.overwrite {
+                    return Err(Error::Invalid("exists and is not a regular file (use --overwrite)".into()));
+                }
+                if std::fs::remove_dir(dest).is_err() {
+                    std::fs::remove_file(dest).at(dest)?;
+                }
+                (File::create(dest).at(dest)?, true)
+            }
+            Err(_) => (File::create(dest).at(dest)?, true),
+        };
+        let locs = it
+            .node
+            .content
+            .iter()
+            .map(|b| self.repo.locate(&b.id))
+            .collect::<Result<Vec<_>>>()?;
+        if !fresh {
+            let differs = self.differing_blocks(&file, &it.node.content, dest)?;
+            let same_len = file.metadata().at(dest)?.len() == it.node.size;
+            if differs.is_empty() && same_len {
+                self.unchanged.fetch_add(1, Ordering::Relaxed);
+                self.progress.bytes.fetch_add(it.node.size, Ordering::Relaxed);
+                return Ok(());
+            }
+            if !self.opts.overwrite {
+                return Err(Error::Invalid("exists and differs from the backup (use --overwrite to replace it)".into()));
+            }
+            self.write_blocks(&file, &it.node.content, &locs, Some(&differs), dest, false)?;
+        } else {
+            self.write_blocks(&file, &it.node.content, &locs, None, dest, true)?;
+        }
+        file.set_len(it.node.size).at(dest)?;
+        Ok(())
+    }
+
+    /// Indexes of blocks whose bytes in the existing file differ from the backup.
+    fn differing_blocks(&self, file: &File, content: &[BlockRef], dest: &Path) -> Result<Vec<bool>> {
+        let mut out = Vec::with_capacity(content.len());
+        let mut off = 0u64;
+        let mut buf = Vec::new();
+        let file_len = file.metadata().at(dest)?.len();
+        for b in content {
+            let len = u64::from(b.len);
+            let same = if off + len <= file_len {
+                buf.resize(b.len as usize, 0);
+                file.read_exact_at(&mut buf, off).at(dest)?;
+                self.repo.keys().block_id(&buf) == b.id
+            } else {
+                false
+            };
+            out.push(!same);
+            off += len;
+        }
+        Ok(out)
+    }
+
+    /// Writes blocks at their offsets; `only` selects blocks to write; `sparse` skips zero pages.
+    fn write_blocks(
+        &self,
+        file: &File,
+        content: &[BlockRef],
+        locs: &[BlockLocation],
+        only: Option<&[bool]>,
+        dest: &Path,
+        sparse: bool,
+    ) -> Result<()> {
+        let mut offsets = Vec::with_capacity(content.len());
+        let mut off = 0u64;
+        for b in content {
+            offsets.push(off);
+            off += u64::from(b.len);
+        }
+        let selected: Vec<usize> = (0..content.len()).filter(|&i| only.is_none_or(|o| o[i])).collect();
+        let mut start = 0;
+        while start < selected.len() {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            // Extend the run while the next block sits right after this one in the same volume.
+            let mut end = start + 1;
+            let first = &locs[selected[start]];
+            let mut run_end = first.offset + u64::from(first.length);
+            while end < selected.len() {
+                let next = &locs[selected[end]];
+                let next_end = next.offset + u64::from(next.length);
+                if next.volume != first.volume || next.offset < run_end || next.offset - run_end > MAX_GAP || next_end - first.offset > MAX_COALESCED {
+                    break;
+                }
+                run_end = next_end;
+                end += 1;
+            }
+            let bytes = self.repo.backend().read_range(&first.volume, first.offset, run_end - first.offset)?;
+            for &i in &selected[start..end] {
+                let loc = &locs[i];
+                let rel = (loc.offset - first.offset) as usize;
+                let sealed = &bytes[rel..rel + loc.length as usize];
+                let data = self.repo.open_block_at(loc, &content[i].id, sealed)?;
+                self.write_at(file, &data, offsets[i], dest, sparse)?;
+                self.progress.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, file: &File, data: &[u8], offset: u64, dest: &Path, sparse: bool) -> Result<()> {
+        if !sparse {
+            file.write_all_at(data, offset).at(dest)?;
+            self.written.fetch_add(data.len() as u64, Ordering::Relaxed);
+            return Ok(());
+        }
+        // Leave holes where whole pages are zero, so sparse files stay sparse.
+        let mut pos = 0;
+        while pos < data.len() {
+            let zero_start = pos;
+            while pos < data.len() && is_zero_page(&data[pos..(pos + PAGE).min(data.len())]) {
+                pos = (pos + PAGE).min(data.len());
+            }
+            let data_start = pos;
+            while pos < data.len() && !is_zero_page(&data[pos..(pos + PAGE).min(data.len())]) {
+                pos = (pos + PAGE).min(data.len());
+            }
+            let _ = zero_start;
+            if pos > data_start {
+                file.write_all_at(&data[data_start..pos], offset + data_start as u64).at(dest)?;
+                self.written.fetch_add((pos - data_start) as u64, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    fn hard_link(&self, first: &Item, it: &Item) {
+        if std::fs::symlink_metadata(&it.dest).is_ok() {
+            if !self.opts.overwrite {
+                // Identical content already there counts as restored.
+                if same_inode(&first.dest, &it.dest) {
+                    return;
+                }
+                self.warn(format!("{}: exists (use --overwrite)", it.dest.display()));
+                return;
+            }
+            let _ = std::fs::remove_file(&it.dest);
+        }
+        if let Some(p) = it.dest.parent() {
+            let _ = std::fs::create_dir_all(p);
+        }
+        if let Err(e) = std::fs::hard_link(&first.dest, &it.dest) {
+            self.warn(format!("{}: cannot create hard link: {e}", it.dest.display()));
+        }
+    }
+
+    fn restore_special(&self, it: &Item) {
+        let dest = &it.dest;
+        if let Some(p) = dest.parent() {
+            let _ = std::fs::create_dir_all(p);
+        }
+        if std::fs::symlink_metadata(dest).is_ok() {
+            if it.node.kind == FileKind::Symlink
+                && platform::read_link_bytes(dest).is_ok_and(|t| t == it.node.target)
+            {
+                return;
+            }
+            if !self.opts.overwrite {
+                self.warn(format!("{}: exists (use --overwrite)", dest.display()));
+                return;
+            }
+            let _ = std::fs::remove_file(dest);
+        }
+        let r = match it.node.kind {
+            FileKind::Symlink => platform::symlink_bytes(&it.node.target, dest),
+            FileKind::Socket => return,
+            FileKind::CharDevice | FileKind::BlockDevice if !platform::is_root() => {
+                self.warn(format!("{}: device files can only be restored as root", dest.display()));
+                return;
+            }
+            k => platform::make_special(dest, k, it.node.mode, it.node.rdev),
+        };
+        if let Err(e) = r {
+            self.warn(format!("{}: cannot create: {e}", dest.display()));
+        }
+    }
+
+    fn apply_metadata(&self, it: &Item) {
+        let n = &it.node;
+        let dest = &it.dest;
+        if n.kind == FileKind::Socket || std::fs::symlink_metadata(dest).is_err() {
+            return;
+        }
+        if self.opts.restore_permissions {
+            let uid = platform::uid_for_name(&n.user).filter(|_| !n.user.is_empty()).unwrap_or(n.uid);
+            let gid = platform::gid_for_name(&n.group).filter(|_| !n.group.is_empty()).unwrap_or(n.gid);
+            if let Err(e) = platform::set_owner(dest, uid, gid) {
+                self.warn(format!("{}: cannot set owner: {e}", dest.display()));
+            }
+        }
+        if !n.xattrs.is_empty() {
+            let all = self.opts.restore_permissions;
+            let failed = platform::set_xattrs(dest, &n.xattrs, &|name: &[u8]| all || name.starts_with(b"user."));
+            for (name, e) in failed {
+                self.warn(format!("{}: cannot set attribute {}: {e}", dest.display(), String::from_utf8_lossy(&name)));
+            }
+        }
+        if n.kind != FileKind::Symlink {
+            if let Err(e) = platform::set_mode(dest, n.mode) {
+                self.warn(format!("{}: cannot set permissions: {e}", dest.display()));
+            }
+        }
+        if let Err(e) = platform::set_times(dest, n.atime_ns, n.mtime_ns) {
+            self.warn(format!("{}: cannot set times: {e}", dest.display()));
+        }
+    }
+}
+
+fn same_inode(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::symlink_metadata(a), std::fs::symlink_metadata(b)) {
+        (Ok(x), Ok(y)) => x.ino() == y.ino() && x.dev() == y.dev(),
+        _ => false,
+    }
+}
+
+fn is_zero_page(p: &[u8]) -> bool {
+    p.iter().all(|&b| b == 0)
+}
+
+/// A full disk is fatal for the whole restore; other errors concern one entry.
+fn fatal_or(p: &Path, e: std::io::Error) -> Error {
+    Error::io(p, e)
+}

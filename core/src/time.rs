@@ -1,0 +1,64 @@
+//! Times: nanoseconds since the epoch, shown in local time.
+
+use chrono::{DateTime, Local, NaiveDate, NaiveDateTime, TimeZone, Utc};
+
+/// Now, in ns since the epoch.
+pub fn now_ns() -> i64 {
+    Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX)
+}
+
+fn local(ns: i64) -> DateTime<Local> {
+    Local.timestamp_nanos(ns)
+}
+
+/// RFC 3339 with the local offset, second precision (e.g. `2026-11-24T21:00:00+01:00`).
+pub fn format_rfc3339(ns: i64) -> String {
+    local(ns).to_rfc3339_opts(chrono::SecondsFormat::Secs, false)
+}
+
+/// `2026-11-24T21.00.00`: sortable, and valid as a file name on every OS.
+pub fn format_folder_name(ns: i64) -> String {
+    local(ns).format("%Y-%m-%dT%H.%M.%S").to_string()
+}
+
+/// `2026-11-24 21:00:00` for tables.
+pub fn format_short(ns: i64) -> String {
+    local(ns).format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+/// Parses a user-given point in time (local time unless an offset is given).
+///
+/// Accepts RFC 3339, `YYYY-MM-DD`, `YYYY-MM-DD HH:MM[:SS]`, `YYYY-MM-DDTHH:MM[:SS]` and
+/// the folder form `YYYY-MM-DDTHH.MM.SS`. A bare date means the end of that day.
+pub fn parse_time(s: &str) -> Option<i64> {
+    let s = s.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return t.timestamp_nanos_opt();
+    }
+    for fmt in ["%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H.%M.%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(s, fmt) {
+            // Whole seconds: include everything within that second.
+            return Local.from_local_datetime(&t).earliest()?.timestamp_nanos_opt().map(|n| n + 999_999_999);
+        }
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        let end = d.and_hms_nano_opt(23, 59, 59, 999_999_999)?;
+        return Local.from_local_datetime(&end).earliest()?.timestamp_nanos_opt();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folder_names_parse_back() {
+        let ns = 1_790_000_000_123_456_789;
+        let name = format_folder_name(ns);
+        let parsed = parse_time(&name).unwrap();
+        assert!(parsed >= ns && parsed - ns < 1_000_000_000);
+        assert!(parse_time("2026-11-24").is_some());
+        assert!(parse_time("yesterday-ish").is_none());
+    }
+}
