@@ -1,0 +1,3 @@
+//! End-to-end tests: they run the real `brickbox` binary on real files and a real box.
+
+mod common;
