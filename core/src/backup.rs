@@ -293,7 +293,13 @@ pub fn backup(
                 shared.fail(e);
             }
         });
-        let root = walk.source_dir(Path::new("/"), &roots);
+        let root = if roots.is_source {
+            // Backing up `/` itself.
+            walk.dir(Path::new("/"))
+                .and_then(|r| r.ok_or_else(|| Error::Invalid("cannot list /".into())))
+        } else {
+            walk.source_dir(Path::new("/"), &roots)
+        };
         let mut walk = walk;
         // Closing the channel lets the packer flush its last volume, also after an
         // interruption, so the next backup reuses everything read so far.

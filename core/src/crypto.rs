@@ -148,6 +148,10 @@ impl KdfParams {
         if self.algorithm != "argon2id" {
             return Err(Error::Format(format!("unknown key derivation '{}'", self.algorithm)));
         }
+        // Refuse parameters that would exhaust memory or time (a planted key file).
+        if self.memory_kib > 4 << 20 || self.iterations > 64 || self.parallelism > 64 {
+            return Err(Error::Format("key file: KDF parameters too large".into()));
+        }
         let salt = hex::decode(&self.salt).map_err(|_| Error::Format("key file: bad salt".into()))?;
         let params = argon2::Params::new(self.memory_kib, self.iterations, self.parallelism, Some(32))
             .map_err(|e| Error::Format(format!("key file: bad KDF parameters: {e}")))?;

@@ -96,8 +96,17 @@ impl Config {
         if c.version != FORMAT_VERSION {
             return Err(Error::UnsupportedVersion { found: c.version, supported: FORMAT_VERSION });
         }
+        if c.id.len() != 32 || !c.id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::damaged(CONFIG_NAME, "repository id must be 32 hex digits"));
+        }
         let p = c.chunker;
-        if !(64..=1 << 26).contains(&p.min_size) || p.min_size > p.avg_size || p.avg_size > p.max_size || p.max_size > 1 << 28 {
+        // The limits of FastCDC 2020.
+        let ok = (64..=1 << 20).contains(&p.min_size)
+            && (256..=4 << 20).contains(&p.avg_size)
+            && (1024..=16 << 20).contains(&p.max_size)
+            && p.min_size <= p.avg_size
+            && p.avg_size <= p.max_size;
+        if !ok {
             return Err(Error::damaged(CONFIG_NAME, "chunker parameters out of range"));
         }
         Ok(c)

@@ -57,19 +57,25 @@ impl Repository {
         let backend = Backend::open(location)?;
         let config = Self::read_config(&backend)?;
         let mut names = backend.list(objects::KEYS_DIR)?;
+        names.retain(|n| n.ends_with(".key"));
         names.sort();
         if names.is_empty() {
             return Err(Error::damaged(objects::KEYS_DIR, "the repository has no key files"));
         }
+        // A damaged key file must not hide a good one: try them all, report damage only if none fits.
+        let mut damage = None;
         for name in names {
             let bytes = backend.read(&name)?;
-            let kf: KeyFile = serde_json::from_slice(&bytes)
-                .map_err(|e| Error::damaged(&name, format!("not a valid key file: {e}")))?;
-            if let Some(keys) = kf.unwrap(password)? {
-                return Self::assemble(backend, config, keys, name, catalog);
+            let unwrapped = serde_json::from_slice::<KeyFile>(&bytes)
+                .map_err(|e| Error::damaged(&name, format!("not a valid key file: {e}")))
+                .and_then(|kf| kf.unwrap(password).map_err(|e| Error::damaged(&name, e.to_string())));
+            match unwrapped {
+                Ok(Some(keys)) => return Self::assemble(backend, config, keys, name, catalog),
+                Ok(None) => {}
+                Err(e) => damage = Some(e),
             }
         }
-        Err(Error::WrongPassword)
+        Err(damage.unwrap_or(Error::WrongPassword))
     }
 
     /// Reads the plaintext config of a box (no password needed).

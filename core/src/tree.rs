@@ -163,6 +163,12 @@ impl Tree {
         let mut nodes = Vec::with_capacity(count.min(65536));
         for _ in 0..count {
             let name = r.bytes()?.to_vec();
+            if name.is_empty() || name == b"." || name == b".." || name.iter().any(|&b| b == b'/' || b == 0) {
+                return Err(Error::Format(format!("tree: invalid entry name {:?}", String::from_utf8_lossy(&name))));
+            }
+            if nodes.last().is_some_and(|p: &Node| p.name >= name) {
+                return Err(Error::Format("tree: entries not sorted or not unique".into()));
+            }
             let kind_byte = r.u8()?;
             let kind = FileKind::from_u8(kind_byte)
                 .ok_or_else(|| Error::Format(format!("tree: unknown entry kind {kind_byte}")))?;
@@ -212,7 +218,17 @@ mod tests {
 
     fn node_strategy() -> impl Strategy<Value = Node> {
         (
-            proptest::collection::vec(any::<u8>(), 1..40),
+            proptest::collection::vec(1u8..=255, 1..40).prop_map(|mut v| {
+                for b in &mut v {
+                    if *b == b'/' {
+                        *b = b'_';
+                    }
+                }
+                if v == b"." || v == b".." {
+                    v.push(b'x');
+                }
+                v
+            }),
             0u8..7,
             any::<u32>(),
             any::<i64>(),
@@ -236,6 +252,7 @@ mod tests {
         fn tree_round_trip(nodes in proptest::collection::vec(node_strategy(), 0..10)) {
             let mut t = Tree { nodes };
             t.sort();
+            t.nodes.dedup_by(|a, b| a.name == b.name);
             let enc = t.encode();
             prop_assert_eq!(Tree::decode(&enc).unwrap(), t);
         }

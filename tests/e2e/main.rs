@@ -1,3 +1,9 @@
 //! End-to-end tests: they run the real `brickbox` binary on real files and a real box.
 
 mod common;
+mod dedup;
+mod errors;
+mod incremental;
+mod interrupt;
+mod options;
+mod roundtrip;

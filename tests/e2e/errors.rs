@@ -1,0 +1,326 @@
+//! Bad input and damaged boxes: clear messages, the right exit codes, and no harm done.
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::common::*;
+
+/// A box with one small version of `src`.
+fn box_with_version() -> (Env, PathBuf) {
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    fs::write(src.join("a.txt"), b"alpha\n").unwrap();
+    fs::write(src.join("b.bin"), random_bytes(30, 400_000)).unwrap();
+    env.backup(&args![&src]);
+    (env, src)
+}
+
+#[test]
+fn wrong_password_is_refused_and_changes_nothing() {
+    let (env, src) = box_with_version();
+    fs::write(src.join("c.txt"), b"new file\n").unwrap();
+    let before = dir_state(&env.repo);
+    for cmd in [args!["backup", &src], args!["versions"], args!["restore", "--target", env.path().join("t")], args!["passwd"]] {
+        let r = env.run_with_password("not the password", &cmd);
+        assert_eq!(r.code, 1, "{cmd:?}: {r:?}");
+        assert!(r.stderr.to_lowercase().contains("password"), "{cmd:?}: {}", r.stderr);
+    }
+    assert!(!env.path().join("t").exists(), "restore with a wrong password created the target");
+    assert_eq!(dir_state(&env.repo), before, "a wrong password changed the box");
+    // The right password still works.
+    assert_eq!(env.versions().len(), 1);
+}
+
+#[test]
+fn not_a_repository() {
+    let env = Env::new();
+    // An empty directory.
+    fs::create_dir(&env.repo).unwrap();
+    let r = env.run(&args!["versions"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("not a Brickbox repository"), "{}", r.stderr);
+    // A directory with unrelated files.
+    fs::write(env.repo.join("hello.txt"), b"hi").unwrap();
+    let before = dir_state(&env.repo);
+    let r = env.run(&args!["backup", env.path()]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("not a Brickbox repository"), "{}", r.stderr);
+    assert_eq!(dir_state(&env.repo), before);
+}
+
+#[test]
+fn missing_repository_path_is_reported_and_not_created() {
+    let env = Env::new();
+    let missing = env.path().join("no/such/box");
+    let mut c = env.bare_cmd();
+    c.args(args!["-r", &missing, "--db", &env.db, "versions"]);
+    let r = run_cmd(c);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("not a Brickbox repository"), "{}", r.stderr);
+    assert!(!missing.exists(), "a read-only command created the missing repository directory {}", missing.display());
+}
+
+#[test]
+fn unsupported_format_version_is_a_clear_error() {
+    let (env, src) = box_with_version();
+    let cfg_path = env.repo.join("config");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&fs::read(&cfg_path).unwrap()).unwrap();
+    assert_eq!(cfg["version"], 1);
+    cfg["version"] = 99.into();
+    fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+    let before = dir_state(&env.repo);
+    for cmd in [args!["versions"], args!["backup", &src], args!["restore", "--target", env.path().join("t")]] {
+        let r = env.run(&cmd);
+        assert_eq!(r.code, 1, "{cmd:?}: {r:?}");
+        assert!(r.stderr.contains("99") && r.stderr.contains("not supported"), "{cmd:?}: {}", r.stderr);
+    }
+    assert_eq!(dir_state(&env.repo), before);
+}
+
+#[test]
+fn missing_source_path_writes_nothing() {
+    let (env, src) = box_with_version();
+    let before = dir_state(&env.repo);
+    let missing = env.path().join("does-not-exist");
+    for cmd in [args!["backup", &missing], args!["backup", &src, &missing]] {
+        let r = env.run(&cmd);
+        assert_eq!(r.code, 1, "{cmd:?}: {r:?}");
+        assert!(r.stderr.contains("does-not-exist"), "the message names the path: {}", r.stderr);
+    }
+    assert_eq!(objects(&env.repo, "versions").len(), 1);
+    assert_eq!(dir_state(&env.repo), before, "a failed backup wrote to the box");
+    assert_eq!(env.versions().len(), 1);
+}
+
+#[test]
+fn unwritable_restore_target() {
+    let (env, _src) = box_with_version();
+    let file = env.path().join("plain-file");
+    fs::write(&file, b"I am a file").unwrap();
+    for target in [file.join("sub"), file.clone()] {
+        let r = env.run(&args!["restore", "--target", &target]);
+        assert_eq!(r.code, 1, "{target:?}: {r:?}");
+        assert!(r.stderr.contains("plain-file"), "the message names the target: {}", r.stderr);
+    }
+    assert_eq!(fs::read(&file).unwrap(), b"I am a file");
+}
+
+#[test]
+fn init_on_an_existing_box_fails_and_keeps_it() {
+    let (env, _src) = box_with_version();
+    let before = dir_state(&env.repo);
+    let r = env.run(&args!["init"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("already"), "{}", r.stderr);
+    assert_eq!(dir_state(&env.repo), before);
+    assert_eq!(objects(&env.repo, "keys").len(), 1);
+    assert_eq!(env.versions().len(), 1);
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let env = Env::with_box();
+    for cmd in [
+        args![],
+        args!["frobnicate"],
+        args!["backup"],
+        args!["backup", env.path(), "--no-such-flag"],
+        args!["backup", env.path(), "--compression", "brotli"],
+        args!["backup", env.path(), "--volume-size", "5 parsecs"],
+        args!["backup", env.path(), "--max-file-size", "lots"],
+        args!["ls", "latest", "/", "extra"],
+        args!["diff", "0"],
+    ] {
+        let r = env.run(&cmd);
+        assert_eq!(r.code, 2, "{cmd:?}: {r:?}");
+        assert!(!r.stderr.is_empty());
+    }
+    assert!(objects(&env.repo, "versions").is_empty());
+    // A bad version spec is an ordinary error with a message.
+    let r = env.run(&args!["restore", "nonsense-version", "--target", env.path().join("t")]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("no version"), "{}", r.stderr);
+}
+
+/// A box whose versions keep `victim.bin` alone in the first volume and the other files in later ones.
+fn box_with_separate_volumes() -> (Env, PathBuf, PathBuf) {
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    let victim = src.join("victim.bin");
+    fs::write(&victim, random_bytes(40, 1_200_000)).unwrap();
+    env.backup(&args![&src]);
+    let first: Vec<PathBuf> = objects(&env.repo, "data");
+    assert_eq!(first.len(), 1);
+    fs::write(src.join("good1.txt"), text_bytes(41, 100_000)).unwrap();
+    fs::write(src.join("good2.bin"), random_bytes(42, 300_000)).unwrap();
+    fs::create_dir(src.join("sub")).unwrap();
+    fs::write(src.join("sub/good3.txt"), b"third\n").unwrap();
+    env.backup(&args![&src]);
+    assert_eq!(objects(&env.repo, "data").len(), 2);
+    (env, src, first[0].clone())
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+#[test]
+fn damaged_volume_fails_only_the_affected_file() {
+    let (env, src, volume) = box_with_separate_volumes();
+    // Flip one byte in the middle of the largest entry (a block of victim.bin).
+    let mut bytes = fs::read(&volume).unwrap();
+    let (off, len, _) = zip_entries(&bytes).into_iter().max_by_key(|e| e.1).unwrap();
+    assert!(len > 100_000);
+    bytes[off + len / 2] ^= 0x40;
+    fs::write(&volume, &bytes).unwrap();
+
+    let t = env.path().join("t");
+    let r = env.run(&args!["restore", "--target", &t]);
+    assert_eq!(r.code, 1, "restore from a damaged volume must fail: {r:?}");
+    assert!(r.stderr.contains(&file_name(&volume)), "the message names the damaged object: {}", r.stderr);
+    assert!(r.stderr.contains("victim.bin"), "the message names the affected file: {}", r.stderr);
+    let out = restored(&t, &src);
+    for good in ["good1.txt", "good2.bin", "sub/good3.txt"] {
+        assert!(same_content(&src.join(good), &out.join(good)), "{good} not restored intact");
+        assert_eq!(entry(&src.join(good), false), entry(&out.join(good), false), "{good} metadata");
+    }
+    // A restore of only the good files succeeds.
+    let t2 = env.path().join("t2");
+    env.restore(&args![&src.join("good1.txt"), &src.join("sub")], &t2);
+    assert!(same_content(&src.join("good1.txt"), &restored(&t2, &src.join("good1.txt"))));
+}
+
+#[test]
+fn missing_volume_fails_only_the_affected_file() {
+    let (env, src, volume) = box_with_separate_volumes();
+    fs::remove_file(&volume).unwrap();
+    let t = env.path().join("t");
+    let r = env.run(&args!["restore", "--target", &t]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains(&file_name(&volume)), "the message names the missing object: {}", r.stderr);
+    assert!(r.stderr.contains("victim.bin"), "{}", r.stderr);
+    let out = restored(&t, &src);
+    for good in ["good1.txt", "good2.bin", "sub/good3.txt"] {
+        assert!(same_content(&src.join(good), &out.join(good)), "{good} not restored intact");
+    }
+}
+
+#[test]
+fn missing_manifest_drops_only_that_version() {
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    fs::write(src.join("f.txt"), b"one\n").unwrap();
+    let v1 = version_id(&env.backup(&args![&src]));
+    fs::write(src.join("f.txt"), b"two\n").unwrap();
+    let v2 = version_id(&env.backup(&args![&src]));
+    fs::remove_file(env.repo.join(format!("versions/{v1}.dlist"))).unwrap();
+
+    // The catalog follows the box, and a fresh catalog agrees.
+    let ids = |vs: Vec<serde_json::Value>| vs.iter().map(|v| v["id"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    assert_eq!(ids(env.versions()), [v2.clone()]);
+    let r = env.run_with_db(&env.path().join("fresh.sqlite"), &args!["versions", "--json"]);
+    r.expect_code(0);
+    assert_eq!(ids(r.json().as_array().unwrap().clone()), [v2.clone()]);
+
+    let r = env.run(&args!["restore", &v1, "--target", env.path().join("t")]);
+    assert_eq!(r.code, 1, "{r:?}");
+    let t = env.path().join("t2");
+    env.restore(&args![&v2], &t);
+    assert_eq!(fs::read(restored(&t, &src.join("f.txt"))).unwrap(), b"two\n");
+}
+
+#[test]
+fn missing_index_is_reported_and_the_next_backup_stores_the_data_again() {
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    fs::write(src.join("a.txt"), text_bytes(50, 50_000)).unwrap();
+    fs::write(src.join("b.bin"), random_bytes(51, 700_000)).unwrap();
+    let v1 = version_id(&env.backup(&args![&src]));
+    for idx in objects(&env.repo, "index") {
+        fs::remove_file(idx).unwrap();
+    }
+
+    // With a fresh catalog the version is still listed, but its data cannot be found.
+    let fresh_db = env.path().join("fresh.sqlite");
+    let r = env.run_with_db(&fresh_db, &args!["restore", &v1, "--target", env.path().join("t-fresh")]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("missing"), "{}", r.stderr);
+
+    // With the usual catalog: the same, and a new backup must store the data again.
+    let r = env.run(&args!["restore", &v1, "--target", env.path().join("t-old")]);
+    assert_eq!(r.code, 1, "{r:?}");
+    let s = env.backup(&args![&src]);
+    assert!(num(&s, "bytes_added") > 700_000, "the lost data was not stored again: {s:#}");
+    let t = env.path().join("t");
+    env.restore(&args![], &t);
+    assert_same_tree(&src, &restored(&t, &src), Compare::ALL);
+}
+
+/// Runs `cmd` without the capabilities that let root read any file.
+fn without_dac_override(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe; nothing else runs in the child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            for cap in [1, 2] {
+                // CAP_DAC_OVERRIDE = 1, CAP_DAC_READ_SEARCH = 2
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn unreadable_file_is_skipped_with_a_warning_and_exit_3() {
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    fs::write(src.join("readable.txt"), b"fine\n").unwrap();
+    fs::write(src.join("locked.txt"), b"you cannot read me\n").unwrap();
+    chmod(&src.join("locked.txt"), 0o000);
+    fs::create_dir(src.join("locked_dir")).unwrap();
+    fs::write(src.join("locked_dir/inside.txt"), b"hidden\n").unwrap();
+    chmod(&src.join("locked_dir"), 0o000);
+
+    if is_root() {
+        // Root reads everything; drop the capabilities that allow it, if this system lets us.
+        let mut probe = Command::new("cat");
+        probe.arg(src.join("locked.txt")).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        without_dac_override(&mut probe);
+        if probe.status().map(|s| s.success()).unwrap_or(true) {
+            eprintln!("skipped: cannot make a file unreadable for root here");
+            return;
+        }
+    }
+    let mut c = env.cmd(&args!["backup", &src, "--json"]);
+    if is_root() {
+        without_dac_override(&mut c);
+    }
+    let r = run_cmd(c);
+    chmod(&src.join("locked.txt"), 0o644);
+    chmod(&src.join("locked_dir"), 0o755);
+    assert_eq!(r.code, 3, "{r:?}");
+    let s = r.json();
+    let warnings: Vec<&str> = s["warnings"].as_array().unwrap().iter().map(|w| w.as_str().unwrap()).collect();
+    assert!(warnings.iter().any(|w| w.contains("locked.txt")), "{warnings:?}");
+    assert!(warnings.iter().any(|w| w.contains("locked_dir")), "{warnings:?}");
+    // The version exists and holds the readable file.
+    let v = version_id(&s);
+    let t = env.path().join("t");
+    env.restore(&args![&v], &t);
+    assert_eq!(fs::read(restored(&t, &src.join("readable.txt"))).unwrap(), b"fine\n");
+    assert!(!restored(&t, &src.join("locked.txt")).exists());
+    // Without --json the warnings go to stderr, and the exit code is still 3.
+    let mut c = env.cmd(&args!["backup", &src]);
+    chmod(&src.join("locked.txt"), 0o000);
+    if is_root() {
+        without_dac_override(&mut c);
+    }
+    let r = run_cmd(c);
+    chmod(&src.join("locked.txt"), 0o644);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(r.stderr.contains("locked.txt"), "{}", r.stderr);
+}

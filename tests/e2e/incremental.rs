@@ -1,0 +1,201 @@
+//! Incremental backups: every version restores to exactly the state it saw, and
+//! `diff`, `history` and the change detection agree with what happened.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::common::*;
+
+fn initial_tree(src: &Path) {
+    fs::create_dir_all(src.join("docs/sub")).unwrap();
+    fs::create_dir_all(src.join("photos/2023")).unwrap();
+    fs::create_dir_all(src.join("doomed/inner")).unwrap();
+    fs::write(src.join("edit.txt"), text_bytes(10, 40_000)).unwrap();
+    fs::write(src.join("app.log"), text_bytes(11, 10_000)).unwrap();
+    fs::write(src.join("trunc.bin"), random_bytes(12, 1_500_000)).unwrap();
+    fs::write(src.join("rename_me.txt"), b"I will get a new name\n").unwrap();
+    fs::write(src.join("delete_me.txt"), b"short-lived\n").unwrap();
+    fs::write(src.join("docs/readme.md"), b"# readme\n").unwrap();
+    fs::write(src.join("docs/sub/notes.txt"), text_bytes(13, 3000)).unwrap();
+    fs::write(src.join("photos/2023/a.jpg"), random_bytes(14, 700_000)).unwrap();
+    fs::write(src.join("photos/2023/b.jpg"), random_bytes(15, 900_000)).unwrap();
+    fs::write(src.join("doomed/inner/x.txt"), b"x\n").unwrap();
+    fs::write(src.join("mode.sh"), b"#!/bin/sh\n").unwrap();
+    std::os::unix::fs::symlink("docs/readme.md", src.join("readme-link")).unwrap();
+}
+
+/// Overwrites `len` bytes at `at` in place.
+fn patch(p: &Path, at: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    OpenOptions::new().write(true).open(p).unwrap().write_all_at(bytes, at).unwrap();
+}
+
+fn append(p: &Path, bytes: &[u8]) {
+    OpenOptions::new().append(true).open(p).unwrap().write_all(bytes).unwrap();
+}
+
+struct Saved {
+    id: String,
+    snap: Snapshot,
+}
+
+#[test]
+fn each_version_restores_its_own_state_and_diff_history_agree() {
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    let mut saved: Vec<Saved> = Vec::new();
+    let backup = |env: &Env, saved: &mut Vec<Saved>| -> serde_json::Value {
+        let snap = snapshot(&src, true);
+        let s = env.backup(&args![&src]);
+        assert_eq!(s["warnings"], serde_json::json!([]));
+        saved.push(Saved { id: version_id(&s), snap });
+        s
+    };
+
+    // v1: the initial tree.
+    initial_tree(&src);
+    let s1 = backup(&env, &mut saved);
+    let nfiles = saved[0].snap.values().filter(|e| e.kind == Kind::File).count() as u64;
+    assert_eq!(num(&s1, "files_new"), nfiles);
+
+    // v2: edit in place, append, truncate, rename, delete, add, chmod.
+    patch(&src.join("edit.txt"), 20_000, b"EDITED IN THE MIDDLE");
+    append(&src.join("app.log"), b"\nanother log line\n");
+    OpenOptions::new().write(true).open(src.join("trunc.bin")).unwrap().set_len(100_000).unwrap();
+    fs::rename(src.join("rename_me.txt"), src.join("renamed.txt")).unwrap();
+    fs::remove_file(src.join("delete_me.txt")).unwrap();
+    fs::write(src.join("docs/new.txt"), b"brand new\n").unwrap();
+    chmod(&src.join("mode.sh"), 0o755);
+    let s2 = backup(&env, &mut saved);
+    assert_eq!(num(&s2, "files_new"), 2, "renamed.txt and docs/new.txt are new: {s2:#}");
+    assert_eq!(num(&s2, "files_changed"), 4, "edit, app.log, trunc.bin, mode.sh changed: {s2:#}");
+    assert_eq!(num(&s2, "files_unchanged"), nfiles - 6, "{s2:#}");
+
+    // v3: nothing changed.
+    let s3 = backup(&env, &mut saved);
+    let nfiles3 = saved[2].snap.values().filter(|e| e.kind == Kind::File).count() as u64;
+    assert_eq!(num(&s3, "files_unchanged"), nfiles3, "{s3:#}");
+    assert_eq!(num(&s3, "files_new") + num(&s3, "files_changed"), 0, "{s3:#}");
+    assert_eq!(num(&s3, "bytes_read"), 0, "a backup without changes read file data: {s3:#}");
+
+    // v4: edit again, rename a directory, delete a directory tree, replace a file by a directory.
+    patch(&src.join("edit.txt"), 0, b"NEW START");
+    fs::rename(src.join("photos"), src.join("pictures")).unwrap();
+    fs::remove_dir_all(src.join("doomed")).unwrap();
+    fs::remove_file(src.join("app.log")).unwrap();
+    fs::create_dir(src.join("app.log")).unwrap();
+    fs::write(src.join("app.log/now-a-dir.txt"), b"surprise\n").unwrap();
+    let s4 = backup(&env, &mut saved);
+    assert!(num(&s4, "bytes_read") > 0);
+
+    // Every version restores exactly to the state it was taken from.
+    for (i, v) in saved.iter().enumerate() {
+        let t = env.path().join(format!("restore-v{}", i + 1));
+        env.restore(&args![&v.id], &t);
+        let out = restored(&t, &src);
+        assert_snapshot_matches(&v.snap, &src, &snapshot(&out, false), &out, Compare::ALL);
+    }
+
+    // The versions list, newest first.
+    let vs = env.versions();
+    let ids: Vec<&str> = vs.iter().map(|v| v["id"].as_str().unwrap()).collect();
+    let want: Vec<&str> = saved.iter().rev().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, want);
+
+    // diff reports exactly the changes between each pair of consecutive versions.
+    for pair in saved.windows(2) {
+        let (old, new) = (&pair[0], &pair[1]);
+        let want = expected_diff(&old.snap, &new.snap, &src);
+        let text = env.ok(&args!["diff", &old.id, &new.id]).stdout;
+        let (inside, outside) = split_diff(parse_diff(&text), &src);
+        assert_eq!(inside, want, "diff {} {}:\n{text}", old.id, new.id);
+        assert_only_ancestors(&outside, &src);
+        // The JSON form says the same.
+        let json = env.json(&args!["diff", &old.id, &new.id]);
+        let from_json = json
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let mark = match c["change"].as_str().unwrap() {
+                    "added" => '+',
+                    "removed" => '-',
+                    "changed" => 'M',
+                    other => panic!("unknown change {other}"),
+                };
+                (mark, PathBuf::from(c["path"].as_str().unwrap()))
+            })
+            .collect();
+        assert_eq!(split_diff(from_json, &src).0, want);
+    }
+    // Spot checks that do not depend on the snapshot logic.
+    let text = env.ok(&args!["diff", &saved[0].id, &saved[1].id]).stdout;
+    for line in [
+        format!("M {}", src.join("edit.txt").display()),
+        format!("M {}", src.join("app.log").display()),
+        format!("M {}", src.join("trunc.bin").display()),
+        format!("M {}", src.join("mode.sh").display()),
+        format!("- {}", src.join("rename_me.txt").display()),
+        format!("+ {}", src.join("renamed.txt").display()),
+        format!("- {}", src.join("delete_me.txt").display()),
+        format!("+ {}", src.join("docs/new.txt").display()),
+    ] {
+        assert!(text.lines().any(|l| l == line), "diff lacks {line:?}:\n{text}");
+    }
+    assert!(!text.contains("readme.md"), "unchanged file reported:\n{text}");
+    let text = env.ok(&args!["diff", "1", "0"]).stdout;
+    assert!(text.lines().any(|l| l == format!("- {}", src.join("photos/2023/a.jpg").display())), "{text}");
+    assert!(text.lines().any(|l| l == format!("+ {}", src.join("pictures/2023/a.jpg").display())), "{text}");
+    let same = env.ok(&args!["diff", &saved[1].id, &saved[2].id]).stdout;
+    let (inside, _) = split_diff(parse_diff(&same), &src);
+    assert!(inside.is_empty(), "no-change backup differs:\n{same}");
+
+    // history lists the distinct states of the edited file: v1, v2 and v4.
+    let h = env.json(&args!["history", &src.join("edit.txt")]);
+    let hv: Vec<&str> = h.as_array().unwrap().iter().map(|e| e["version"].as_str().unwrap()).collect();
+    assert_eq!(hv, [saved[0].id.as_str(), saved[1].id.as_str(), saved[3].id.as_str()]);
+    let sizes: Vec<u64> = h.as_array().unwrap().iter().map(|e| e["size"].as_u64().unwrap()).collect();
+    assert_eq!(sizes, [40_000, 40_000, 40_000]);
+    let text = env.ok(&args!["history", &src.join("edit.txt")]).stdout;
+    assert_eq!(text.lines().count(), 3, "{text}");
+    // A file that never changed has one state; a deleted one keeps its past.
+    let h = env.json(&args!["history", &src.join("docs/readme.md")]);
+    assert_eq!(h.as_array().unwrap().len(), 1);
+    let h = env.json(&args!["history", &src.join("delete_me.txt")]);
+    assert_eq!(h.as_array().unwrap().len(), 1);
+    assert_eq!(h[0]["version"], saved[0].id.as_str());
+    // app.log: v1, appended in v2, a directory in v4.
+    let h = env.json(&args!["history", &src.join("app.log")]);
+    let kinds: Vec<&str> = h.as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["file", "file", "dir"]);
+    // Paths never backed up are an error.
+    let r = env.run(&args!["history", &src.join("never-existed")]);
+    assert_eq!(r.code, 1, "{r:?}");
+}
+
+#[test]
+fn restore_over_existing_files_needs_overwrite() {
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    fs::write(src.join("a.txt"), b"original a\n").unwrap();
+    fs::write(src.join("b.bin"), random_bytes(20, 600_000)).unwrap();
+    env.backup(&args![&src]);
+    let t = env.path().join("t");
+    env.restore(&args![], &t);
+    let out = restored(&t, &src);
+
+    // Same files already there: nothing to do, exit 0.
+    env.restore(&args![], &t);
+    assert_same_tree(&src, &out, Compare::ALL);
+
+    // A changed file is left alone (with a warning) unless --overwrite.
+    fs::write(out.join("a.txt"), b"local change\n").unwrap();
+    patch(&out.join("b.bin"), 300_000, b"CHANGED");
+    let r = env.run(&args!["restore", "--target", &t]);
+    r.expect_code(3);
+    assert!(r.stderr.contains("a.txt"), "{r:?}");
+    assert_eq!(fs::read(out.join("a.txt")).unwrap(), b"local change\n");
+    env.restore(&args!["--overwrite"], &t);
+    assert_same_tree(&src, &out, Compare::ALL);
+}
