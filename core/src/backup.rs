@@ -25,6 +25,7 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use rayon::prelude::*;
 
 use crate::catalog::CachedFile;
+use crate::chunker::Chunks;
 use crate::codec::{self, Codec};
 use crate::crypto::{self, BlockId};
 use crate::error::{Error, IoContext, Result};
@@ -475,7 +476,9 @@ impl Walk<'_> {
         n.user = platform::user_name(st.uid).unwrap_or_default();
         n.group = platform::group_name(st.gid).unwrap_or_default();
         n.mtime_ns = st.mtime_ns;
-        n.atime_ns = st.atime_ns;
+        // Listing a directory updates its access time, so recording it would make every
+        // directory look changed on the next run; directories keep atime = mtime.
+        n.atime_ns = if st.kind == FileKind::Dir { st.mtime_ns } else { st.atime_ns };
         if matches!(st.kind, FileKind::CharDevice | FileKind::BlockDevice) {
             n.rdev = st.rdev;
         }
@@ -640,7 +643,7 @@ impl Walk<'_> {
 
     /// Reads, chunks and stores a file. Outer error: fatal; inner: the file could not be read.
     fn read_content(&self, path: &Path, codec: Codec) -> Result<std::io::Result<ReadFile>> {
-        let mut file = match File::open(path) {
+        let mut file = match open_noatime(path) {
             Ok(f) => f,
             Err(e) => return Ok(Err(e)),
         };
@@ -662,15 +665,14 @@ impl Walk<'_> {
                 content.push(self.store_block(&buf, codec)?);
             }
         } else {
-            let chunker = fastcdc::v2020::StreamCDC::new(&mut file, params.min_size, params.avg_size, params.max_size);
-            for chunk in chunker {
+            for chunk in Chunks::new(&mut file, params) {
                 self.check_stop()?;
                 match chunk {
-                    Ok(c) => {
-                        self.count_read(c.data.len());
-                        content.push(self.store_block(&c.data, codec)?);
+                    Ok(data) => {
+                        self.count_read(data.len());
+                        content.push(self.store_block(&data, codec)?);
                     }
-                    Err(e) => return Ok(Err(std::io::Error::other(e.to_string()))),
+                    Err(e) => return Ok(Err(e)),
                 }
             }
         }
@@ -721,6 +723,21 @@ impl Walk<'_> {
         let bytes = tree.encode();
         Ok(self.store_block(&bytes, Codec::Zstd)?.id)
     }
+}
+
+/// Opens a file for reading without updating its access time where the OS allows it,
+/// so reading a file for backup does not change the metadata the next backup sees.
+fn open_noatime(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    #[cfg(target_os = "linux")]
+    {
+        match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOATIME).open(path) {
+            Ok(f) => return Ok(f),
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    std::fs::OpenOptions::new().read(true).custom_flags(0).open(path)
 }
 
 /// A stat that never equals a real one, forcing a re-read.

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod backup;
 pub mod browse;
 pub mod catalog;
+pub mod chunker;
 pub mod codec;
 pub mod crypto;
 pub mod error;

@@ -21,6 +21,7 @@ use brickbox_platform::{self as platform, FileKind};
 use rayon::prelude::*;
 
 use crate::catalog::BlockLocation;
+use crate::crypto::BlockId;
 use crate::error::{Error, IoContext, Result};
 use crate::objects::Manifest;
 use crate::repo::Repository;
@@ -76,6 +77,14 @@ struct Item {
     dest: PathBuf,
     node: Node,
     depth: usize,
+}
+
+/// The blocks one file still needs: (block, offset in the file).
+struct FilePlan {
+    item: usize,
+    /// Freshly created: all-zero pages may be left as holes.
+    sparse: bool,
+    blocks: Vec<(BlockId, u64)>,
 }
 
 struct Ctx<'a> {
@@ -150,7 +159,7 @@ pub fn restore(
         }
     }
 
-    // 2. File contents, in parallel; the first path of each hard-link group carries the data.
+    // 2. File contents: plan every block, then read volumes in offset order, in parallel.
     let mut first_of_group: HashMap<u64, usize> = HashMap::new();
     let mut files = Vec::new();
     let mut links = Vec::new();
@@ -167,8 +176,8 @@ pub fn restore(
         }
         files.push(i);
     }
-    files.sort_by_key(|&i| std::cmp::Reverse(items[i].node.size));
-    files.par_iter().try_for_each(|&i| ctx.restore_file(&items[i]))?;
+    let plans: Vec<Option<FilePlan>> = files.par_iter().map(|&i| ctx.prepare_file(&items[i], i)).collect::<Result<_>>()?;
+    ctx.fetch_and_write(&items, plans.into_iter().flatten().collect())?;
     if cancel.load(Ordering::Relaxed) {
         return Err(Error::Interrupted("restore stopped; restored files may be incomplete".into()));
     }
@@ -242,7 +251,7 @@ fn collect(repo: &Repository, parent: &Path, node: &Node, depth: usize, opts: &R
 /// Largest ranged read when fetching neighbouring blocks together.
 const MAX_COALESCED: u64 = 16 << 20;
 /// Largest gap between blocks (zip headers) still read in one request.
-const MAX_GAP: u64 = 4096;
+const MAX_GAP: u64 = 256 * 1024;
 const PAGE: usize = 4096;
 
 impl Ctx<'_> {
@@ -273,42 +282,37 @@ impl Ctx<'_> {
         std::fs::create_dir_all(p).map_err(|e| fatal_or(p, e))
     }
 
-    /// Restores one regular file's content; errors that concern only this file become warnings.
-    fn restore_file(&self, it: &Item) -> Result<()> {
-        if self.cancel.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        let r = self.write_file(it);
-        self.progress.files.fetch_add(1, Ordering::Relaxed);
-        match r {
-            Ok(()) => Ok(()),
-            Err(e @ (Error::Damaged { .. } | Error::MissingBlock(_))) => {
+    /// Sorts an error about one file into errors (damaged data), warnings, or fatal.
+    fn file_problem(&self, it: &Item, e: Error) -> Result<()> {
+        match e {
+            e @ (Error::Damaged { .. } | Error::MissingBlock(_)) => {
                 self.error(format!("{}: {e}", it.source.display()));
                 Ok(())
             }
-            Err(Error::Io { path, source }) if source.kind() == ErrorKind::StorageFull => {
-                Err(Error::Io { path, source })
-            }
-            Err(e @ Error::Backend { .. }) => Err(e),
-            Err(e @ Error::Catalog(_)) => Err(e),
-            Err(e) => {
+            Error::Io { path, source } if source.kind() == ErrorKind::StorageFull => Err(Error::Io { path, source }),
+            e @ (Error::Backend { .. } | Error::Catalog(_)) => Err(e),
+            e => {
                 self.warn(format!("{}: {e}", it.dest.display()));
                 Ok(())
             }
         }
     }
 
-    fn write_file(&self, it: &Item) -> Result<()> {
+    /// Creates or checks the destination of one file and lists the blocks it still needs.
+    fn prepare_file(&self, it: &Item, index: usize) -> Result<Option<FilePlan>> {
+        match self.try_prepare_file(it, index) {
+            Ok(p) => Ok(p),
+            Err(e) => self.file_problem(it, e).map(|_| None),
+        }
+    }
+
+    fn try_prepare_file(&self, it: &Item, index: usize) -> Result<Option<FilePlan>> {
         let dest = &it.dest;
         if let Some(parent) = dest.parent() {
             self.ensure_dir(parent)?;
         }
-        let existing = std::fs::symlink_metadata(dest);
-        let (file, fresh) = match existing {
-            Ok(m) if m.is_file() => {
-                let f = OpenOptions::new().read(true).write(true).open(dest).at(dest)?;
-                (f, false)
-            }
+        let (file, fresh) = match std::fs::symlink_metadata(dest) {
+            Ok(m) if m.is_file() => (OpenOptions::new().read(true).write(true).open(dest).at(dest)?, false),
             Ok(_) => {
                 if !self.opts.overwrite {
                     return Err(Error::Invalid("exists and is not a regular file (use --overwrite)".into()));
@@ -320,29 +324,35 @@ impl Ctx<'_> {
             }
             Err(_) => (File::create(dest).at(dest)?, true),
         };
-        let locs = it
-            .node
-            .content
-            .iter()
-            .map(|b| self.repo.locate(&b.id))
-            .collect::<Result<Vec<_>>>()?;
-        if !fresh {
-            let differs = self.differing_blocks(&file, &it.node.content, dest)?;
+        let content = &it.node.content;
+        let wanted: Vec<bool> = if fresh {
+            vec![true; content.len()]
+        } else {
+            let differs = self.differing_blocks(&file, content, dest)?;
             let same_len = file.metadata().at(dest)?.len() == it.node.size;
-            if differs.is_empty() && same_len {
+            if !differs.iter().any(|&d| d) && same_len {
                 self.unchanged.fetch_add(1, Ordering::Relaxed);
                 self.progress.bytes.fetch_add(it.node.size, Ordering::Relaxed);
-                return Ok(());
+                self.progress.files.fetch_add(1, Ordering::Relaxed);
+                return Ok(None);
             }
             if !self.opts.overwrite {
                 return Err(Error::Invalid("exists and differs from the backup (use --overwrite to replace it)".into()));
             }
-            self.write_blocks(&file, &it.node.content, &locs, Some(&differs), dest, false)?;
-        } else {
-            self.write_blocks(&file, &it.node.content, &locs, None, dest, true)?;
-        }
+            differs
+        };
+        // Setting the length first leaves unwritten (all-zero) ranges as holes.
         file.set_len(it.node.size).at(dest)?;
-        Ok(())
+        let mut blocks = Vec::new();
+        let mut off = 0u64;
+        for (b, want) in content.iter().zip(wanted) {
+            if want {
+                blocks.push((b.id, off));
+            }
+            off += u64::from(b.len);
+        }
+        self.progress.files.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(FilePlan { item: index, sparse: fresh, blocks }))
     }
 
     /// Indexes of blocks whose bytes in the existing file differ from the backup.
@@ -366,53 +376,98 @@ impl Ctx<'_> {
         Ok(out)
     }
 
-    /// Writes blocks at their offsets; `only` selects blocks to write; `sparse` skips zero pages.
-    fn write_blocks(
-        &self,
-        file: &File,
-        content: &[BlockRef],
-        locs: &[BlockLocation],
-        only: Option<&[bool]>,
-        dest: &Path,
-        sparse: bool,
-    ) -> Result<()> {
-        let mut offsets = Vec::with_capacity(content.len());
-        let mut off = 0u64;
-        for b in content {
-            offsets.push(off);
-            off += u64::from(b.len);
+    /// Reads every needed block once, volume by volume in offset order (neighbouring blocks
+    /// with one ranged read), and writes it wherever the plans need it.
+    fn fetch_and_write(&self, items: &[Item], plans: Vec<FilePlan>) -> Result<()> {
+        let mut wanted: HashMap<BlockId, Vec<(usize, u64, bool)>> = HashMap::new();
+        for p in &plans {
+            for &(id, off) in &p.blocks {
+                wanted.entry(id).or_default().push((p.item, off, p.sparse));
+            }
         }
-        let selected: Vec<usize> = (0..content.len()).filter(|&i| only.is_none_or(|o| o[i])).collect();
+        let mut located: Vec<(BlockLocation, BlockId)> = Vec::with_capacity(wanted.len());
+        {
+            let catalog = self.repo.catalog()?;
+            for id in wanted.keys() {
+                match catalog.block(id)? {
+                    Some(loc) => located.push((loc, *id)),
+                    None => {
+                        for &(item, _, _) in &wanted[id] {
+                            self.error(format!("{}: {}", items[item].source.display(), Error::MissingBlock(id.to_hex())));
+                        }
+                    }
+                }
+            }
+        }
+        located.sort_by(|a, b| (&a.0.volume, a.0.offset).cmp(&(&b.0.volume, b.0.offset)));
+        // Runs of neighbouring blocks of one volume, each fetched with one ranged read.
+        let mut runs: Vec<&[(BlockLocation, BlockId)]> = Vec::new();
         let mut start = 0;
-        while start < selected.len() {
+        for i in 1..=located.len() {
+            let split = i == located.len() || {
+                let (first, prev, next) = (&located[start].0, &located[i - 1].0, &located[i].0);
+                let prev_end = prev.offset + u64::from(prev.length);
+                next.volume != first.volume
+                    || next.offset < prev_end
+                    || next.offset - prev_end > MAX_GAP
+                    || next.offset + u64::from(next.length) - first.offset > MAX_COALESCED
+            };
+            if split {
+                runs.push(&located[start..i]);
+                start = i;
+            }
+        }
+        let failed_items: Mutex<std::collections::HashSet<usize>> = Mutex::new(Default::default());
+        runs.par_iter().try_for_each(|run| -> Result<()> {
             if self.cancel.load(Ordering::Relaxed) {
                 return Ok(());
             }
-            // Extend the run while the next block sits right after this one in the same volume.
-            let mut end = start + 1;
-            let first = &locs[selected[start]];
-            let mut run_end = first.offset + u64::from(first.length);
-            while end < selected.len() {
-                let next = &locs[selected[end]];
-                let next_end = next.offset + u64::from(next.length);
-                if next.volume != first.volume || next.offset < run_end || next.offset - run_end > MAX_GAP || next_end - first.offset > MAX_COALESCED {
-                    break;
+            let first = &run[0].0;
+            let last = &run[run.len() - 1].0;
+            let end = last.offset + u64::from(last.length);
+            let bytes = match self.repo.backend().read_range(&first.volume, first.offset, end - first.offset) {
+                Ok(b) => Some(b),
+                Err(e @ Error::Damaged { .. }) => {
+                    for (_, id) in run.iter() {
+                        for &(item, _, _) in &wanted[id] {
+                            self.error(format!("{}: {e}", items[item].source.display()));
+                        }
+                    }
+                    None
                 }
-                run_end = next_end;
-                end += 1;
-            }
-            let bytes = self.repo.backend().read_range(&first.volume, first.offset, run_end - first.offset)?;
-            for &i in &selected[start..end] {
-                let loc = &locs[i];
+                Err(e) => return Err(e),
+            };
+            let Some(bytes) = bytes else { return Ok(()) };
+            for (loc, id) in run.iter() {
                 let rel = (loc.offset - first.offset) as usize;
                 let sealed = &bytes[rel..rel + loc.length as usize];
-                let data = self.repo.open_block_at(loc, &content[i].id, sealed)?;
-                self.write_at(file, &data, offsets[i], dest, sparse)?;
-                self.progress.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                let data = match self.repo.open_block_at(loc, id, sealed) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        for &(item, _, _) in &wanted[id] {
+                            if let Ok(mut f) = failed_items.lock() {
+                                f.insert(item);
+                            }
+                            self.error(format!("{}: {e}", items[item].source.display()));
+                        }
+                        continue;
+                    }
+                };
+                for &(item, off, sparse) in &wanted[id] {
+                    let dest = &items[item].dest;
+                    let r = OpenOptions::new()
+                        .write(true)
+                        .open(dest)
+                        .at(dest)
+                        .and_then(|f| self.write_at(&f, &data, off, dest, sparse));
+                    if let Err(e) = r {
+                        self.file_problem(&items[item], e)?;
+                    }
+                    self.progress.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
             }
-            start = end;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn write_at(&self, file: &File, data: &[u8], offset: u64, dest: &Path, sparse: bool) -> Result<()> {
