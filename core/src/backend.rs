@@ -14,6 +14,8 @@ pub struct Backend {
     rt: tokio::runtime::Runtime,
     op: Operator,
     location: String,
+    /// For a local box: a folder inside it where volumes can be built and then renamed into place.
+    staging: Option<PathBuf>,
 }
 
 impl Backend {
@@ -52,7 +54,30 @@ impl Backend {
             .enable_all()
             .build()
             .at(&root)?;
-        Ok(Self { rt, op, location: root })
+        let staging = Some(abs.join(".tmp").join("staging"));
+        Ok(Self { rt, op, location: root, staging })
+    }
+
+    /// A local folder where volumes may be built so that storing them is a rename, if the box has one.
+    pub fn staging_dir(&self) -> Option<&Path> {
+        self.staging.as_deref()
+    }
+
+    /// Stores a finished local file as object `name`: a rename when it was built in the
+    /// staging folder of a local box, an upload otherwise.
+    pub fn store_file(&self, name: &str, local: &Path) -> Result<()> {
+        if let Some(rel) = local
+            .strip_prefix(&self.location)
+            .ok()
+            .filter(|_| self.staging.as_deref().is_some_and(|s| local.starts_with(s)))
+            .and_then(|r| r.to_str())
+        {
+            return self
+                .rt
+                .block_on(self.op.rename(rel, name))
+                .map_err(|e| self.err(name, e));
+        }
+        self.write_file(name, local)
     }
 
     /// Where the box is, for messages.

@@ -258,7 +258,12 @@ pub fn backup(
         node.is_source = true;
     }
 
-    let tmp_base = opts.temp_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let tmp_base = opts
+        .temp_dir
+        .clone()
+        .or_else(|| repo.backend().staging_dir().map(Path::to_path_buf))
+        .unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&tmp_base).at(&tmp_base)?;
     let tmp = tempfile::Builder::new()
         .prefix("brickbox-volumes-")
         .tempdir_in(&tmp_base)
@@ -404,7 +409,7 @@ fn pack(
 fn upload(repo: &Repository, rx: Receiver<(PathBuf, VolumeIndex)>, shared: &Shared, progress: &Progress) -> Result<()> {
     for (path, index) in rx {
         let vname = objects::volume_name(&index.volume_id);
-        repo.backend().write_file(&vname, &path)?;
+        repo.backend().store_file(&vname, &path)?;
         let iname = objects::index_name(&index.volume_id);
         let sealed = objects::seal_object(repo.keys(), ObjectKind::Index, &iname, &index.encode());
         let index_len = sealed.len() as u64;

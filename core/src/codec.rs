@@ -56,14 +56,43 @@ impl Codec {
     }
 }
 
-/// zstd level used for blocks: fast, with a good ratio.
-const ZSTD_LEVEL: i32 = 3;
+/// zstd level used for blocks: the fastest standard level; it keeps both cores ahead of the disk.
+const ZSTD_LEVEL: i32 = 1;
+
+thread_local! {
+    static ZSTD_C: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
+    static ZSTD_D: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// zstd compression with a per-thread context (creating one per block is costly).
+fn zstd_compress(data: &[u8]) -> Option<Vec<u8>> {
+    ZSTD_C.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        c.as_mut()?.compress(data).ok()
+    })
+}
+
+fn zstd_decompress(data: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>> {
+    ZSTD_D.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match d.as_mut() {
+            Some(d) => d.decompress(data, raw_len),
+            None => Err(std::io::Error::other("no zstd context")),
+        }
+    })
+}
 
 /// Encodes `data` as `codec byte || payload`, falling back to stored when compression does not pay.
 pub fn encode(codec: Codec, data: &[u8]) -> Vec<u8> {
     let compressed = match codec {
         Codec::None => None,
-        Codec::Zstd => zstd::bulk::compress(data, ZSTD_LEVEL).ok(),
+        Codec::Zstd => zstd_compress(data),
         Codec::Deflate => {
             let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
             enc.write_all(data).and_then(|_| enc.finish()).ok()
@@ -99,7 +128,7 @@ pub fn decode(encoded: &[u8], raw_len: usize) -> Result<Vec<u8>> {
     let codec = Codec::from_u8(tag).ok_or_else(|| Error::Format(format!("unknown codec byte {tag}")))?;
     let out = match codec {
         Codec::None => payload.to_vec(),
-        Codec::Zstd => zstd::bulk::decompress(payload, raw_len)
+        Codec::Zstd => zstd_decompress(payload, raw_len)
             .map_err(|e| Error::Format(format!("zstd: {e}")))?,
         Codec::Deflate => {
             let mut out = Vec::with_capacity(raw_len);

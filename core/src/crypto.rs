@@ -137,7 +137,7 @@ impl KdfParams {
     pub fn new_default() -> Self {
         Self {
             algorithm: "argon2id".into(),
-            memory_kib: 64 * 1024,
+            memory_kib: 32 * 1024,
             iterations: 2,
             parallelism: 1,
             salt: hex::encode(random_bytes::<16>()),

@@ -16,6 +16,7 @@ pub mod repo;
 pub mod restore;
 pub mod time;
 pub mod tree;
+pub mod vfs;
 pub mod volume;
 pub mod wire;
 

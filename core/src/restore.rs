@@ -417,7 +417,6 @@ impl Ctx<'_> {
                 start = i;
             }
         }
-        let failed_items: Mutex<std::collections::HashSet<usize>> = Mutex::new(Default::default());
         runs.par_iter().try_for_each(|run| -> Result<()> {
             if self.cancel.load(Ordering::Relaxed) {
                 return Ok(());
@@ -445,9 +444,6 @@ impl Ctx<'_> {
                     Ok(d) => d,
                     Err(e) => {
                         for &(item, _, _) in &wanted[id] {
-                            if let Ok(mut f) = failed_items.lock() {
-                                f.insert(item);
-                            }
                             self.error(format!("{}: {e}", items[item].source.display()));
                         }
                         continue;
