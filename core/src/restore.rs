@@ -437,6 +437,7 @@ impl Ctx<'_> {
                 Err(e) => return Err(e),
             };
             let Some(bytes) = bytes else { return Ok(()) };
+            let mut open: Option<(usize, File)> = None;
             for (loc, id) in run.iter() {
                 let rel = (loc.offset - first.offset) as usize;
                 let sealed = &bytes[rel..rel + loc.length as usize];
@@ -451,11 +452,21 @@ impl Ctx<'_> {
                 };
                 for &(item, off, sparse) in &wanted[id] {
                     let dest = &items[item].dest;
-                    let r = OpenOptions::new()
-                        .write(true)
-                        .open(dest)
-                        .at(dest)
-                        .and_then(|f| self.write_at(&f, &data, off, dest, sparse));
+                    // Consecutive blocks of a run usually belong to one file: keep it open.
+                    if open.as_ref().is_none_or(|(i, _)| *i != item) {
+                        open = None;
+                        match OpenOptions::new().write(true).open(dest).at(dest) {
+                            Ok(f) => open = Some((item, f)),
+                            Err(e) => {
+                                self.file_problem(&items[item], e)?;
+                                continue;
+                            }
+                        }
+                    }
+                    let r = match &open {
+                        Some((_, f)) => self.write_at(f, &data, off, dest, sparse),
+                        None => Ok(()),
+                    };
                     if let Err(e) = r {
                         self.file_problem(&items[item], e)?;
                     }
