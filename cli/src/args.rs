@@ -17,7 +17,8 @@ pub struct Cli {
 /// Options every command takes, before or after the command name.
 #[derive(Args, Debug, Clone)]
 pub struct Global {
-    /// Repository (the box): a local path or file:// URL.
+    /// Repository (the box): a local path or a URL (file://, s3://, sftp://, webdav://,
+    /// webdavs://, ftp://, …; see `brickbox backends`).
     #[arg(short = 'r', long = "repo", env = "BRICKBOX_REPO", global = true)]
     pub repo: Option<String>,
     /// Read the password from this file (else BRICKBOX_PASSWORD, else a prompt).
@@ -35,6 +36,28 @@ pub struct Global {
     /// Print more detail.
     #[arg(short, long, global = true)]
     pub verbose: bool,
+    /// Option of the box's storage service, as its opendal config key (repeatable), e.g.
+    /// `--option region=eu-west-1`; also from env BRICKBOX_OPT_<KEY>.
+    #[arg(long = "option", value_name = "KEY=VALUE", global = true)]
+    pub option: Vec<String>,
+    /// Parts of one upload sent at once (where the service uploads in parts).
+    #[arg(long, value_name = "N", default_value_t = 4, env = "BRICKBOX_UPLOAD_CONCURRENCY", global = true)]
+    pub upload_concurrency: usize,
+    /// Retries of a failed request (exponential backoff with jitter).
+    #[arg(long, value_name = "N", default_value_t = 5, env = "BRICKBOX_RETRIES", global = true)]
+    pub retries: usize,
+    /// Delay before the first retry; doubles up to 30s (e.g. 500ms, 2s).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = crate::remote::parse_duration, env = "BRICKBOX_RETRY_DELAY", global = true)]
+    pub retry_delay: std::time::Duration,
+    /// Longest time one storage request may take (e.g. 120s, 5m).
+    #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = crate::remote::parse_duration, env = "BRICKBOX_TIMEOUT", global = true)]
+    pub timeout: std::time::Duration,
+    /// Upload limit in bytes per second (e.g. 5MiB).
+    #[arg(long, value_name = "RATE", value_parser = crate::format::parse_size, env = "BRICKBOX_THROTTLE_UPLOAD", global = true)]
+    pub throttle_upload: Option<u64>,
+    /// Download limit in bytes per second (e.g. 20MiB).
+    #[arg(long, value_name = "RATE", value_parser = crate::format::parse_size, env = "BRICKBOX_THROTTLE_DOWNLOAD", global = true)]
+    pub throttle_download: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -55,10 +78,18 @@ pub enum Command {
     Diff(DiffArgs),
     /// Restore files from a version.
     Restore(RestoreArgs),
+    /// Check that the box holds everything the versions need, intact.
+    Verify(VerifyArgs),
     /// Show the repository's parameters.
     Config,
     /// Change the repository password (data is not re-encrypted).
     Passwd(PasswdArgs),
+    /// List the storage schemes this build supports and their main options.
+    Backends,
+    /// Mount the versions as a read-only file system (until Ctrl-C or 'brickbox umount').
+    Mount(crate::mount_cmd::MountArgs),
+    /// Unmount a mounted repository.
+    Umount(crate::mount_cmd::UmountArgs),
 }
 
 #[derive(Args, Debug)]
@@ -96,7 +127,7 @@ pub struct BackupArgs {
 pub struct LsArgs {
     /// Version (default latest) and/or absolute path (default /).
     #[arg(num_args = 0..=2)]
-    pub args: Vec<String>,
+    pub args: Vec<std::ffi::OsString>,
     /// List subdirectories recursively.
     #[arg(short = 'R', long)]
     pub recursive: bool,
@@ -110,7 +141,7 @@ pub struct FindArgs {
     #[arg(long)]
     pub all_versions: bool,
     /// Version to search (default latest).
-    #[arg(long, default_value = "latest")]
+    #[arg(long = "in-version", id = "find_version", value_name = "VERSION", default_value = "latest")]
     pub version: String,
 }
 
@@ -131,7 +162,7 @@ pub struct DiffArgs {
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
     /// Optional version (default latest), then paths to restore (default everything).
-    pub args: Vec<String>,
+    pub args: Vec<std::ffi::OsString>,
     /// Restore below this directory instead of the original location.
     #[arg(long, short = 't')]
     pub target: Option<PathBuf>,
@@ -148,4 +179,20 @@ pub struct PasswdArgs {
     /// Read the new password from this file (else BRICKBOX_NEW_PASSWORD, else a prompt).
     #[arg(long, env = "BRICKBOX_NEW_PASSWORD_FILE")]
     pub new_password_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// Download and check this many random volumes (default 1).
+    #[arg(long, conflicts_with_all = ["percent", "all"])]
+    pub samples: Option<usize>,
+    /// Download and check this share of the volumes.
+    #[arg(long, conflicts_with = "all")]
+    pub percent: Option<f64>,
+    /// Download and check every volume.
+    #[arg(long)]
+    pub all: bool,
+    /// Read all data: same as --all.
+    #[arg(long)]
+    pub read_data: bool,
 }

@@ -35,15 +35,17 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::History(a) => history(&g, a),
         Command::Diff(a) => diff(&g, a),
         Command::Restore(a) => restore_cmd(&g, a),
+        Command::Verify(a) => verify(&g, a),
         Command::Config => config(&g),
         Command::Passwd(a) => passwd(&g, a),
+        Command::Backends => crate::remote::backends(&g),
+        Command::Mount(a) => crate::mount_cmd::mount(&g, a),
+        Command::Umount(a) => crate::mount_cmd::umount(&g, a),
     }
 }
 
 fn repo_location(g: &Global) -> Result<&str> {
-    g.repo
-        .as_deref()
-        .ok_or_else(|| anyhow!("no repository given: use -r/--repo PATH or set BRICKBOX_REPO"))
+    g.repo.as_deref().ok_or_else(|| anyhow!("no repository given: use -r/--repo PATH or set BRICKBOX_REPO"))
 }
 
 fn read_secret_file(path: &Path) -> Result<Vec<u8>> {
@@ -82,10 +84,11 @@ fn prompt(label: &str, confirm: bool) -> Result<Vec<u8>> {
     Ok(p.into_bytes())
 }
 
-fn open(g: &Global) -> Result<Repository> {
+pub(crate) fn open(g: &Global) -> Result<Repository> {
     let loc = repo_location(g)?;
+    let opts = crate::remote::backend_options(g, loc)?;
     let pw = password(g, false)?;
-    Ok(Repository::open(loc, &pw, g.db.as_deref())?)
+    Ok(Repository::open_with(loc, &opts, &pw, g.db.as_deref())?)
 }
 
 fn print_json(v: &serde_json::Value) -> Result<()> {
@@ -98,7 +101,7 @@ fn print_json(v: &serde_json::Value) -> Result<()> {
 fn init(g: &Global) -> Result<u8> {
     let loc = repo_location(g)?;
     let pw = password(g, true)?;
-    let repo = Repository::init(loc, &pw, g.db.as_deref())?;
+    let repo = Repository::init_with(loc, &crate::remote::backend_options(g, loc)?, &pw, g.db.as_deref())?;
     if g.json {
         print_json(&json!({"id": repo.config().id, "location": repo.backend().location()}))?;
     } else if !g.quiet {
@@ -203,6 +206,13 @@ fn versions(g: &Global) -> Result<u8> {
     Ok(0)
 }
 
+/// A version spec given on the command line.
+fn version_arg(s: &std::ffi::OsStr) -> Result<String> {
+    s.to_str().map(str::to_string).ok_or_else(|| {
+        anyhow!("'{}' is not a version (use latest, a number, an id prefix or a date)", s.to_string_lossy())
+    })
+}
+
 /// Absolute path as stored in the box: relative paths are taken from the current directory.
 fn box_path(p: &Path) -> Result<PathBuf> {
     Ok(if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) })
@@ -255,15 +265,15 @@ fn long_line(path: &Path, n: &Node) -> String {
 fn ls(g: &Global, a: crate::args::LsArgs) -> Result<u8> {
     let (spec, path) = match a.args.as_slice() {
         [] => ("latest".to_string(), PathBuf::from("/")),
-        [one] if one.starts_with('/') => ("latest".to_string(), PathBuf::from(one)),
-        [one] => (one.clone(), PathBuf::from("/")),
-        [v, p, ..] => (v.clone(), box_path(Path::new(p))?),
+        [one] if one.as_bytes().starts_with(b"/") => ("latest".to_string(), PathBuf::from(one)),
+        [one] => (version_arg(one)?, PathBuf::from("/")),
+        [v, p, ..] => (version_arg(v)?, box_path(Path::new(p))?),
     };
     let repo = open(g)?;
     let vs = repo.versions()?;
     let v = browse::resolve_version(&vs, &spec)?;
-    let node = browse::lookup(&repo, v, &path)?
-        .ok_or_else(|| anyhow!("{} is not in version {}", path.display(), v.id))?;
+    let node =
+        browse::lookup(&repo, v, &path)?.ok_or_else(|| anyhow!("{} is not in version {}", path.display(), v.id))?;
     let mut rows: Vec<(PathBuf, Node)> = Vec::new();
     if node.kind == FileKind::Dir {
         if a.recursive {
@@ -293,25 +303,17 @@ fn ls(g: &Global, a: crate::args::LsArgs) -> Result<u8> {
 }
 
 fn find(g: &Global, a: crate::args::FindArgs) -> Result<u8> {
-    let glob = globset::Glob::new(&a.pattern)
-        .with_context(|| format!("bad pattern '{}'", a.pattern))?
-        .compile_matcher();
+    let glob =
+        globset::Glob::new(&a.pattern).with_context(|| format!("bad pattern '{}'", a.pattern))?.compile_matcher();
     let whole_path = a.pattern.contains('/');
     let repo = open(g)?;
     let vs = repo.versions()?;
-    let chosen: Vec<&Manifest> = if a.all_versions {
-        vs.iter().rev().collect()
-    } else {
-        vec![browse::resolve_version(&vs, &a.version)?]
-    };
+    let chosen: Vec<&Manifest> =
+        if a.all_versions { vs.iter().rev().collect() } else { vec![browse::resolve_version(&vs, &a.version)?] };
     let mut hits = Vec::new();
     for v in chosen {
         browse::walk(&repo, &v.root_id()?, Path::new("/"), &mut |p, n| {
-            let m = if whole_path {
-                glob.is_match(p)
-            } else {
-                glob.is_match(std::ffi::OsStr::from_bytes(&n.name))
-            };
+            let m = if whole_path { glob.is_match(p) } else { glob.is_match(std::ffi::OsStr::from_bytes(&n.name)) };
             if m {
                 hits.push((v.clone(), p.to_path_buf(), n.clone()));
             }
@@ -394,10 +396,10 @@ fn diff(g: &Global, a: crate::args::DiffArgs) -> Result<u8> {
 
 fn restore_cmd(g: &Global, a: crate::args::RestoreArgs) -> Result<u8> {
     let mut args = a.args.as_slice();
-    let spec = match args.first() {
+    let spec = match args.first().and_then(|f| f.to_str()) {
         Some(first) if !first.contains('/') && first != "." => {
             args = &args[1..];
-            first.clone()
+            first.to_string()
         }
         _ => "latest".to_string(),
     };
@@ -507,4 +509,52 @@ fn passwd(g: &Global, a: crate::args::PasswdArgs) -> Result<u8> {
         println!("password changed (new key {})", repo.key_name());
     }
     Ok(0)
+}
+
+fn verify(g: &Global, a: crate::args::VerifyArgs) -> Result<u8> {
+    use brickbox_core::verify::{self, Selection, VerifyOptions};
+    let selection = if a.all || a.read_data {
+        Selection::All
+    } else if let Some(p) = a.percent {
+        if !(0.0..=100.0).contains(&p) {
+            bail!("--percent must be between 0 and 100");
+        }
+        Selection::Percent(p)
+    } else {
+        Selection::Samples(a.samples.unwrap_or(1))
+    };
+    let repo = open(g)?;
+    let report = verify::verify(&repo, &VerifyOptions { selection }, &CANCEL)?;
+    if g.json {
+        print_json(&serde_json::to_value(&report)?)?;
+    } else {
+        for n in &report.notes {
+            eprintln!("note: {n}");
+        }
+        for p in &report.problems {
+            println!("PROBLEM {}: {}", p.object, p.problem);
+            for a in p.affected.iter().take(20) {
+                println!("    affects version {} {}", a.version, a.path);
+            }
+            if p.affected.len() > 20 {
+                println!("    … and {} more (see --json)", p.affected.len() - 20);
+            }
+        }
+        if !g.quiet {
+            println!(
+                "checked {} versions, {} trees, {} volumes ({} downloaded, {} blocks decrypted): {}",
+                report.versions,
+                report.trees,
+                report.volumes,
+                report.volumes_read,
+                report.blocks_read,
+                if report.problems.is_empty() {
+                    "no problems".to_string()
+                } else {
+                    format!("{} problem(s)", report.problems.len())
+                }
+            );
+        }
+    }
+    Ok(if report.problems.is_empty() { 0 } else { 1 })
 }

@@ -3,7 +3,9 @@
 mod args;
 mod commands;
 mod format;
+mod mount_cmd;
 mod progress;
+mod remote;
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};

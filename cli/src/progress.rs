@@ -21,7 +21,11 @@ pub fn wanted(json: bool, quiet: bool) -> bool {
 
 impl Bar {
     /// Shows `(files, bytes)` from `counters` as they grow; `total` may be filled in later by a scanner.
-    pub fn start(counters: impl Fn() -> (u64, u64) + Send + 'static, total: Arc<AtomicU64>, verb: &'static str) -> Self {
+    pub fn start(
+        counters: impl Fn() -> (u64, u64) + Send + 'static,
+        total: Arc<AtomicU64>,
+        verb: &'static str,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::spawn(move || {

@@ -1,61 +1,373 @@
 //! The box: one opendal `Operator` behind a small synchronous API.
 //!
-//! Every box type, a local directory included, goes through the same
-//! operator, so local and remote boxes share one storage path.
+//! Every box type, a local directory included, goes through the same operator, so local
+//! and remote boxes share one storage path. [`crate::location`] turns the repository URL
+//! into the operator's service and config; this module adds what every service gets:
+//!
+//! - **Retries** (opendal `RetryLayer`): temporary errors (connection refused or reset,
+//!   5xx, throttling) are retried with exponential backoff and jitter, `retries` times,
+//!   starting at `retry_delay` and doubling up to 30 s.
+//! - **Timeouts** (opendal `TimeoutLayer`, inside the retries so each attempt is
+//!   bounded): `timeout` for every request and for every read/write call on a body, so a
+//!   stalled connection becomes a retried error instead of a hang.
+//! - **Bounded concurrency** (opendal `ConcurrentLimitLayer`): at most
+//!   `upload_concurrency + 8` requests in flight; the parts of one multipart upload (S3)
+//!   go up `upload_concurrency` at a time.
+//! - **Throttling**: `throttle_upload` / `throttle_download` (bytes/s) pace the transfers
+//!   of this backend; bandwidth is reserved per piece (≤ 8 MiB), so the average rate never
+//!   exceeds the limit.
+//! - **Verified uploads**: after an object is written, it is `stat`ed and its size
+//!   compared with what was sent. A failed or short upload is written again **under the
+//!   same name** (up to [`UPLOAD_ATTEMPTS`] times). That is safe because objects are
+//!   immutable and named by random ids (volumes, indexes, manifests) or by content: nothing
+//!   refers to an object before its upload has been verified (the catalog records a
+//!   volume only after its index is stored, a version exists only once its manifest is),
+//!   so rewriting a name that nothing references yet cannot break a reader; a half object
+//!   left by a crash is never counted as good and is overwritten or ignored later.
+//! - **No chunked writes where the service cannot do them**: opendal's webdav writer
+//!   takes one body, so volumes are written in one call there.
+//! - **Secrets** never appear in [`Backend::location`] or in error messages: the location
+//!   is shown as `scheme://user@host/path`, and every error is scrubbed of the secret
+//!   values (passwords, keys, tokens) before it leaves this module.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
+use opendal::layers::{ConcurrentLimitLayer, RetryEvent, RetryInterceptor, RetryLayer, TimeoutLayer};
 use opendal::{ErrorKind, Operator};
 
 use crate::error::{Error, IoContext, Result};
+use crate::location::{self, Location};
+
+/// How many times an upload is attempted in all (each attempt with its own retries).
+pub const UPLOAD_ATTEMPTS: usize = 3;
+
+/// Size of the pieces in which files are streamed (and multipart parts).
+const PIECE: usize = 8 << 20;
+
+/// How a backend talks to its box.
+#[derive(Debug, Clone)]
+pub struct BackendOptions {
+    /// opendal config keys for the service (`--option key=value`); they override the URL.
+    pub options: Vec<(String, String)>,
+    /// Parts of one upload in flight at once, where the service uploads in parts (S3).
+    pub upload_concurrency: usize,
+    /// Retries of a temporarily failed request.
+    pub retries: usize,
+    /// First retry delay; doubles (with jitter) up to 30 s.
+    pub retry_delay: Duration,
+    /// Upload limit in bytes per second.
+    pub throttle_upload: Option<u64>,
+    /// Download limit in bytes per second.
+    pub throttle_download: Option<u64>,
+    /// Longest time one request or one body read/write may take.
+    pub timeout: Duration,
+}
+
+impl Default for BackendOptions {
+    fn default() -> Self {
+        Self {
+            options: Vec::new(),
+            upload_concurrency: 4,
+            retries: 5,
+            retry_delay: Duration::from_secs(1),
+            throttle_upload: None,
+            throttle_download: None,
+            timeout: Duration::from_secs(120),
+        }
+    }
+}
 
 /// Synchronous access to the objects of a box.
 pub struct Backend {
     rt: tokio::runtime::Runtime,
     op: Operator,
+    service: &'static str,
+    /// Where the box is, for messages (no secrets).
     location: String,
+    secrets: Vec<String>,
+    /// For a local box: its absolute path.
+    local_root: Option<PathBuf>,
     /// For a local box: a folder inside it where volumes can be built and then renamed into place.
     staging: Option<PathBuf>,
+    /// Whether the service takes a write in several calls (webdav does not).
+    multi_write: bool,
+    /// Whether the service lists recursively itself (s3 does).
+    native_recursive_list: bool,
+    upload_concurrency: usize,
+    up: Option<Pacer>,
+    down: Option<Pacer>,
+    retried: Arc<AtomicU64>,
+    reuploads: AtomicU64,
+    retry_delay: Duration,
+    retries: usize,
+    /// Writes go through this one: without the retry layer where the service's writer
+    /// holds a connection (sftp, ftp), as a write retried on a dropped connection can only
+    /// fail again; the whole upload is retried instead.
+    write_op: Operator,
+    /// What the operators were built from, to build more.
+    layers: Layers,
+    config: std::collections::BTreeMap<String, String>,
+    /// Ranged reads get an operator (so a connection) of their own (ftp).
+    fresh_ranged: bool,
+}
+
+/// The layers every operator gets.
+struct Layers {
+    timeout: Duration,
+    concurrency: usize,
+    retries: usize,
+    retry_delay: Duration,
+    retried: Arc<AtomicU64>,
+}
+
+impl Layers {
+    /// The operator for `service` with a short timeout and nothing else, to probe.
+    fn build_probe(
+        &self,
+        service: &str,
+        config: &std::collections::BTreeMap<String, String>,
+    ) -> opendal::Result<Operator> {
+        let t = self.timeout.min(Duration::from_secs(10));
+        Ok(Operator::via_iter(service, config.clone())?.layer(TimeoutLayer::new().with_timeout(t).with_io_timeout(t)))
+    }
+
+    /// The operator for `service` without the retry layer.
+    fn build_once(
+        &self,
+        service: &str,
+        config: &std::collections::BTreeMap<String, String>,
+    ) -> opendal::Result<Operator> {
+        Ok(Operator::via_iter(service, config.clone())?
+            .layer(TimeoutLayer::new().with_timeout(self.timeout).with_io_timeout(self.timeout))
+            .layer(ConcurrentLimitLayer::new(self.concurrency)))
+    }
+
+    /// The operator for `service` with `config`: timeouts inside retries (so each attempt
+    /// is bounded), a bound on requests in flight, retries with backoff and jitter.
+    fn build(&self, service: &str, config: &std::collections::BTreeMap<String, String>) -> opendal::Result<Operator> {
+        let op = Operator::via_iter(service, config.clone())?;
+        Ok(op
+            .layer(TimeoutLayer::new().with_timeout(self.timeout).with_io_timeout(self.timeout))
+            .layer(ConcurrentLimitLayer::new(self.concurrency))
+            .layer(
+                RetryLayer::new()
+                    .with_max_times(self.retries)
+                    .with_min_delay(self.retry_delay)
+                    .with_max_delay(Duration::from_secs(30).max(self.retry_delay))
+                    .with_factor(2.0)
+                    .with_jitter()
+                    .with_notify(CountRetries(self.retried.clone())),
+            ))
+    }
+}
+
+/// Counts the retries of the opendal retry layer.
+struct CountRetries(Arc<AtomicU64>);
+
+impl RetryInterceptor for CountRetries {
+    fn intercept(&self, _event: RetryEvent<'_>) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Paces transfers to a byte rate: each transfer reserves its share of time.
+struct Pacer {
+    rate: u64,
+    next: Mutex<Instant>,
+}
+
+impl Pacer {
+    fn new(rate: Option<u64>) -> Option<Self> {
+        rate.filter(|r| *r > 0).map(|rate| Self { rate, next: Mutex::new(Instant::now()) })
+    }
+
+    /// Reserves time for `bytes`; the transfer must not end before the returned instant.
+    fn reserve(&self, bytes: u64) -> Instant {
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        let start = (*next).max(Instant::now());
+        *next = start + Duration::from_secs_f64(bytes as f64 / self.rate as f64);
+        *next
+    }
+}
+
+async fn pace(p: &Option<Pacer>, bytes: u64) {
+    if let Some(p) = p {
+        let until = p.reserve(bytes);
+        tokio::time::sleep_until(until.into()).await;
+    }
+}
+
+/// Installs the process-wide HTTP transport once: reqwest over rustls with the ring
+/// provider (no aws-lc, no cmake), with a connect timeout so that a dead server fails fast.
+fn init_opendal() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        opendal::init_default_registry();
+        match reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(15))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .user_agent(concat!("brickbox/", env!("CARGO_PKG_VERSION")))
+            .build()
+        {
+            Ok(client) => {
+                opendal::HttpTransporter::install_default(opendal_http_transport_reqwest::ReqwestTransport::new(client))
+            }
+            Err(_) => opendal_http_transport_reqwest::install_default(),
+        }
+    });
 }
 
 impl Backend {
-    /// Opens a box from a plain path or a `file://` URL.
+    /// Opens a box (a path or URL, see [`crate::location`]) with default options.
     pub fn open(location: &str) -> Result<Self> {
-        let path = if let Some(rest) = location.strip_prefix("file://") {
-            PathBuf::from(rest)
-        } else if location.contains("://") {
-            let scheme = location.split("://").next().unwrap_or_default();
-            return Err(Error::Invalid(format!(
-                "repository scheme '{scheme}://' is not supported by this build; use a local path or file:// URL"
-            )));
-        } else {
-            PathBuf::from(location)
-        };
-        if path.as_os_str().is_empty() {
-            return Err(Error::Invalid("empty repository path".into()));
-        }
-        let abs = if path.is_absolute() {
-            path
-        } else {
-            std::env::current_dir().at(".")?.join(path)
-        };
-        let root = abs
-            .to_str()
-            .ok_or_else(|| Error::Invalid(format!("repository path {} is not valid UTF-8", abs.display())))?
-            .to_string();
-        let builder = opendal::services::Fs::default()
-            .root(&root)
-            .atomic_write_dir(&format!("{root}/.tmp"));
-        let op = Operator::new(builder)
-            .map_err(|e| Error::Backend { object: root.clone(), source: e })?;
+        Self::open_with(location, &BackendOptions::default())
+    }
+
+    /// Opens a box with `opts`.
+    pub fn open_with(location: &str, opts: &BackendOptions) -> Result<Self> {
+        let loc = location::parse(location, &opts.options)?;
+        Self::from_location(loc, opts)
+    }
+
+    /// Opens a parsed location.
+    pub fn from_location(loc: Location, opts: &BackendOptions) -> Result<Self> {
+        init_opendal();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("brickbox-io")
             .enable_all()
             .build()
-            .at(&root)?;
-        let staging = Some(abs.join(".tmp").join("staging"));
-        Ok(Self { rt, op, location: root, staging })
+            .at(&loc.display)?;
+        let mut config = loc.config.clone();
+        if loc.service == "s3" && !config.contains_key("region") {
+            // opendal needs a region: ask AWS for the bucket's, or take the usual default
+            // of S3-compatible servers.
+            let region = match config.get("endpoint") {
+                Some(_) => None,
+                None => rt.block_on(opendal::services::S3::detect_region(
+                    "https://s3.amazonaws.com",
+                    config.get("bucket").map(String::as_str).unwrap_or_default(),
+                )),
+            };
+            config.insert("region".into(), region.unwrap_or_else(|| "us-east-1".into()));
+        }
+        let retried = Arc::new(AtomicU64::new(0));
+        let concurrency = opts.upload_concurrency.max(1);
+        let layers = Layers {
+            timeout: opts.timeout,
+            concurrency: concurrency + 8,
+            retries: opts.retries,
+            retry_delay: opts.retry_delay,
+            retried: retried.clone(),
+        };
+        let op = layers
+            .build(loc.service, &config)
+            .map_err(|e| Error::Backend { object: loc.display.clone(), source: scrub(e, &loc.secrets) })?;
+        let write_op = if matches!(loc.service, "sftp" | "ftp") {
+            layers
+                .build_once(loc.service, &config)
+                .map_err(|e| Error::Backend { object: loc.display.clone(), source: scrub(e, &loc.secrets) })?
+        } else {
+            op.clone()
+        };
+        let multi_write = op.info().capability().write_can_multi;
+        let native_recursive_list = op.info().capability().list_with_recursive;
+        let staging = loc.local_root.as_ref().map(|r| r.join(".tmp").join("staging"));
+        Ok(Self {
+            rt,
+            op,
+            service: loc.service,
+            location: loc.display,
+            secrets: loc.secrets,
+            local_root: loc.local_root,
+            staging,
+            multi_write,
+            native_recursive_list,
+            upload_concurrency: concurrency,
+            up: Pacer::new(opts.throttle_upload),
+            down: Pacer::new(opts.throttle_download),
+            retried,
+            reuploads: AtomicU64::new(0),
+            retry_delay: opts.retry_delay,
+            retries: opts.retries,
+            write_op,
+            // opendal's ftp service leaves a pooled control connection out of step after a
+            // ranged read stops before the end of a file (the server's late "426 transfer
+            // aborted" is read as the answer to the next command, and every answer after it
+            // is off by one). Ranged reads get a connection of their own.
+            fresh_ranged: loc.service == "ftp",
+            layers,
+            config,
+        })
+    }
+
+    /// Runs an idempotent operation. opendal's retry layer retries what the service marks
+    /// as temporary; some services mark network failures as permanent (an SSH connection
+    /// that could not be set up, an FTP control connection that dropped), and some fail
+    /// again and again on one broken pooled connection. So an unexpected error is tried
+    /// again here, `retries` times, with the same backoff: at once if the retry layer did
+    /// not retry it, else only if the server still answers (so that a stopped server fails
+    /// in bounded time). Failed logins and refused permissions are not tried again.
+    fn run<T, F, Fut>(&self, f: F) -> opendal::Result<T>
+    where
+        F: FnMut(Operator) -> Fut,
+        Fut: std::future::Future<Output = opendal::Result<T>>,
+    {
+        self.run_on(false, f)
+    }
+
+    /// [`Self::run`], on an operator of its own for each attempt if `ranged` and the
+    /// service needs that (ftp).
+    fn run_on<T, F, Fut>(&self, ranged: bool, mut f: F) -> opendal::Result<T>
+    where
+        F: FnMut(Operator) -> Fut,
+        Fut: std::future::Future<Output = opendal::Result<T>>,
+    {
+        let mut delay = self.retry_delay;
+        let mut left = self.retries;
+        loop {
+            let before = self.retried.load(Ordering::Relaxed);
+            let op = if ranged { self.ranged_op() } else { self.op.clone() };
+            match self.rt.block_on(f(op)) {
+                Err(e)
+                    if left > 0
+                        && transient(&e)
+                        && (self.retried.load(Ordering::Relaxed) == before || !self.gone("config")) =>
+                {
+                    left -= 1;
+                    self.retried.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(jitter(delay));
+                    delay = (delay * 2).min(Duration::from_secs(30).max(self.retry_delay));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The operator for one ranged read.
+    fn ranged_op(&self) -> Operator {
+        if self.fresh_ranged {
+            self.layers.build(self.service, &self.config).unwrap_or_else(|_| self.op.clone())
+        } else {
+            self.op.clone()
+        }
+    }
+
+    /// Whether the server looks gone (stopped, unreachable, not answering): two `stat`s of
+    /// `name`, each on a new connection and without retries, both fail to connect or time
+    /// out. Any answer, even an error, means it is there.
+    fn gone(&self, name: &str) -> bool {
+        (0..2).all(|_| {
+            let Ok(op) = self.layers.build_probe(self.service, &self.config) else { return false };
+            match self.rt.block_on(op.stat(name)) {
+                Ok(_) => false,
+                Err(e) => unreachable(&e),
+            }
+        })
     }
 
     /// A local folder where volumes may be built so that storing them is a rename, if the box has one.
@@ -63,36 +375,56 @@ impl Backend {
         self.staging.as_deref()
     }
 
+    /// The opendal service of the box (`fs`, `s3`, `sftp`, …).
+    pub fn service(&self) -> &'static str {
+        self.service
+    }
+
+    /// Uploads that may run at once (a hint for callers that upload in parallel).
+    pub fn upload_concurrency(&self) -> usize {
+        self.upload_concurrency
+    }
+
+    /// Requests retried so far, and uploads written again after a failed verification.
+    pub fn retry_counts(&self) -> (u64, u64) {
+        (self.retried.load(Ordering::Relaxed), self.reuploads.load(Ordering::Relaxed))
+    }
+
     /// Stores a finished local file as object `name`: a rename when it was built in the
-    /// staging folder of a local box, an upload otherwise.
+    /// staging folder of a local box, an upload otherwise. Either way the stored size is
+    /// checked.
     pub fn store_file(&self, name: &str, local: &Path) -> Result<()> {
-        if let Some(rel) = local
-            .strip_prefix(&self.location)
-            .ok()
-            .filter(|_| self.staging.as_deref().is_some_and(|s| local.starts_with(s)))
-            .and_then(|r| r.to_str())
-        {
-            return self
-                .rt
-                .block_on(self.op.rename(rel, name))
-                .map_err(|e| self.err(name, e));
+        if let (Some(root), Some(staging)) = (&self.local_root, &self.staging) {
+            if local.starts_with(staging) {
+                if let Some(rel) = local.strip_prefix(root).ok().and_then(|r| r.to_str()) {
+                    let len = std::fs::metadata(local).at(local)?.len();
+                    self.rt.block_on(self.op.rename(rel, name)).map_err(|e| self.err(name, e))?;
+                    return self.check_size(name, len);
+                }
+            }
         }
         self.write_file(name, local)
     }
 
-    /// Where the box is, for messages.
+    /// Where the box is, for messages: `scheme://user@host/path`, never a secret.
     pub fn location(&self) -> &str {
         &self.location
     }
 
     fn err(&self, object: &str, source: opendal::Error) -> Error {
-        Error::Backend { object: format!("{}/{object}", self.location.trim_end_matches('/')), source }
+        Error::Backend {
+            object: format!("{}/{object}", self.location.trim_end_matches('/')),
+            source: scrub(source, &self.secrets),
+        }
     }
 
     /// Reads a whole object; `Ok(None)` when it does not exist.
     pub fn read_opt(&self, name: &str) -> Result<Option<Vec<u8>>> {
-        match self.rt.block_on(self.op.read(name)) {
-            Ok(b) => Ok(Some(b.to_vec())),
+        match self.run(|op| async move { op.read(name).await }) {
+            Ok(b) => {
+                self.rt.block_on(pace(&self.down, b.len() as u64));
+                Ok(Some(b.to_vec()))
+            }
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(self.err(name, e)),
         }
@@ -100,15 +432,17 @@ impl Backend {
 
     /// Reads a whole object.
     pub fn read(&self, name: &str) -> Result<Vec<u8>> {
-        self.read_opt(name)?
-            .ok_or_else(|| Error::damaged(name, "object is missing from the box"))
+        self.read_opt(name)?.ok_or_else(|| Error::damaged(name, "object is missing from the box"))
     }
 
     /// Reads `len` bytes at `offset` with one ranged read.
     pub fn read_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
         let buf = self
-            .rt
-            .block_on(async { self.op.read_with(name).range(offset..offset + len).await })
+            .run_on(true, |op| async move {
+                let b = op.read_with(name).range(offset..offset + len).await?;
+                pace(&self.down, b.len() as u64).await;
+                Ok::<_, opendal::Error>(b)
+            })
             .map_err(|e| {
                 if e.kind() == ErrorKind::NotFound {
                     Error::damaged(name, "object is missing from the box")
@@ -117,40 +451,75 @@ impl Backend {
                 }
             })?;
         if buf.len() as u64 != len {
-            return Err(Error::damaged(name, format!("object is truncated (wanted {len} bytes at {offset}, got {})", buf.len())));
+            return Err(Error::damaged(
+                name,
+                format!("object is truncated (wanted {len} bytes at {offset}, got {})", buf.len()),
+            ));
         }
         Ok(buf.to_vec())
     }
 
-    /// Writes a whole object from memory.
+    /// Writes a whole object from memory, then checks its stored size; a failed or short
+    /// upload is written again under the same name.
     pub fn write(&self, name: &str, data: Vec<u8>) -> Result<()> {
-        self.rt
-            .block_on(self.op.write(name, data))
-            .map(|_| ())
-            .map_err(|e| self.err(name, e))
+        let len = data.len() as u64;
+        let data = opendal::Buffer::from(data);
+        self.with_attempts(name, len, || async {
+            pace(&self.up, len).await;
+            self.write_op.write(name, data.clone()).await.map(|_| ())
+        })
     }
 
-    /// Uploads a local file as an object, streaming it in large pieces.
+    /// Uploads a local file as an object, streaming it in pieces (in one call where the
+    /// service takes only one), then checks its stored size; a failed or short upload is
+    /// written again under the same name.
     pub fn write_file(&self, name: &str, local: &Path) -> Result<()> {
-        use std::io::Read;
-        let mut f = std::fs::File::open(local).at(local)?;
-        self.rt.block_on(async {
-            let mut w = self.op.writer(name).await.map_err(|e| self.err(name, e))?;
-            let mut buf = vec![0u8; 8 << 20];
+        let len = std::fs::metadata(local).at(local)?.len();
+        if !self.multi_write {
+            let data = std::fs::read(local).at(local)?;
+            return self.write(name, data);
+        }
+        let local_err = std::cell::RefCell::new(None);
+        let res = self.with_attempts(name, len, || async {
+            let mut f = match std::fs::File::open(local) {
+                Ok(f) => f,
+                Err(e) => {
+                    *local_err.borrow_mut() = Some(e);
+                    return Err(opendal::Error::new(ErrorKind::ConfigInvalid, "local file unreadable"));
+                }
+            };
+            let mut w = self.write_op.writer_with(name).chunk(PIECE).concurrent(self.upload_concurrency).await?;
+            let mut buf = vec![0u8; PIECE];
             loop {
-                let n = read_full(&mut f, &mut buf).at(local)?;
+                let n = match read_full(&mut f, &mut buf) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        *local_err.borrow_mut() = Some(e);
+                        let _ = w.abort().await;
+                        return Err(opendal::Error::new(ErrorKind::ConfigInvalid, "local file unreadable"));
+                    }
+                };
                 if n == 0 {
                     break;
                 }
-                w.write(buf[..n].to_vec()).await.map_err(|e| self.err(name, e))?;
+                pace(&self.up, n as u64).await;
+                if let Err(e) = w.write(buf[..n].to_vec()).await {
+                    let _ = w.abort().await;
+                    return Err(e);
+                }
                 if n < buf.len() {
                     break;
                 }
             }
-            w.close().await.map_err(|e| self.err(name, e))?;
-            Ok::<_, Error>(())
-        })?;
+            w.close().await.map(|_| ())
+        });
+        if let Some(e) = local_err.into_inner() {
+            return Err(Error::io(local, e));
+        }
+        return res;
+
         fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+            use std::io::Read;
             let mut n = 0;
             while n < buf.len() {
                 match f.read(&mut buf[n..])? {
@@ -160,33 +529,296 @@ impl Backend {
             }
             Ok(n)
         }
+    }
+
+    /// Runs an upload of `len` bytes to `name` until its stored size checks out: at most
+    /// `retries + 1` times (at least [`UPLOAD_ATTEMPTS`]), with backoff, each attempt with
+    /// the retries of the retry layer where the service has it for writes. Not again after
+    /// errors that cannot go away by themselves (permission denied, bad config, failed
+    /// login…), nor when the server does not answer at all any more (so a stopped server
+    /// fails in bounded time).
+    fn with_attempts<F, Fut>(&self, name: &str, len: u64, mut upload: F) -> Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = opendal::Result<()>>,
+    {
+        let attempts = (self.retries + 1).max(UPLOAD_ATTEMPTS);
+        let mut delay = self.retry_delay;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (err, again) = match self.rt.block_on(upload()) {
+                Ok(()) => match self.run(|op| async move { op.stat(name).await }) {
+                    Ok(meta) if meta.content_length() == len => return Ok(()),
+                    Ok(meta) => self.short_upload(name, len, meta.content_length()),
+                    Err(e) => {
+                        let again = e.kind() == ErrorKind::NotFound || transient(&e);
+                        (self.err(name, e), again)
+                    }
+                },
+                Err(e) => {
+                    let again = transient(&e) && !self.gone(name);
+                    (self.err(name, e), again)
+                }
+            };
+            if !again || attempt >= attempts {
+                return Err(err);
+            }
+            self.reuploads.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(jitter(delay));
+            delay = (delay * 2).min(Duration::from_secs(30).max(self.retry_delay));
+        }
+    }
+
+    fn short_upload(&self, name: &str, want: u64, got: u64) -> (Error, bool) {
+        (
+            Error::Backend {
+                object: format!("{}/{name}", self.location.trim_end_matches('/')),
+                source: opendal::Error::new(
+                    ErrorKind::Unexpected,
+                    format!("upload not verified: the box holds {got} bytes, {want} were sent"),
+                )
+                .set_temporary(),
+            },
+            true,
+        )
+    }
+
+    /// Checks that object `name` holds `len` bytes.
+    fn check_size(&self, name: &str, len: u64) -> Result<()> {
+        let meta = self.run(|op| async move { op.stat(name).await }).map_err(|e| self.err(name, e))?;
+        if meta.content_length() != len {
+            return Err(self.short_upload(name, len, meta.content_length()).0);
+        }
         Ok(())
     }
 
-    /// Names (relative to the box root) of the objects under `dir` (e.g. `"index/"`).
+    /// Names (relative to the box root) of the objects under `dir` (e.g. `"index/"`),
+    /// in its subfolders too.
+    ///
+    /// Where the service cannot list recursively itself (webdav, sftp, ftp), folders are
+    /// listed one by one here: opendal's emulated recursive listing ends silently (an
+    /// empty or partial list, no error) when a request of it fails and is retried, which
+    /// would make objects look missing.
     pub fn list(&self, dir: &str) -> Result<Vec<String>> {
-        match self.rt.block_on(async { self.op.list_with(dir).recursive(true).await }) {
-            Ok(entries) => Ok(entries
-                .into_iter()
-                .filter(|e| e.metadata().is_file())
-                .map(|e| e.path().to_string())
-                .collect()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(self.err(dir, e)),
+        if self.native_recursive_list {
+            return match self.run(|op| async move { op.list_with(dir).recursive(true).await }) {
+                Ok(entries) => Ok(entries
+                    .into_iter()
+                    .filter(|e| e.metadata().is_file() && !e.path().ends_with('/'))
+                    .map(|e| e.path().to_string())
+                    .collect()),
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
+                Err(e) => Err(self.err(dir, e)),
+            };
         }
+        let mut files = Vec::new();
+        let mut todo = vec![dir.to_string()];
+        let mut seen = std::collections::HashSet::new();
+        while let Some(d) = todo.pop() {
+            if !seen.insert(d.clone()) {
+                continue;
+            }
+            let entries = match self.run(|op| {
+                let d = d.clone();
+                async move { op.list(&d).await }
+            }) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.err(&d, e)),
+            };
+            for e in entries {
+                let path = e.path();
+                if path == d || path.trim_end_matches('/') == d.trim_end_matches('/') {
+                    continue; // the folder itself (fs, webdav, sftp list it)
+                }
+                if e.metadata().is_dir() || path.ends_with('/') {
+                    let mut sub = path.to_string();
+                    if !sub.ends_with('/') {
+                        sub.push('/');
+                    }
+                    todo.push(sub);
+                } else if e.metadata().is_file() {
+                    files.push(path.to_string());
+                }
+            }
+        }
+        Ok(files)
     }
 
     /// Deletes an object (missing objects are not an error).
     pub fn delete(&self, name: &str) -> Result<()> {
-        self.rt.block_on(self.op.delete(name)).map_err(|e| self.err(name, e))
+        match self.run(|op| async move { op.delete(name).await }) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.err(name, e)),
+        }
     }
 
     /// Whether an object exists.
     pub fn exists(&self, name: &str) -> Result<bool> {
-        match self.rt.block_on(self.op.stat(name)) {
+        match self.run(|op| async move { op.stat(name).await }) {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
             Err(e) => Err(self.err(name, e)),
         }
+    }
+}
+
+/// Whether `e` may go away by itself: network trouble, throttling, a server error; not a
+/// missing object, a refused permission, a bad config, or a failed login.
+fn transient(e: &opendal::Error) -> bool {
+    if !matches!(e.kind(), ErrorKind::Unexpected | ErrorKind::RateLimited) {
+        return false;
+    }
+    let text = chain_text(e);
+    const FINAL: &[&str] = &[
+        "Permission denied",
+        "Host key verification failed",
+        "530 ", // ftp: not logged in
+        "Login incorrect",
+        "Authentication failed",
+        "No such file or directory (os error 2)", // e.g. a missing ssh key file
+    ];
+    !FINAL.iter().any(|f| text.contains(f))
+}
+
+/// Whether `e` says that the server could not be reached at all.
+fn unreachable(e: &opendal::Error) -> bool {
+    let text = chain_text(e);
+    const GONE: &[&str] = &[
+        "Connection refused",
+        "timeout",
+        "timed out",
+        "No route to host",
+        "Network is unreachable",
+        "failed to lookup address",
+        "Name or service not known",
+    ];
+    GONE.iter().any(|g| text.contains(g))
+}
+
+/// The message of `e` and of all its sources.
+fn chain_text(e: &opendal::Error) -> String {
+    let mut text = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        src = s.source();
+    }
+    text
+}
+
+/// `d` ± 25%, so that clients that failed together do not retry together.
+fn jitter(d: Duration) -> Duration {
+    let f = 0.75 + rand::random::<f64>() * 0.5;
+    d.mul_f64(f)
+}
+
+/// `e` as one flat error for messages: its message and the messages of its sources, each
+/// once, with every secret value replaced by `***`; same kind and retry status, no source
+/// (opendal's own chain repeats itself at every level).
+fn scrub(e: opendal::Error, secrets: &[String]) -> opendal::Error {
+    let display = e.to_string();
+    // "Kind (status) at operation, context: {…} => message…": keep the operation's name.
+    let operation = display
+        .split_once(" at ")
+        .map(|(_, rest)| rest.split([',', ' ']).next().unwrap_or_default())
+        .unwrap_or_default();
+    let operation = OPERATIONS.iter().copied().find(|o| *o == operation).unwrap_or("storage");
+    let mut parts: Vec<String> = Vec::new();
+    if !e.message().is_empty() {
+        parts.push(e.message().to_string());
+    }
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !t.is_empty() && !parts.iter().any(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+        src = s.source();
+    }
+    let out = opendal::Error::new(e.kind(), location::redact(&parts.join(": "), secrets)).with_operation(operation);
+    if e.is_temporary() {
+        out.set_temporary()
+    } else if e.is_persistent() {
+        out.set_persistent()
+    } else {
+        out
+    }
+}
+
+const OPERATIONS: &[&str] = &["read", "write", "stat", "list", "delete", "rename", "create_dir", "copy", "presign"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_box_roundtrip_and_verification() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Backend::open(dir.path().to_str().unwrap()).unwrap();
+        assert_eq!(b.service(), "fs");
+        b.write("a/x", b"hello".to_vec()).unwrap();
+        assert_eq!(b.read("a/x").unwrap(), b"hello");
+        assert_eq!(b.read_range("a/x", 1, 3).unwrap(), b"ell");
+        let f = dir.path().join("local");
+        std::fs::write(&f, vec![7u8; 3 * PIECE / 2]).unwrap();
+        b.write_file("a/y", &f).unwrap();
+        assert_eq!(b.read("a/y").unwrap().len(), 3 * PIECE / 2);
+        let staging = b.staging_dir().unwrap().to_path_buf();
+        std::fs::create_dir_all(&staging).unwrap();
+        std::fs::write(staging.join("v"), b"vol").unwrap();
+        b.store_file("b/v", &staging.join("v")).unwrap();
+        assert!(!staging.join("v").exists());
+        let mut l = b.list("a/").unwrap();
+        l.sort();
+        assert_eq!(l, vec!["a/x", "a/y"]);
+        assert!(b.exists("b/v").unwrap());
+        b.delete("a/x").unwrap();
+        b.delete("a/x").unwrap();
+        assert_eq!(b.read_opt("a/x").unwrap(), None);
+    }
+
+    #[test]
+    fn throttle_paces_uploads() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = BackendOptions { throttle_upload: Some(1 << 20), ..Default::default() };
+        let b = Backend::open_with(dir.path().to_str().unwrap(), &opts).unwrap();
+        let t = Instant::now();
+        b.write("x", vec![0u8; 1 << 19]).unwrap();
+        b.write("y", vec![0u8; 1 << 19]).unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(900), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn scrub_removes_secrets_everywhere() {
+        let e = opendal::Error::new(ErrorKind::Unexpected, "login with pw=Sup3rSecret failed").set_temporary();
+        let s = scrub(e, &["Sup3rSecret".to_string()]);
+        assert!(!s.to_string().contains("Sup3rSecret"), "{s}");
+        assert!(s.is_temporary());
+        let e = opendal::Error::new(ErrorKind::NotFound, "nothing secret").with_operation("stat");
+        let s = scrub(e, &["Sup3rSecret".to_string()]);
+        assert_eq!(s.kind(), ErrorKind::NotFound);
+        assert_eq!(s.to_string(), "NotFound (permanent) at stat => nothing secret");
+    }
+
+    #[test]
+    fn unreachable_server_fails_fast() {
+        // Nothing listens on port 9 of 127.0.0.1 (discard) on a test machine.
+        let opts = BackendOptions { retries: 1, retry_delay: Duration::from_millis(10), ..Default::default() };
+        let t = Instant::now();
+        let b = Backend::open_with(
+            "s3://bkt/p?endpoint=http://127.0.0.1:9&access_key_id=a&secret_access_key=SECRETKEY123",
+            &opts,
+        )
+        .unwrap();
+        assert_eq!(b.location(), "s3://bkt/p");
+        let e = b.read_opt("config").unwrap_err();
+        let text = format!("{e}: {:?}", std::error::Error::source(&e));
+        assert!(!text.contains("SECRETKEY123"), "{text}");
+        assert!(text.contains("s3://bkt/p/config"), "{text}");
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
     }
 }

@@ -107,8 +107,10 @@ pub struct BackupSummary {
     pub bytes_read: u64,
     /// Bytes added to the box after dedup and compression.
     pub bytes_added: u64,
-    /// New blocks stored.
+    /// New data blocks stored.
     pub blocks_added: u64,
+    /// New directory tree blocks stored.
+    pub trees_added: u64,
     /// Volumes uploaded.
     pub volumes: u64,
     /// Problems that did not stop the backup (unreadable files…).
@@ -173,6 +175,7 @@ struct Counts {
     others: AtomicU64,
     bytes_total: AtomicU64,
     blocks_added: AtomicU64,
+    trees_added: AtomicU64,
     /// Bytes a dry run would have added.
     dry_bytes: AtomicU64,
 }
@@ -264,10 +267,7 @@ pub fn backup(
         .or_else(|| repo.backend().staging_dir().map(Path::to_path_buf))
         .unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&tmp_base).at(&tmp_base)?;
-    let tmp = tempfile::Builder::new()
-        .prefix("brickbox-volumes-")
-        .tempdir_in(&tmp_base)
-        .at(&tmp_base)?;
+    let tmp = tempfile::Builder::new().prefix("brickbox-volumes-").tempdir_in(&tmp_base).at(&tmp_base)?;
     let shared = Shared::default();
     let (to_packer, packer_rx) = bounded::<PackItem>(16);
     let (to_uploader, uploader_rx) = bounded::<(PathBuf, VolumeIndex)>(1);
@@ -301,8 +301,7 @@ pub fn backup(
         });
         let root = if roots.is_source {
             // Backing up `/` itself.
-            walk.dir(Path::new("/"))
-                .and_then(|r| r.ok_or_else(|| Error::Invalid("cannot list /".into())))
+            walk.dir(Path::new("/")).and_then(|r| r.ok_or_else(|| Error::Invalid("cannot list /".into())))
         } else {
             walk.source_dir(Path::new("/"), &roots)
         };
@@ -336,6 +335,7 @@ pub fn backup(
         bytes_read: progress.bytes_read.load(Ordering::Relaxed),
         bytes_added: progress.bytes_added.load(Ordering::Relaxed) + c.dry_bytes.load(Ordering::Relaxed),
         blocks_added: c.blocks_added.load(Ordering::Relaxed),
+        trees_added: c.trees_added.load(Ordering::Relaxed),
         volumes: shared.volumes.load(Ordering::Relaxed),
         warnings: walk.warnings.into_inner().unwrap_or_default(),
         seconds: 0.0,
@@ -576,8 +576,7 @@ impl Walk<'_> {
             }
         }
         children.sort();
-        let nodes: Vec<Option<Node>> =
-            children.par_iter().map(|p| self.entry(p, false)).collect::<Result<_>>()?;
+        let nodes: Vec<Option<Node>> = children.par_iter().map(|p| self.entry(p, false)).collect::<Result<_>>()?;
         Ok(Some(self.store_tree(nodes.into_iter().flatten().collect())?))
     }
 
@@ -695,11 +694,16 @@ impl Walk<'_> {
 
     /// Hashes a block and, when the box does not have it yet, compresses it and sends it to the packer.
     fn store_block(&self, data: &[u8], codec: Codec) -> Result<BlockRef> {
+        self.store(data, codec, &self.counts.blocks_added)
+    }
+
+    /// Stores a block, counting it in `counter` when it is new.
+    fn store(&self, data: &[u8], codec: Codec, counter: &AtomicU64) -> Result<BlockRef> {
         let id = self.repo.keys().block_id(data);
         let len = u32::try_from(data.len()).map_err(|_| Error::Invalid("block larger than 4 GiB".into()))?;
         if self.claim(&id)? {
             let encoded = codec::encode(codec, data);
-            self.counts.blocks_added.fetch_add(1, Ordering::Relaxed);
+            counter.fetch_add(1, Ordering::Relaxed);
             match &self.to_packer {
                 Some(tx) => tx
                     .send(PackItem { id, encoded, raw_len: len })
@@ -726,7 +730,7 @@ impl Walk<'_> {
         let mut tree = Tree { nodes };
         tree.sort();
         let bytes = tree.encode();
-        Ok(self.store_block(&bytes, Codec::Zstd)?.id)
+        Ok(self.store(&bytes, Codec::Zstd, &self.counts.trees_added)?.id)
     }
 }
 

@@ -25,11 +25,9 @@ pub fn resolve_version<'a>(versions: &'a [Manifest], spec: &str) -> Result<&'a M
     }
     if spec.len() <= 6 && spec.bytes().all(|b| b.is_ascii_digit()) {
         let n: usize = spec.parse().map_err(|_| Error::Invalid(format!("bad version number '{spec}'")))?;
-        return versions
-            .len()
-            .checked_sub(n + 1)
-            .map(|i| &versions[i])
-            .ok_or_else(|| Error::NotFound(format!("there is no version {n}: the box has {} (0 = newest)", versions.len())));
+        return versions.len().checked_sub(n + 1).map(|i| &versions[i]).ok_or_else(|| {
+            Error::NotFound(format!("there is no version {n}: the box has {} (0 = newest)", versions.len()))
+        });
     }
     let by_id: Vec<&Manifest> = versions.iter().filter(|m| m.id.starts_with(&spec.to_ascii_lowercase())).collect();
     match by_id.len() {
@@ -85,7 +83,12 @@ pub fn children(repo: &Repository, node: &Node) -> Result<Vec<Node>> {
 }
 
 /// Calls `f(path, node)` for every entry below the tree `id` at `prefix`, parents before children.
-pub fn walk(repo: &Repository, id: &BlockId, prefix: &Path, f: &mut dyn FnMut(&Path, &Node) -> Result<()>) -> Result<()> {
+pub fn walk(
+    repo: &Repository,
+    id: &BlockId,
+    prefix: &Path,
+    f: &mut dyn FnMut(&Path, &Node) -> Result<()>,
+) -> Result<()> {
     let tree = repo.tree(id)?;
     for n in &tree.nodes {
         let p = prefix.join(OsStr::from_bytes(&n.name));
@@ -133,7 +136,13 @@ pub fn diff(repo: &Repository, old: &Manifest, new: &Manifest) -> Result<Vec<(Ch
     Ok(out)
 }
 
-fn diff_trees(repo: &Repository, a: Option<BlockId>, b: Option<BlockId>, prefix: &Path, out: &mut Vec<(Change, PathBuf)>) -> Result<()> {
+fn diff_trees(
+    repo: &Repository,
+    a: Option<BlockId>,
+    b: Option<BlockId>,
+    prefix: &Path,
+    out: &mut Vec<(Change, PathBuf)>,
+) -> Result<()> {
     if a == b {
         return Ok(());
     }
@@ -209,7 +218,11 @@ mod tests {
 
     #[test]
     fn version_specs() {
-        let v = vec![m("aaaa1111", 1_000_000_000_000_000_000), m("bbbb2222", 1_700_000_000_000_000_000), m("cccc3333", 1_800_000_000_000_000_000)];
+        let v = vec![
+            m("aaaa1111", 1_000_000_000_000_000_000),
+            m("bbbb2222", 1_700_000_000_000_000_000),
+            m("cccc3333", 1_800_000_000_000_000_000),
+        ];
         assert_eq!(resolve_version(&v, "latest").unwrap().id, "cccc3333");
         assert_eq!(resolve_version(&v, "0").unwrap().id, "cccc3333");
         assert_eq!(resolve_version(&v, "2").unwrap().id, "aaaa1111");

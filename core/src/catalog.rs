@@ -28,6 +28,9 @@ pub struct BlockLocation {
     pub raw_len: u32,
 }
 
+/// One block of a volume: id, offset, sealed length, plaintext length.
+pub type VolumeBlock = (BlockId, u64, u32, u32);
+
 /// What the change-detection cache remembers about one source file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CachedFile {
@@ -105,16 +108,12 @@ impl Catalog {
 
     /// The repository id this catalog belongs to, if recorded.
     pub fn repo_id(&self) -> Result<Option<String>> {
-        Ok(self
-            .conn
-            .query_row("SELECT value FROM meta WHERE key = 'repo_id'", [], |r| r.get(0))
-            .optional()?)
+        Ok(self.conn.query_row("SELECT value FROM meta WHERE key = 'repo_id'", [], |r| r.get(0)).optional()?)
     }
 
     /// Records the repository id.
     pub fn set_repo_id(&self, id: &str) -> Result<()> {
-        self.conn
-            .execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('repo_id', ?1)", [id])?;
+        self.conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('repo_id', ?1)", [id])?;
         Ok(())
     }
 
@@ -164,11 +163,33 @@ impl Catalog {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// Size recorded for a volume, and its blocks in offset order.
+    pub fn volume_blocks(&self, name: &str) -> Result<(u64, Vec<VolumeBlock>)> {
+        let size: i64 = self.conn.query_row("SELECT size FROM volumes WHERE name = ?1", [name], |r| r.get(0))?;
+        let mut st = self.conn.prepare(
+            "SELECT b.hash, b.offset, b.length, b.raw_length FROM blocks b JOIN volumes v ON v.id = b.volume WHERE v.name = ?1 ORDER BY b.offset",
+        )?;
+        let rows = st.query_map([name], |r| {
+            let h: Vec<u8> = r.get(0)?;
+            Ok((h, r.get::<_, i64>(1)?, r.get::<_, u32>(2)?, r.get::<_, u32>(3)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (h, off, len, raw) = row?;
+            let id: [u8; 32] = h.try_into().map_err(|_| Error::Format("catalog: bad block id".into()))?;
+            out.push((BlockId(id), off as u64, len, raw));
+        }
+        Ok((size as u64, out))
+    }
+
     /// Forgets a volume and its blocks (it is gone from the box).
     pub fn remove_volume(&mut self, name: &str) -> Result<()> {
         let tx = self.conn.transaction()?;
         tx.execute("DELETE FROM blocks WHERE volume = (SELECT id FROM volumes WHERE name = ?1)", [name])?;
         tx.execute("DELETE FROM volumes WHERE name = ?1", [name])?;
+        // Cached file contents may point at the lost blocks: forget them all, so the next
+        // backup reads every file again and stores what is missing.
+        tx.execute("DELETE FROM filecache", [])?;
         tx.commit()?;
         Ok(())
     }
@@ -176,7 +197,9 @@ impl Catalog {
     /// Counts of volumes, blocks and the sum of volume sizes.
     pub fn totals(&self) -> Result<(u64, u64, u64)> {
         let (v, s): (i64, i64) =
-            self.conn.query_row("SELECT count(*), coalesce(sum(size), 0) FROM volumes", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            self.conn.query_row("SELECT count(*), coalesce(sum(size), 0) FROM volumes", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
         let b: i64 = self.conn.query_row("SELECT count(*) FROM blocks", [], |r| r.get(0))?;
         Ok((v as u64, b as u64, s as u64))
     }
@@ -206,7 +229,14 @@ impl Catalog {
                 "INSERT OR REPLACE INTO filecache(path, size, mtime_ns, ctime_ns, ino, content) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             for f in cache {
-                st.execute(params![f.path, f.size as i64, f.mtime_ns, f.ctime_ns, f.ino as i64, encode_content(&f.content)])?;
+                st.execute(params![
+                    f.path,
+                    f.size as i64,
+                    f.mtime_ns,
+                    f.ctime_ns,
+                    f.ino as i64,
+                    encode_content(&f.content)
+                ])?;
             }
         }
         tx.commit()?;
@@ -221,12 +251,17 @@ impl Catalog {
 
     /// The change-detection row of a source path.
     pub fn cached_file(&self, path: &[u8]) -> Result<Option<CachedFile>> {
-        let mut st = self
-            .conn
-            .prepare_cached("SELECT size, mtime_ns, ctime_ns, ino, content FROM filecache WHERE path = ?1")?;
+        let mut st =
+            self.conn.prepare_cached("SELECT size, mtime_ns, ctime_ns, ino, content FROM filecache WHERE path = ?1")?;
         let row = st
             .query_row([path], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?, r.get::<_, Vec<u8>>(4)?))
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Vec<u8>>(4)?,
+                ))
             })
             .optional()?;
         let Some((size, mtime_ns, ctime_ns, ino, blob)) = row else { return Ok(None) };

@@ -128,8 +128,7 @@ pub fn decode(encoded: &[u8], raw_len: usize) -> Result<Vec<u8>> {
     let codec = Codec::from_u8(tag).ok_or_else(|| Error::Format(format!("unknown codec byte {tag}")))?;
     let out = match codec {
         Codec::None => payload.to_vec(),
-        Codec::Zstd => zstd_decompress(payload, raw_len)
-            .map_err(|e| Error::Format(format!("zstd: {e}")))?,
+        Codec::Zstd => zstd_decompress(payload, raw_len).map_err(|e| Error::Format(format!("zstd: {e}")))?,
         Codec::Deflate => {
             let mut out = Vec::with_capacity(raw_len);
             flate2::read::DeflateDecoder::new(payload)
@@ -142,9 +141,7 @@ pub fn decode(encoded: &[u8], raw_len: usize) -> Result<Vec<u8>> {
             let mut out = Vec::with_capacity(raw_len);
             let r = lzma_rust2::LzmaReader::new_mem_limit(payload, 64 * 1024, None)
                 .map_err(|e| Error::Format(format!("lzma: {e}")))?;
-            r.take(raw_len as u64 + 1)
-                .read_to_end(&mut out)
-                .map_err(|e| Error::Format(format!("lzma: {e}")))?;
+            r.take(raw_len as u64 + 1).read_to_end(&mut out).map_err(|e| Error::Format(format!("lzma: {e}")))?;
             out
         }
     };
@@ -156,10 +153,9 @@ pub fn decode(encoded: &[u8], raw_len: usize) -> Result<Vec<u8>> {
 
 /// File extensions whose content is already compressed; their blocks are stored raw.
 const INCOMPRESSIBLE: &[&str] = &[
-    "7z", "aac", "apk", "avi", "avif", "br", "bz2", "cab", "deb", "docx", "epub", "flac", "gif", "gz",
-    "heic", "jar", "jpeg", "jpg", "lz", "lz4", "lzma", "m4a", "m4v", "mkv", "mov", "mp3", "mp4",
-    "odp", "ods", "odt", "ogg", "opus", "png", "pptx", "rar", "rpm", "tgz", "txz", "webm", "webp",
-    "whl", "xlsx", "xz", "zip", "zst",
+    "7z", "aac", "apk", "avi", "avif", "br", "bz2", "cab", "deb", "docx", "epub", "flac", "gif", "gz", "heic", "jar",
+    "jpeg", "jpg", "lz", "lz4", "lzma", "m4a", "m4v", "mkv", "mov", "mp3", "mp4", "odp", "ods", "odt", "ogg", "opus",
+    "png", "pptx", "rar", "rpm", "tgz", "txz", "webm", "webp", "whl", "xlsx", "xz", "zip", "zst",
 ];
 
 /// Whether a file name's extension marks already-compressed content.

@@ -185,12 +185,7 @@ impl KeyFile {
         let kdf = KdfParams::new_default();
         let kek = kdf.derive(password)?;
         let cipher = Aes256Gcm::new(&kek.into());
-        Ok(Self {
-            version: 1,
-            kdf,
-            wrapped: hex::encode(seal(&cipher, KEY_AAD, &keys.master)),
-            created,
-        })
+        Ok(Self { version: 1, kdf, wrapped: hex::encode(seal(&cipher, KEY_AAD, &keys.master)), created })
     }
 
     /// Unwraps the master key; `Ok(None)` when the password does not fit.

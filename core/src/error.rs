@@ -18,7 +18,9 @@ pub enum Error {
     #[error("{0} already holds a Brickbox repository")]
     AlreadyExists(String),
     /// The repository uses a format this build cannot read.
-    #[error("repository format version {found} is not supported by this Brickbox (supports {supported}); upgrade Brickbox")]
+    #[error(
+        "repository format version {found} is not supported by this Brickbox (supports {supported}); upgrade Brickbox"
+    )]
     UnsupportedVersion {
         /// Version found in the box.
         found: u32,

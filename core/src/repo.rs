@@ -5,7 +5,7 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendOptions};
 use crate::catalog::{BlockLocation, Catalog};
 use crate::crypto::{self, BlockId, KeyFile, Keys};
 use crate::error::{Error, Result};
@@ -37,7 +37,12 @@ fn now_rfc3339() -> String {
 impl Repository {
     /// Creates a new repository at `location`, protected by `password`.
     pub fn init(location: &str, password: &[u8], catalog: Option<&Path>) -> Result<Self> {
-        let backend = Backend::open(location)?;
+        Self::init_with(location, &BackendOptions::default(), password, catalog)
+    }
+
+    /// Creates a new repository at `location` (path or URL), reached with `opts`.
+    pub fn init_with(location: &str, opts: &BackendOptions, password: &[u8], catalog: Option<&Path>) -> Result<Self> {
+        let backend = Backend::open_with(location, opts)?;
         if backend.exists(objects::CONFIG_NAME)? {
             return Err(Error::AlreadyExists(backend.location().to_string()));
         }
@@ -54,7 +59,19 @@ impl Repository {
 
     /// Opens the repository at `location` with `password`.
     pub fn open(location: &str, password: &[u8], catalog: Option<&Path>) -> Result<Self> {
-        let backend = Backend::open(location)?;
+        Self::open_with(location, &BackendOptions::default(), password, catalog)
+    }
+
+    /// Opens the repository at `location` (path or URL), reached with `opts`, with `password`.
+    pub fn open_with(location: &str, opts: &BackendOptions, password: &[u8], catalog: Option<&Path>) -> Result<Self> {
+        // Opening must not create anything: a local box that does not exist is no repository.
+        let local = location.strip_prefix("file://").or((!location.contains("://")).then_some(location));
+        if let Some(path) = local {
+            if !Path::new(path).exists() {
+                return Err(Error::NotARepository(path.to_string()));
+            }
+        }
+        let backend = Backend::open_with(location, opts)?;
         let config = Self::read_config(&backend)?;
         let mut names = backend.list(objects::KEYS_DIR)?;
         names.retain(|n| n.ends_with(".key"));
@@ -86,7 +103,13 @@ impl Repository {
         }
     }
 
-    fn assemble(backend: Backend, config: Config, keys: Keys, key_name: String, catalog: Option<&Path>) -> Result<Self> {
+    fn assemble(
+        backend: Backend,
+        config: Config,
+        keys: Keys,
+        key_name: String,
+        catalog: Option<&Path>,
+    ) -> Result<Self> {
         let path = match catalog {
             Some(p) => p.to_path_buf(),
             None => default_catalog_path(&config.id)?,
@@ -241,8 +264,8 @@ impl Repository {
         let json = serde_json::to_vec_pretty(&kf).map_err(|e| Error::Format(e.to_string()))?;
         self.backend.write(&name, json)?;
         // The new key must be readable before the old one goes.
-        let back: KeyFile = serde_json::from_slice(&self.backend.read(&name)?)
-            .map_err(|e| Error::damaged(&name, e.to_string()))?;
+        let back: KeyFile =
+            serde_json::from_slice(&self.backend.read(&name)?).map_err(|e| Error::damaged(&name, e.to_string()))?;
         if back.unwrap(new_password)?.is_none() {
             return Err(Error::damaged(&name, "new key does not unlock; old key kept"));
         }

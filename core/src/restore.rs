@@ -176,7 +176,8 @@ pub fn restore(
         }
         files.push(i);
     }
-    let plans: Vec<Option<FilePlan>> = files.par_iter().map(|&i| ctx.prepare_file(&items[i], i)).collect::<Result<_>>()?;
+    let plans: Vec<Option<FilePlan>> =
+        files.par_iter().map(|&i| ctx.prepare_file(&items[i], i)).collect::<Result<_>>()?;
     ctx.fetch_and_write(&items, plans.into_iter().flatten().collect())?;
     if cancel.load(Ordering::Relaxed) {
         return Err(Error::Interrupted("restore stopped; restored files may be incomplete".into()));
@@ -190,7 +191,14 @@ pub fn restore(
         ctx.restore_special(it);
     }
 
-    // 4. Metadata: everything but directories, then directories deepest first.
+    // 4. Metadata: everything but directories, then directories deepest first. Directories
+    // recorded only as the way down to a backed-up source are left as they are.
+    let above: std::collections::HashSet<PathBuf> = version
+        .sources
+        .iter()
+        .flat_map(|s| Path::new(s).ancestors().skip(1).map(Path::to_path_buf).collect::<Vec<_>>())
+        .collect();
+    let items: Vec<Item> = items.into_iter().filter(|i| !above.contains(&i.source)).collect();
     for it in items.iter().filter(|i| i.node.kind != FileKind::Dir) {
         ctx.apply_metadata(it);
     }
@@ -229,7 +237,14 @@ fn normalise(p: &Path) -> PathBuf {
 }
 
 /// Adds `node` (at `parent/name`) and everything below it to the plan.
-fn collect(repo: &Repository, parent: &Path, node: &Node, depth: usize, opts: &RestoreOptions, out: &mut Vec<Item>) -> Result<()> {
+fn collect(
+    repo: &Repository,
+    parent: &Path,
+    node: &Node,
+    depth: usize,
+    opts: &RestoreOptions,
+    out: &mut Vec<Item>,
+) -> Result<()> {
     let source = parent.join(OsStr::from_bytes(&node.name));
     let dest = match &opts.target {
         Some(t) => t.join(source.strip_prefix("/").unwrap_or(&source)),
@@ -337,7 +352,9 @@ impl Ctx<'_> {
                 return Ok(None);
             }
             if !self.opts.overwrite {
-                return Err(Error::Invalid("exists and differs from the backup (use --overwrite to replace it)".into()));
+                return Err(Error::Invalid(
+                    "exists and differs from the backup (use --overwrite to replace it)".into(),
+                ));
             }
             differs
         };
@@ -393,7 +410,11 @@ impl Ctx<'_> {
                     Some(loc) => located.push((loc, *id)),
                     None => {
                         for &(item, _, _) in &wanted[id] {
-                            self.error(format!("{}: {}", items[item].source.display(), Error::MissingBlock(id.to_hex())));
+                            self.error(format!(
+                                "{}: {}",
+                                items[item].source.display(),
+                                Error::MissingBlock(id.to_hex())
+                            ));
                         }
                     }
                 }
@@ -529,9 +550,7 @@ impl Ctx<'_> {
             let _ = std::fs::create_dir_all(p);
         }
         if std::fs::symlink_metadata(dest).is_ok() {
-            if it.node.kind == FileKind::Symlink
-                && platform::read_link_bytes(dest).is_ok_and(|t| t == it.node.target)
-            {
+            if it.node.kind == FileKind::Symlink && platform::read_link_bytes(dest).is_ok_and(|t| t == it.node.target) {
                 return;
             }
             if !self.opts.overwrite {

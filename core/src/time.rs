@@ -33,7 +33,9 @@ pub fn format_short(ns: i64) -> String {
 pub fn parse_time(s: &str) -> Option<i64> {
     let s = s.trim();
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return t.timestamp_nanos_opt();
+        // Whole seconds (as `versions` prints them) include everything within that second.
+        let whole = if t.timestamp_subsec_nanos() == 0 { 999_999_999 } else { 0 };
+        return t.timestamp_nanos_opt().map(|n| n + whole);
     }
     for fmt in ["%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H.%M.%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M"] {
         if let Ok(t) = NaiveDateTime::parse_from_str(s, fmt) {

@@ -109,7 +109,14 @@ fn locate_entries(path: &Path, blocks: &[(BlockId, u32)]) -> Result<Vec<IndexEnt
 }
 
 /// Decrypts, decodes and checks one sealed block read from volume `volume_id`.
-pub fn open_block(keys: &Keys, cipher: &Aes256Gcm, volume: &str, id: &BlockId, sealed: &[u8], raw_len: u32) -> Result<Vec<u8>> {
+pub fn open_block(
+    keys: &Keys,
+    cipher: &Aes256Gcm,
+    volume: &str,
+    id: &BlockId,
+    sealed: &[u8],
+    raw_len: u32,
+) -> Result<Vec<u8>> {
     let plain = crypto::open(cipher, &id.0, sealed, volume)
         .map_err(|_| Error::damaged(volume, format!("block {} failed authentication", id.to_hex())))?;
     let data = codec::decode(&plain, raw_len as usize)

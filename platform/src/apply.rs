@@ -29,8 +29,7 @@ pub fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
 /// Sets owner and group of the entry itself (`lchown`).
 #[cfg(unix)]
 pub fn set_owner(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
-        .map_err(|e| with_path("set owner of", path, e))
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(|e| with_path("set owner of", path, e))
 }
 
 /// Sets extended attributes of the entry itself; `filter(name)` decides which
@@ -52,20 +51,14 @@ pub fn set_xattrs(
             continue;
         }
         let result = if name.contains(&0) {
-            Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "attribute name contains a NUL byte",
-            ))
+            Err(io::Error::new(io::ErrorKind::InvalidInput, "attribute name contains a NUL byte"))
         } else {
             xattr::set(path, std::ffi::OsStr::from_bytes(name), value)
         };
         if let Err(e) = result {
             let shown = String::from_utf8_lossy(name).into_owned();
             let e = io::Error::new(e.kind(), format!("extended attribute {shown:?}: {e}"));
-            failed.push((
-                name.clone(),
-                with_path("set extended attribute of", path, e),
-            ));
+            failed.push((name.clone(), with_path("set extended attribute of", path, e)));
         }
     }
     failed
@@ -80,8 +73,7 @@ pub fn set_xattrs(
 /// give [`io::ErrorKind::InvalidInput`].
 #[cfg(unix)]
 pub fn make_special(path: &Path, kind: FileKind, mode: u32, rdev: u64) -> io::Result<()> {
-    unix::make_special(path, kind, mode, rdev)
-        .map_err(|e| with_path("create special file", path, e))
+    unix::make_special(path, kind, mode, rdev).map_err(|e| with_path("create special file", path, e))
 }
 
 /// Creates a symlink at `path` whose target is the raw bytes `target`.
@@ -122,18 +114,12 @@ mod unix {
         // SAFETY: timespec is plain data; all-zero is a valid value and
         // also clears any padding fields some targets have.
         let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-        ts.tv_sec = secs.try_into().map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "time out of range for this system",
-            )
-        })?;
-        ts.tv_nsec = nsecs.try_into().map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "time out of range for this system",
-            )
-        })?;
+        ts.tv_sec = secs
+            .try_into()
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "time out of range for this system"))?;
+        ts.tv_nsec = nsecs
+            .try_into()
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "time out of range for this system"))?;
         Ok(ts)
     }
 
@@ -141,14 +127,7 @@ mod unix {
         let cpath = path_cstring(path)?;
         let times = [timespec_from_ns(atime_ns)?, timespec_from_ns(mtime_ns)?];
         // SAFETY: `cpath` is NUL-terminated and `times` holds two timespecs.
-        let rc = unsafe {
-            libc::utimensat(
-                libc::AT_FDCWD,
-                cpath.as_ptr(),
-                times.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        };
+        let rc = unsafe { libc::utimensat(libc::AT_FDCWD, cpath.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
         if rc == 0 {
             Ok(())
         } else {
@@ -159,41 +138,27 @@ mod unix {
     // `mode_t` and `dev_t` differ between targets; on some the conversions
     // are checked, on others they are the identity.
     #[allow(clippy::useless_conversion)]
-    pub(super) fn make_special(
-        path: &Path,
-        kind: FileKind,
-        mode: u32,
-        rdev: u64,
-    ) -> io::Result<()> {
+    pub(super) fn make_special(path: &Path, kind: FileKind, mode: u32, rdev: u64) -> io::Result<()> {
         let type_bits = match kind {
             FileKind::Fifo => None,
             FileKind::CharDevice => Some(libc::S_IFCHR),
             FileKind::BlockDevice => Some(libc::S_IFBLK),
-            FileKind::Socket => {
-                return Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    "sockets cannot be restored",
-                ))
-            }
+            FileKind::Socket => return Err(io::Error::new(io::ErrorKind::Unsupported, "sockets cannot be restored")),
             FileKind::File | FileKind::Dir | FileKind::Symlink => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "not a special file kind",
-                ))
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a special file kind"))
             }
         };
         let cpath = path_cstring(path)?;
         // Permission bits are at most 0o7777 and fit every `mode_t`.
-        let perm: libc::mode_t = (mode & 0o7777)
-            .try_into()
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "mode out of range"))?;
+        let perm: libc::mode_t =
+            (mode & 0o7777).try_into().map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "mode out of range"))?;
         let rc = match type_bits {
             // SAFETY: `cpath` is NUL-terminated.
             None => unsafe { libc::mkfifo(cpath.as_ptr(), perm) },
             Some(type_bits) => {
-                let dev: libc::dev_t = rdev.try_into().map_err(|_| {
-                    io::Error::new(io::ErrorKind::InvalidInput, "device number out of range")
-                })?;
+                let dev: libc::dev_t = rdev
+                    .try_into()
+                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "device number out of range"))?;
                 // SAFETY: `cpath` is NUL-terminated.
                 unsafe { libc::mknod(cpath.as_ptr(), type_bits | perm, dev) }
             }
@@ -250,12 +215,7 @@ pub fn set_xattrs(
     attrs
         .iter()
         .filter(|(name, _)| filter(name))
-        .map(|(name, _)| {
-            (
-                name.clone(),
-                crate::error::unsupported("set extended attribute of", path),
-            )
-        })
+        .map(|(name, _)| (name.clone(), crate::error::unsupported("set extended attribute of", path)))
         .collect()
 }
 
@@ -333,16 +293,8 @@ mod tests {
     #[test]
     fn nul_in_path_is_invalid_input() {
         let path = Path::new("bad\0path");
-        assert_eq!(
-            set_times(path, 0, 0).unwrap_err().kind(),
-            io::ErrorKind::InvalidInput
-        );
-        assert_eq!(
-            make_special(path, FileKind::Fifo, 0o600, 0)
-                .unwrap_err()
-                .kind(),
-            io::ErrorKind::InvalidInput
-        );
+        assert_eq!(set_times(path, 0, 0).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(make_special(path, FileKind::Fifo, 0o600, 0).unwrap_err().kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]

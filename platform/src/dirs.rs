@@ -45,8 +45,7 @@ fn cache_dir_from(xdg_cache_home: Option<OsString>, home: Option<OsString>) -> O
             return Some(xdg.join("brickbox"));
         }
     }
-    home.filter(|home| !home.is_empty())
-        .map(|home| PathBuf::from(home).join(".cache").join("brickbox"))
+    home.filter(|home| !home.is_empty()).map(|home| PathBuf::from(home).join(".cache").join("brickbox"))
 }
 
 /// Local host name (`gethostname`), or `"localhost"` if it is unknown.
@@ -87,22 +86,10 @@ mod tests {
     #[test]
     fn cache_dir_choice() {
         let os = |s: &str| Some(OsString::from(s));
-        assert_eq!(
-            cache_dir_from(os("/xdg"), os("/home/u")),
-            Some(PathBuf::from("/xdg/brickbox"))
-        );
-        assert_eq!(
-            cache_dir_from(os("relative"), os("/home/u")),
-            Some(PathBuf::from("/home/u/.cache/brickbox"))
-        );
-        assert_eq!(
-            cache_dir_from(os(""), os("/home/u")),
-            Some(PathBuf::from("/home/u/.cache/brickbox"))
-        );
-        assert_eq!(
-            cache_dir_from(None, os("/home/u")),
-            Some(PathBuf::from("/home/u/.cache/brickbox"))
-        );
+        assert_eq!(cache_dir_from(os("/xdg"), os("/home/u")), Some(PathBuf::from("/xdg/brickbox")));
+        assert_eq!(cache_dir_from(os("relative"), os("/home/u")), Some(PathBuf::from("/home/u/.cache/brickbox")));
+        assert_eq!(cache_dir_from(os(""), os("/home/u")), Some(PathBuf::from("/home/u/.cache/brickbox")));
+        assert_eq!(cache_dir_from(None, os("/home/u")), Some(PathBuf::from("/home/u/.cache/brickbox")));
         assert_eq!(cache_dir_from(None, os("")), None);
         assert_eq!(cache_dir_from(None, None), None);
     }
@@ -110,10 +97,7 @@ mod tests {
     #[test]
     fn cache_dir_ends_in_brickbox() {
         if let Some(dir) = cache_dir() {
-            assert!(
-                dir.ends_with("brickbox") || dir.ends_with("Brickbox/cache"),
-                "{dir:?}"
-            );
+            assert!(dir.ends_with("brickbox") || dir.ends_with("Brickbox/cache"), "{dir:?}");
         }
     }
 

@@ -24,25 +24,11 @@ pub struct PathError {
 
 /// Wraps `error` into an [`io::Error`] of the same kind that names `op` and `path`.
 pub(crate) fn with_path(op: &'static str, path: &Path, error: io::Error) -> io::Error {
-    io::Error::new(
-        error.kind(),
-        PathError {
-            op,
-            path: path.to_path_buf(),
-            error,
-        },
-    )
+    io::Error::new(error.kind(), PathError { op, path: path.to_path_buf(), error })
 }
 
 /// The error returned by operations that have no implementation on this system.
 #[cfg(not(unix))]
 pub(crate) fn unsupported(op: &'static str, path: &Path) -> io::Error {
-    with_path(
-        op,
-        path,
-        io::Error::new(
-            io::ErrorKind::Unsupported,
-            "not supported on this operating system",
-        ),
-    )
+    with_path(op, path, io::Error::new(io::ErrorKind::Unsupported, "not supported on this operating system"))
 }

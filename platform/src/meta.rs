@@ -150,10 +150,7 @@ fn kind_of(ft: &std::fs::FileType) -> io::Result<FileKind> {
     } else if ft.is_block_device() {
         FileKind::BlockDevice
     } else {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "unknown file type",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "unknown file type"));
     })
 }
 
@@ -167,9 +164,7 @@ fn join_ns(secs: i64, nsecs: i64) -> i64 {
 /// Reads the metadata of the entry at `path` itself (symlinks are not followed).
 #[cfg(unix)]
 pub fn lstat(path: &Path) -> io::Result<FileStat> {
-    std::fs::symlink_metadata(path)
-        .and_then(|md| FileStat::from_metadata(&md))
-        .map_err(|e| with_path("lstat", path, e))
+    std::fs::symlink_metadata(path).and_then(|md| FileStat::from_metadata(&md)).map_err(|e| with_path("lstat", path, e))
 }
 
 /// Reads the metadata of the entry at `path` itself (symlinks are not followed).
@@ -190,11 +185,8 @@ pub fn mode_string(kind: FileKind, mode: u32) -> String {
     let mut s = String::with_capacity(10);
     s.push(kind.ls_char());
     // (read bit, write bit, execute bit, special bit, special char)
-    let triads = [
-        (0o400, 0o200, 0o100, 0o4000, 's'),
-        (0o040, 0o020, 0o010, 0o2000, 's'),
-        (0o004, 0o002, 0o001, 0o1000, 't'),
-    ];
+    let triads =
+        [(0o400, 0o200, 0o100, 0o4000, 's'), (0o040, 0o020, 0o010, 0o2000, 's'), (0o004, 0o002, 0o001, 0o1000, 't')];
     for (r, w, x, special, special_char) in triads {
         s.push(if mode & r != 0 { 'r' } else { '-' });
         s.push(if mode & w != 0 { 'w' } else { '-' });
@@ -349,10 +341,7 @@ mod tests {
         let err = lstat(&missing).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
         assert!(err.to_string().contains("missing"), "{err}");
-        let inner = err
-            .get_ref()
-            .and_then(|e| e.downcast_ref::<crate::PathError>())
-            .unwrap();
+        let inner = err.get_ref().and_then(|e| e.downcast_ref::<crate::PathError>()).unwrap();
         assert_eq!(inner.error.raw_os_error(), Some(libc::ENOENT));
     }
 
@@ -385,10 +374,7 @@ mod tests {
     /// the system temp dir, else next to the test binary in the target dir.
     fn xattr_capable_dir() -> Option<tempfile::TempDir> {
         let mut candidates = vec![std::env::temp_dir()];
-        if let Some(parent) = std::env::current_exe()
-            .ok()
-            .and_then(|exe| exe.parent().map(Path::to_path_buf))
-        {
+        if let Some(parent) = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf)) {
             candidates.push(parent);
         }
         for base in candidates {
@@ -396,8 +382,7 @@ mod tests {
                 continue;
             };
             let probe = dir.path().join("probe");
-            if std::fs::write(&probe, b"").is_ok() && xattr::set(&probe, "user.probe", b"1").is_ok()
-            {
+            if std::fs::write(&probe, b"").is_ok() && xattr::set(&probe, "user.probe", b"1").is_ok() {
                 return Some(dir);
             }
         }
@@ -434,23 +419,13 @@ mod tests {
         to_apply.push((b"user.nul\0name".to_vec(), b"x".to_vec()));
         let failed = set_xattrs(&dst, &to_apply, &|name| name != b"user.skip");
         let failed_names: Vec<&[u8]> = failed.iter().map(|(n, _)| n.as_slice()).collect();
-        assert_eq!(
-            failed_names,
-            vec![&b"bogus.namespace"[..], &b"user.nul\0name"[..]]
-        );
+        assert_eq!(failed_names, vec![&b"bogus.namespace"[..], &b"user.nul\0name"[..]]);
         assert_eq!(failed[1].1.kind(), io::ErrorKind::InvalidInput);
-        assert!(
-            failed[0].1.to_string().contains("bogus.namespace"),
-            "{}",
-            failed[0].1
-        );
+        assert!(failed[0].1.to_string().contains("bogus.namespace"), "{}", failed[0].1);
 
         assert_eq!(
             read_xattrs(&dst).unwrap(),
-            vec![
-                (b"user.a".to_vec(), b"".to_vec()),
-                (b"user.test".to_vec(), b"value\0\xff".to_vec()),
-            ]
+            vec![(b"user.a".to_vec(), b"".to_vec()), (b"user.test".to_vec(), b"value\0\xff".to_vec()),]
         );
     }
 
@@ -465,10 +440,7 @@ mod tests {
         xattr::set(&target, "user.test", b"1").unwrap();
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&target, &link).unwrap();
-        assert!(!read_xattrs(&link)
-            .unwrap()
-            .iter()
-            .any(|(name, _)| name == b"user.test"));
+        assert!(!read_xattrs(&link).unwrap().iter().any(|(name, _)| name == b"user.test"));
     }
 
     #[test]

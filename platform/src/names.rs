@@ -89,11 +89,7 @@ mod unix {
 
         /// Returns the cached answer for `key`, or runs `lookup` and caches
         /// its answer. The lock is not held while `lookup` runs.
-        pub(super) fn get_or_lookup(
-            &self,
-            key: K,
-            lookup: impl FnOnce(K) -> Lookup<V>,
-        ) -> Option<V> {
+        pub(super) fn get_or_lookup(&self, key: K, lookup: impl FnOnce(K) -> Lookup<V>) -> Option<V> {
             if let Some(hit) = self.lock().get(&key) {
                 return hit.clone();
             }
@@ -109,9 +105,7 @@ mod unix {
         fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Option<V>>> {
             // A panic while holding the lock cannot leave the map half
             // updated, so a poisoned lock is still usable.
-            self.0
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
+            self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
         }
     }
 
@@ -148,9 +142,7 @@ mod unix {
                 libc::ERANGE if size < MAX_BUF => size = (size * 2).min(MAX_BUF),
                 libc::EINTR => {}
                 // Some systems report "no such entry" as an error code.
-                libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => {
-                    return Lookup::Answer(None)
-                }
+                libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Lookup::Answer(None),
                 _ => return Lookup::Failed,
             }
         }
@@ -169,9 +161,7 @@ mod unix {
         String::from_utf8(bytes.to_vec()).ok()
     }
 
-    fn getpwuid(
-        uid: u32,
-    ) -> impl FnMut(*mut libc::passwd, &mut [u8], *mut *mut libc::passwd) -> libc::c_int {
+    fn getpwuid(uid: u32) -> impl FnMut(*mut libc::passwd, &mut [u8], *mut *mut libc::passwd) -> libc::c_int {
         move |entry, buf, result| {
             // SAFETY: all pointers are valid and `buf.len()` is its size.
             unsafe { libc::getpwuid_r(uid, entry, buf.as_mut_ptr().cast(), buf.len(), result) }
@@ -180,9 +170,7 @@ mod unix {
 
     pub(super) fn lookup_user_name(uid: u32) -> Lookup<String> {
         // SAFETY: `pw_name` of a filled entry is null or NUL-terminated.
-        with_entry(getpwuid(uid), |pw: &libc::passwd| unsafe {
-            owned_name(pw.pw_name)
-        })
+        with_entry(getpwuid(uid), |pw: &libc::passwd| unsafe { owned_name(pw.pw_name) })
     }
 
     pub(super) fn lookup_home_dir(uid: u32) -> Option<PathBuf> {
@@ -218,15 +206,7 @@ mod unix {
         with_entry(
             |entry, buf: &mut [u8], result| {
                 // SAFETY: all pointers are valid and `buf.len()` is its size.
-                unsafe {
-                    libc::getpwnam_r(
-                        cname.as_ptr(),
-                        entry,
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        result,
-                    )
-                }
+                unsafe { libc::getpwnam_r(cname.as_ptr(), entry, buf.as_mut_ptr().cast(), buf.len(), result) }
             },
             |pw: &libc::passwd| Some(pw.pw_uid),
         )
@@ -239,15 +219,7 @@ mod unix {
         with_entry(
             |entry, buf: &mut [u8], result| {
                 // SAFETY: all pointers are valid and `buf.len()` is its size.
-                unsafe {
-                    libc::getgrnam_r(
-                        cname.as_ptr(),
-                        entry,
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        result,
-                    )
-                }
+                unsafe { libc::getgrnam_r(cname.as_ptr(), entry, buf.as_mut_ptr().cast(), buf.len(), result) }
             },
             |gr: &libc::group| Some(gr.gr_gid),
         )
@@ -280,9 +252,7 @@ mod tests {
 
     #[test]
     fn lookups_from_many_threads() {
-        let handles: Vec<_> = (0..4)
-            .map(|_| std::thread::spawn(|| (user_name(0), uid_for_name("root"))))
-            .collect();
+        let handles: Vec<_> = (0..4).map(|_| std::thread::spawn(|| (user_name(0), uid_for_name("root")))).collect();
         for handle in handles {
             assert_eq!(handle.join().unwrap(), (Some("root".to_owned()), Some(0)));
         }

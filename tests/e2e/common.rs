@@ -35,7 +35,7 @@ macro_rules! args {
         Vec::<::std::ffi::OsString>::new()
     };
     ($($x:expr),+ $(,)?) => {
-        vec![$(::std::ffi::OsString::from(AsRef::<::std::ffi::OsStr>::as_ref(&$x))),*]
+        Vec::<::std::ffi::OsString>::from([$(::std::ffi::OsString::from(AsRef::<::std::ffi::OsStr>::as_ref(&$x))),*])
     };
 }
 pub(crate) use args;
@@ -253,9 +253,41 @@ pub fn write_random(path: &Path, seed: u64, len: u64) {
 /// Deterministic text that compresses well but does not repeat in long runs.
 pub fn text_bytes(seed: u64, len: usize) -> Vec<u8> {
     const WORDS: &[&str] = &[
-        "brick", "box", "backup", "restore", "volume", "block", "chunk", "index", "version", "the", "a", "of",
-        "and", "to", "in", "is", "file", "directory", "data", "quick", "brown", "fox", "lazy", "dog", "error",
-        "warning", "info", "debug", "request", "response", "user", "session", "12", "404", "2024-01-01",
+        "brick",
+        "box",
+        "backup",
+        "restore",
+        "volume",
+        "block",
+        "chunk",
+        "index",
+        "version",
+        "the",
+        "a",
+        "of",
+        "and",
+        "to",
+        "in",
+        "is",
+        "file",
+        "directory",
+        "data",
+        "quick",
+        "brown",
+        "fox",
+        "lazy",
+        "dog",
+        "error",
+        "warning",
+        "info",
+        "debug",
+        "request",
+        "response",
+        "user",
+        "session",
+        "12",
+        "404",
+        "2024-01-01",
     ];
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(len + 16);
@@ -264,7 +296,7 @@ pub fn text_bytes(seed: u64, len: usize) -> Vec<u8> {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        if x % 11 == 0 {
+        if x.is_multiple_of(11) {
             line += 1;
             out.extend_from_slice(format!("\n{line:08} ").as_bytes());
         }
@@ -492,7 +524,13 @@ pub fn assert_same_tree(expected: &Path, actual: &Path, how: Compare) {
 /// Asserts that the tree at `actual` matches snapshot `expected` (whose content is either kept in the
 /// snapshot or read from `expected_root`).
 #[track_caller]
-pub fn assert_snapshot_matches(expected: &Snapshot, expected_root: &Path, actual: &Snapshot, actual_root: &Path, how: Compare) {
+pub fn assert_snapshot_matches(
+    expected: &Snapshot,
+    expected_root: &Path,
+    actual: &Snapshot,
+    actual_root: &Path,
+    how: Compare,
+) {
     let ka: BTreeSet<&PathBuf> = expected.keys().collect();
     let kb: BTreeSet<&PathBuf> = actual.keys().collect();
     let missing: Vec<_> = ka.difference(&kb).collect();
@@ -539,10 +577,17 @@ pub fn dir_state(root: &Path) -> BTreeMap<PathBuf, (bool, Vec<u8>)> {
         .collect()
 }
 
+/// Like [`dir_state`] but files only: what a box stores, without its (scratch) directories.
+pub fn file_state(root: &Path) -> BTreeMap<PathBuf, (bool, Vec<u8>)> {
+    dir_state(root).into_iter().filter(|(_, (is_dir, _))| !is_dir).collect()
+}
+
 /// Names of the objects in a folder of the box (e.g. `data`), sorted.
 pub fn objects(repo: &Path, folder: &str) -> Vec<PathBuf> {
     let dir = repo.join(folder);
-    let Ok(rd) = fs::read_dir(&dir) else { return Vec::new() };
+    let Ok(rd) = fs::read_dir(&dir) else {
+        return Vec::new();
+    };
     let mut v: Vec<PathBuf> = rd.map(|e| e.unwrap().path()).filter(|p| p.is_file()).collect();
     v.sort();
     v
@@ -580,8 +625,11 @@ pub fn zip_entries(bytes: &[u8]) -> Vec<(usize, usize, String)> {
     out
 }
 
+/// `diff` lines as `(mark, path)`, mark being `+`, `-` or `M`.
+pub type DiffLines = BTreeSet<(char, PathBuf)>;
+
 /// Expected `diff` lines between two snapshots of the same source root, as `(mark, path)`.
-pub fn expected_diff(old: &Snapshot, new: &Snapshot, root: &Path) -> BTreeSet<(char, PathBuf)> {
+pub fn expected_diff(old: &Snapshot, new: &Snapshot, root: &Path) -> DiffLines {
     let meta = |e: &Entry| {
         let mut e = e.clone();
         e.nlink = 0;
@@ -608,7 +656,7 @@ pub fn expected_diff(old: &Snapshot, new: &Snapshot, root: &Path) -> BTreeSet<(c
 }
 
 /// Parses `diff` text output into `(mark, path)` pairs.
-pub fn parse_diff(text: &str) -> BTreeSet<(char, PathBuf)> {
+pub fn parse_diff(text: &str) -> DiffLines {
     text.lines()
         .filter(|l| !l.is_empty())
         .map(|l| {
@@ -621,7 +669,7 @@ pub fn parse_diff(text: &str) -> BTreeSet<(char, PathBuf)> {
 }
 
 /// Splits diff lines into those inside `root` (inclusive) and the rest.
-pub fn split_diff(lines: BTreeSet<(char, PathBuf)>, root: &Path) -> (BTreeSet<(char, PathBuf)>, Vec<(char, PathBuf)>) {
+pub fn split_diff(lines: DiffLines, root: &Path) -> (DiffLines, Vec<(char, PathBuf)>) {
     let mut inside = BTreeSet::new();
     let mut outside = Vec::new();
     for l in lines {

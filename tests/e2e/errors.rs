@@ -22,7 +22,9 @@ fn wrong_password_is_refused_and_changes_nothing() {
     let (env, src) = box_with_version();
     fs::write(src.join("c.txt"), b"new file\n").unwrap();
     let before = dir_state(&env.repo);
-    for cmd in [args!["backup", &src], args!["versions"], args!["restore", "--target", env.path().join("t")], args!["passwd"]] {
+    for cmd in
+        [args!["backup", &src], args!["versions"], args!["restore", "--target", env.path().join("t")], args!["passwd"]]
+    {
         let r = env.run_with_password("not the password", &cmd);
         assert_eq!(r.code, 1, "{cmd:?}: {r:?}");
         assert!(r.stderr.to_lowercase().contains("password"), "{cmd:?}: {}", r.stderr);
@@ -219,10 +221,10 @@ fn missing_manifest_drops_only_that_version() {
 
     // The catalog follows the box, and a fresh catalog agrees.
     let ids = |vs: Vec<serde_json::Value>| vs.iter().map(|v| v["id"].as_str().unwrap().to_string()).collect::<Vec<_>>();
-    assert_eq!(ids(env.versions()), [v2.clone()]);
+    assert_eq!(ids(env.versions()), std::slice::from_ref(&v2));
     let r = env.run_with_db(&env.path().join("fresh.sqlite"), &args!["versions", "--json"]);
     r.expect_code(0);
-    assert_eq!(ids(r.json().as_array().unwrap().clone()), [v2.clone()]);
+    assert_eq!(ids(r.json().as_array().unwrap().clone()), std::slice::from_ref(&v2));
 
     let r = env.run(&args!["restore", &v1, "--target", env.path().join("t")]);
     assert_eq!(r.code, 1, "{r:?}");

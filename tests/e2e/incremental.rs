@@ -199,3 +199,58 @@ fn restore_over_existing_files_needs_overwrite() {
     env.restore(&args!["--overwrite"], &t);
     assert_same_tree(&src, &out, Compare::ALL);
 }
+
+#[test]
+fn restore_without_target_puts_files_back_in_place() {
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    fs::create_dir(src.join("d")).unwrap();
+    fs::write(src.join("d/lost.txt"), b"bring me back\n").unwrap();
+    fs::write(src.join("kept.bin"), random_bytes(21, 200_000)).unwrap();
+    stamp_mtimes(&src, 1_600_000_000_000_000_000);
+    let before = snapshot(&src, true);
+    env.backup(&args![&src]);
+
+    fs::remove_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("kept.bin"), b"damaged locally").unwrap();
+    // Without --overwrite the local change is kept (a warning), the lost file comes back.
+    let r = env.run(&args!["restore"]);
+    r.expect_code(3);
+    assert_eq!(fs::read(src.join("d/lost.txt")).unwrap(), b"bring me back\n");
+    assert_eq!(fs::read(src.join("kept.bin")).unwrap(), b"damaged locally");
+    // With --overwrite, and only the one path asked for.
+    env.ok(&args!["restore", "latest", src.join("kept.bin"), "--overwrite"]);
+    assert_snapshot_matches(&before, &src, &snapshot(&src, false), &src, Compare::ALL);
+}
+
+#[test]
+fn restore_in_place_leaves_the_directories_above_the_source_alone() {
+    let env = Env::with_box();
+    let outer = env.mkdir("outer");
+    let src = env.mkdir("outer/src");
+    fs::write(src.join("f.txt"), b"in place\n").unwrap();
+    chmod(&outer, 0o755);
+    env.backup(&args![&src]);
+
+    // The directory above the source changes after the backup; it is not part of the backup.
+    chmod(&outer, 0o700);
+    set_mtime(&outer, 1_234_567_890_123_456_789);
+    fs::remove_file(src.join("f.txt")).unwrap();
+    // Both when asked for the source path and when restoring the whole version.
+    env.ok(&args!["restore", "latest", &src]);
+    assert_eq!(fs::read(src.join("f.txt")).unwrap(), b"in place\n");
+    let e = entry(&outer, false);
+    assert_eq!((e.mode, e.mtime_ns), (0o700, 1_234_567_890_123_456_789), "restore of {}", src.display());
+    fs::remove_file(src.join("f.txt")).unwrap();
+    set_mtime(&outer, 1_234_567_890_123_456_789);
+    env.ok(&args!["restore"]);
+    assert_eq!(fs::read(src.join("f.txt")).unwrap(), b"in place\n");
+    let e = entry(&outer, false);
+    assert_eq!(
+        (e.mode, e.mtime_ns),
+        (0o700, 1_234_567_890_123_456_789),
+        "restoring {} changed the metadata of its parent {}",
+        src.display(),
+        outer.display()
+    );
+}

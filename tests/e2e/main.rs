@@ -5,5 +5,7 @@ mod dedup;
 mod errors;
 mod incremental;
 mod interrupt;
+mod mount;
 mod options;
+mod remote;
 mod roundtrip;

@@ -47,8 +47,21 @@ fn exclude_by_name_and_by_path() {
     let build = format!("{}/build/**", src.display());
     env.backup(&args![&src, "--exclude", "*.tmp", "--exclude", "cache", "--exclude", &build]);
     let want = set(&[
-        "a.txt", "docs", "docs/c.txt", "docs/e.md", "build", "keep", "keep/deep", "keep/deep/i.txt", "skipme",
-        "skipme/.nobackup", "skipme/j.txt", "node", "node/modules", "node/modules/k.js", "link",
+        "a.txt",
+        "docs",
+        "docs/c.txt",
+        "docs/e.md",
+        "build",
+        "keep",
+        "keep/deep",
+        "keep/deep/i.txt",
+        "skipme",
+        "skipme/.nobackup",
+        "skipme/j.txt",
+        "node",
+        "node/modules",
+        "node/modules/k.js",
+        "link",
     ]);
     assert_eq!(stored_paths(&env, &src), want);
 }
@@ -60,8 +73,21 @@ fn include_keeps_only_matching_files_but_walks_all_directories() {
     filter_tree(&src);
     env.backup(&args![&src, "--include", "*.txt"]);
     let want = set(&[
-        "a.txt", "docs", "docs/c.txt", "cache", "cache/f.txt", "build", "build/out", "build/h.txt", "keep",
-        "keep/deep", "keep/deep/i.txt", "skipme", "skipme/j.txt", "node", "node/modules",
+        "a.txt",
+        "docs",
+        "docs/c.txt",
+        "cache",
+        "cache/f.txt",
+        "build",
+        "build/out",
+        "build/h.txt",
+        "keep",
+        "keep/deep",
+        "keep/deep/i.txt",
+        "skipme",
+        "skipme/j.txt",
+        "node",
+        "node/modules",
     ]);
     assert_eq!(stored_paths(&env, &src), want);
 }
@@ -129,7 +155,8 @@ fn every_compression_codec_round_trips() {
         let t = env.path().join(format!("t-{codec}"));
         env.restore(&args![&id], &t);
         let got = restored(&t, &src);
-        let names: Vec<String> = fs::read_dir(&got).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let names: Vec<String> =
+            fs::read_dir(&got).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         assert!(names.contains(&format!("{codec}.log")), "{names:?}");
         for n in names {
             assert!(same_content(&src.join(&n), &got.join(&n)), "{codec}: {n} differs");
@@ -145,12 +172,12 @@ fn dry_run_stores_nothing() {
     let src = env.mkdir("src");
     fs::write(src.join("a.bin"), random_bytes(9, 700_000)).unwrap();
     fs::write(src.join("b.txt"), text_bytes(9, 100_000)).unwrap();
-    let before = dir_state(&env.repo);
+    let before = file_state(&env.repo);
     let s = env.backup(&args![&src, "--dry-run"]);
     assert!(s["version"].is_null(), "{s:#}");
     assert_eq!(num(&s, "files_new"), 2);
     assert!(num(&s, "bytes_added") > 700_000, "a dry run estimates what it would add: {s:#}");
-    assert_eq!(dir_state(&env.repo), before, "a dry run changed the box");
+    assert_eq!(file_state(&env.repo), before, "a dry run stored something in the box");
     assert!(env.versions().is_empty());
     let text = env.ok(&args!["backup", &src, "--dry-run"]).stdout;
     assert!(text.contains("dry run"), "{text}");
@@ -227,7 +254,11 @@ fn version_spec_time_from_versions_json_selects_that_version() {
     for (i, id) in ids.iter().enumerate() {
         let v = vs.iter().find(|v| v["id"] == id.as_str()).unwrap();
         let time = v["time"].as_str().unwrap();
-        assert_eq!(content_at(&env, &src, time), format!("v{}", i + 1), "version spec {time:?} (the time `versions --json` shows for {id})");
+        assert_eq!(
+            content_at(&env, &src, time),
+            format!("v{}", i + 1),
+            "version spec {time:?} (the time `versions --json` shows for {id})"
+        );
     }
 }
 
@@ -286,7 +317,16 @@ fn json_outputs_parse_and_global_flags_go_anywhere() {
     let r = run_cmd(c);
     r.expect_code(0);
     let s1 = r.json();
-    for key in ["files_new", "files_changed", "files_unchanged", "dirs", "bytes_read", "bytes_added", "blocks_added", "volumes"] {
+    for key in [
+        "files_new",
+        "files_changed",
+        "files_unchanged",
+        "dirs",
+        "bytes_read",
+        "bytes_added",
+        "blocks_added",
+        "volumes",
+    ] {
         assert!(s1[key].is_u64(), "backup summary lacks {key}: {s1:#}");
     }
     assert_eq!(s1["warnings"], serde_json::json!([]));
@@ -370,4 +410,24 @@ fn json_outputs_parse_and_global_flags_go_anywhere() {
     assert!(objects(&env.repo, "versions").iter().all(|p| p.to_string_lossy().ends_with(".dlist")));
     assert!(objects(&env.repo, "keys").iter().all(|p| p.to_string_lossy().ends_with(".key")));
     assert!(env.repo.join("config").is_file());
+}
+
+#[test]
+fn relative_paths_are_taken_from_the_current_directory() {
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    fs::write(src.join("f.txt"), b"relative").unwrap();
+    let in_dir = |a: Vec<std::ffi::OsString>| {
+        let mut c = env.cmd(&a);
+        c.current_dir(env.path());
+        run_cmd(c)
+    };
+    in_dir(args!["backup", "src"]).expect_code(0);
+    assert_eq!(stored_paths(&env, &src), set(&["f.txt"]));
+    let h = in_dir(args!["history", "src/f.txt", "--json"]);
+    h.expect_code(0);
+    assert_eq!(h.json()[0]["path"], src.join("f.txt").to_string_lossy().as_ref());
+    let t = env.path().join("t");
+    in_dir(args!["restore", "src/f.txt", "--target", "t"]).expect_code(0);
+    assert_eq!(fs::read(restored(&t, &src.join("f.txt"))).unwrap(), b"relative");
 }

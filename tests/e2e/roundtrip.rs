@@ -139,7 +139,12 @@ fn round_trip_of_every_kind_of_entry() {
     let me = unsafe { libc::geteuid() };
     for p in &tree.owned {
         let md = fs::symlink_metadata(restored(&t1, p)).unwrap();
-        assert_eq!((md.uid(), md.gid()), (me, unsafe { libc::getegid() }), "{} got its owner restored without --restore-permissions", p.display());
+        assert_eq!(
+            (md.uid(), md.gid()),
+            (me, unsafe { libc::getegid() }),
+            "{} got its owner restored without --restore-permissions",
+            p.display()
+        );
     }
 
     // Restore with permissions: owners too.
@@ -199,7 +204,8 @@ fn ls_find_and_single_path_restore_see_awkward_names() {
 
     // find by name glob.
     let hits = env.json(&args!["find", "*.bin"]);
-    let mut found: Vec<String> = hits.as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap().to_string()).collect();
+    let mut found: Vec<String> =
+        hits.as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap().to_string()).collect();
     found.sort();
     assert_eq!(found, ["big.bin", "latin1-\u{fffd}t\u{fffd}-\u{fffd}\u{fffd}.bin", "medium.bin", "one.bin", "two.bin"]);
 

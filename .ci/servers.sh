@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# Starts the storage servers that tests/e2e/remote.rs runs against, all on 127.0.0.1:
+#   S3      moto_server                  (PyPI moto[server])
+#   SFTP    openssh-server sshd          (apt openssh-server), own key, internal-sftp
+#   WebDAV  rclone serve webdav          (apt rclone)
+#   FTP     pyftpdlib                    (PyPI pyftpdlib)
+# Idempotent: a server whose port already answers is left alone; what is missing is
+# installed (apt-get / pip) when possible. Connection details go to $BB_SERVERS_ENV
+# (default /tmp/brickbox-test-servers.env), which the tests read. A server that cannot
+# be installed or started is left out of that file and its tests skip with a message.
+#
+# Usage: .ci/servers.sh [start|stop|env]
+set -uo pipefail
+
+STATE=${BB_SERVERS_DIR:-/tmp/brickbox-test-servers}
+ENV_FILE=${BB_SERVERS_ENV:-/tmp/brickbox-test-servers.env}
+S3_PORT=${BB_S3_PORT:-15000}
+SFTP_PORT=${BB_SFTP_PORT:-2222}
+DAV_PORT=${BB_WEBDAV_PORT:-18080}
+FTP_PORT=${BB_FTP_PORT:-2121}
+FTP_PASV=${BB_FTP_PASV:-30000-30049}
+S3_BUCKET=brickbox-test
+S3_KEY_ID=BBTESTKEYID0123456789
+S3_SECRET=bbS3cretK3y-never-print-me-7f3a9c
+DAV_USER=bbdav
+DAV_PASS=bbDavPassw0rd-never-print-me-51c2
+FTP_USER=bbftp
+FTP_PASS=bbFtpPassw0rd-never-print-me-e8d4
+
+log() { echo "servers.sh: $*" >&2; }
+
+listening() { # port
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+wait_port() { # port seconds
+    local i
+    for ((i = 0; i < $2 * 10; i++)); do
+        listening "$1" && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+start_bg() { # name cmd... : detached, logs and pid in $STATE
+    local name=$1
+    shift
+    setsid nohup "$@" >"$STATE/$name.log" 2>&1 </dev/null &
+    echo $! >"$STATE/$name.pid"
+}
+
+apt_install() {
+    export DEBIAN_FRONTEND=noninteractive
+    if [ ! -e "$STATE/.apt-updated" ]; then
+        apt-get update -qq >/dev/null 2>&1 && touch "$STATE/.apt-updated"
+    fi
+    apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1
+}
+
+pip_install() {
+    python3 -m pip install -q --disable-pip-version-check "$@" >/dev/null 2>&1 ||
+        python3 -m pip install -q --disable-pip-version-check --break-system-packages "$@" >/dev/null 2>&1
+}
+
+start_s3() {
+    if ! listening "$S3_PORT"; then
+        command -v moto_server >/dev/null 2>&1 || pip_install 'moto[server]'
+        hash -r
+        if ! command -v moto_server >/dev/null 2>&1; then
+            log "S3: moto_server not available; S3 tests will skip"
+            return 1
+        fi
+        start_bg s3 moto_server -H 127.0.0.1 -p "$S3_PORT"
+        wait_port "$S3_PORT" 30 || { log "S3: moto_server did not start (see $STATE/s3.log)"; return 1; }
+    fi
+    # moto keeps buckets in memory: (re)create ours every time (200 or 409 are both fine).
+    curl -s -o /dev/null -X PUT "http://127.0.0.1:$S3_PORT/$S3_BUCKET" || true
+    cat >>"$ENV_FILE.new" <<EOF
+BB_S3_ENDPOINT=http://127.0.0.1:$S3_PORT
+BB_S3_BUCKET=$S3_BUCKET
+BB_S3_REGION=us-east-1
+BB_S3_ACCESS_KEY_ID=$S3_KEY_ID
+BB_S3_SECRET_ACCESS_KEY=$S3_SECRET
+EOF
+}
+
+start_sftp() {
+    local dir=$STATE/sftp
+    mkdir -p "$dir/root"
+    if ! listening "$SFTP_PORT"; then
+        [ -x /usr/sbin/sshd ] || apt_install openssh-server
+        if [ ! -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null 2>&1; then
+            log "SFTP: openssh-server/ssh not available; SFTP tests will skip"
+            return 1
+        fi
+        [ -f "$dir/host_key" ] || ssh-keygen -q -t ed25519 -N '' -f "$dir/host_key"
+        [ -f "$dir/client_key" ] || ssh-keygen -q -t ed25519 -N '' -f "$dir/client_key"
+        cp "$dir/client_key.pub" "$dir/authorized_keys"
+        chmod 600 "$dir/host_key" "$dir/client_key" "$dir/authorized_keys"
+        cat >"$dir/sshd_config" <<EOF
+Port $SFTP_PORT
+ListenAddress 127.0.0.1
+HostKey $dir/host_key
+PidFile $dir/sshd.pid
+AuthorizedKeysFile $dir/authorized_keys
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+StrictModes no
+UsePAM no
+MaxStartups 100:30:200
+MaxSessions 100
+Subsystem sftp internal-sftp
+EOF
+        mkdir -p /run/sshd
+        start_bg sftp /usr/sbin/sshd -D -e -f "$dir/sshd_config"
+        wait_port "$SFTP_PORT" 15 || { log "SFTP: sshd did not start (see $STATE/sftp.log)"; return 1; }
+    fi
+    cat >>"$ENV_FILE.new" <<EOF
+BB_SFTP_HOST=127.0.0.1
+BB_SFTP_PORT=$SFTP_PORT
+BB_SFTP_USER=$(id -un)
+BB_SFTP_KEY=$dir/client_key
+BB_SFTP_ROOT=$dir/root
+EOF
+}
+
+start_webdav() {
+    local dir=$STATE/webdav
+    mkdir -p "$dir"
+    if ! listening "$DAV_PORT"; then
+        command -v rclone >/dev/null 2>&1 || apt_install rclone
+        if ! command -v rclone >/dev/null 2>&1; then
+            log "WebDAV: rclone not available; WebDAV tests will skip"
+            return 1
+        fi
+        start_bg webdav rclone serve webdav "$dir" --addr "127.0.0.1:$DAV_PORT" \
+            --user "$DAV_USER" --pass "$DAV_PASS" --config /dev/null
+        wait_port "$DAV_PORT" 15 || { log "WebDAV: rclone did not start (see $STATE/webdav.log)"; return 1; }
+    fi
+    cat >>"$ENV_FILE.new" <<EOF
+BB_WEBDAV_ENDPOINT=127.0.0.1:$DAV_PORT
+BB_WEBDAV_USER=$DAV_USER
+BB_WEBDAV_PASSWORD=$DAV_PASS
+EOF
+}
+
+start_ftp() {
+    local dir=$STATE/ftp
+    mkdir -p "$dir"
+    if ! listening "$FTP_PORT"; then
+        python3 -c 'import pyftpdlib' >/dev/null 2>&1 || pip_install pyftpdlib
+        if ! python3 -c 'import pyftpdlib' >/dev/null 2>&1; then
+            log "FTP: pyftpdlib not available; FTP tests will skip"
+            return 1
+        fi
+        start_bg ftp python3 -m pyftpdlib -i 127.0.0.1 -p "$FTP_PORT" -w -d "$dir" \
+            -u "$FTP_USER" -P "$FTP_PASS" -r "$FTP_PASV"
+        wait_port "$FTP_PORT" 15 || { log "FTP: pyftpdlib did not start (see $STATE/ftp.log)"; return 1; }
+    fi
+    cat >>"$ENV_FILE.new" <<EOF
+BB_FTP_ENDPOINT=127.0.0.1:$FTP_PORT
+BB_FTP_USER=$FTP_USER
+BB_FTP_PASSWORD=$FTP_PASS
+EOF
+}
+
+stop_all() {
+    local name pid
+    for name in s3 sftp webdav ftp; do
+        if [ -f "$STATE/$name.pid" ]; then
+            pid=$(cat "$STATE/$name.pid")
+            kill "$pid" 2>/dev/null && log "stopped $name (pid $pid)"
+            rm -f "$STATE/$name.pid"
+        fi
+    done
+    rm -f "$ENV_FILE"
+}
+
+mkdir -p "$STATE"
+case "${1:-start}" in
+start)
+    rm -f "$ENV_FILE.new"
+    echo "# written by .ci/servers.sh; read by tests/e2e/remote.rs" >"$ENV_FILE.new"
+    ok=()
+    start_s3 && ok+=(s3)
+    start_sftp && ok+=(sftp)
+    start_webdav && ok+=(webdav)
+    start_ftp && ok+=(ftp)
+    mv "$ENV_FILE.new" "$ENV_FILE"
+    log "running: ${ok[*]:-none}; details in $ENV_FILE"
+    ;;
+stop) stop_all ;;
+env) cat "$ENV_FILE" ;;
+*)
+    echo "usage: $0 [start|stop|env]" >&2
+    exit 2
+    ;;
+esac
+exit 0

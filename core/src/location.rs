@@ -1,0 +1,828 @@
+//! Repository locations: a plain path or a URL, turned into an opendal service name and
+//! the config map that service takes.
+//!
+//! | URL | service | from the URL |
+//! |---|---|---|
+//! | `/path`, `relative/path`, `file:///path` | fs | `root` |
+//! | `s3://bucket/prefix` | s3 | `bucket`, `root` |
+//! | `sftp://user@host:port/abs/path` | sftp | `endpoint`, `user`, `root` (absolute; `/~/dir` is relative to the login directory) |
+//! | `webdav://user@host:port/path` (http), `webdavs://…` (https) | webdav | `endpoint`, `username`, `password`, `root` |
+//! | `ftp://user@host:port/path`, `ftps://…` | ftp | `endpoint`, `user`, `password`, `root` |
+//! | `azblob://container/prefix` | azblob | `container`, `root` |
+//! | `gcs://bucket/prefix` | gcs | `bucket`, `root` |
+//! | `b2://bucket/prefix` | b2 | `bucket`, `root` |
+//! | `swift://container/prefix` | swift | `container`, `root` |
+//! | `gdrive://path`, `onedrive://path`, `dropbox://path` | same name | `root` |
+//!
+//! Every other setting is one of opendal's own config keys for that service, and comes
+//! from, the later winning:
+//! 1. Brickbox defaults (s3: `disable_config_load=true`, so `~/.aws` is not read unless
+//!    asked for with `disable_config_load=false`);
+//! 2. for s3, the usual `AWS_*` environment variables (`AWS_ACCESS_KEY_ID`,
+//!    `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`/`AWS_DEFAULT_REGION`,
+//!    `AWS_ENDPOINT_URL_S3`/`AWS_ENDPOINT_URL`);
+//! 3. environment variables `BRICKBOX_OPT_<KEY>` (key upper case, e.g.
+//!    `BRICKBOX_OPT_SECRET_ACCESS_KEY`);
+//! 4. the URL itself (bucket, host, user, password, path);
+//! 5. the URL's query (`s3://b/p?endpoint=…&region=…`);
+//! 6. `--option key=value`.
+//!
+//! Secrets (passwords, keys, tokens) never appear in [`Location::display`], and their
+//! values are listed in [`Location::secrets`] so that error messages can be scrubbed.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+
+/// One URL scheme Brickbox knows.
+#[derive(Debug, Clone, Copy)]
+pub struct Scheme {
+    /// URL schemes that select it (`webdav`, `webdavs`).
+    pub url_schemes: &'static [&'static str],
+    /// The opendal service.
+    pub service: &'static str,
+    /// Whether this build includes the service.
+    pub enabled: bool,
+    /// What to build with when it is not included.
+    pub feature: &'static str,
+    /// Example repository URL.
+    pub example: &'static str,
+    /// Main opendal config keys (key, what it is).
+    pub options: &'static [(&'static str, &'static str)],
+}
+
+/// Config keys whose values are secrets: never printed, scrubbed from messages.
+pub const SECRET_KEYS: &[&str] = &[
+    "password",
+    "secret_access_key",
+    "session_token",
+    "token",
+    "access_token",
+    "refresh_token",
+    "client_secret",
+    "account_key",
+    "sas_token",
+    "credential",
+    "application_key",
+    "encryption_key",
+    "server_side_encryption_customer_key",
+    "temp_url_key",
+];
+
+/// Whether the value of config key `key` is a secret.
+pub fn is_secret_key(key: &str) -> bool {
+    SECRET_KEYS.contains(&key)
+}
+
+const OAUTH_OPTIONS: &[(&str, &str)] = &[
+    ("access_token", "OAuth access token (secret)"),
+    ("refresh_token", "OAuth refresh token (secret)"),
+    ("client_id", "OAuth client id"),
+    ("client_secret", "OAuth client secret (secret)"),
+];
+
+/// Every scheme Brickbox knows, whether or not this build includes it.
+pub fn schemes() -> &'static [Scheme] {
+    const CLOUD: bool = cfg!(feature = "cloud");
+    static ALL: &[Scheme] = &[
+        Scheme {
+            url_schemes: &["file"],
+            service: "fs",
+            enabled: true,
+            feature: "",
+            example: "/mnt/usb/box or file:///mnt/usb/box",
+            options: &[],
+        },
+        Scheme {
+            url_schemes: &["s3"],
+            service: "s3",
+            enabled: true,
+            feature: "",
+            example: "s3://bucket/prefix?endpoint=https://s3.example.com&region=eu-west-1",
+            options: &[
+                ("endpoint", "service URL (default AWS; e.g. http://127.0.0.1:9000)"),
+                ("region", "region (default: detected for AWS, us-east-1 with an endpoint)"),
+                ("access_key_id", "access key id (or AWS_ACCESS_KEY_ID)"),
+                ("secret_access_key", "secret key (secret; or AWS_SECRET_ACCESS_KEY)"),
+                ("session_token", "session token (secret; or AWS_SESSION_TOKEN)"),
+                ("enable_virtual_host_style", "true: bucket.host addressing"),
+                ("default_storage_class", "e.g. STANDARD_IA"),
+                ("disable_config_load", "false: also read ~/.aws and the instance profile"),
+            ],
+        },
+        Scheme {
+            url_schemes: &["sftp"],
+            service: "sftp",
+            enabled: cfg!(unix),
+            feature: "a unix target",
+            example: "sftp://user@host:22/srv/box",
+            options: &[
+                ("key", "path of the private key (else ssh-agent / ~/.ssh defaults)"),
+                ("known_hosts_strategy", "strict (default), add, or accept"),
+                ("user", "login name (or user@ in the URL)"),
+            ],
+        },
+        Scheme {
+            url_schemes: &["webdav", "webdavs"],
+            service: "webdav",
+            enabled: true,
+            feature: "",
+            example: "webdavs://user@host/dav/box (webdav:// is http, webdavs:// https)",
+            options: &[
+                ("username", "login name (or user@ in the URL)"),
+                ("password", "password (secret)"),
+                ("token", "bearer token instead of a password (secret)"),
+            ],
+        },
+        Scheme {
+            url_schemes: &["ftp", "ftps"],
+            service: "ftp",
+            enabled: true,
+            feature: "",
+            example: "ftp://user@host:21/box (ftps:// for FTP over TLS)",
+            options: &[("user", "login name (or user@ in the URL)"), ("password", "password (secret)")],
+        },
+        Scheme {
+            url_schemes: &["azblob"],
+            service: "azblob",
+            enabled: CLOUD,
+            feature: "cloud",
+            example: "azblob://container/prefix",
+            options: &[
+                ("account_name", "storage account"),
+                ("account_key", "account key (secret)"),
+                ("sas_token", "SAS token instead of a key (secret)"),
+                ("endpoint", "default https://<account_name>.blob.core.windows.net"),
+            ],
+        },
+        Scheme {
+            url_schemes: &["gcs"],
+            service: "gcs",
+            enabled: CLOUD,
+            feature: "cloud",
+            example: "gcs://bucket/prefix",
+            options: &[
+                ("credential_path", "path of a service account JSON file"),
+                ("credential", "service account JSON, base64 (secret)"),
+                ("token", "OAuth2 token (secret)"),
+                ("endpoint", "default https://storage.googleapis.com"),
+            ],
+        },
+        Scheme {
+            url_schemes: &["b2"],
+            service: "b2",
+            enabled: CLOUD,
+            feature: "cloud",
+            example: "b2://bucket/prefix",
+            options: &[
+                ("bucket_id", "id of the bucket (required)"),
+                ("application_key_id", "key id"),
+                ("application_key", "application key (secret)"),
+            ],
+        },
+        Scheme {
+            url_schemes: &["swift"],
+            service: "swift",
+            enabled: CLOUD,
+            feature: "cloud",
+            example: "swift://container/prefix?endpoint=https://host/v1/AUTH_account",
+            options: &[
+                ("endpoint", "account URL, e.g. https://host/v1/AUTH_account (required)"),
+                ("token", "auth token (secret)"),
+            ],
+        },
+        Scheme {
+            url_schemes: &["gdrive"],
+            service: "gdrive",
+            enabled: CLOUD,
+            feature: "cloud",
+            example: "gdrive://Backups/box",
+            options: OAUTH_OPTIONS,
+        },
+        Scheme {
+            url_schemes: &["onedrive"],
+            service: "onedrive",
+            enabled: CLOUD,
+            feature: "cloud",
+            example: "onedrive://Backups/box",
+            options: OAUTH_OPTIONS,
+        },
+        Scheme {
+            url_schemes: &["dropbox"],
+            service: "dropbox",
+            enabled: CLOUD,
+            feature: "cloud",
+            example: "dropbox://Backups/box",
+            options: OAUTH_OPTIONS,
+        },
+    ];
+    ALL
+}
+
+/// A parsed repository location.
+#[derive(Clone)]
+pub struct Location {
+    /// The opendal service (`fs`, `s3`, …).
+    pub service: &'static str,
+    /// The service's config, by opendal key.
+    pub config: BTreeMap<String, String>,
+    /// The location for messages: `scheme://user@host:port/path`, no password, no query.
+    pub display: String,
+    /// Secret values that must never be printed.
+    pub secrets: Vec<String>,
+    /// Things the user should know (e.g. a password in the URL).
+    pub warnings: Vec<String>,
+    /// For a local box: its absolute path.
+    pub local_root: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let config: BTreeMap<&str, &str> =
+            self.config.iter().map(|(k, v)| (k.as_str(), if is_secret_key(k) { "***" } else { v.as_str() })).collect();
+        f.debug_struct("Location")
+            .field("service", &self.service)
+            .field("display", &self.display)
+            .field("config", &config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Location {
+    /// Replaces every secret value in `text` with `***`.
+    pub fn redact(&self, text: &str) -> String {
+        redact(text, &self.secrets)
+    }
+}
+
+/// Replaces every value of `secrets` in `text` with `***` (longest first; values shorter
+/// than 3 characters are left alone so messages stay readable).
+pub fn redact(text: &str, secrets: &[String]) -> String {
+    let mut sorted: Vec<&String> = secrets.iter().filter(|s| s.len() >= 3).collect();
+    sorted.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let mut out = text.to_string();
+    for s in sorted {
+        if out.contains(s.as_str()) {
+            out = out.replace(s.as_str(), "***");
+        }
+        // Also a percent-encoded form, as it may appear inside URLs.
+        let enc = percent_encode(s);
+        if enc != *s && out.contains(&enc) {
+            out = out.replace(&enc, "***");
+        }
+    }
+    out
+}
+
+fn percent_encode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// Parses `location` with `options` (`--option key=value`) and the process environment.
+pub fn parse(location: &str, options: &[(String, String)]) -> Result<Location> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    parse_with_env(location, options, &env)
+}
+
+/// Parses `location` with `options` and the environment given as `(name, value)` pairs.
+pub fn parse_with_env(location: &str, options: &[(String, String)], env: &[(String, String)]) -> Result<Location> {
+    let location = location.trim();
+    if location.is_empty() {
+        return Err(Error::Invalid("empty repository location".into()));
+    }
+    for (k, _) in options {
+        if k.is_empty() || k.contains(char::is_whitespace) {
+            return Err(Error::Invalid(format!("invalid option key '{k}': use --option key=value")));
+        }
+    }
+    let Some((scheme, rest)) = location.split_once("://") else {
+        return local(PathBuf::from(location), options);
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    if scheme == "file" {
+        // file:///abs/path; also accept file://relative.
+        let path = percent_decode(rest);
+        return local(PathBuf::from(path), options);
+    }
+    let Some(info) = schemes().iter().find(|s| s.url_schemes.contains(&scheme.as_str())) else {
+        let known: Vec<&str> = schemes().iter().flat_map(|s| s.url_schemes.iter().copied()).collect();
+        return Err(Error::Invalid(format!(
+            "unknown repository scheme '{scheme}://' (known: {}; see 'brickbox backends')",
+            known.join(", ")
+        )));
+    };
+    if !info.enabled {
+        return Err(Error::Invalid(format!(
+            "repository scheme '{scheme}://' ({} service) is not included in this build; build with {} ('brickbox backends' lists what is)",
+            info.service,
+            if info.feature == "cloud" { "--features cloud" } else { info.feature }
+        )));
+    }
+    let mut b = Parts { service: info.service, ..Parts::default() };
+
+    // 1. Defaults. 2. AWS_* for s3.
+    if info.service == "s3" {
+        b.set("disable_config_load", "true");
+        let get = |n: &str| env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone()).filter(|v| !v.is_empty());
+        for (var, key) in [
+            ("AWS_ACCESS_KEY_ID", "access_key_id"),
+            ("AWS_SECRET_ACCESS_KEY", "secret_access_key"),
+            ("AWS_SESSION_TOKEN", "session_token"),
+            ("AWS_DEFAULT_REGION", "region"),
+            ("AWS_REGION", "region"),
+            ("AWS_ENDPOINT_URL", "endpoint"),
+            ("AWS_ENDPOINT_URL_S3", "endpoint"),
+        ] {
+            if let Some(v) = get(var) {
+                b.set(key, &v);
+            }
+        }
+    }
+    // 3. BRICKBOX_OPT_<KEY>.
+    for (name, value) in env {
+        if let Some(key) = name.strip_prefix("BRICKBOX_OPT_") {
+            if !key.is_empty() {
+                b.set(&key.to_ascii_lowercase(), value);
+            }
+        }
+    }
+
+    // 4. The URL.
+    let (authority, path_and_query) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query, None),
+    };
+    let path = percent_decode(path);
+    let (userinfo, hostport) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let (user, password) = match userinfo {
+        Some(u) => match u.split_once(':') {
+            Some((u, p)) => (Some(percent_decode(u)), Some(percent_decode(p))),
+            None => (Some(percent_decode(u)), None),
+        },
+        None => (None, None),
+    };
+    let user = user.filter(|u| !u.is_empty());
+    let hostport = percent_decode(hostport);
+    if let Some(p) = &password {
+        b.secrets.push(p.clone());
+        b.warnings.push(format!(
+            "the repository URL contains a password: it may end up in shell history and process lists; use BRICKBOX_OPT_{} or --option {}=… instead",
+            password_key(info.service).to_ascii_uppercase(),
+            password_key(info.service)
+        ));
+    }
+    let trimmed = path.trim_end_matches('/');
+    let root = if trimmed.is_empty() { "/".to_string() } else { trimmed.to_string() };
+    match info.service {
+        "s3" | "gcs" | "b2" | "azblob" | "swift" => {
+            if hostport.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "{scheme}:// needs a {} name: {scheme}://NAME/prefix",
+                    if matches!(info.service, "azblob" | "swift") { "container" } else { "bucket" }
+                )));
+            }
+            let name_key = if matches!(info.service, "azblob" | "swift") { "container" } else { "bucket" };
+            b.set(name_key, &hostport);
+            b.set("root", &root);
+            if info.service == "s3" {
+                if let Some(u) = &user {
+                    b.set("access_key_id", u);
+                }
+                if let Some(p) = &password {
+                    b.set("secret_access_key", p);
+                }
+            } else if user.is_some() || password.is_some() {
+                return Err(Error::Invalid(format!(
+                    "{scheme}:// takes no user in the URL; pass credentials with --option or BRICKBOX_OPT_<KEY>"
+                )));
+            }
+            b.display = format!("{scheme}://{hostport}{}", display_path(&root));
+        }
+        "sftp" => {
+            if hostport.is_empty() {
+                return Err(Error::Invalid("sftp:// needs a host: sftp://user@host:port/abs/path".into()));
+            }
+            if password.is_some() {
+                return Err(Error::Invalid(
+                    "sftp:// does not take a password: it logs in with an SSH key (--option key=/path/to/key, or ssh-agent)"
+                        .into(),
+                ));
+            }
+            let user = user.or_else(|| b.config.get("user").cloned());
+            let at = user.as_deref().map(|u| format!("{u}@")).unwrap_or_default();
+            b.set("endpoint", &format!("ssh://{at}{hostport}"));
+            if let Some(u) = &user {
+                b.set("user", u);
+            }
+            // The path is absolute on the server; `/~/dir` is relative to the login directory.
+            let sroot = if root == "/~" {
+                String::new()
+            } else if let Some(rel) = root.strip_prefix("/~/") {
+                rel.to_string()
+            } else {
+                root.clone()
+            };
+            if !sroot.is_empty() {
+                b.set("root", &sroot);
+            }
+            b.display = format!("sftp://{at}{hostport}{}", display_path(&root));
+        }
+        "webdav" | "ftp" => {
+            if hostport.is_empty() {
+                return Err(Error::Invalid(format!("{scheme}:// needs a host: {scheme}://user@host:port/path")));
+            }
+            let http = match scheme.as_str() {
+                "webdav" => "http",
+                "webdavs" => "https",
+                other => other,
+            };
+            b.set("endpoint", &format!("{http}://{hostport}"));
+            let (ukey, pkey) = if info.service == "webdav" { ("username", "password") } else { ("user", "password") };
+            if let Some(u) = &user {
+                b.set(ukey, u);
+            }
+            if let Some(p) = &password {
+                b.set(pkey, p);
+            }
+            b.set("root", &root);
+            let shown_user = user.or_else(|| b.config.get(ukey).cloned());
+            let at = shown_user.as_deref().map(|u| format!("{u}@")).unwrap_or_default();
+            b.display = format!("{scheme}://{at}{hostport}{}", display_path(&root));
+        }
+        "gdrive" | "onedrive" | "dropbox" => {
+            if user.is_some() || password.is_some() {
+                return Err(Error::Invalid(format!(
+                    "{scheme}:// takes no user in the URL; pass tokens with --option or BRICKBOX_OPT_<KEY>"
+                )));
+            }
+            // Everything after scheme:// is the folder.
+            let full = percent_decode(&format!("{hostport}{path}"));
+            let folder = format!("/{}", full.trim_matches('/'));
+            b.set("root", &folder);
+            b.display = format!("{scheme}://{}", folder.trim_start_matches('/'));
+        }
+        other => return Err(Error::Invalid(format!("service {other} has no URL mapping"))),
+    }
+
+    // 5. The URL's query.
+    if let Some(q) = query {
+        for (k, v) in url::form_urlencoded::parse(q.as_bytes()) {
+            let k = k.to_ascii_lowercase();
+            if is_secret_key(&k) {
+                b.warnings.push(format!(
+                    "the repository URL contains the secret '{k}': it may end up in shell history and process lists; use BRICKBOX_OPT_{} instead",
+                    k.to_ascii_uppercase()
+                ));
+            }
+            b.set(&k, &v);
+        }
+    }
+    // 6. --option.
+    for (k, v) in options {
+        b.set(&k.to_ascii_lowercase(), v);
+    }
+
+    if info.service == "azblob" && !b.config.contains_key("endpoint") {
+        if let Some(acct) = b.config.get("account_name").cloned() {
+            b.set("endpoint", &format!("https://{acct}.blob.core.windows.net"));
+        }
+    }
+    if info.service == "s3" {
+        if let Some(ep) = b.config.get("endpoint").cloned() {
+            // A trailing slash makes opendal build `//bucket` paths.
+            b.set("endpoint", ep.trim_end_matches('/'));
+        }
+    }
+    for (k, v) in &b.config {
+        if is_secret_key(k) && !v.is_empty() {
+            b.secrets.push(v.clone());
+        }
+    }
+    for k in b.config.keys() {
+        if !known_key(info.service, k) {
+            b.warnings.push(format!(
+                "'{k}' is not a known option of the {} service; passed to it anyway (see 'brickbox backends')",
+                info.service
+            ));
+        }
+    }
+    let Parts { service, config, display, secrets, warnings } = b;
+    Ok(Location { service, config, display, secrets, warnings, local_root: None })
+}
+
+fn password_key(service: &str) -> &'static str {
+    if service == "s3" {
+        "secret_access_key"
+    } else {
+        "password"
+    }
+}
+
+fn display_path(root: &str) -> String {
+    if root == "/" {
+        String::new()
+    } else {
+        root.to_string()
+    }
+}
+
+#[derive(Default)]
+struct Parts {
+    service: &'static str,
+    config: BTreeMap<String, String>,
+    display: String,
+    secrets: Vec<String>,
+    warnings: Vec<String>,
+}
+
+impl Parts {
+    fn set(&mut self, key: &str, value: &str) {
+        self.config.insert(key.to_string(), value.to_string());
+    }
+}
+
+fn local(path: PathBuf, options: &[(String, String)]) -> Result<Location> {
+    if path.as_os_str().is_empty() {
+        return Err(Error::Invalid("empty repository path".into()));
+    }
+    let abs =
+        if path.is_absolute() { path } else { std::env::current_dir().map_err(|e| Error::io(".", e))?.join(path) };
+    let root = abs
+        .to_str()
+        .ok_or_else(|| Error::Invalid(format!("repository path {} is not valid UTF-8", abs.display())))?
+        .to_string();
+    let mut config = BTreeMap::new();
+    config.insert("root".to_string(), root.clone());
+    config.insert("atomic_write_dir".to_string(), format!("{}/.tmp", root.trim_end_matches('/')));
+    let mut warnings = Vec::new();
+    for (k, v) in options {
+        let k = k.to_ascii_lowercase();
+        if !known_key("fs", &k) {
+            warnings.push(format!("'{k}' is not a known option of the fs service; passed to it anyway"));
+        }
+        config.insert(k, v.clone());
+    }
+    Ok(Location { service: "fs", config, display: root, secrets: Vec::new(), warnings, local_root: Some(abs) })
+}
+
+/// Whether `key` is a config key of opendal's `service` (as of opendal 0.59).
+pub fn known_key(service: &str, key: &str) -> bool {
+    let keys: &[&str] = match service {
+        "fs" => &["root", "atomic_write_dir"],
+        "s3" => &[
+            "root",
+            "bucket",
+            "enable_versioning",
+            "endpoint",
+            "region",
+            "profile",
+            "access_key_id",
+            "secret_access_key",
+            "session_token",
+            "role_arn",
+            "external_id",
+            "role_session_name",
+            "assume_role_duration_seconds",
+            "disable_config_load",
+            "skip_signature",
+            "allow_anonymous",
+            "server_side_encryption",
+            "server_side_encryption_aws_kms_key_id",
+            "server_side_encryption_customer_algorithm",
+            "server_side_encryption_customer_key",
+            "server_side_encryption_customer_key_md5",
+            "default_storage_class",
+            "enable_virtual_host_style",
+            "batch_max_operations",
+            "delete_max_size",
+            "disable_stat_with_override",
+            "checksum_algorithm",
+            "disable_write_with_if_match",
+            "enable_write_with_append",
+            "enable_request_payer",
+            "default_acl",
+            "disable_list_objects_v2",
+            "disable_ec2_metadata",
+        ],
+        "sftp" => &["endpoint", "root", "user", "key", "known_hosts_strategy"],
+        "webdav" => &[
+            "endpoint",
+            "username",
+            "password",
+            "token",
+            "root",
+            "disable_copy",
+            "disable_create_dir",
+            "enable_user_metadata",
+            "user_metadata_prefix",
+            "user_metadata_uri",
+            "enable_conditional_read",
+        ],
+        "ftp" => &["endpoint", "root", "user", "password"],
+        "azblob" => &[
+            "root",
+            "container",
+            "endpoint",
+            "account_name",
+            "account_key",
+            "encryption_key",
+            "encryption_key_sha256",
+            "encryption_algorithm",
+            "sas_token",
+            "batch_max_operations",
+            "skip_signature",
+        ],
+        "gcs" => &[
+            "root",
+            "bucket",
+            "endpoint",
+            "scope",
+            "service_account",
+            "credential",
+            "credential_path",
+            "predefined_acl",
+            "default_storage_class",
+            "skip_signature",
+            "allow_anonymous",
+            "disable_vm_metadata",
+            "disable_config_load",
+            "token",
+        ],
+        "b2" => &["root", "application_key_id", "application_key", "bucket", "bucket_id"],
+        "swift" => &["endpoint", "container", "root", "token", "temp_url_key", "temp_url_hash_algorithm"],
+        "gdrive" | "dropbox" => &["root", "access_token", "refresh_token", "client_id", "client_secret"],
+        "onedrive" => &["root", "access_token", "refresh_token", "client_id", "client_secret", "enable_versioning"],
+        _ => &[],
+    };
+    keys.contains(&key)
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            if let (Some(h), Some(l)) = (
+                bytes.get(i + 1).and_then(|c| (*c as char).to_digit(16)),
+                bytes.get(i + 2).and_then(|c| (*c as char).to_digit(16)),
+            ) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses `key=value` (as given to `--option`).
+pub fn parse_option(s: &str) -> Result<(String, String)> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_ascii_lowercase(), v.to_string())),
+        _ => Err(Error::Invalid(format!("invalid option '{}': expected key=value", redact_option(s)))),
+    }
+}
+
+fn redact_option(s: &str) -> String {
+    // Never echo what might be a secret value.
+    s.split_once('=').map(|(k, _)| format!("{k}=***")).unwrap_or_else(|| s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(loc: &str, opts: &[(&str, &str)], env: &[(&str, &str)]) -> Location {
+        let opts: Vec<(String, String)> = opts.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        parse_with_env(loc, &opts, &env).unwrap()
+    }
+
+    fn get<'a>(l: &'a Location, k: &str) -> Option<&'a str> {
+        l.config.get(k).map(String::as_str)
+    }
+
+    #[test]
+    fn plain_path_and_file_url_are_fs() {
+        let l = p("/srv/box", &[], &[]);
+        assert_eq!(l.service, "fs");
+        assert_eq!(get(&l, "root"), Some("/srv/box"));
+        assert_eq!(l.local_root.as_deref(), Some(std::path::Path::new("/srv/box")));
+        let l = p("file:///srv/my%20box", &[], &[]);
+        assert_eq!(get(&l, "root"), Some("/srv/my box"));
+        let l = p("rel/box", &[], &[]);
+        assert!(l.local_root.unwrap().is_absolute());
+    }
+
+    #[test]
+    fn s3_url_query_env_and_options() {
+        let l = p(
+            "s3://bkt/some/prefix/?endpoint=http://127.0.0.1:5000/&region=eu-1",
+            &[("secret_access_key", "opt-secret")],
+            &[
+                ("AWS_ACCESS_KEY_ID", "AKIDENV"),
+                ("AWS_SECRET_ACCESS_KEY", "env-secret"),
+                ("AWS_REGION", "us-west-2"),
+                ("BRICKBOX_OPT_SESSION_TOKEN", "tok-123"),
+            ],
+        );
+        assert_eq!(l.service, "s3");
+        assert_eq!(get(&l, "bucket"), Some("bkt"));
+        assert_eq!(get(&l, "root"), Some("/some/prefix"));
+        assert_eq!(get(&l, "endpoint"), Some("http://127.0.0.1:5000"));
+        assert_eq!(get(&l, "region"), Some("eu-1"), "query beats AWS_REGION");
+        assert_eq!(get(&l, "access_key_id"), Some("AKIDENV"));
+        assert_eq!(get(&l, "secret_access_key"), Some("opt-secret"), "--option beats env");
+        assert_eq!(get(&l, "session_token"), Some("tok-123"));
+        assert_eq!(get(&l, "disable_config_load"), Some("true"));
+        assert_eq!(l.display, "s3://bkt/some/prefix");
+        assert!(l.secrets.contains(&"opt-secret".to_string()));
+        assert!(l.secrets.contains(&"tok-123".to_string()));
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        let dbg = format!("{l:?}");
+        assert!(!dbg.contains("opt-secret") && !dbg.contains("tok-123"), "{dbg}");
+    }
+
+    #[test]
+    fn s3_user_may_enable_config_load() {
+        let l = p("s3://bkt", &[("disable_config_load", "false")], &[]);
+        assert_eq!(get(&l, "disable_config_load"), Some("false"));
+        assert_eq!(get(&l, "root"), Some("/"));
+    }
+
+    #[test]
+    fn sftp_url() {
+        let l = p("sftp://alice@example.org:2222/srv/box", &[("key", "/k/id")], &[]);
+        assert_eq!(l.service, "sftp");
+        assert_eq!(get(&l, "endpoint"), Some("ssh://alice@example.org:2222"));
+        assert_eq!(get(&l, "user"), Some("alice"));
+        assert_eq!(get(&l, "root"), Some("/srv/box"));
+        assert_eq!(get(&l, "key"), Some("/k/id"));
+        assert_eq!(l.display, "sftp://alice@example.org:2222/srv/box");
+        let l = p("sftp://host/~/box", &[], &[]);
+        assert_eq!(get(&l, "root"), Some("box"));
+        assert!(parse_with_env("sftp://a:pw@host/x", &[], &[]).is_err());
+    }
+
+    #[test]
+    fn webdav_and_ftp_urls_hide_passwords() {
+        let l = p("webdav://bob:hunter2x@dav.local:8080/dav/box", &[], &[]);
+        assert_eq!(l.service, "webdav");
+        assert_eq!(get(&l, "endpoint"), Some("http://dav.local:8080"));
+        assert_eq!(get(&l, "username"), Some("bob"));
+        assert_eq!(get(&l, "password"), Some("hunter2x"));
+        assert_eq!(get(&l, "root"), Some("/dav/box"));
+        assert_eq!(l.display, "webdav://bob@dav.local:8080/dav/box");
+        assert_eq!(l.warnings.len(), 1);
+        assert!(!l.warnings[0].contains("hunter2x"));
+        assert_eq!(l.redact("auth hunter2x failed"), "auth *** failed");
+        let l = p("webdavs://dav.local/x", &[], &[("BRICKBOX_OPT_PASSWORD", "envpw")]);
+        assert_eq!(get(&l, "endpoint"), Some("https://dav.local"));
+        assert_eq!(get(&l, "password"), Some("envpw"));
+        assert!(l.warnings.is_empty());
+        let l = p("ftp://u%40x:p%3Aw@127.0.0.1:2121/b", &[], &[]);
+        assert_eq!(get(&l, "endpoint"), Some("ftp://127.0.0.1:2121"));
+        assert_eq!(get(&l, "user"), Some("u@x"));
+        assert_eq!(get(&l, "password"), Some("p:w"));
+        assert_eq!(l.display, "ftp://u@x@127.0.0.1:2121/b");
+    }
+
+    #[test]
+    fn unknown_and_disabled_schemes() {
+        let e = parse_with_env("nope://x", &[], &[]).unwrap_err().to_string();
+        assert!(e.contains("unknown repository scheme"), "{e}");
+        if !cfg!(feature = "cloud") {
+            let e = parse_with_env("gcs://b/p", &[], &[]).unwrap_err().to_string();
+            assert!(e.contains("--features cloud"), "{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_option_warns() {
+        let l = p("s3://b/p", &[("endpiont", "x")], &[]);
+        assert!(l.warnings.iter().any(|w| w.contains("endpiont")));
+    }
+
+    #[test]
+    fn redaction() {
+        let s = vec!["s3cr3t/+=".to_string(), "ab".to_string()];
+        assert_eq!(redact("x s3cr3t/+= y", &s), "x *** y");
+        assert_eq!(redact("x s3cr3t%2F%2B%3D y", &s), "x *** y");
+        assert_eq!(redact("ab stays", &s), "ab stays");
+        assert!(parse_option("password").is_err());
+        let e = parse_option("=topsecret").unwrap_err().to_string();
+        assert!(!e.contains("topsecret"), "{e}");
+        assert_eq!(parse_option("Region=eu").unwrap(), ("region".into(), "eu".into()));
+    }
+}

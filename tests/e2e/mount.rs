@@ -1,0 +1,353 @@
+//! `brickbox mount`: the real binary serving a real FUSE mount.
+//!
+//! Needs `/dev/fuse` and root (or `fusermount3`); the FUSE tests skip with a message otherwise.
+
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+/// Whether this machine can mount FUSE file systems.
+fn fuse_available() -> bool {
+    if !Path::new("/dev/fuse").exists() {
+        eprintln!("skipping: /dev/fuse does not exist");
+        return false;
+    }
+    let has_fusermount =
+        std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("fusermount3").is_file()));
+    if !is_root() && !has_fusermount {
+        eprintln!("skipping: not root and no fusermount3");
+        return false;
+    }
+    true
+}
+
+/// Whether `path` (canonical) is a mount point according to the kernel.
+fn is_mounted(path: &Path) -> bool {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let want = path.to_str().unwrap();
+    text.lines().any(|l| l.split(' ').nth(4) == Some(want))
+}
+
+/// A `brickbox mount` running in the background; unmounted and stopped on drop.
+struct Mount {
+    child: Option<Child>,
+    dir: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Mount {
+    /// Starts `brickbox mount DIR ARGS` and waits until the file system answers.
+    fn start(env: &Env, dir: &Path, extra: &[std::ffi::OsString]) -> Mount {
+        let dir = fs::canonicalize(dir).unwrap();
+        let stderr = env.path().join(format!("mount-{}.stderr", dir.file_name().unwrap().to_string_lossy()));
+        let mut a = args!["mount", &dir];
+        a.extend_from_slice(extra);
+        let mut c = env.cmd(&a);
+        c.stdout(Stdio::null()).stderr(File::create(&stderr).unwrap());
+        let child = c.spawn().unwrap();
+        let mut m = Mount { child: Some(child), dir, stderr };
+        let start = Instant::now();
+        loop {
+            if let Some(status) = m.child.as_mut().unwrap().try_wait().unwrap() {
+                m.child = None;
+                panic!("brickbox mount exited early ({status}): {}", m.stderr_text());
+            }
+            if is_mounted(&m.dir) && m.dir.join("versions").is_dir() {
+                return m;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "mount not ready after 60 s: {}", m.stderr_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stderr_text(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Path of a version folder's copy of the absolute source path `src`.
+    fn version_path(&self, folder: &str, src: &Path) -> PathBuf {
+        self.dir.join("versions").join(folder).join(src.strip_prefix("/").unwrap())
+    }
+
+    /// Waits for the mount process to exit; returns its exit code.
+    fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let child = self.child.as_mut().expect("mount process");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status.code();
+            }
+            assert!(start.elapsed() < limit, "mount process still running after {limit:?}: {}", self.stderr_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("mount process").id() as i32;
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if is_mounted(&self.dir) {
+            let c = std::ffi::CString::new(self.dir.to_str().unwrap()).unwrap();
+            // SAFETY: a valid path; detaching a mount this test made.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            let _ = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(&self.dir).output();
+        }
+    }
+}
+
+/// Folder names the mount gives versions (oldest first), from `versions --json` (newest first).
+fn folder_names(env: &Env) -> Vec<String> {
+    let mut vs = env.versions();
+    vs.reverse();
+    let mut names: Vec<String> = Vec::new();
+    for v in vs {
+        let ns = v["time_ns"].as_i64().unwrap();
+        let base = chrono::DateTime::from_timestamp_nanos(ns).format("%Y-%m-%dT%H.%M.%S").to_string();
+        let mut name = base.clone();
+        let mut n = 2;
+        while names.contains(&name) {
+            name = format!("{base}-{n}");
+            n += 1;
+        }
+        names.push(name);
+    }
+    names
+}
+
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+/// A small tree with a few kinds of entries and modes.
+fn build_source(src: &Path) {
+    fs::create_dir_all(src.join("docs/deep/er")).unwrap();
+    fs::create_dir_all(src.join("empty")).unwrap();
+    fs::write(src.join("docs/changing.txt"), b"state one\n").unwrap();
+    fs::write(src.join("docs/other.txt"), text_bytes(11, 40_000)).unwrap();
+    fs::write(src.join("docs/deep/er/steady.log"), text_bytes(12, 300_000)).unwrap();
+    fs::write(src.join("empty.txt"), b"").unwrap();
+    fs::write(src.join("private.key"), b"secret\n").unwrap();
+    chmod(&src.join("private.key"), 0o600);
+    fs::write(src.join("run.sh"), b"#!/bin/sh\necho hi\n").unwrap();
+    chmod(&src.join("run.sh"), 0o755);
+    write_random(&src.join("big.bin"), 21, 3 * MIB + 777);
+    std::os::unix::fs::symlink("docs/other.txt", src.join("link")).unwrap();
+}
+
+#[test]
+fn mount_shows_every_version_and_file_history() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    build_source(&src);
+    stamp_mtimes(&src, 1_700_000_000_000_000_000);
+    let mut snaps = vec![snapshot(&src, true)];
+    env.backup(&args![&src]);
+
+    // v2: one file changes, one is added, one removed.
+    fs::write(src.join("docs/changing.txt"), b"state two, a little longer\n").unwrap();
+    fs::write(src.join("added.txt"), b"new in v2\n").unwrap();
+    fs::remove_file(src.join("empty.txt")).unwrap();
+    set_mtime(&src.join("docs/changing.txt"), 1_710_000_000_123_456_789);
+    set_mtime(&src.join("added.txt"), 1_710_000_001_987_654_321);
+    snaps.push(snapshot(&src, true));
+    env.backup(&args![&src]);
+
+    // v3: only another file changes (the first one keeps its v2 state).
+    fs::write(src.join("docs/other.txt"), text_bytes(13, 50_000)).unwrap();
+    set_mtime(&src.join("docs/other.txt"), 1_720_000_000_000_000_000);
+    snaps.push(snapshot(&src, true));
+    env.backup(&args![&src]);
+
+    let names = folder_names(&env);
+    assert_eq!(names.len(), 3);
+    let mnt = env.mkdir("mnt");
+    let mut m = Mount::start(&env, &mnt, &[]);
+
+    // versions/: one folder per version plus latest -> newest.
+    let mut want: Vec<String> = names.clone();
+    want.push("latest".into());
+    want.sort();
+    assert_eq!(listing(&m.dir.join("versions")), want);
+    assert_eq!(fs::read_link(m.dir.join("versions/latest")).unwrap(), PathBuf::from(&names[2]));
+    assert_eq!(listing(&m.dir), ["history", "versions"]);
+
+    // Every entry of every version: kind, content, size, mode, owner, mtime, symlink target.
+    for (name, snap) in names.iter().zip(&snaps) {
+        let root = m.version_path(name, &src);
+        let got = snapshot(&root, false);
+        assert_snapshot_matches(snap, &src, &got, &root, Compare::ALL);
+    }
+    let latest_root = m.dir.join("versions/latest").join(src.strip_prefix("/").unwrap());
+    assert_snapshot_matches(&snaps[2], &src, &snapshot(&latest_root, false), &latest_root, Compare::ALL);
+
+    // history/: exactly the distinct states of each file, named like the version folders.
+    let hist = m.dir.join("history").join(src.strip_prefix("/").unwrap());
+    assert_eq!(listing(&hist.join("docs/changing.txt")), [names[0].clone(), names[1].clone()]);
+    assert_eq!(listing(&hist.join("docs/other.txt")), [names[0].clone(), names[2].clone()]);
+    assert_eq!(listing(&hist.join("docs/deep/er/steady.log")), [names[0].clone()]);
+    assert_eq!(listing(&hist.join("added.txt")), [names[1].clone()]);
+    assert_eq!(fs::read(hist.join("docs/changing.txt").join(&names[0])).unwrap(), b"state one\n");
+    assert_eq!(fs::read(hist.join("docs/changing.txt").join(&names[1])).unwrap(), b"state two, a little longer\n");
+    // history mirrors the latest version's directories.
+    assert_eq!(listing(&hist), ["added.txt", "big.bin", "docs", "empty", "link", "private.key", "run.sh"]);
+
+    // It is read-only.
+    let e = fs::write(m.version_path(&names[2], &src).join("added.txt"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+
+    // `brickbox umount` ends the mount process cleanly.
+    env.ok(&args!["umount", &m.dir]);
+    assert_eq!(m.wait_exit(Duration::from_secs(20)), Some(0), "{}", m.stderr_text());
+    assert!(!is_mounted(&m.dir));
+    assert!(listing(&m.dir).is_empty());
+}
+
+#[test]
+fn mount_reads_in_parallel_sees_new_versions_and_stops_on_sigterm() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    let size = 24 * MIB + 4321;
+    write_random(&src.join("big.bin"), 77, size);
+    fs::write(src.join("note.txt"), b"version one\n").unwrap();
+    env.backup(&args![&src]);
+    let data = Arc::new(fs::read(src.join("big.bin")).unwrap());
+
+    let mnt = env.mkdir("mnt");
+    let mut m = Mount::start(&env, &mnt, &args!["--cache-size", "8MiB"]);
+    let first = folder_names(&env)[0].clone();
+    let big = m.version_path(&first, &src).join("big.bin");
+
+    // Sequential read through the page cache, timed.
+    let t = Instant::now();
+    assert!(same_content(&src.join("big.bin"), &big), "sequential read differs");
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "mount: sequential read of {} MiB in {secs:.2} s ({:.0} MiB/s)",
+        size / MIB,
+        size as f64 / MIB as f64 / secs
+    );
+
+    // Eight threads reading random ranges (opened with O_DIRECT-free pread on separate fds).
+    std::thread::scope(|s| {
+        for t in 0..8u64 {
+            let data = data.clone();
+            let big = big.clone();
+            s.spawn(move || {
+                let f = File::open(&big).unwrap();
+                let mut x = 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(t + 1);
+                for _ in 0..40 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let off = x % size;
+                    let len = ((x >> 33) % (1 << 20)) as usize + 1;
+                    let mut buf = vec![0u8; len];
+                    let mut got = 0;
+                    while got < len {
+                        let n = f.read_at(&mut buf[got..], off + got as u64).unwrap();
+                        if n == 0 {
+                            break;
+                        }
+                        got += n;
+                    }
+                    let end = (off as usize + len).min(data.len());
+                    assert_eq!(got, end - off as usize);
+                    assert!(buf[..got] == data[off as usize..end], "thread {t}: bytes differ at {off}+{len}");
+                }
+            });
+        }
+    });
+
+    // A second mount on the same directory is refused.
+    let r = env.run(&args!["mount", &m.dir]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("already a mount point") || r.stderr.contains("not empty"), "{}", r.stderr);
+
+    // A backup made while mounted shows up without remounting.
+    fs::write(src.join("note.txt"), b"version two\n").unwrap();
+    env.backup(&args![&src]);
+    let names = folder_names(&env);
+    assert_eq!(names.len(), 2);
+    let start = Instant::now();
+    loop {
+        let l = listing(&m.dir.join("versions"));
+        if l.contains(&names[1]) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "new version not visible after 15 s: {l:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let start = Instant::now();
+    while fs::read_link(m.dir.join("versions/latest")).unwrap() != Path::new(&names[1]) {
+        assert!(start.elapsed() < Duration::from_secs(15), "latest does not point to the new version");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(fs::read(m.version_path(&names[1], &src).join("note.txt")).unwrap(), b"version two\n");
+    assert_eq!(fs::read(m.version_path(&names[0], &src).join("note.txt")).unwrap(), b"version one\n");
+
+    // SIGTERM unmounts and exits cleanly.
+    m.signal(libc::SIGTERM);
+    assert_eq!(m.wait_exit(Duration::from_secs(20)), Some(0), "{}", m.stderr_text());
+    assert!(!is_mounted(&m.dir), "still mounted after SIGTERM");
+    assert!(listing(&m.dir).is_empty());
+}
+
+#[test]
+fn mount_refuses_unusable_mount_points() {
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    fs::write(src.join("a.txt"), b"a").unwrap();
+    env.backup(&args![&src]);
+
+    let full = env.mkdir("full");
+    fs::write(full.join("keep.txt"), b"do not hide me").unwrap();
+    let r = env.run(&args!["mount", &full]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("is not empty"), "{}", r.stderr);
+    assert_eq!(fs::read(full.join("keep.txt")).unwrap(), b"do not hide me");
+
+    let r = env.run(&args!["mount", env.path().join("nowhere")]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("does not exist"), "{}", r.stderr);
+
+    let r = env.run(&args!["mount", src.join("a.txt")]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("not a directory"), "{}", r.stderr);
+
+    let r = env.run(&args!["umount", &full]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("not mounted"), "{}", r.stderr);
+}
