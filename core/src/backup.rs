@@ -29,10 +29,11 @@ use crate::chunker::Chunks;
 use crate::codec::{self, Codec};
 use crate::crypto::{self, BlockId};
 use crate::error::{Error, IoContext, Result};
-use crate::objects::{self, Manifest, ObjectKind, VolumeIndex};
+use crate::lock::LockKind;
+use crate::objects::{self, Manifest, ObjectKind};
+use crate::pack::{self, store_volume, FinishedVolume, VolumeSink};
 use crate::repo::Repository;
 use crate::tree::{BlockRef, Node, Tree};
-use crate::volume::VolumeWriter;
 
 /// What to back up and how.
 #[derive(Clone, Debug)]
@@ -261,16 +262,22 @@ pub fn backup(
         node.is_source = true;
     }
 
-    let tmp_base = opts
-        .temp_dir
-        .clone()
-        .or_else(|| repo.backend().staging_dir().map(Path::to_path_buf))
-        .unwrap_or_else(std::env::temp_dir);
+    // One backup at a time; readers may go on. Another backup may have finished since the
+    // box was opened: catch up with it, so its blocks are not stored again.
+    let _lock = if opts.dry_run { None } else { Some(repo.lock(LockKind::Append, "backup")?) };
+    if !opts.dry_run {
+        repo.sync_catalog()?;
+        pack::clean_scratch(repo);
+    }
+    let tmp_base = match &opts.temp_dir {
+        Some(dir) => dir.clone(),
+        None => pack::scratch_base(repo)?,
+    };
     std::fs::create_dir_all(&tmp_base).at(&tmp_base)?;
     let tmp = tempfile::Builder::new().prefix("brickbox-volumes-").tempdir_in(&tmp_base).at(&tmp_base)?;
     let shared = Shared::default();
     let (to_packer, packer_rx) = bounded::<PackItem>(16);
-    let (to_uploader, uploader_rx) = bounded::<(PathBuf, VolumeIndex)>(1);
+    let (to_uploader, uploader_rx) = bounded::<FinishedVolume>(1);
     let walk = Walk {
         repo,
         opts,
@@ -381,48 +388,33 @@ fn pack(
     volume_size: u64,
     dir: &Path,
     rx: Receiver<PackItem>,
-    tx: Sender<(PathBuf, VolumeIndex)>,
+    tx: Sender<FinishedVolume>,
 ) -> Result<()> {
-    let mut current: Option<VolumeWriter> = None;
+    let mut sink = VolumeSink::new(repo, volume_size, dir);
     let stopped = || Error::Invalid("upload stopped".into());
     for item in rx {
-        let vol = match current.as_mut() {
-            Some(v) => v,
-            None => current.insert(VolumeWriter::create(dir, repo.keys())?),
-        };
-        vol.add(item.id, &item.encoded, item.raw_len)?;
-        if vol.len() >= volume_size {
-            if let Some(full) = current.take() {
-                tx.send(full.finish()?).map_err(|_| stopped())?;
-            }
+        if let Some(full) = sink.add(item.id, &item.encoded, item.raw_len)? {
+            tx.send(full).map_err(|_| stopped())?;
         }
     }
-    if let Some(last) = current.take() {
-        if !last.is_empty() {
-            tx.send(last.finish()?).map_err(|_| stopped())?;
-        }
+    if let Some(last) = sink.finish()? {
+        tx.send(last).map_err(|_| stopped())?;
     }
     Ok(())
 }
 
-/// Stores each finished volume, then its index, then records both in the catalog.
-fn upload(repo: &Repository, rx: Receiver<(PathBuf, VolumeIndex)>, shared: &Shared, progress: &Progress) -> Result<()> {
-    for (path, index) in rx {
-        let vname = objects::volume_name(&index.volume_id);
-        repo.backend().store_file(&vname, &path)?;
-        let iname = objects::index_name(&index.volume_id);
-        let sealed = objects::seal_object(repo.keys(), ObjectKind::Index, &iname, &index.encode());
-        let index_len = sealed.len() as u64;
-        repo.backend().write(&iname, sealed)?;
-        repo.catalog()?.add_volume(&index)?;
+/// Stores each finished volume (volume, index, catalog) and releases its blocks from the in-flight set.
+fn upload(repo: &Repository, rx: Receiver<FinishedVolume>, shared: &Shared, progress: &Progress) -> Result<()> {
+    for volume in rx {
+        let ids: Vec<BlockId> = volume.1.entries.iter().map(|e| e.id).collect();
+        let stored = store_volume(repo, volume)?;
         if let Ok(mut f) = shared.in_flight.lock() {
-            for e in &index.entries {
-                f.remove(&e.id);
+            for id in &ids {
+                f.remove(id);
             }
         }
-        let _ = std::fs::remove_file(&path);
         shared.volumes.fetch_add(1, Ordering::SeqCst);
-        progress.bytes_added.fetch_add(index.volume_size + index_len, Ordering::Relaxed);
+        progress.bytes_added.fetch_add(stored, Ordering::Relaxed);
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! reading them. It can always be rebuilt from the box (indexes and
 //! manifests), so losing it loses nothing.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -54,26 +55,32 @@ pub struct Catalog {
     path: PathBuf,
 }
 
+/// Version of the table layout; a catalog with another version is rebuilt from the box.
+const SCHEMA_VERSION: &str = "2";
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS volumes (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
     size INTEGER NOT NULL,
+    hash BLOB,
     state TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS blocks (
-    hash BLOB PRIMARY KEY,
+    hash BLOB NOT NULL,
     volume INTEGER NOT NULL REFERENCES volumes(id),
     offset INTEGER NOT NULL,
     length INTEGER NOT NULL,
-    raw_length INTEGER NOT NULL
+    raw_length INTEGER NOT NULL,
+    PRIMARY KEY (hash, volume)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blocks_volume ON blocks(volume);
 CREATE TABLE IF NOT EXISTS versions (
     id TEXT PRIMARY KEY,
     time_ns INTEGER NOT NULL,
-    manifest TEXT NOT NULL
+    manifest TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'ok'
 );
 CREATE TABLE IF NOT EXISTS filecache (
     path BLOB PRIMARY KEY,
@@ -83,10 +90,42 @@ CREATE TABLE IF NOT EXISTS filecache (
     ino INTEGER NOT NULL,
     content BLOB NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS damage (
+    object TEXT NOT NULL,
+    block BLOB NOT NULL,
+    problem TEXT NOT NULL,
+    PRIMARY KEY (object, block)
+) WITHOUT ROWID;
 ";
 
+/// Tables of earlier layouts, dropped when the catalog is rebuilt.
+const TABLES: [&str; 6] = ["meta", "volumes", "blocks", "versions", "filecache", "damage"];
+
+/// A problem with an object of the box that a check found and that is not repaired yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Damage {
+    /// Object name as stored in the box.
+    pub object: String,
+    /// The damaged block of a volume, or `None` for the whole object.
+    pub block: Option<BlockId>,
+    /// What is wrong.
+    pub problem: String,
+}
+
+/// A volume the catalog knows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeInfo {
+    /// Object name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// BLAKE3 of the whole object, when its index records it.
+    pub hash: Option<[u8; 32]>,
+}
+
 impl Catalog {
-    /// Opens (creating if needed) the catalog file at `path`.
+    /// Opens (creating if needed) the catalog file at `path`. A catalog written with another
+    /// table layout is emptied: it is a cache, rebuilt from the box when the repository opens.
     pub fn open(path: &Path) -> Result<Self> {
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() {
@@ -97,7 +136,25 @@ impl Catalog {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| catalog_err(path, e))?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(|e| catalog_err(path, e))?;
         conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(|e| catalog_err(path, e))?;
+        let has_meta: bool = conn
+            .query_row("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'", [], |_| Ok(()))
+            .optional()
+            .map_err(|e| catalog_err(path, e))?
+            .is_some();
+        let version: Option<String> = if has_meta {
+            conn.query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| r.get(0))
+                .optional()
+                .map_err(|e| catalog_err(path, e))?
+        } else {
+            None
+        };
+        if has_meta && version.as_deref() != Some(SCHEMA_VERSION) {
+            let drop: String = TABLES.iter().map(|t| format!("DROP TABLE IF EXISTS {t};")).collect();
+            conn.execute_batch(&drop).map_err(|e| catalog_err(path, e))?;
+        }
         conn.execute_batch(SCHEMA).map_err(|e| catalog_err(path, e))?;
+        conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema', ?1)", [SCHEMA_VERSION])
+            .map_err(|e| catalog_err(path, e))?;
         Ok(Self { conn, path: path.to_path_buf() })
     }
 
@@ -108,19 +165,30 @@ impl Catalog {
 
     /// The repository id this catalog belongs to, if recorded.
     pub fn repo_id(&self) -> Result<Option<String>> {
-        Ok(self.conn.query_row("SELECT value FROM meta WHERE key = 'repo_id'", [], |r| r.get(0)).optional()?)
+        self.meta("repo_id")
     }
 
     /// Records the repository id.
     pub fn set_repo_id(&self, id: &str) -> Result<()> {
-        self.conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('repo_id', ?1)", [id])?;
+        self.set_meta("repo_id", id)
+    }
+
+    /// A value of the key-value table.
+    pub fn meta(&self, key: &str) -> Result<Option<String>> {
+        Ok(self.conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
+    }
+
+    /// Sets a value of the key-value table.
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        self.conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?1, ?2)", [key, value])?;
         Ok(())
     }
 
-    /// Where a block is stored, if any volume holds it.
+    /// Where a block is stored, if any volume holds it (the newest copy when several do).
     pub fn block(&self, id: &BlockId) -> Result<Option<BlockLocation>> {
         let mut st = self.conn.prepare_cached(
-            "SELECT v.name, b.offset, b.length, b.raw_length FROM blocks b JOIN volumes v ON v.id = b.volume WHERE b.hash = ?1",
+            "SELECT v.name, b.offset, b.length, b.raw_length FROM blocks b JOIN volumes v ON v.id = b.volume \
+             WHERE b.hash = ?1 ORDER BY b.volume DESC LIMIT 1",
         )?;
         Ok(st
             .query_row([&id.0[..]], |r| {
@@ -131,7 +199,7 @@ impl Catalog {
 
     /// Whether a block is stored.
     pub fn has_block(&self, id: &BlockId) -> Result<bool> {
-        let mut st = self.conn.prepare_cached("SELECT 1 FROM blocks WHERE hash = ?1")?;
+        let mut st = self.conn.prepare_cached("SELECT 1 FROM blocks WHERE hash = ?1 LIMIT 1")?;
         Ok(st.exists([&id.0[..]])?)
     }
 
@@ -140,8 +208,8 @@ impl Catalog {
         let name = objects::volume_name(&index.volume_id);
         let tx = self.conn.transaction()?;
         tx.execute(
-            "INSERT OR IGNORE INTO volumes(name, size, state) VALUES (?1, ?2, 'uploaded')",
-            params![name, index.volume_size as i64],
+            "INSERT OR IGNORE INTO volumes(name, size, hash, state) VALUES (?1, ?2, ?3, 'uploaded')",
+            params![name, index.volume_size as i64, index.volume_hash.as_ref().map(|h| &h[..])],
         )?;
         let vid: i64 = tx.query_row("SELECT id FROM volumes WHERE name = ?1", [&name], |r| r.get(0))?;
         {
@@ -163,33 +231,58 @@ impl Catalog {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// Every known volume, by name.
+    pub fn volumes(&self) -> Result<Vec<VolumeInfo>> {
+        let mut st = self.conn.prepare("SELECT name, size, hash FROM volumes ORDER BY name")?;
+        let rows =
+            st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<Vec<u8>>>(2)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, size, hash) = row?;
+            let hash = hash.and_then(|h| <[u8; 32]>::try_from(h).ok());
+            out.push(VolumeInfo { name, size: size as u64, hash });
+        }
+        Ok(out)
+    }
+
     /// Size recorded for a volume, and its blocks in offset order.
     pub fn volume_blocks(&self, name: &str) -> Result<(u64, Vec<VolumeBlock>)> {
         let size: i64 = self.conn.query_row("SELECT size FROM volumes WHERE name = ?1", [name], |r| r.get(0))?;
         let mut st = self.conn.prepare(
-            "SELECT b.hash, b.offset, b.length, b.raw_length FROM blocks b JOIN volumes v ON v.id = b.volume WHERE v.name = ?1 ORDER BY b.offset",
+            "SELECT b.hash, b.offset, b.length, b.raw_length FROM blocks b JOIN volumes v ON v.id = b.volume \
+             WHERE v.name = ?1 ORDER BY b.offset",
         )?;
         let rows = st.query_map([name], |r| {
-            let h: Vec<u8> = r.get(0)?;
-            Ok((h, r.get::<_, i64>(1)?, r.get::<_, u32>(2)?, r.get::<_, u32>(3)?))
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, u32>(2)?, r.get::<_, u32>(3)?))
         })?;
         let mut out = Vec::new();
         for row in rows {
             let (h, off, len, raw) = row?;
-            let id: [u8; 32] = h.try_into().map_err(|_| Error::Format("catalog: bad block id".into()))?;
-            out.push((BlockId(id), off as u64, len, raw));
+            out.push((block_id(h)?, off as u64, len, raw));
         }
         Ok((size as u64, out))
     }
 
-    /// Forgets a volume and its blocks (it is gone from the box).
+    /// Forgets a volume and its blocks (it is gone from the box). Change-detection rows that
+    /// refer to a block no other volume holds are forgotten too, so the next backup reads
+    /// those files again and stores what is missing.
     pub fn remove_volume(&mut self, name: &str) -> Result<()> {
         let tx = self.conn.transaction()?;
+        let lost: Vec<Vec<u8>> = {
+            let mut st = tx.prepare(
+                "SELECT b.hash FROM blocks b WHERE b.volume = (SELECT id FROM volumes WHERE name = ?1) \
+                 AND NOT EXISTS (SELECT 1 FROM blocks c WHERE c.hash = b.hash AND c.volume != b.volume)",
+            )?;
+            let rows = st.query_map([name], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
         tx.execute("DELETE FROM blocks WHERE volume = (SELECT id FROM volumes WHERE name = ?1)", [name])?;
         tx.execute("DELETE FROM volumes WHERE name = ?1", [name])?;
-        // Cached file contents may point at the lost blocks: forget them all, so the next
-        // backup reads every file again and stores what is missing.
-        tx.execute("DELETE FROM filecache", [])?;
+        tx.execute("DELETE FROM damage WHERE object = ?1", [name])?;
+        if !lost.is_empty() {
+            let lost: HashSet<BlockId> = lost.into_iter().map(block_id).collect::<Result<_>>()?;
+            forget_cached_files_using(&tx, &lost)?;
+        }
         tx.commit()?;
         Ok(())
     }
@@ -200,14 +293,36 @@ impl Catalog {
             self.conn.query_row("SELECT count(*), coalesce(sum(size), 0) FROM volumes", [], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })?;
-        let b: i64 = self.conn.query_row("SELECT count(*) FROM blocks", [], |r| r.get(0))?;
+        let b: i64 = self.conn.query_row("SELECT count(DISTINCT hash) FROM blocks", [], |r| r.get(0))?;
         Ok((v as u64, b as u64, s as u64))
     }
 
-    /// All versions, oldest first.
+    /// Calls `f(volume name, block id, sealed length)` for every block of every volume.
+    pub fn for_each_block(&self, mut f: impl FnMut(&str, BlockId, u32)) -> Result<()> {
+        let mut st = self.conn.prepare(
+            "SELECT v.name, b.hash, b.length FROM blocks b JOIN volumes v ON v.id = b.volume ORDER BY v.name",
+        )?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let name: String = r.get(0)?;
+            f(&name, block_id(r.get(1)?)?, r.get(2)?);
+        }
+        Ok(())
+    }
+
+    /// The versions whose manifests are in the box, oldest first.
     pub fn versions(&self) -> Result<Vec<Manifest>> {
-        let mut st = self.conn.prepare("SELECT manifest FROM versions ORDER BY time_ns, id")?;
-        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        self.versions_in("ok")
+    }
+
+    /// Versions the catalog knows whose manifests have disappeared from the box, oldest first.
+    pub fn missing_versions(&self) -> Result<Vec<Manifest>> {
+        self.versions_in("missing")
+    }
+
+    fn versions_in(&self, state: &str) -> Result<Vec<Manifest>> {
+        let mut st = self.conn.prepare("SELECT manifest FROM versions WHERE state = ?1 ORDER BY time_ns, id")?;
+        let rows = st.query_map([state], |r| r.get::<_, String>(0))?;
         let mut out = Vec::new();
         for json in rows {
             let json = json?;
@@ -221,9 +336,10 @@ impl Catalog {
         let json = serde_json::to_string(m).map_err(|e| Error::Format(e.to_string()))?;
         let tx = self.conn.transaction()?;
         tx.execute(
-            "INSERT OR REPLACE INTO versions(id, time_ns, manifest) VALUES (?1, ?2, ?3)",
+            "INSERT OR REPLACE INTO versions(id, time_ns, manifest, state) VALUES (?1, ?2, ?3, 'ok')",
             params![m.id, m.time_ns, json],
         )?;
+        tx.execute("DELETE FROM damage WHERE object = ?1", [objects::manifest_name(&m.id)])?;
         {
             let mut st = tx.prepare_cached(
                 "INSERT OR REPLACE INTO filecache(path, size, mtime_ns, ctime_ns, ino, content) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -243,9 +359,17 @@ impl Catalog {
         Ok(())
     }
 
-    /// Forgets a version (its manifest is gone from the box).
+    /// Forgets a version (deleted on purpose).
     pub fn remove_version(&self, id: &str) -> Result<()> {
         self.conn.execute("DELETE FROM versions WHERE id = ?1", [id])?;
+        self.conn.execute("DELETE FROM damage WHERE object = ?1", [objects::manifest_name(id)])?;
+        Ok(())
+    }
+
+    /// Marks a version whose manifest disappeared from the box without this catalog deleting
+    /// it: it is no longer listed, but verify reports it and repair can store it again.
+    pub fn mark_version_missing(&self, id: &str) -> Result<()> {
+        self.conn.execute("UPDATE versions SET state = 'missing' WHERE id = ?1", [id])?;
         Ok(())
     }
 
@@ -268,6 +392,70 @@ impl Catalog {
         let Ok(content) = decode_content(&blob) else { return Ok(None) };
         Ok(Some(CachedFile { path: path.to_vec(), size: size as u64, mtime_ns, ctime_ns, ino: ino as u64, content }))
     }
+
+    /// Forgets the change-detection rows that refer to any of `blocks`.
+    pub fn forget_cached_files_using(&mut self, blocks: &HashSet<BlockId>) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        forget_cached_files_using(&tx, blocks)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records a problem found with an object (replacing an earlier record of the same object and block).
+    pub fn record_damage(&self, d: &Damage) -> Result<()> {
+        let block = d.block.map(|b| b.0.to_vec()).unwrap_or_default();
+        self.conn.execute(
+            "INSERT OR REPLACE INTO damage(object, block, problem) VALUES (?1, ?2, ?3)",
+            params![d.object, block, d.problem],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets the problems recorded for an object (it was checked again, repaired or removed).
+    pub fn clear_damage(&self, object: &str) -> Result<()> {
+        self.conn.execute("DELETE FROM damage WHERE object = ?1", [object])?;
+        Ok(())
+    }
+
+    /// Every recorded problem.
+    pub fn damage(&self) -> Result<Vec<Damage>> {
+        let mut st = self.conn.prepare("SELECT object, block, problem FROM damage ORDER BY object, block")?;
+        let rows =
+            st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, String>(2)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (object, block, problem) = row?;
+            let block = if block.is_empty() { None } else { Some(block_id(block)?) };
+            out.push(Damage { object, block, problem });
+        }
+        Ok(out)
+    }
+}
+
+fn block_id(h: Vec<u8>) -> Result<BlockId> {
+    let id: [u8; 32] = h.try_into().map_err(|_| Error::Format("catalog: bad block id".into()))?;
+    Ok(BlockId(id))
+}
+
+fn forget_cached_files_using(tx: &rusqlite::Transaction<'_>, blocks: &HashSet<BlockId>) -> Result<()> {
+    let stale: Vec<Vec<u8>> = {
+        let mut st = tx.prepare("SELECT path, content FROM filecache")?;
+        let mut rows = st.query([])?;
+        let mut stale = Vec::new();
+        while let Some(r) = rows.next()? {
+            let content: Vec<u8> = r.get(1)?;
+            let uses = decode_content(&content).map_or(true, |c| c.iter().any(|b| blocks.contains(&b.id)));
+            if uses {
+                stale.push(r.get(0)?);
+            }
+        }
+        stale
+    };
+    let mut del = tx.prepare("DELETE FROM filecache WHERE path = ?1")?;
+    for p in stale {
+        del.execute([p])?;
+    }
+    Ok(())
 }
 
 fn catalog_err(path: &Path, e: rusqlite::Error) -> Error {

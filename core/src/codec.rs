@@ -124,29 +124,39 @@ fn lzma_compress(data: &[u8]) -> Option<Vec<u8>> {
 
 /// Decodes `codec byte || payload` back to the block's plaintext of `raw_len` bytes.
 pub fn decode(encoded: &[u8], raw_len: usize) -> Result<Vec<u8>> {
+    let out = decode_up_to(encoded, raw_len)?;
+    if out.len() != raw_len {
+        return Err(Error::Format(format!("block decodes to {} bytes, expected {raw_len}", out.len())));
+    }
+    Ok(out)
+}
+
+/// Decodes `codec byte || payload` whose plaintext length is not known, only bounded by
+/// `max` (used when a volume is read without its index).
+pub fn decode_up_to(encoded: &[u8], max: usize) -> Result<Vec<u8>> {
     let (&tag, payload) = encoded.split_first().ok_or_else(|| Error::Format("empty block payload".into()))?;
     let codec = Codec::from_u8(tag).ok_or_else(|| Error::Format(format!("unknown codec byte {tag}")))?;
     let out = match codec {
         Codec::None => payload.to_vec(),
-        Codec::Zstd => zstd_decompress(payload, raw_len).map_err(|e| Error::Format(format!("zstd: {e}")))?,
+        Codec::Zstd => zstd_decompress(payload, max).map_err(|e| Error::Format(format!("zstd: {e}")))?,
         Codec::Deflate => {
-            let mut out = Vec::with_capacity(raw_len);
+            let mut out = Vec::with_capacity(max.min(16 << 20));
             flate2::read::DeflateDecoder::new(payload)
-                .take(raw_len as u64 + 1)
+                .take(max as u64 + 1)
                 .read_to_end(&mut out)
                 .map_err(|e| Error::Format(format!("deflate: {e}")))?;
             out
         }
         Codec::Lzma => {
-            let mut out = Vec::with_capacity(raw_len);
+            let mut out = Vec::with_capacity(max.min(16 << 20));
             let r = lzma_rust2::LzmaReader::new_mem_limit(payload, 64 * 1024, None)
                 .map_err(|e| Error::Format(format!("lzma: {e}")))?;
-            r.take(raw_len as u64 + 1).read_to_end(&mut out).map_err(|e| Error::Format(format!("lzma: {e}")))?;
+            r.take(max as u64 + 1).read_to_end(&mut out).map_err(|e| Error::Format(format!("lzma: {e}")))?;
             out
         }
     };
-    if out.len() != raw_len {
-        return Err(Error::Format(format!("block decodes to {} bytes, expected {raw_len}", out.len())));
+    if out.len() > max {
+        return Err(Error::Format(format!("block decodes to more than {max} bytes")));
     }
     Ok(out)
 }

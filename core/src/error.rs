@@ -68,6 +68,9 @@ pub enum Error {
     /// Invalid user input.
     #[error("{0}")]
     Invalid(String),
+    /// Another process holds a lock that conflicts with the operation.
+    #[error("{0}")]
+    Locked(String),
     /// The operation was interrupted by the user.
     #[error("interrupted: {0}")]
     Interrupted(String),

@@ -5,18 +5,27 @@
 
 pub mod backend;
 pub mod backup;
+pub mod broken;
 pub mod browse;
 pub mod catalog;
 pub mod chunker;
 pub mod codec;
+pub mod compact;
 pub mod crypto;
 pub mod error;
+pub mod forget;
 pub mod location;
+pub mod lock;
 pub mod objects;
+pub mod pack;
+pub mod purge;
+pub mod repair;
 pub mod repo;
 pub mod restore;
+pub mod retention;
 pub mod time;
 pub mod tree;
+pub mod usage;
 pub mod verify;
 pub mod vfs;
 pub mod volume;

@@ -8,6 +8,7 @@
 //! data/<volume>.dblock.zip    zip of stored entries, one sealed block each
 //! index/<volume>.dindex       sealed: ids, offsets and lengths of the blocks of one volume
 //! versions/<id>.dlist         sealed: one backup version (root tree, statistics); written last
+//! locks/<id>.lock             sealed: who is using the box, until when (see `crate::lock`)
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -30,6 +31,8 @@ pub const DATA_DIR: &str = "data/";
 pub const INDEX_DIR: &str = "index/";
 /// Folder of version manifests.
 pub const VERSIONS_DIR: &str = "versions/";
+/// Folder of lock objects.
+pub const LOCKS_DIR: &str = "locks/";
 
 const SEALED_MAGIC: &[u8; 4] = b"BBO1";
 
@@ -40,6 +43,8 @@ pub enum ObjectKind {
     Index = 1,
     /// A version manifest.
     Manifest = 2,
+    /// A lock.
+    Lock = 3,
 }
 
 /// Content-defined chunking parameters, fixed per repository.
@@ -194,19 +199,27 @@ pub struct VolumeIndex {
     pub volume_id: [u8; 16],
     /// Size of the volume object in bytes.
     pub volume_size: u64,
+    /// BLAKE3 hash of the whole volume object (absent in indexes written before it was recorded).
+    pub volume_hash: Option<[u8; 32]>,
     /// Every block in the volume.
     pub entries: Vec<IndexEntry>,
 }
 
-const INDEX_MAGIC: &[u8; 4] = b"BBI1";
+/// Index payload without the volume hash.
+const INDEX_MAGIC_V1: &[u8; 4] = b"BBI1";
+/// Index payload with the volume hash.
+const INDEX_MAGIC_V2: &[u8; 4] = b"BBI2";
 
 impl VolumeIndex {
     /// Binary payload (before sealing).
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
-        w.raw(INDEX_MAGIC);
+        w.raw(if self.volume_hash.is_some() { INDEX_MAGIC_V2 } else { INDEX_MAGIC_V1 });
         w.raw(&self.volume_id);
         w.uvar(self.volume_size);
+        if let Some(h) = &self.volume_hash {
+            w.raw(h);
+        }
         w.uvar(self.entries.len() as u64);
         for e in &self.entries {
             w.raw(&e.id.0);
@@ -220,11 +233,14 @@ impl VolumeIndex {
     /// Parses an index payload.
     pub fn decode(buf: &[u8]) -> Result<Self> {
         let mut r = Reader::new(buf, "index");
-        if r.raw(4)? != INDEX_MAGIC {
-            return Err(Error::Format("index: bad magic".into()));
-        }
+        let with_hash = match r.raw(4)? {
+            m if m == INDEX_MAGIC_V2 => true,
+            m if m == INDEX_MAGIC_V1 => false,
+            _ => return Err(Error::Format("index: bad magic".into())),
+        };
         let volume_id = r.array()?;
         let volume_size = r.uvar()?;
+        let volume_hash = if with_hash { Some(r.array()?) } else { None };
         let n = r.len(buf.len() / 35 + 1)?;
         let mut entries = Vec::with_capacity(n);
         for _ in 0..n {
@@ -240,7 +256,7 @@ impl VolumeIndex {
         if !r.is_empty() {
             return Err(Error::Format("index: trailing bytes".into()));
         }
-        Ok(Self { volume_id, volume_size, entries })
+        Ok(Self { volume_id, volume_size, volume_hash, entries })
     }
 }
 
@@ -289,7 +305,9 @@ mod tests {
         #[test]
         fn index_round_trip(raw in proptest::collection::vec((any::<[u8; 32]>(), 0u64..1000, any::<u32>(), any::<u32>()), 0..20)) {
             let entries: Vec<IndexEntry> = raw.into_iter().map(|(id, offset, length, raw_len)| IndexEntry { id: BlockId(id), offset, length, raw_len }).collect();
-            let idx = VolumeIndex { volume_id: [3; 16], volume_size: 1 << 40, entries };
+            let mut idx = VolumeIndex { volume_id: [3; 16], volume_size: 1 << 40, volume_hash: None, entries };
+            prop_assert_eq!(VolumeIndex::decode(&idx.encode()).unwrap(), idx.clone());
+            idx.volume_hash = Some([7; 32]);
             prop_assert_eq!(VolumeIndex::decode(&idx.encode()).unwrap(), idx);
         }
 

@@ -4,23 +4,32 @@ use std::collections::HashSet;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use crate::backend::{Backend, BackendOptions};
-use crate::catalog::{BlockLocation, Catalog};
+use crate::catalog::{BlockLocation, Catalog, Damage};
 use crate::crypto::{self, BlockId, KeyFile, Keys};
 use crate::error::{Error, Result};
+use crate::lock::{LockGuard, LockKind};
 use crate::objects::{self, Config, Manifest, ObjectKind, VolumeIndex};
 use crate::tree::Tree;
 use crate::volume;
 
+/// Which catalog to use, and whether to build it anew.
+struct CatalogChoice<'a> {
+    path: Option<&'a Path>,
+    fresh: bool,
+}
+
 /// An unlocked repository.
 pub struct Repository {
-    backend: Backend,
+    backend: Arc<Backend>,
     config: Config,
     keys: Keys,
     key_name: String,
     catalog: Mutex<Catalog>,
     trees: Mutex<lru::LruCache<BlockId, Arc<Tree>>>,
+    lock_wait: Duration,
 }
 
 /// Where the catalog of a repository lives unless overridden.
@@ -53,8 +62,9 @@ impl Repository {
         let key_json = serde_json::to_vec_pretty(&key_file).map_err(|e| Error::Format(e.to_string()))?;
         backend.write(&key_name, key_json)?;
         let cfg = serde_json::to_vec_pretty(&config).map_err(|e| Error::Format(e.to_string()))?;
+        let raw = String::from_utf8_lossy(&cfg).into_owned();
         backend.write(objects::CONFIG_NAME, cfg)?;
-        Self::assemble(backend, config, keys, key_name, catalog)
+        Self::assemble(backend, (config, raw), keys, key_name, CatalogChoice { path: catalog, fresh: false })
     }
 
     /// Opens the repository at `location` with `password`.
@@ -64,6 +74,21 @@ impl Repository {
 
     /// Opens the repository at `location` (path or URL), reached with `opts`, with `password`.
     pub fn open_with(location: &str, opts: &BackendOptions, password: &[u8], catalog: Option<&Path>) -> Result<Self> {
+        Self::open_inner(location, opts, password, CatalogChoice { path: catalog, fresh: false })
+    }
+
+    /// Opens the repository and builds its catalog anew from the box alone (indexes and
+    /// manifests; no volume is downloaded). The old catalog file, if any, is replaced.
+    pub fn recreate_catalog(
+        location: &str,
+        opts: &BackendOptions,
+        password: &[u8],
+        catalog: Option<&Path>,
+    ) -> Result<Self> {
+        Self::open_inner(location, opts, password, CatalogChoice { path: catalog, fresh: true })
+    }
+
+    fn open_inner(location: &str, opts: &BackendOptions, password: &[u8], catalog: CatalogChoice<'_>) -> Result<Self> {
         // Opening must not create anything: a local box that does not exist is no repository.
         let local = location.strip_prefix("file://").or((!location.contains("://")).then_some(location));
         if let Some(path) = local {
@@ -72,7 +97,7 @@ impl Repository {
             }
         }
         let backend = Backend::open_with(location, opts)?;
-        let config = Self::read_config(&backend)?;
+        let config = Self::read_config_raw(&backend)?;
         let mut names = backend.list(objects::KEYS_DIR)?;
         names.retain(|n| n.ends_with(".key"));
         names.sort();
@@ -97,24 +122,43 @@ impl Repository {
 
     /// Reads the plaintext config of a box (no password needed).
     pub fn read_config(backend: &Backend) -> Result<Config> {
+        Self::read_config_raw(backend).map(|(c, _)| c)
+    }
+
+    /// The config and its text as stored.
+    fn read_config_raw(backend: &Backend) -> Result<(Config, String)> {
         match backend.read_opt(objects::CONFIG_NAME)? {
-            Some(bytes) => Config::parse(&bytes),
+            Some(bytes) => Ok((Config::parse(&bytes)?, String::from_utf8_lossy(&bytes).into_owned())),
             None => Err(Error::NotARepository(backend.location().to_string())),
         }
     }
 
     fn assemble(
         backend: Backend,
-        config: Config,
+        (config, config_text): (Config, String),
         keys: Keys,
         key_name: String,
-        catalog: Option<&Path>,
+        catalog: CatalogChoice<'_>,
     ) -> Result<Self> {
-        let path = match catalog {
+        let path = match catalog.path {
             Some(p) => p.to_path_buf(),
             None => default_catalog_path(&config.id)?,
         };
+        if catalog.fresh {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut f = path.clone().into_os_string();
+                f.push(suffix);
+                match std::fs::remove_file(&f) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(f, e)),
+                    _ => {}
+                }
+            }
+        }
         let cat = Catalog::open(&path)?;
+        // The config is not authenticated: remember the first one seen, for verify and repair.
+        if cat.meta("config")?.is_none() {
+            cat.set_meta("config", &config_text)?;
+        }
         match cat.repo_id()? {
             Some(id) if id != config.id => {
                 return Err(Error::Invalid(format!(
@@ -126,28 +170,37 @@ impl Repository {
             None => cat.set_repo_id(&config.id)?,
         }
         let repo = Self {
-            backend,
+            backend: Arc::new(backend),
             config,
             keys,
             key_name,
             catalog: Mutex::new(cat),
             trees: Mutex::new(lru::LruCache::new(NonZeroUsize::new(4096).expect("non-zero"))),
+            lock_wait: Duration::ZERO,
         };
         repo.sync_catalog()?;
         Ok(repo)
     }
 
     /// Brings the catalog up to date with the box: new or vanished indexes and manifests.
+    ///
+    /// An index or manifest that cannot be read is recorded as damage (for verify and repair)
+    /// and skipped, so one bad object never keeps the rest of the box from being used. A
+    /// manifest that disappeared without this catalog deleting it is marked missing, not
+    /// forgotten: verify reports it and repair can store it again.
     pub fn sync_catalog(&self) -> Result<()> {
-        let listed: HashSet<String> = self.backend.list(objects::INDEX_DIR)?.into_iter().collect();
+        let listed: HashSet<String> =
+            self.backend.list(objects::INDEX_DIR)?.into_iter().filter(|n| n.ends_with(".dindex")).collect();
         let known: HashSet<String> = self.catalog()?.volume_names()?.into_iter().collect();
         for index_name in &listed {
             let Some(vid) = objects::volume_id_from_name(index_name) else { continue };
             if known.contains(&objects::volume_name(&vid)) {
                 continue;
             }
-            let index = self.read_index(index_name)?;
-            self.catalog()?.add_volume(&index)?;
+            match self.read_index(index_name) {
+                Ok(index) => self.catalog()?.add_volume(&index)?,
+                Err(e) => self.note_damage(index_name, e)?,
+            }
         }
         for vol in &known {
             if let Some(vid) = objects::volume_id_from_name(vol) {
@@ -156,21 +209,34 @@ impl Repository {
                 }
             }
         }
-        let manifests: HashSet<String> = self.backend.list(objects::VERSIONS_DIR)?.into_iter().collect();
+        let manifests: HashSet<String> =
+            self.backend.list(objects::VERSIONS_DIR)?.into_iter().filter(|n| n.ends_with(".dlist")).collect();
         let known: Vec<Manifest> = self.catalog()?.versions()?;
         let known_names: HashSet<String> = known.iter().map(|m| objects::manifest_name(&m.id)).collect();
         for name in &manifests {
-            if !known_names.contains(name) && name.ends_with(".dlist") {
-                let m = self.read_manifest(name)?;
-                self.catalog()?.add_version(&m, &[])?;
+            if !known_names.contains(name) {
+                match self.read_manifest(name) {
+                    Ok(m) => self.catalog()?.add_version(&m, &[])?,
+                    Err(e) => self.note_damage(name, e)?,
+                }
             }
         }
         for m in known {
             if !manifests.contains(&objects::manifest_name(&m.id)) {
-                self.catalog()?.remove_version(&m.id)?;
+                self.catalog()?.mark_version_missing(&m.id)?;
             }
         }
         Ok(())
+    }
+
+    /// Records a damaged object met while reading the box; other errors are returned.
+    fn note_damage(&self, name: &str, e: Error) -> Result<()> {
+        match e {
+            Error::Damaged { .. } | Error::Format(_) => {
+                self.catalog()?.record_damage(&Damage { object: name.to_string(), block: None, problem: e.to_string() })
+            }
+            other => Err(other),
+        }
     }
 
     /// Reads and opens a volume index object.
@@ -199,6 +265,30 @@ impl Repository {
     /// The storage backend.
     pub fn backend(&self) -> &Backend {
         &self.backend
+    }
+
+    /// Takes a lock of `kind` on the box for `command`, waiting up to the lock wait (see
+    /// [`Self::set_lock_wait`]) for conflicting locks to be released. The lock is held until
+    /// the guard is dropped.
+    pub fn lock(&self, kind: LockKind, command: &str) -> Result<LockGuard> {
+        LockGuard::acquire(self.backend.clone(), &self.keys, kind, command, self.lock_wait)
+    }
+
+    /// A read lock for `command`, if the box can be written to: a read-only box (a write-
+    /// protected disk, read-only credentials) can still be read without one. A conflicting
+    /// exclusive lock is an error all the same.
+    pub fn read_lock(&self, command: &str) -> Result<Option<LockGuard>> {
+        match self.lock(LockKind::Read, command) {
+            Ok(g) => Ok(Some(g)),
+            Err(e @ Error::Locked(_)) => Err(e),
+            Err(Error::Backend { .. } | Error::Io { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// How long [`Self::lock`] waits for conflicting locks (default: not at all).
+    pub fn set_lock_wait(&mut self, wait: Duration) {
+        self.lock_wait = wait;
     }
 
     /// The repository's config.

@@ -108,6 +108,9 @@ pub fn restore(
     cancel: &AtomicBool,
 ) -> Result<RestoreSummary> {
     let started = Instant::now();
+    // Compaction must not delete volumes while they are read.
+    let _lock = repo.read_lock("restore")?;
+    repo.sync_catalog()?;
     let root = repo.tree(&version.root_id()?)?;
     let mut items = Vec::new();
     let wanted: Vec<PathBuf> = if paths.is_empty() { vec![PathBuf::from("/")] } else { paths.to_vec() };

@@ -1,23 +1,24 @@
 //! Verification: does the box hold everything the versions need, intact?
 //!
-//! Checks the listing of the box against the catalog, opens every manifest
-//! and walks every version's trees (each distinct tree once), checks that
-//! every block a file needs is indexed, and downloads selected volumes to
-//! decrypt and check every block in them. Each problem names the object as
-//! stored in the box and the versions and paths it affects.
+//! Checks the listing of the box against the catalog, the config against the one the catalog
+//! first saw, opens every index and manifest (small objects), walks every version's trees
+//! (each distinct tree once), checks that every block a file needs is indexed, and downloads
+//! selected volumes to check their hash and decrypt and check every block in them. Each
+//! problem names the object as stored in the box and the versions and paths it affects.
+//! Damage found in volumes is recorded in the catalog for `repair`, `list-broken-files` and
+//! `purge-broken-files`; volumes found intact are cleared.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rand::seq::SliceRandom;
 
+use crate::catalog::Damage;
 use crate::crypto::BlockId;
 use crate::error::{Error, Result};
 use crate::objects::{self, Manifest};
 use crate::repo::Repository;
+use crate::usage;
 
 /// Which volumes to download and check block by block.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -35,6 +36,15 @@ pub enum Selection {
 pub struct VerifyOptions {
     /// Volumes whose every block is downloaded, decrypted and checked.
     pub selection: Selection,
+    /// Check only the newest version's trees and skip opening every index and manifest (the
+    /// light check that runs after each backup).
+    pub quick: bool,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        Self { selection: Selection::Samples(1), quick: false }
+    }
 }
 
 /// A file of a version that a problem affects.
@@ -66,6 +76,8 @@ pub struct VerifyReport {
     pub trees: usize,
     /// Volumes known to the catalog.
     pub volumes: usize,
+    /// Indexes and manifests opened.
+    pub metadata_objects: usize,
     /// Volumes downloaded and checked block by block.
     pub volumes_read: usize,
     /// Blocks decrypted and checked.
@@ -76,105 +88,213 @@ pub struct VerifyReport {
     pub notes: Vec<String>,
 }
 
-/// Verifies the repository.
+/// What a downloaded volume looks like.
+#[derive(Clone, Debug, Default)]
+pub struct VolumeCheck {
+    /// Problems with the volume as a whole (size, hash).
+    pub whole: Vec<String>,
+    /// Blocks that fail authentication, decoding or their id check.
+    pub bad_blocks: Vec<BlockId>,
+    /// Blocks checked.
+    pub blocks: usize,
+}
+
+impl VolumeCheck {
+    /// Whether nothing is wrong.
+    pub fn is_ok(&self) -> bool {
+        self.whole.is_empty() && self.bad_blocks.is_empty()
+    }
+
+    /// One line describing what is wrong.
+    pub fn describe(&self) -> String {
+        let mut parts = self.whole.clone();
+        if !self.bad_blocks.is_empty() {
+            parts.push(format!("{} block(s) fail authentication or their content hash", self.bad_blocks.len()));
+        }
+        parts.join("; ")
+    }
+}
+
+/// Checks a downloaded volume against what the catalog knows of it: size, hash (when the
+/// index records one) and every block.
+pub fn check_volume(repo: &Repository, vol: &str, bytes: &[u8]) -> Result<VolumeCheck> {
+    let mut check = VolumeCheck::default();
+    let (size, blocks) = repo.catalog()?.volume_blocks(vol)?;
+    let hash = repo.catalog()?.volumes()?.into_iter().find(|v| v.name == vol).and_then(|v| v.hash);
+    if bytes.len() as u64 != size {
+        check.whole.push(format!("size is {} bytes, the index says {size}", bytes.len()));
+    }
+    if let Some(h) = hash {
+        if crate::volume::hash_bytes(bytes) != h {
+            check.whole.push("content differs from the hash in its index".into());
+        }
+    }
+    let vid = objects::volume_id_from_name(vol).ok_or_else(|| Error::damaged(vol, "bad volume name"))?;
+    let cipher = repo.keys().volume_cipher(&vid);
+    for (id, off, len, raw) in blocks {
+        check.blocks += 1;
+        let ok = bytes
+            .get(off as usize..off as usize + len as usize)
+            .is_some_and(|sealed| crate::volume::open_block(repo.keys(), &cipher, vol, &id, sealed, raw).is_ok());
+        if !ok {
+            check.bad_blocks.push(id);
+        }
+    }
+    Ok(check)
+}
+
+/// Collects problems and the blocks each makes unreadable.
+#[derive(Default)]
+struct Findings {
+    problems: Vec<Problem>,
+    /// Block id -> index of the problem that makes it unreadable.
+    bad_blocks: HashMap<BlockId, usize>,
+    /// (problem index, affected entry) found directly (unreadable trees).
+    direct: Vec<(usize, Affected)>,
+}
+
+impl Findings {
+    fn add(&mut self, object: impl Into<String>, problem: impl Into<String>) -> usize {
+        self.problems.push(Problem { object: object.into(), problem: problem.into(), affected: vec![] });
+        self.problems.len() - 1
+    }
+
+    fn bad(&mut self, ids: impl IntoIterator<Item = BlockId>, problem: usize) {
+        for id in ids {
+            self.bad_blocks.entry(id).or_insert(problem);
+        }
+    }
+}
+
+/// Verifies the repository under a read lock.
 pub fn verify(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBool) -> Result<VerifyReport> {
+    let _lock = repo.read_lock("verify")?;
+    verify_locked(repo, opts, cancel)
+}
+
+/// Verification for a caller that already holds a lock (e.g. right after a backup).
+pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBool) -> Result<VerifyReport> {
+    let stop = || -> Result<()> {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Interrupted("verify stopped".into()));
+        }
+        Ok(())
+    };
     let mut report = VerifyReport::default();
-    // Block id -> index of the problem that makes it unreadable.
-    let mut bad_blocks: HashMap<BlockId, usize> = HashMap::new();
-    let mut problems: Vec<Problem> = Vec::new();
+    let mut f = Findings::default();
+    repo.sync_catalog()?;
 
     // 1. The listing against the catalog.
     let data: HashSet<String> = repo.backend().list(objects::DATA_DIR)?.into_iter().collect();
     let indexes: HashSet<String> = repo.backend().list(objects::INDEX_DIR)?.into_iter().collect();
-    let mut volumes = repo.catalog()?.volume_names()?;
-    volumes.sort();
+    let manifests: HashSet<String> = repo.backend().list(objects::VERSIONS_DIR)?.into_iter().collect();
+    let volumes = repo.catalog()?.volumes()?;
     report.volumes = volumes.len();
+    let known: HashSet<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
     for name in &data {
-        let indexed = objects::volume_id_from_name(name).is_some_and(|v| indexes.contains(&objects::index_name(&v)));
-        if !indexed {
-            report
-                .notes
-                .push(format!("{name}: volume without an index (left by an interrupted backup); no version uses it"));
+        let has_index = objects::volume_id_from_name(name).is_some_and(|v| indexes.contains(&objects::index_name(&v)));
+        if !has_index {
+            report.notes.push(format!(
+                "{name}: volume without an index (left by an interrupted backup); no version uses it, \
+                 'brickbox compact' removes it"
+            ));
         }
     }
-    for vol in &volumes {
-        if !data.contains(vol) {
-            let (_, blocks) = repo.catalog()?.volume_blocks(vol)?;
-            problems.push(Problem {
-                object: vol.clone(),
-                problem: "volume is missing from the box".into(),
-                affected: vec![],
-            });
-            for (id, ..) in blocks {
-                bad_blocks.insert(id, problems.len() - 1);
-            }
+    for v in &volumes {
+        if !data.contains(&v.name) {
+            let p = f.add(&v.name, "volume is missing from the box");
+            let (_, blocks) = repo.catalog()?.volume_blocks(&v.name)?;
+            f.bad(blocks.into_iter().map(|b| b.0), p);
         }
+    }
+    if !opts.quick {
+        check_config(repo, &mut f)?;
     }
 
-    // 2. Every version's trees, each distinct tree once; every needed block must be indexed.
-    let versions = repo.versions()?;
-    report.versions = versions.len();
-    let mut seen_trees: HashSet<BlockId> = HashSet::new();
-    let mut unindexed: HashSet<BlockId> = HashSet::new();
-    let mut tree_problems: Vec<(usize, Affected)> = Vec::new();
-    for v in &versions {
-        let root = v.root_id()?;
-        let mut stack = vec![(root, PathBuf::from("/"))];
-        while let Some((id, path)) = stack.pop() {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(Error::Interrupted("verify stopped".into()));
-            }
-            if !seen_trees.insert(id) {
+    // 2. Damage met while reading indexes and manifests, and manifests that went missing.
+    for d in repo.catalog()?.damage()? {
+        let is_meta = d.object.starts_with(objects::INDEX_DIR) || d.object.starts_with(objects::VERSIONS_DIR);
+        if is_meta && (indexes.contains(&d.object) || manifests.contains(&d.object)) {
+            f.add(&d.object, d.problem);
+        }
+    }
+    for m in repo.catalog()?.missing_versions()? {
+        f.add(
+            objects::manifest_name(&m.id),
+            format!(
+                "the manifest of version {} ({}) is missing from the box; 'brickbox repair' stores it again \
+                 from the catalog, 'brickbox delete {}' forgets it",
+                m.id,
+                crate::time::format_rfc3339(m.time_ns),
+                m.id
+            ),
+        );
+    }
+    if !opts.quick {
+        for v in &volumes {
+            stop()?;
+            let Some(vid) = objects::volume_id_from_name(&v.name) else { continue };
+            let iname = objects::index_name(&vid);
+            if !indexes.contains(&iname) {
                 continue;
             }
-            let tree = match repo.tree(&id) {
-                Ok(t) => t,
+            report.metadata_objects += 1;
+            match repo.read_index(&iname) {
+                Ok(index) if index.volume_size == v.size && index.volume_hash == v.hash => {}
+                Ok(_) => {
+                    f.add(&iname, "index differs from what the catalog recorded from it");
+                }
                 Err(e) => {
-                    let object = match &e {
-                        Error::Damaged { object, .. } => object.clone(),
-                        _ => repo.locate(&id).map(|l| l.volume).unwrap_or_else(|_| format!("tree {}", id.to_hex())),
-                    };
-                    problems.push(Problem {
-                        object,
-                        problem: format!("directory tree cannot be read: {e}"),
-                        affected: vec![],
-                    });
-                    tree_problems.push((
-                        problems.len() - 1,
-                        Affected { version: v.id.clone(), path: path.to_string_lossy().into_owned() },
-                    ));
-                    continue;
+                    f.add(&iname, e.to_string());
+                    repo.catalog()?.record_damage(&Damage { object: iname, block: None, problem: e.to_string() })?;
                 }
-            };
-            let catalog = repo.catalog()?;
-            for n in &tree.nodes {
-                let p = path.join(OsStr::from_bytes(&n.name));
-                if let Some(sub) = n.subtree {
-                    stack.push((sub, p));
-                    continue;
-                }
-                for b in &n.content {
-                    if !bad_blocks.contains_key(&b.id) && !unindexed.contains(&b.id) && !catalog.has_block(&b.id)? {
-                        unindexed.insert(b.id);
-                    }
+            }
+        }
+        for name in &manifests {
+            stop()?;
+            report.metadata_objects += 1;
+            if let Err(e) = repo.read_manifest(name) {
+                if !f.problems.iter().any(|p| &p.object == name) {
+                    f.add(name, e.to_string());
                 }
             }
         }
     }
-    report.trees = seen_trees.len();
-    if !unindexed.is_empty() {
-        problems.push(Problem {
-            object: objects::INDEX_DIR.trim_end_matches('/').to_string(),
-            problem: format!("{} block(s) needed by versions are in no indexed volume", unindexed.len()),
-            affected: vec![],
-        });
-        for id in unindexed {
-            bad_blocks.insert(id, problems.len() - 1);
+
+    // 3. Every version's trees, each distinct tree once; every needed block must be indexed.
+    let all_versions = repo.versions()?;
+    let walked: Vec<Manifest> =
+        if opts.quick { all_versions.last().cloned().into_iter().collect() } else { all_versions.clone() };
+    report.versions = walked.len();
+    let usage = usage::used_blocks(repo, &walked, cancel)?;
+    report.trees = usage.trees;
+    for (id, e, version, path) in usage.unreadable {
+        let object = match &e {
+            Error::Damaged { object, .. } => object.clone(),
+            _ => repo.locate(&id).map(|l| l.volume).unwrap_or_else(|_| format!("tree {}", id.to_hex())),
+        };
+        let p = f.add(object, format!("directory tree cannot be read: {e}"));
+        f.direct.push((p, Affected { version, path: path.to_string_lossy().into_owned() }));
+    }
+    let mut unindexed = Vec::new();
+    {
+        let catalog = repo.catalog()?;
+        for id in &usage.blocks {
+            if !f.bad_blocks.contains_key(id) && !catalog.has_block(id)? {
+                unindexed.push(*id);
+            }
         }
     }
+    if !unindexed.is_empty() {
+        let p = f.add(
+            objects::INDEX_DIR.trim_end_matches('/'),
+            format!("{} block(s) needed by versions are in no indexed volume", unindexed.len()),
+        );
+        f.bad(unindexed, p);
+    }
 
-    // 3. Selected volumes: download and check every block.
-    let mut present: Vec<&String> = volumes.iter().filter(|v| data.contains(*v)).collect();
+    // 4. Selected volumes: download and check every block.
+    let mut present: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).filter(|v| data.contains(*v)).collect();
     let take = match opts.selection {
         Selection::All => present.len(),
         Selection::Samples(n) => n.min(present.len()),
@@ -184,63 +304,54 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBool) -> R
     present.truncate(take);
     present.sort();
     for vol in present {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(Error::Interrupted("verify stopped".into()));
-        }
-        let (size, blocks) = repo.catalog()?.volume_blocks(vol)?;
+        stop()?;
         report.volumes_read += 1;
         let bytes = match repo.backend().read(vol) {
             Ok(b) => b,
             Err(e) => {
-                problems.push(Problem {
-                    object: vol.clone(),
-                    problem: format!("cannot be read: {e}"),
-                    affected: vec![],
-                });
-                for (id, ..) in blocks {
-                    bad_blocks.insert(id, problems.len() - 1);
-                }
+                let p = f.add(vol, format!("cannot be read: {e}"));
+                let (_, blocks) = repo.catalog()?.volume_blocks(vol)?;
+                f.bad(blocks.into_iter().map(|b| b.0), p);
                 continue;
             }
         };
-        let mut damaged = Vec::new();
-        if bytes.len() as u64 != size {
-            damaged.push(format!("size is {} bytes, the index says {size}", bytes.len()));
-        }
-        let vid = objects::volume_id_from_name(vol).ok_or_else(|| Error::damaged(vol.as_str(), "bad volume name"))?;
-        let cipher = repo.keys().volume_cipher(&vid);
-        let mut bad_here = Vec::new();
-        for (id, off, len, raw) in blocks {
-            report.blocks_read += 1;
-            let end = off as usize + len as usize;
-            let ok = bytes
-                .get(off as usize..end)
-                .is_some_and(|sealed| crate::volume::open_block(repo.keys(), &cipher, vol, &id, sealed, raw).is_ok());
-            if !ok {
-                bad_here.push(id);
+        let check = check_volume(repo, vol, &bytes)?;
+        report.blocks_read += check.blocks;
+        let catalog = repo.catalog()?;
+        catalog.clear_damage(vol)?;
+        if !check.is_ok() {
+            for w in &check.whole {
+                catalog.record_damage(&Damage { object: vol.to_string(), block: None, problem: w.clone() })?;
             }
+            for id in &check.bad_blocks {
+                catalog.record_damage(&Damage {
+                    object: vol.to_string(),
+                    block: Some(*id),
+                    problem: "fails authentication or its content hash".into(),
+                })?;
+            }
+            drop(catalog);
+            let p = f.add(vol, check.describe());
+            f.bad(check.bad_blocks, p);
         }
-        if !bad_here.is_empty() {
-            damaged.push(format!("{} block(s) fail authentication or their content hash", bad_here.len()));
-        }
-        if !damaged.is_empty() {
-            problems.push(Problem { object: vol.clone(), problem: damaged.join("; "), affected: vec![] });
-            for id in bad_here {
-                bad_blocks.insert(id, problems.len() - 1);
+    }
+    // Damage recorded by an earlier check of a volume not read this time still stands.
+    for d in repo.catalog()?.damage()? {
+        if known.contains(d.object.as_str()) && !f.problems.iter().any(|p| p.object == d.object) {
+            let p = f.add(&d.object, format!("{} (found by an earlier check; not read this time)", d.problem));
+            if let Some(b) = d.block {
+                f.bad([b], p);
             }
         }
     }
 
-    // 4. Which files of which versions the bad blocks affect.
-    for (i, a) in tree_problems {
+    // 5. Which files of which versions the bad blocks affect.
+    let Findings { mut problems, bad_blocks, direct } = f;
+    for (i, a) in direct {
         problems[i].affected.push(a);
     }
     if !bad_blocks.is_empty() {
-        let mut hits: BTreeMap<usize, HashSet<Affected>> = BTreeMap::new();
-        for v in &versions {
-            affected_files(repo, v, &bad_blocks, &mut hits)?;
-        }
-        for (i, set) in hits {
+        for (i, set) in affected_files(repo, &all_versions, &bad_blocks)? {
             let mut list: Vec<Affected> = set.into_iter().collect();
             list.sort();
             problems[i].affected.extend(list);
@@ -250,32 +361,47 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBool) -> R
     Ok(report)
 }
 
-/// Adds every file of `version` that needs one of `bad` to `hits[problem index]`.
-fn affected_files(
-    repo: &Repository,
-    version: &Manifest,
-    bad: &HashMap<BlockId, usize>,
-    hits: &mut BTreeMap<usize, HashSet<Affected>>,
-) -> Result<()> {
-    let mut stack = vec![(version.root_id()?, PathBuf::from("/"))];
-    while let Some((id, path)) = stack.pop() {
-        let Ok(tree) = repo.tree(&id) else { continue };
-        for n in &tree.nodes {
-            let p: PathBuf = path.join(OsStr::from_bytes(&n.name));
-            if let Some(sub) = n.subtree {
-                stack.push((sub, p));
-                continue;
-            }
-            for b in &n.content {
-                if let Some(&i) = bad.get(&b.id) {
-                    hits.entry(i).or_default().insert(Affected { version: version.id.clone(), path: display(&p) });
-                }
-            }
+/// The config must be the one this catalog first saw (it is not authenticated).
+fn check_config(repo: &Repository, f: &mut Findings) -> Result<()> {
+    let now = repo.backend().read(objects::CONFIG_NAME)?;
+    let now = String::from_utf8_lossy(&now).into_owned();
+    let catalog = repo.catalog()?;
+    match catalog.meta("config")? {
+        Some(first) if first != now => {
+            f.add(
+                objects::CONFIG_NAME,
+                "differs from the config this catalog first saw; 'brickbox repair' writes the known one back",
+            );
         }
+        _ => {}
     }
     Ok(())
 }
 
-fn display(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
+/// For each problem (by index), the files of `versions` that need one of its blocks.
+pub fn affected_files(
+    repo: &Repository,
+    versions: &[Manifest],
+    bad: &HashMap<BlockId, usize>,
+) -> Result<BTreeMap<usize, HashSet<Affected>>> {
+    let mut hits: BTreeMap<usize, HashSet<Affected>> = BTreeMap::new();
+    for v in versions {
+        if let Some(&i) = v.root_id().ok().and_then(|r| bad.get(&r)) {
+            hits.entry(i).or_default().insert(Affected { version: v.id.clone(), path: "/".into() });
+        }
+        usage::walk_version(
+            repo,
+            v,
+            |p, n| {
+                let tree_hit = n.subtree.and_then(|s| bad.get(&s));
+                for &i in n.content.iter().filter_map(|b| bad.get(&b.id)).chain(tree_hit) {
+                    hits.entry(i)
+                        .or_default()
+                        .insert(Affected { version: v.id.clone(), path: p.to_string_lossy().into_owned() });
+                }
+            },
+            |_, _| {},
+        )?;
+    }
+    Ok(hits)
 }

@@ -14,9 +14,11 @@ mod error;
 mod ffi;
 mod meta;
 mod names;
+mod process;
 
 pub use apply::*;
 pub use dirs::*;
 pub use error::PathError;
 pub use meta::*;
 pub use names::*;
+pub use process::*;

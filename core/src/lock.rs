@@ -1,0 +1,432 @@
+//! Locks: who is using a box, so that writers never run into each other or into readers
+//! that a deletion would hurt.
+//!
+//! A lock is a sealed object `locks/<16 hex>.lock` holding who took it (host, machine id,
+//! process id and start time, user, command), what kind it is, and when it was last
+//! refreshed. A [`LockGuard`] rewrites its object every [`REFRESH_EVERY`] from a thread of
+//! its own and deletes it when dropped.
+//!
+//! | kind | taken by | conflicts with |
+//! | --- | --- | --- |
+//! | [`LockKind::Read`] | restore, verify | exclusive |
+//! | [`LockKind::Append`] | backup | append, exclusive |
+//! | [`LockKind::Exclusive`] | forget, delete, purge, compact, repair | every other lock |
+//!
+//! Backups only add objects, so readers may run beside them; two backups may not (each would
+//! store what the other already stores). A lock is **stale** when its process is known to have
+//! ended (same machine: the process id with that start time no longer runs) or when it was not
+//! refreshed for [`STALE_AFTER`] (another machine, or a hung process). Stale locks are ignored,
+//! and removed by whoever meets them; a `kill -9`ed backup therefore never blocks the next one.
+//!
+//! Taking a lock writes it first and then lists the others: if two processes race, each sees
+//! the other's lock and both back off (and retry while `wait` allows), so both never proceed.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use brickbox_platform::{self as platform, ProcessId};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Backend;
+use crate::crypto::{self, Keys};
+use crate::error::{Error, Result};
+use crate::objects::{self, ObjectKind};
+
+/// How often a held lock is refreshed.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(5 * 60);
+/// A lock not refreshed for this long is stale.
+pub const STALE_AFTER: Duration = Duration::from_secs(30 * 60);
+
+/// What a lock allows others to do at the same time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockKind {
+    /// Reading: others may read and add, not delete.
+    Read,
+    /// Adding objects (backup): others may read.
+    Append,
+    /// Deleting or rewriting objects: nobody else.
+    Exclusive,
+}
+
+impl LockKind {
+    /// Whether a lock of this kind may be held beside one of `other`.
+    pub fn compatible(self, other: LockKind) -> bool {
+        matches!(
+            (self, other),
+            (LockKind::Read, LockKind::Read | LockKind::Append) | (LockKind::Append, LockKind::Read)
+        )
+    }
+}
+
+/// The content of a lock object.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LockInfo {
+    /// Kind of lock.
+    pub kind: LockKind,
+    /// Host name of the holder.
+    pub host: String,
+    /// Machine id of the holder (empty where unknown).
+    pub machine: String,
+    /// Process id of the holder.
+    pub pid: u32,
+    /// Start time of the holder process (clock ticks after boot; 0 = unknown).
+    pub process_start: u64,
+    /// User running the holder.
+    pub user: String,
+    /// The operation holding the lock (e.g. "backup").
+    pub command: String,
+    /// When the lock was taken, ns since the epoch.
+    pub created_ns: i64,
+    /// When the lock was last refreshed, ns since the epoch.
+    pub refreshed_ns: i64,
+}
+
+impl LockInfo {
+    fn new(kind: LockKind, command: &str) -> Self {
+        let me = platform::current_process();
+        let now = crate::time::now_ns();
+        Self {
+            kind,
+            host: platform::host_name(),
+            machine: platform::machine_id(),
+            pid: me.pid,
+            process_start: me.start,
+            user: platform::user_name(current_uid()).unwrap_or_default(),
+            command: command.to_string(),
+            created_ns: now,
+            refreshed_ns: now,
+        }
+    }
+
+    /// Why the lock no longer counts, or `None` if it is live.
+    pub fn stale_reason(&self) -> Option<String> {
+        let same_machine = self.host == platform::host_name() && self.machine == platform::machine_id();
+        if same_machine {
+            let p = ProcessId { pid: self.pid, start: self.process_start };
+            if platform::process_ended(p) == Some(true) {
+                return Some(format!("process {} on this machine has ended", self.pid));
+            }
+        }
+        let age = crate::time::now_ns().saturating_sub(self.refreshed_ns);
+        if age > STALE_AFTER.as_nanos() as i64 {
+            return Some(format!("not refreshed for {} minutes", age / 60_000_000_000));
+        }
+        None
+    }
+
+    /// A one-line description for messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} lock of '{}' by {}@{} (pid {}) since {}",
+            match self.kind {
+                LockKind::Read => "read",
+                LockKind::Append => "append",
+                LockKind::Exclusive => "exclusive",
+            },
+            self.command,
+            if self.user.is_empty() { "?" } else { &self.user },
+            self.host,
+            self.pid,
+            crate::time::format_rfc3339(self.created_ns)
+        )
+    }
+}
+
+#[cfg(unix)]
+fn current_uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+#[cfg(not(unix))]
+fn current_uid() -> u32 {
+    0
+}
+
+/// A lock object found in the box.
+#[derive(Clone, Debug)]
+pub struct FoundLock {
+    /// Object name.
+    pub name: String,
+    /// Its content, or why it cannot be read.
+    pub info: std::result::Result<LockInfo, String>,
+}
+
+impl FoundLock {
+    /// Why it does not count (stale or unreadable), or `None` if it is live.
+    pub fn stale_reason(&self) -> Option<String> {
+        match &self.info {
+            Ok(i) => i.stale_reason(),
+            Err(e) => Some(format!("unreadable: {e}")),
+        }
+    }
+}
+
+/// Every lock object of the box.
+pub fn list_locks(backend: &Backend, keys: &Keys) -> Result<Vec<FoundLock>> {
+    let mut out = Vec::new();
+    for name in backend.list(objects::LOCKS_DIR)? {
+        if !name.ends_with(".lock") {
+            continue;
+        }
+        let info = match backend.read_opt(&name)? {
+            // Released between the listing and the read.
+            None => continue,
+            Some(bytes) => read_lock(keys, &name, &bytes),
+        };
+        out.push(FoundLock { name, info });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+fn read_lock(keys: &Keys, name: &str, bytes: &[u8]) -> std::result::Result<LockInfo, String> {
+    let payload = objects::open_object(keys, ObjectKind::Lock, name, bytes).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&payload).map_err(|e| format!("not a lock: {e}"))
+}
+
+fn seal_lock(keys: &Keys, name: &str, info: &LockInfo) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec(info).map_err(|e| Error::Format(e.to_string()))?;
+    Ok(objects::seal_object(keys, ObjectKind::Lock, name, &json))
+}
+
+/// A lock held by this process; released (deleted) on drop.
+pub struct LockGuard {
+    shared: Arc<GuardShared>,
+    refresher: Option<JoinHandle<()>>,
+}
+
+struct GuardShared {
+    backend: Arc<Backend>,
+    keys: Keys,
+    name: String,
+    info: Mutex<LockInfo>,
+    stop: Mutex<bool>,
+    wake: Condvar,
+    /// Set when a refresh failed: the lock may have been broken by someone else.
+    lost: AtomicBool,
+}
+
+impl LockGuard {
+    /// Takes a lock of `kind` for `command`, waiting up to `wait` for conflicting locks to go.
+    pub fn acquire(backend: Arc<Backend>, keys: &Keys, kind: LockKind, command: &str, wait: Duration) -> Result<Self> {
+        let deadline = Instant::now() + wait;
+        let name = format!("{}{}.lock", objects::LOCKS_DIR, hex::encode(crypto::random_bytes::<8>()));
+        let info = LockInfo::new(kind, command);
+        let mut pause = Duration::from_millis(200);
+        loop {
+            // Look first, so that a box that is plainly busy is not written to.
+            let blocking = conflicts(&backend, keys, kind, &name)?;
+            if blocking.is_empty() {
+                backend.write(&name, seal_lock(keys, &name, &info)?)?;
+                let blocking = conflicts(&backend, keys, kind, &name)?;
+                if blocking.is_empty() {
+                    let shared = Arc::new(GuardShared {
+                        backend,
+                        keys: keys.clone(),
+                        name,
+                        info: Mutex::new(info),
+                        stop: Mutex::new(false),
+                        wake: Condvar::new(),
+                        lost: AtomicBool::new(false),
+                    });
+                    let s = shared.clone();
+                    let refresher = std::thread::Builder::new()
+                        .name("brickbox-lock".into())
+                        .spawn(move || s.refresh_loop())
+                        .map_err(|e| Error::Invalid(format!("cannot start the lock refresher: {e}")))?;
+                    return Ok(Self { shared, refresher: Some(refresher) });
+                }
+                // Someone took a conflicting lock at the same moment: step back.
+                backend.delete(&name)?;
+                if Instant::now() >= deadline {
+                    return Err(locked_error(&blocking));
+                }
+            } else if Instant::now() >= deadline {
+                return Err(locked_error(&blocking));
+            }
+            // Randomised, growing pauses, so that racing processes do not meet again.
+            let jitter = Duration::from_millis(u64::from(crypto::random_bytes::<1>()[0]) * 2);
+            std::thread::sleep((pause + jitter).min(deadline.saturating_duration_since(Instant::now())));
+            pause = (pause * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    /// The object name of this lock.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Fails if a refresh of the lock failed, so that a long operation stops before it
+    /// deletes anything while another process may believe the box is free.
+    pub fn check(&self) -> Result<()> {
+        if self.shared.lost.load(Ordering::SeqCst) {
+            return Err(Error::Invalid(format!(
+                "the lock {} could not be refreshed; stopping so that nothing is changed without a lock",
+                self.shared.name
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl GuardShared {
+    fn refresh_loop(&self) {
+        loop {
+            {
+                let stop = self.stop.lock().unwrap_or_else(|e| e.into_inner());
+                // Checked before every wait: the guard may be dropped before this thread first runs.
+                if *stop {
+                    return;
+                }
+                let (stop, _) = self.wake.wait_timeout(stop, REFRESH_EVERY).unwrap_or_else(|e| e.into_inner());
+                if *stop {
+                    return;
+                }
+            }
+            // Not holding the mutex while talking to the box, so that dropping never waits on it.
+            if self.refresh().is_err() {
+                self.lost.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn refresh(&self) -> Result<()> {
+        let bytes = {
+            let mut info = self.info.lock().unwrap_or_else(|e| e.into_inner());
+            info.refreshed_ns = crate::time::now_ns();
+            seal_lock(&self.keys, &self.name, &info)?
+        };
+        self.backend.write(&self.name, bytes)
+    }
+}
+
+impl std::fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockGuard").field("name", &self.shared.name).finish()
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        *self.shared.stop.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.shared.wake.notify_all();
+        if let Some(t) = self.refresher.take() {
+            let _ = t.join();
+        }
+        // Best effort: a lock left behind goes stale and is ignored.
+        let _ = self.shared.backend.delete(&self.shared.name);
+    }
+}
+
+/// Live locks other than `own` that conflict with `kind`; stale ones met on the way are removed.
+fn conflicts(backend: &Backend, keys: &Keys, kind: LockKind, own: &str) -> Result<Vec<LockInfo>> {
+    let mut out = Vec::new();
+    for found in list_locks(backend, keys)? {
+        if found.name == own {
+            continue;
+        }
+        match (found.stale_reason(), found.info) {
+            (Some(_), Ok(_)) => {
+                // Its process is gone or it expired: nobody holds it any more.
+                let _ = backend.delete(&found.name);
+            }
+            // An object we cannot read is left for `locks --break`; it blocks nobody.
+            (Some(_), Err(_)) => {}
+            (None, Ok(info)) => {
+                if !kind.compatible(info.kind) {
+                    out.push(info);
+                }
+            }
+            (None, Err(_)) => {}
+        }
+    }
+    Ok(out)
+}
+
+fn locked_error(blocking: &[LockInfo]) -> Error {
+    let who: Vec<String> = blocking.iter().map(LockInfo::describe).collect();
+    Error::Locked(format!(
+        "the box is in use: {}. Wait for it to finish (or pass --lock-wait); if that process is gone for good, \
+         'brickbox locks --break' removes stale locks",
+        who.join("; ")
+    ))
+}
+
+/// Removes stale and unreadable locks (and with `all`, every lock); returns the removed names.
+pub fn break_locks(backend: &Backend, keys: &Keys, all: bool) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for found in list_locks(backend, keys)? {
+        if all || found.stale_reason().is_some() {
+            backend.delete(&found.name)?;
+            removed.push(found.name);
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compatibility_table() {
+        use LockKind::*;
+        assert!(Read.compatible(Read));
+        assert!(Read.compatible(Append));
+        assert!(Append.compatible(Read));
+        assert!(!Append.compatible(Append));
+        for k in [Read, Append, Exclusive] {
+            assert!(!Exclusive.compatible(k));
+            assert!(!k.compatible(Exclusive));
+        }
+    }
+
+    #[test]
+    fn own_lock_is_live_and_a_dead_one_is_stale() {
+        let mut info = LockInfo::new(LockKind::Append, "backup");
+        assert_eq!(info.stale_reason(), None);
+        info.process_start += 1;
+        assert!(info.stale_reason().is_some());
+        let mut old = LockInfo::new(LockKind::Read, "restore");
+        old.host = "elsewhere".into();
+        assert_eq!(old.stale_reason(), None);
+        old.refreshed_ns -= STALE_AFTER.as_nanos() as i64 + 1;
+        assert!(old.stale_reason().unwrap().contains("refreshed"));
+    }
+
+    #[test]
+    fn locks_conflict_and_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(Backend::open(dir.path().to_str().unwrap()).unwrap());
+        let keys = Keys::from_master([1; 32]);
+        let a = LockGuard::acquire(backend.clone(), &keys, LockKind::Append, "backup", Duration::ZERO).unwrap();
+        let r = LockGuard::acquire(backend.clone(), &keys, LockKind::Read, "restore", Duration::ZERO).unwrap();
+        let e = LockGuard::acquire(backend.clone(), &keys, LockKind::Append, "backup", Duration::ZERO);
+        assert!(matches!(e, Err(Error::Locked(ref m)) if m.contains("append lock of 'backup'")), "{e:?}");
+        assert!(LockGuard::acquire(backend.clone(), &keys, LockKind::Exclusive, "compact", Duration::ZERO).is_err());
+        assert_eq!(list_locks(&backend, &keys).unwrap().len(), 2);
+        drop(a);
+        drop(r);
+        assert!(list_locks(&backend, &keys).unwrap().is_empty());
+        let x = LockGuard::acquire(backend.clone(), &keys, LockKind::Exclusive, "compact", Duration::ZERO).unwrap();
+        assert!(x.check().is_ok());
+    }
+
+    #[test]
+    fn stale_locks_do_not_block_and_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(Backend::open(dir.path().to_str().unwrap()).unwrap());
+        let keys = Keys::from_master([2; 32]);
+        let mut dead = LockInfo::new(LockKind::Exclusive, "compact");
+        dead.process_start += 1;
+        let name = "locks/00000000000000aa.lock";
+        backend.write(name, seal_lock(&keys, name, &dead).unwrap()).unwrap();
+        let g = LockGuard::acquire(backend.clone(), &keys, LockKind::Append, "backup", Duration::ZERO).unwrap();
+        let names: Vec<String> = list_locks(&backend, &keys).unwrap().into_iter().map(|l| l.name).collect();
+        assert_eq!(names, vec![g.name().to_string()]);
+    }
+}

@@ -1,0 +1,74 @@
+//! Identity of processes on this machine, so that a lock left by a process that no longer
+//! runs can be recognised.
+
+/// What identifies a running process here: its id and its start time. The start time
+/// tells a process apart from a later one that was given the same id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessId {
+    /// Process id.
+    pub pid: u32,
+    /// Start time in clock ticks after boot (Linux), 0 where unknown.
+    pub start: u64,
+}
+
+/// This process.
+pub fn current_process() -> ProcessId {
+    let pid = std::process::id();
+    ProcessId { pid, start: start_time(pid).unwrap_or(0) }
+}
+
+/// Whether the process is known to have ended: `Some(false)` if it (or a process with its id
+/// and start time) still runs, `Some(true)` if it does not, `None` if that cannot be told here.
+pub fn process_ended(p: ProcessId) -> Option<bool> {
+    if !cfg!(target_os = "linux") {
+        return None;
+    }
+    match start_time(p.pid) {
+        None => Some(true),
+        Some(start) => Some(p.start != 0 && start != p.start),
+    }
+}
+
+/// The start time of a process from `/proc/<pid>/stat` (field 22), `None` if there is no such process.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain spaces: split after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// An id of this machine that survives renaming it (`/etc/machine-id`), or the empty string.
+pub fn machine_id() -> String {
+    ["/etc/machine-id", "/var/lib/dbus/machine-id"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_runs() {
+        let me = current_process();
+        assert_eq!(me.pid, std::process::id());
+        if cfg!(target_os = "linux") {
+            assert_ne!(me.start, 0);
+            assert_eq!(process_ended(me), Some(false));
+            assert_eq!(process_ended(ProcessId { pid: me.pid, start: me.start + 1 }), Some(true));
+        }
+    }
+
+    #[test]
+    fn a_finished_child_has_ended() {
+        let mut child = std::process::Command::new("true").spawn().expect("spawn true");
+        let pid = child.id();
+        let start = start_time(pid).unwrap_or(0);
+        child.wait().expect("wait");
+        if cfg!(target_os = "linux") {
+            assert_eq!(process_ended(ProcessId { pid, start }), Some(true));
+        }
+    }
+}
