@@ -58,6 +58,10 @@ pub struct Global {
     /// Download limit in bytes per second (e.g. 20MiB).
     #[arg(long, value_name = "RATE", value_parser = crate::format::parse_size, env = "BRICKBOX_THROTTLE_DOWNLOAD", global = true)]
     pub throttle_download: Option<u64>,
+    /// How long to wait for another process's lock on the box to be released (e.g. 10m);
+    /// default: fail at once, naming the holder.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = crate::remote::parse_duration, env = "BRICKBOX_LOCK_WAIT", global = true)]
+    pub lock_wait: std::time::Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -80,6 +84,24 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Check that the box holds everything the versions need, intact.
     Verify(VerifyArgs),
+    /// Re-upload missing or damaged objects from intact data and local files; rebuild indexes.
+    Repair(crate::maintain::RepairArgs),
+    /// Rebuild the local catalog from the box alone (no data volume is downloaded).
+    RecreateDb,
+    /// Remove versions by retention rules, then compact (unless --no-compact).
+    Forget(crate::maintain::ForgetArgs),
+    /// Remove the given versions, then compact (unless --no-compact).
+    Delete(crate::maintain::DeleteArgs),
+    /// Remove paths from versions (e.g. something backed up by mistake).
+    Purge(crate::maintain::PurgeArgs),
+    /// Give back the space of data no version needs: delete, repack and merge volumes.
+    Compact(crate::maintain::CompactArgs),
+    /// List the files of versions that cannot be restored intact.
+    ListBrokenFiles,
+    /// Remove files that cannot be restored intact from every version (after repairing what can be).
+    PurgeBrokenFiles(crate::maintain::PurgeBrokenArgs),
+    /// Show the locks on the box; remove stale ones.
+    Locks(crate::maintain::LocksArgs),
     /// Show the repository's parameters.
     Config,
     /// Change the repository password (data is not re-encrypted).
@@ -121,6 +143,12 @@ pub struct BackupArgs {
     /// Show what would be stored without storing anything.
     #[arg(long)]
     pub dry_run: bool,
+    /// Volumes to download and check after the backup (0 = none).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub verify_samples: usize,
+    /// Do not check anything after the backup (same as --verify-samples 0 and no tree check).
+    #[arg(long)]
+    pub no_verify: bool,
 }
 
 #[derive(Args, Debug)]

@@ -36,6 +36,15 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Diff(a) => diff(&g, a),
         Command::Restore(a) => restore_cmd(&g, a),
         Command::Verify(a) => verify(&g, a),
+        Command::Repair(a) => crate::maintain::repair(&g, a),
+        Command::RecreateDb => crate::maintain::recreate_db(&g),
+        Command::Forget(a) => crate::maintain::forget(&g, a),
+        Command::Delete(a) => crate::maintain::delete(&g, a),
+        Command::Purge(a) => crate::maintain::purge(&g, a),
+        Command::Compact(a) => crate::maintain::compact(&g, a),
+        Command::ListBrokenFiles => crate::maintain::list_broken_files(&g),
+        Command::PurgeBrokenFiles(a) => crate::maintain::purge_broken_files(&g, a),
+        Command::Locks(a) => crate::maintain::locks(&g, a),
         Command::Config => config(&g),
         Command::Passwd(a) => passwd(&g, a),
         Command::Backends => crate::remote::backends(&g),
@@ -88,10 +97,22 @@ pub(crate) fn open(g: &Global) -> Result<Repository> {
     let loc = repo_location(g)?;
     let opts = crate::remote::backend_options(g, loc)?;
     let pw = password(g, false)?;
-    Ok(Repository::open_with(loc, &opts, &pw, g.db.as_deref())?)
+    let mut repo = Repository::open_with(loc, &opts, &pw, g.db.as_deref())?;
+    repo.set_lock_wait(g.lock_wait);
+    Ok(repo)
 }
 
-fn print_json(v: &serde_json::Value) -> Result<()> {
+/// Opens the repository with a catalog built anew from the box.
+pub(crate) fn open_recreated(g: &Global) -> Result<Repository> {
+    let loc = repo_location(g)?;
+    let opts = crate::remote::backend_options(g, loc)?;
+    let pw = password(g, false)?;
+    let mut repo = Repository::recreate_catalog(loc, &opts, &pw, g.db.as_deref())?;
+    repo.set_lock_wait(g.lock_wait);
+    Ok(repo)
+}
+
+pub(crate) fn print_json(v: &serde_json::Value) -> Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, v)?;
     writeln!(out)?;
@@ -134,6 +155,15 @@ fn backup_cmd(g: &Global, a: crate::args::BackupArgs) -> Result<u8> {
     let result = backup::backup(&repo, &a.sources, &opts, &progress, &CANCEL);
     drop(bar);
     let s = result?;
+    // A light check that what was just stored can be read: the new version's trees are
+    // complete and a sample of volumes is intact.
+    let check = if a.no_verify || a.dry_run {
+        None
+    } else {
+        use brickbox_core::verify::{self, Selection, VerifyOptions};
+        let opts = VerifyOptions { selection: Selection::Samples(a.verify_samples), quick: true };
+        Some(verify::verify(&repo, &opts, &CANCEL).context("the backup was saved, but checking the box failed")?)
+    };
     if g.json {
         print_json(&serde_json::to_value(&s)?)?;
     } else if !g.quiet {
@@ -156,6 +186,16 @@ fn backup_cmd(g: &Global, a: crate::args::BackupArgs) -> Result<u8> {
             s.volumes,
             s.seconds
         );
+    }
+    if let Some(report) = check.filter(|r| !r.problems.is_empty()) {
+        for p in &report.problems {
+            eprintln!("PROBLEM {}: {}", p.object, p.problem);
+        }
+        eprintln!(
+            "the backup was saved, but the box has {} problem(s): run 'brickbox verify' for details and 'brickbox repair' to fix them",
+            report.problems.len()
+        );
+        return Ok(1);
     }
     if !s.warnings.is_empty() {
         if !g.json && !g.quiet {
@@ -207,14 +247,14 @@ fn versions(g: &Global) -> Result<u8> {
 }
 
 /// A version spec given on the command line.
-fn version_arg(s: &std::ffi::OsStr) -> Result<String> {
+pub(crate) fn version_arg(s: &std::ffi::OsStr) -> Result<String> {
     s.to_str().map(str::to_string).ok_or_else(|| {
         anyhow!("'{}' is not a version (use latest, a number, an id prefix or a date)", s.to_string_lossy())
     })
 }
 
 /// Absolute path as stored in the box: relative paths are taken from the current directory.
-fn box_path(p: &Path) -> Result<PathBuf> {
+pub(crate) fn box_path(p: &Path) -> Result<PathBuf> {
     Ok(if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) })
 }
 
@@ -524,7 +564,7 @@ fn verify(g: &Global, a: crate::args::VerifyArgs) -> Result<u8> {
         Selection::Samples(a.samples.unwrap_or(1))
     };
     let repo = open(g)?;
-    let report = verify::verify(&repo, &VerifyOptions { selection }, &CANCEL)?;
+    let report = verify::verify(&repo, &VerifyOptions { selection, quick: false }, &CANCEL)?;
     if g.json {
         print_json(&serde_json::to_value(&report)?)?;
     } else {

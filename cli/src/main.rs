@@ -3,6 +3,7 @@
 mod args;
 mod commands;
 mod format;
+mod maintain;
 mod mount_cmd;
 mod progress;
 mod remote;

@@ -9,3 +9,4 @@ mod mount;
 mod options;
 mod remote;
 mod roundtrip;
+mod trust;

@@ -1,0 +1,400 @@
+//! Trust: retention, deletion, purge, compaction, locks, verify, repair, recreate-db and
+//! broken files, through the real binary on real boxes.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::common::*;
+
+/// A source of a few files: two random ones of `big` bytes, text, a nested folder.
+fn make_source(env: &Env, big: u64) -> PathBuf {
+    let src = env.mkdir("src");
+    fs::create_dir_all(src.join("docs/deep")).unwrap();
+    write_random(&src.join("a.bin"), 1, big);
+    write_random(&src.join("docs/b.bin"), 2, big);
+    fs::write(src.join("docs/notes.txt"), text_bytes(3, 40_000)).unwrap();
+    fs::write(src.join("docs/deep/small.txt"), b"small\n").unwrap();
+    src
+}
+
+/// Volume objects of the box.
+fn volumes(env: &Env) -> Vec<PathBuf> {
+    objects(&env.repo, "data")
+}
+
+/// `verify --all --json`; returns (exit code, report).
+fn verify_all(env: &Env) -> (i32, Value) {
+    let r = env.run(&args!["verify", "--all", "--json"]);
+    (r.code, r.json())
+}
+
+#[track_caller]
+fn assert_clean(env: &Env) {
+    let (code, report) = verify_all(env);
+    assert_eq!(code, 0, "verify found problems: {report:#}");
+    assert!(report["problems"].as_array().unwrap().is_empty());
+}
+
+/// Restores version `spec` into a new folder and returns where `src` landed.
+fn restore_version(env: &Env, spec: &str, src: &Path, name: &str) -> PathBuf {
+    let target = env.path().join(name);
+    env.restore(&args![spec], &target);
+    restored(&target, src)
+}
+
+#[test]
+fn forget_keeps_what_the_rules_say_and_compaction_frees_the_space() {
+    let env = Env::with_box();
+    let src = make_source(&env, 2 * MIB);
+    let mut copies = Vec::new();
+    for i in 0..4u64 {
+        // Each version replaces a.bin entirely: the old content becomes garbage once forgotten.
+        write_random(&src.join("a.bin"), 100 + i, 2 * MIB);
+        env.backup(&args![&src, "--volume-size", "1MiB", "--tag", if i == 0 { "keep" } else { "daily" }]);
+        let copy = env.path().join(format!("copy{i}"));
+        fs::create_dir_all(&copy).unwrap();
+        fs::copy(src.join("a.bin"), copy.join("a.bin")).unwrap();
+        copies.push(copy);
+    }
+    let before = folder_bytes(&env.repo, "data");
+
+    // A dry run changes nothing.
+    let dry = env.json(&args!["forget", "--keep-last", "2", "--dry-run"]);
+    let would: Vec<&Value> = dry["versions"].as_array().unwrap().iter().filter(|v| v["keep"] == false).collect();
+    assert_eq!(would.len(), 2, "{dry:#}");
+    assert_eq!(env.versions().len(), 4);
+    assert_eq!(folder_bytes(&env.repo, "data"), before);
+
+    // Keep the last two and the tagged one.
+    let out = env.json(&args!["forget", "--keep-last", "2", "--keep-tag", "keep"]);
+    let kept: Vec<&Value> = out["versions"].as_array().unwrap().iter().filter(|v| v["keep"] == true).collect();
+    assert_eq!(kept.len(), 3, "{out:#}");
+    let vs = env.versions();
+    assert_eq!(vs.len(), 3);
+    assert!(out["compact"]["volumes_deleted"].as_u64().unwrap() >= 1, "{out:#}");
+    let after = folder_bytes(&env.repo, "data");
+    assert!(after + MIB < before, "compaction freed too little: {before} -> {after}");
+    assert_clean(&env);
+
+    // Every kept version restores bit-exact: the oldest (tagged) and the last two.
+    for (spec, copy) in [("0", &copies[3]), ("1", &copies[2]), ("2", &copies[0])] {
+        let got = restore_version(&env, spec, &src, &format!("r{spec}"));
+        assert!(same_content(&got.join("a.bin"), &copy.join("a.bin")), "version {spec}");
+        assert!(same_content(&got.join("docs/b.bin"), &src.join("docs/b.bin")));
+    }
+
+    // Bad rules are clear errors.
+    let r = env.run(&args!["forget"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("no retention rule"), "{}", r.stderr);
+    let r = env.run(&args!["forget", "--retention-policy", "1W:1X"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("1X"), "{}", r.stderr);
+}
+
+#[test]
+fn retention_policy_never_removes_the_newest_version() {
+    let env = Env::with_box();
+    let src = make_source(&env, 64 * KIB);
+    for i in 0..3 {
+        fs::write(src.join("docs/notes.txt"), text_bytes(10 + i, 1000)).unwrap();
+        env.backup(&args![&src]);
+    }
+    // Every version is seconds old: a 1-second timeframe holds none but the policy keeps the newest.
+    std::thread::sleep(Duration::from_millis(1100));
+    let out = env.json(&args!["forget", "--retention-policy", "1s:1s"]);
+    assert_eq!(env.versions().len(), 1, "{out:#}");
+    assert_clean(&env);
+    let got = restore_version(&env, "latest", &src, "r");
+    assert_same_tree(&src, &got, Compare::NO_OWNERS);
+}
+
+#[test]
+fn delete_and_purge_rewrite_history() {
+    let env = Env::with_box();
+    let src = make_source(&env, 512 * KIB);
+    fs::write(src.join("secret.key"), b"oops, this should never have been backed up\n").unwrap();
+    env.backup(&args![&src]);
+    fs::write(src.join("docs/notes.txt"), text_bytes(4, 5000)).unwrap();
+    env.backup(&args![&src]);
+    fs::write(src.join("docs/deep/small.txt"), b"changed\n").unwrap();
+    env.backup(&args![&src]);
+    assert_eq!(env.versions().len(), 3);
+
+    // Purge a file from every version.
+    let secret = src.join("secret.key");
+    let dry = env.json(&args!["purge", &secret, "--dry-run"]);
+    assert_eq!(dry["versions"].as_array().unwrap().len(), 3, "{dry:#}");
+    assert!(env.json(&args!["find", "secret.key", "--all-versions"]).as_array().unwrap().len() == 3);
+    env.json(&args!["purge", &secret]);
+    assert!(env.json(&args!["find", "secret.key", "--all-versions"]).as_array().unwrap().is_empty());
+    assert_eq!(env.versions().len(), 3);
+    // Purging a path no version has changes nothing.
+    let none = env.json(&args!["purge", src.join("nothing-here")]);
+    assert!(none["versions"].as_array().unwrap().is_empty());
+
+    // Delete the middle version.
+    let before: Vec<String> = env.versions().iter().map(|v| v["id"].as_str().unwrap().to_string()).collect();
+    env.json(&args!["delete", "1"]);
+    let after: Vec<String> = env.versions().iter().map(|v| v["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(after, vec![before[0].clone(), before[2].clone()]);
+    assert_clean(&env);
+    let got = restore_version(&env, "latest", &src, "r");
+    assert!(!got.join("secret.key").exists());
+    for f in ["a.bin", "docs/b.bin", "docs/notes.txt", "docs/deep/small.txt"] {
+        assert!(same_content(&got.join(f), &src.join(f)), "{f}");
+    }
+
+    let r = env.run(&args!["purge", "/"]);
+    assert!(r.code != 0 && r.stderr.contains("brickbox delete"), "{}", r.stderr);
+    let r = env.run(&args!["delete", "7"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+}
+
+/// Starts a backup that holds its lock, and stops it (SIGSTOP) once the lock is in the box.
+fn held_backup(env: &Env, src: &Path) -> Child {
+    let mut c = env.cmd(&args!["backup", src, "--volume-size", "256KiB"]);
+    c.stdout(Stdio::null()).stderr(Stdio::null());
+    let child = c.spawn().unwrap();
+    let start = Instant::now();
+    while objects(&env.repo, "locks").is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(30), "the backup took no lock");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    signal(&child, libc::SIGSTOP);
+    child
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
+
+#[test]
+fn locks_keep_writers_apart_and_stale_locks_never_block() {
+    let env = Env::with_box();
+    let src = make_source(&env, 4 * MIB);
+    env.backup(&args![&src]);
+    write_random(&src.join("a.bin"), 7, 4 * MIB);
+
+    // A live backup holds an append lock.
+    let mut a = held_backup(&env, &src);
+    let locks = env.json(&args!["locks"]);
+    let held = locks["locks"].as_array().unwrap();
+    assert_eq!(held.len(), 1, "{locks:#}");
+    assert_eq!(held[0]["command"], "backup");
+    assert!(held[0]["stale"].is_null());
+    // Another backup, a compaction and a forget are refused with a clear message…
+    for cmd in [args!["backup", &src], args!["compact"], args!["forget", "--keep-last", "1"]] {
+        let r = env.run(&cmd);
+        assert_eq!(r.code, 1, "{cmd:?} ran beside a backup");
+        assert!(r.stderr.contains("in use") && r.stderr.contains("'backup'"), "{}", r.stderr);
+    }
+    // …but reading goes on.
+    restore_version(&env, "latest", &src, "r1");
+    assert_eq!(env.run(&args!["verify"]).code, 0);
+    // `locks --break` leaves a live lock alone.
+    env.ok(&args!["locks", "--break"]);
+    assert_eq!(objects(&env.repo, "locks").len(), 1);
+    // A waiting backup goes ahead once the first finishes.
+    let mut waiting = env.cmd(&args!["backup", &src, "--lock-wait", "2m"]);
+    waiting.stdout(Stdio::null()).stderr(Stdio::piped());
+    let waiting = waiting.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    signal(&a, libc::SIGCONT);
+    assert!(a.wait().unwrap().success());
+    let out = waiting.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(objects(&env.repo, "locks").is_empty());
+
+    // A killed backup leaves a lock that is stale at once: the next backup is not blocked.
+    write_random(&src.join("a.bin"), 8, 4 * MIB);
+    let mut k = held_backup(&env, &src);
+    signal(&k, libc::SIGKILL);
+    k.wait().unwrap();
+    let locks = env.json(&args!["locks"]);
+    assert!(locks["locks"][0]["stale"].as_str().unwrap().contains("ended"), "{locks:#}");
+    env.backup(&args![&src]);
+    assert!(objects(&env.repo, "locks").is_empty(), "the stale lock was not removed");
+    assert_clean(&env);
+    let got = restore_version(&env, "latest", &src, "r2");
+    assert_same_tree(&src, &got, Compare::NO_OWNERS);
+    // The first backup, the stopped one, the one that waited, and the last one.
+    assert_eq!(env.versions().len(), 4);
+}
+
+#[test]
+fn concurrent_backups_with_lock_wait_both_complete() {
+    let env = Env::with_box();
+    let src = make_source(&env, 3 * MIB);
+    let spawn = || {
+        let mut c = env.cmd(&args!["backup", &src, "--lock-wait", "3m"]);
+        c.stdout(Stdio::null()).stderr(Stdio::piped());
+        c.spawn().unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    for c in [a, b] {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(env.versions().len(), 2);
+    assert_clean(&env);
+}
+
+#[test]
+fn verify_finds_damage_and_repair_recovers_it_from_local_files() {
+    let env = Env::with_box();
+    let src = make_source(&env, 3 * MIB);
+    env.backup(&args![&src, "--volume-size", "1MiB"]);
+    assert_clean(&env);
+
+    // One byte of ZIP framing (not inside any block) flipped: only the volume hash sees it.
+    // Of the full volumes (file data), one is damaged that way and one deleted.
+    let vols: Vec<PathBuf> =
+        volumes(&env).into_iter().filter(|v| fs::metadata(v).unwrap().len() > 900 * 1024).collect();
+    let mut bytes = fs::read(&vols[0]).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x40;
+    fs::write(&vols[0], &bytes).unwrap();
+    let (code, report) = verify_all(&env);
+    assert_eq!(code, 1, "{report:#}");
+    let text = report.to_string();
+    assert!(text.contains("hash"), "{report:#}");
+
+    // A whole volume deleted: the files that need it are named.
+    fs::remove_file(&vols[1]).unwrap();
+    let (code, report) = verify_all(&env);
+    assert_eq!(code, 1);
+    let name = vols[1].file_name().unwrap().to_string_lossy().into_owned();
+    let p = report["problems"].as_array().unwrap().iter().find(|p| p["object"].as_str().unwrap().contains(&name));
+    let p = p.unwrap_or_else(|| panic!("{name} not reported: {report:#}"));
+    assert!(!p["affected"].as_array().unwrap().is_empty(), "{p:#}");
+    let broken = env.run(&args!["list-broken-files", "--json"]);
+    assert_eq!(broken.code, 1);
+    assert!(!broken.json().as_array().unwrap().is_empty());
+
+    // An index deleted and a manifest deleted.
+    fs::remove_file(&objects(&env.repo, "index")[2]).unwrap();
+    let manifest = objects(&env.repo, "versions")[0].clone();
+    fs::remove_file(&manifest).unwrap();
+    let (code, report) = verify_all(&env);
+    assert_eq!(code, 1);
+    assert!(report.to_string().contains("missing from the box"), "{report:#}");
+
+    // The source is unchanged: repair brings everything back.
+    let r = env.run(&args!["repair", "--json"]);
+    let rep = r.json();
+    assert_eq!(r.code, 0, "{rep:#}\n{}", r.stderr);
+    assert!(rep["blocks_recovered"].as_u64().unwrap() > 0, "{rep:#}");
+    assert_eq!(rep["manifests_restored"], 1);
+    assert!(manifest.exists());
+    assert_clean(&env);
+    assert!(env.run(&args!["list-broken-files"]).code == 0);
+    let got = restore_version(&env, "latest", &src, "r");
+    assert_same_tree(&src, &got, Compare::NO_OWNERS);
+}
+
+#[test]
+fn purge_broken_files_leaves_a_clean_box_when_data_is_lost() {
+    let env = Env::with_box();
+    let src = make_source(&env, 3 * MIB);
+    env.backup(&args![&src, "--volume-size", "1MiB"]);
+    // a.bin changes on disk, so its old blocks cannot be recovered from it.
+    write_random(&src.join("a.bin"), 99, 3 * MIB);
+    // Lose volumes until the old a.bin is broken.
+    let a_bin = src.join("a.bin").to_string_lossy().into_owned();
+    let mut broken = Vec::new();
+    for v in volumes(&env) {
+        fs::remove_file(&v).unwrap();
+        let list = env.run(&args!["list-broken-files", "--json"]).json();
+        broken = list.as_array().unwrap().iter().map(|b| b["path"].as_str().unwrap().to_string()).collect();
+        if broken.contains(&a_bin) {
+            break;
+        }
+    }
+    assert!(broken.contains(&a_bin), "{broken:?}");
+
+    // Restore still restores everything else, naming what it cannot.
+    let target = env.path().join("partial");
+    let r = env.run(&args!["restore", "--target", &target]);
+    assert_eq!(r.code, 1);
+    for p in &broken {
+        assert!(r.stderr.contains(p.as_str()), "{p} not named in:\n{}", r.stderr);
+    }
+
+    // Files still unchanged on disk are recovered; the old a.bin is gone from the version.
+    env.ok(&args!["purge-broken-files"]);
+    assert_clean(&env);
+    assert_eq!(env.run(&args!["list-broken-files"]).code, 0);
+    let got = restore_version(&env, "latest", &src, "r");
+    assert!(!got.join("a.bin").exists(), "the broken a.bin is still in the version");
+    for f in ["docs/b.bin", "docs/notes.txt", "docs/deep/small.txt"] {
+        let p = got.join(f);
+        let was_broken = broken.iter().any(|b| b.ends_with(f));
+        assert!(same_content(&p, &src.join(f)) || (was_broken && !p.exists()), "{f}");
+    }
+    // The next backup stores what is on disk again, and the box stays clean.
+    env.backup(&args![&src]);
+    assert_clean(&env);
+    let got = restore_version(&env, "latest", &src, "r2");
+    assert_same_tree(&src, &got, Compare::NO_OWNERS);
+}
+
+#[test]
+fn recreate_db_rebuilds_the_catalog_and_the_next_backup_adds_no_data() {
+    let env = Env::with_box();
+    let src = make_source(&env, 2 * MIB);
+    for i in 0..3 {
+        fs::write(src.join("docs/notes.txt"), text_bytes(20 + i, 30_000)).unwrap();
+        env.backup(&args![&src]);
+    }
+    fs::remove_file(&env.db).unwrap();
+    let _ = fs::remove_file(env.db.with_extension("sqlite-wal"));
+    let out = env.json(&args!["recreate-db"]);
+    assert_eq!(out["versions"], 3);
+    assert_eq!(env.versions().len(), 3);
+    let s = env.backup(&args![&src]);
+    // No file data; only the trees of the folders above the source, whose times changed
+    // when the catalog was rebuilt next to it.
+    assert_eq!(num(&s, "blocks_added"), 0, "{s:#}");
+    assert!(num(&s, "trees_added") <= 3, "{s:#}");
+    assert!(num(&s, "bytes_added") < 4000, "{s:#}");
+    // recreate-db over an existing catalog also works, and knows the versions.
+    let out = env.json(&args!["recreate-db"]);
+    assert_eq!(out["versions"], 4);
+    assert_clean(&env);
+}
+
+#[test]
+fn compaction_merges_small_volumes_and_cleans_up_after_interruptions() {
+    let env = Env::with_box();
+    let src = make_source(&env, 64 * KIB);
+    for i in 0..6 {
+        fs::write(src.join(format!("f{i}.bin")), random_bytes(500 + i, 200_000)).unwrap();
+        env.backup(&args![&src]);
+    }
+    let before = volumes(&env).len();
+    assert!(before >= 6);
+    // A volume without an index, as a killed backup leaves it.
+    let orphan = env.repo.join("data").join(format!("{}.dblock.zip", "ab".repeat(16)));
+    fs::write(&orphan, b"half a volume").unwrap();
+    assert!(env.json(&args!["verify"])["notes"].to_string().contains("without an index"));
+    let plan = env.json(&args!["compact", "--small-volumes", "3", "--dry-run"]);
+    assert!(plan["plan"].as_array().unwrap().len() > 3, "{plan:#}");
+    assert_eq!(volumes(&env).len(), before + 1);
+    let out = env.json(&args!["compact", "--small-volumes", "3"]);
+    assert!(!orphan.exists());
+    let after = volumes(&env).len();
+    assert!(after < before, "{before} -> {after}: {out:#}");
+    assert_clean(&env);
+    for (i, v) in ["0", "3", "5"].iter().enumerate() {
+        let got = restore_version(&env, v, &src, &format!("r{i}"));
+        assert!(same_content(&got.join("a.bin"), &src.join("a.bin")));
+    }
+    let got = restore_version(&env, "latest", &src, "last");
+    assert_same_tree(&src, &got, Compare::NO_OWNERS);
+}
