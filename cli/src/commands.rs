@@ -99,7 +99,25 @@ pub(crate) fn open(g: &Global) -> Result<Repository> {
     let pw = password(g, false)?;
     let mut repo = Repository::open_with(loc, &opts, &pw, g.db.as_deref())?;
     repo.set_lock_wait(g.lock_wait);
+    warn_about_head_damage(g, &repo)?;
     Ok(repo)
+}
+
+/// Says so when the box could only be opened with the catalog's copy of its config or key file.
+fn warn_about_head_damage(g: &Global, repo: &Repository) -> Result<()> {
+    if g.quiet {
+        return Ok(());
+    }
+    for d in repo.catalog()?.damage()? {
+        if d.object == "config" || d.object.starts_with("keys/") {
+            eprintln!(
+                "warning: {} in the box is damaged or missing ({}); opened with the copy this catalog keeps. \
+                 'brickbox repair' writes it back",
+                d.object, d.problem
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Opens the repository with a catalog built anew from the box.

@@ -175,17 +175,65 @@ pub struct KeyFile {
     pub wrapped: String,
     /// When the key was created (RFC 3339).
     pub created: String,
+    /// The box's `config` object as it was when this key was written, byte for byte: the
+    /// config is not sealed, so every key file carries a copy to check it against and to
+    /// restore it from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+    /// Hex BLAKE3 of the other fields (see [`KeyFile::checksum`]), so that a damaged key file
+    /// is told apart from a wrong password. Absent in key files written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
 }
 
 const KEY_AAD: &[u8] = b"brickbox-key-v1";
 
 impl KeyFile {
-    /// Wraps `keys`' master key under `password`.
-    pub fn wrap(keys: &Keys, password: &[u8], created: String) -> Result<Self> {
+    /// Wraps `keys`' master key under `password`, with a copy of the box's `config` text.
+    pub fn wrap(keys: &Keys, password: &[u8], created: String, config: &str) -> Result<Self> {
         let kdf = KdfParams::new_default();
         let kek = kdf.derive(password)?;
         let cipher = Aes256Gcm::new(&kek.into());
-        Ok(Self { version: 1, kdf, wrapped: hex::encode(seal(&cipher, KEY_AAD, &keys.master)), created })
+        let mut kf = Self {
+            version: 1,
+            kdf,
+            wrapped: hex::encode(seal(&cipher, KEY_AAD, &keys.master)),
+            created,
+            config: Some(config.to_string()),
+            check: None,
+        };
+        kf.check = Some(kf.checksum());
+        Ok(kf)
+    }
+
+    /// Hex BLAKE3 of `"brickbox key file check v1\n"` followed by the fields, each ended by a
+    /// newline: version, algorithm, memory_kib, iterations, parallelism, salt, wrapped, created;
+    /// then, if there is a config copy, its length in bytes and a newline, the copy and a newline.
+    pub fn checksum(&self) -> String {
+        let mut text = format!(
+            "brickbox key file check v1\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n",
+            self.version,
+            self.kdf.algorithm,
+            self.kdf.memory_kib,
+            self.kdf.iterations,
+            self.kdf.parallelism,
+            self.kdf.salt,
+            self.wrapped,
+            self.created
+        );
+        if let Some(c) = &self.config {
+            text.push_str(&format!("{}\n{c}\n", c.len()));
+        }
+        blake3::hash(text.as_bytes()).to_hex().to_string()
+    }
+
+    /// Parses a key file and checks its checksum (when it has one).
+    pub fn parse(bytes: &[u8]) -> std::result::Result<Self, String> {
+        let kf: KeyFile = serde_json::from_slice(bytes).map_err(|e| format!("not a valid key file: {e}"))?;
+        match &kf.check {
+            Some(c) if *c != kf.checksum() => Err("the key file's checksum does not match: it is damaged".into()),
+            _ => Ok(kf),
+        }
     }
 
     /// Unwraps the master key; `Ok(None)` when the password does not fit.
@@ -213,10 +261,23 @@ mod tests {
     #[test]
     fn key_wrap_round_trip_and_wrong_password() {
         let keys = Keys::generate();
-        let kf = KeyFile::wrap(&keys, b"secret", "now".into()).unwrap();
+        let kf = KeyFile::wrap(&keys, b"secret", "now".into(), "{}").unwrap();
         let back = kf.unwrap(b"secret").unwrap().unwrap();
         assert_eq!(back.master, keys.master);
         assert!(kf.unwrap(b"other").unwrap().is_none());
+        let json = serde_json::to_vec(&kf).unwrap();
+        assert!(KeyFile::parse(&json).is_ok());
+        // Any change to a field is seen as damage, not as a wrong password.
+        let mut changed = kf.clone();
+        changed.created.push('x');
+        assert!(KeyFile::parse(&serde_json::to_vec(&changed).unwrap()).unwrap_err().contains("damaged"));
+        let mut changed = kf.clone();
+        changed.config = Some("{ }".into());
+        assert!(KeyFile::parse(&serde_json::to_vec(&changed).unwrap()).is_err());
+        // Key files without a checksum are still read.
+        let mut old = kf;
+        old.check = None;
+        assert!(KeyFile::parse(&serde_json::to_vec(&old).unwrap()).is_ok());
     }
 
     proptest! {

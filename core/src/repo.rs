@@ -32,6 +32,40 @@ pub struct Repository {
     lock_wait: Duration,
 }
 
+/// The config to use: the box's, checked against the copy in the key file that unlocked it.
+/// A config that differs from that copy, cannot be read or is gone is damage: the copy is used.
+fn settle_config(
+    from_box: Result<(Config, String)>,
+    key_name: &str,
+    kf: &KeyFile,
+    damage: &mut Vec<Damage>,
+) -> Result<(Config, String)> {
+    let Some(copy) = &kf.config else { return from_box };
+    let problem = match &from_box {
+        Ok((_, text)) if text == copy => return from_box,
+        Ok(_) => format!("differs from the copy in {key_name}"),
+        Err(Error::NotARepository(_)) => "missing from the box".to_string(),
+        Err(e) => e.to_string(),
+    };
+    let config =
+        Config::parse(copy.as_bytes()).map_err(|e| Error::damaged(key_name, format!("its config copy: {e}")))?;
+    damage.push(Damage { object: objects::CONFIG_NAME.into(), block: None, problem });
+    Ok((config, copy.clone()))
+}
+
+/// Removes a catalog file and its SQLite companions.
+fn remove_catalog_files(path: &Path) -> Result<()> {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut f = path.to_path_buf().into_os_string();
+        f.push(suffix);
+        match std::fs::remove_file(&f) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(f, e)),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Where the catalog of a repository lives unless overridden.
 pub fn default_catalog_path(repo_id: &str) -> Result<PathBuf> {
     let base = brickbox_platform::cache_dir()
@@ -56,15 +90,20 @@ impl Repository {
             return Err(Error::AlreadyExists(backend.location().to_string()));
         }
         let config = Config::new(now_rfc3339());
+        let cfg = serde_json::to_vec_pretty(&config).map_err(|e| Error::Format(e.to_string()))?;
+        let raw = String::from_utf8_lossy(&cfg).into_owned();
         let keys = Keys::generate();
-        let key_file = KeyFile::wrap(&keys, password, now_rfc3339())?;
+        let key_file = KeyFile::wrap(&keys, password, now_rfc3339(), &raw)?;
         let key_name = format!("{}{}.key", objects::KEYS_DIR, hex::encode(crypto::random_bytes::<8>()));
         let key_json = serde_json::to_vec_pretty(&key_file).map_err(|e| Error::Format(e.to_string()))?;
         backend.write(&key_name, key_json)?;
-        let cfg = serde_json::to_vec_pretty(&config).map_err(|e| Error::Format(e.to_string()))?;
-        let raw = String::from_utf8_lossy(&cfg).into_owned();
         backend.write(objects::CONFIG_NAME, cfg)?;
-        Self::assemble(backend, (config, raw), keys, key_name, CatalogChoice { path: catalog, fresh: false })
+        let path = match catalog {
+            Some(p) => p.to_path_buf(),
+            None => default_catalog_path(&config.id)?,
+        };
+        let cat = Catalog::open(&path)?;
+        Self::assemble(backend, (config, raw), keys, key_name, cat, Vec::new())
     }
 
     /// Opens the repository at `location` with `password`.
@@ -88,7 +127,7 @@ impl Repository {
         Self::open_inner(location, opts, password, CatalogChoice { path: catalog, fresh: true })
     }
 
-    fn open_inner(location: &str, opts: &BackendOptions, password: &[u8], catalog: CatalogChoice<'_>) -> Result<Self> {
+    fn open_inner(location: &str, opts: &BackendOptions, password: &[u8], choice: CatalogChoice<'_>) -> Result<Self> {
         // Opening must not create anything: a local box that does not exist is no repository.
         let local = location.strip_prefix("file://").or((!location.contains("://")).then_some(location));
         if let Some(path) = local {
@@ -97,27 +136,98 @@ impl Repository {
             }
         }
         let backend = Backend::open_with(location, opts)?;
-        let config = Self::read_config_raw(&backend)?;
-        let mut names = backend.list(objects::KEYS_DIR)?;
-        names.retain(|n| n.ends_with(".key"));
-        names.sort();
+        let box_config = Self::read_config_raw(&backend);
+        let mut key_names = backend.list(objects::KEYS_DIR)?;
+        key_names.retain(|n| n.ends_with(".key"));
+        key_names.sort();
+        if key_names.is_empty() {
+            // No keys and no config: no box at all.
+            if let Err(Error::NotARepository(l)) = &box_config {
+                return Err(Error::NotARepository(l.clone()));
+            }
+        }
+        let mut damage: Vec<Damage> = Vec::new();
+        let from_box = Self::unlock_from_box(&backend, &key_names, password, &mut damage)?;
+        let config = match &from_box {
+            Some((_, name, kf)) => settle_config(box_config, name, kf, &mut damage)?,
+            None => box_config?,
+        };
+        let path = match choice.path {
+            Some(p) => p.to_path_buf(),
+            None => default_catalog_path(&config.0.id)?,
+        };
+        if choice.fresh {
+            remove_catalog_files(&path)?;
+        }
+        let cat = Catalog::open(&path)?;
+        let (keys, key_name) = match from_box {
+            Some((keys, name, _)) => (keys, name),
+            None => Self::unlock_from_catalog(&cat, &key_names, password, &mut damage)?,
+        };
+        Self::assemble(backend, config, keys, key_name, cat, damage)
+    }
+
+    /// Finds the key file in the box that `password` unlocks. A damaged key file must not hide
+    /// a good one: all are tried, and damaged ones are noted. `Ok(None)` when none fits but
+    /// some are damaged (the catalog's copy may help); a wrong password when none is damaged.
+    fn unlock_from_box(
+        backend: &Backend,
+        names: &[String],
+        password: &[u8],
+        damage: &mut Vec<Damage>,
+    ) -> Result<Option<(Keys, String, KeyFile)>> {
+        for name in names {
+            let bytes = match backend.read(name) {
+                Ok(b) => b,
+                Err(e @ Error::Damaged { .. }) => {
+                    damage.push(Damage { object: name.clone(), block: None, problem: e.to_string() });
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let kf = match KeyFile::parse(&bytes) {
+                Ok(kf) => kf,
+                Err(problem) => {
+                    damage.push(Damage { object: name.clone(), block: None, problem });
+                    continue;
+                }
+            };
+            match kf.unwrap(password) {
+                Ok(Some(keys)) => return Ok(Some((keys, name.clone(), kf))),
+                Ok(None) => {}
+                Err(e) => damage.push(Damage { object: name.clone(), block: None, problem: e.to_string() }),
+            }
+        }
+        if damage.is_empty() && !names.is_empty() {
+            return Err(Error::WrongPassword);
+        }
+        Ok(None)
+    }
+
+    /// When key files in the box are damaged and none of the others fits, the copy of the key
+    /// file this catalog last unlocked with is tried, so a damaged key file does not lock its
+    /// owner out (repair then writes it back). It is never tried when no key file is damaged:
+    /// a password changed elsewhere must not keep working through an old copy.
+    fn unlock_from_catalog(
+        cat: &Catalog,
+        names: &[String],
+        password: &[u8],
+        damage: &mut Vec<Damage>,
+    ) -> Result<(Keys, String)> {
+        if let (Some(name), Some(text)) = (cat.meta("key_name")?, cat.meta("key_file")?) {
+            let unlocked = KeyFile::parse(text.as_bytes()).ok().and_then(|kf| kf.unwrap(password).ok().flatten());
+            if let Some(keys) = unlocked {
+                if !names.contains(&name) {
+                    damage.push(Damage { object: name.clone(), block: None, problem: "missing from the box".into() });
+                }
+                return Ok((keys, name));
+            }
+        }
         if names.is_empty() {
             return Err(Error::damaged(objects::KEYS_DIR, "the repository has no key files"));
         }
-        // A damaged key file must not hide a good one: try them all, report damage only if none fits.
-        let mut damage = None;
-        for name in names {
-            let bytes = backend.read(&name)?;
-            let unwrapped = serde_json::from_slice::<KeyFile>(&bytes)
-                .map_err(|e| Error::damaged(&name, format!("not a valid key file: {e}")))
-                .and_then(|kf| kf.unwrap(password).map_err(|e| Error::damaged(&name, e.to_string())));
-            match unwrapped {
-                Ok(Some(keys)) => return Self::assemble(backend, config, keys, name, catalog),
-                Ok(None) => {}
-                Err(e) => damage = Some(e),
-            }
-        }
-        Err(damage.unwrap_or(Error::WrongPassword))
+        let d = damage.first().map(|d| Error::damaged(&d.object, &d.problem));
+        Err(d.unwrap_or(Error::WrongPassword))
     }
 
     /// Reads the plaintext config of a box (no password needed).
@@ -138,36 +248,35 @@ impl Repository {
         (config, config_text): (Config, String),
         keys: Keys,
         key_name: String,
-        catalog: CatalogChoice<'_>,
+        cat: Catalog,
+        damage: Vec<Damage>,
     ) -> Result<Self> {
-        let path = match catalog.path {
-            Some(p) => p.to_path_buf(),
-            None => default_catalog_path(&config.id)?,
-        };
-        if catalog.fresh {
-            for suffix in ["", "-wal", "-shm"] {
-                let mut f = path.clone().into_os_string();
-                f.push(suffix);
-                match std::fs::remove_file(&f) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(f, e)),
-                    _ => {}
-                }
-            }
-        }
-        let cat = Catalog::open(&path)?;
-        // The config is not authenticated: remember the first one seen, for verify and repair.
-        if cat.meta("config")?.is_none() {
-            cat.set_meta("config", &config_text)?;
-        }
         match cat.repo_id()? {
             Some(id) if id != config.id => {
                 return Err(Error::Invalid(format!(
                     "catalog {} belongs to another repository ({id}); use another --db",
-                    path.display()
+                    cat.path().display()
                 )))
             }
             Some(_) => {}
             None => cat.set_repo_id(&config.id)?,
+        }
+        // The config and key files are not sealed: remember them, for verify and repair.
+        if cat.meta("config")?.is_none() {
+            cat.set_meta("config", &config_text)?;
+        }
+        let key_text = backend.read_opt(&key_name).ok().flatten().filter(|b| KeyFile::parse(b).is_ok());
+        if let Some(text) = key_text {
+            cat.set_meta("key_name", &key_name)?;
+            cat.set_meta("key_file", &String::from_utf8_lossy(&text))?;
+        }
+        for object in cat.damage()?.into_iter().map(|d| d.object) {
+            if object == objects::CONFIG_NAME || object.starts_with(objects::KEYS_DIR) {
+                cat.clear_damage(&object)?;
+            }
+        }
+        for d in &damage {
+            cat.record_damage(d)?;
         }
         let repo = Self {
             backend: Arc::new(backend),
@@ -349,17 +458,21 @@ impl Repository {
 
     /// Adds a key for `new_password` and removes the key used to open the repository.
     pub fn change_password(&mut self, new_password: &[u8]) -> Result<()> {
-        let kf = KeyFile::wrap(&self.keys, new_password, now_rfc3339())?;
+        let config = self.catalog()?.meta("config")?.unwrap_or_default();
+        let kf = KeyFile::wrap(&self.keys, new_password, now_rfc3339(), &config)?;
         let name = format!("{}{}.key", objects::KEYS_DIR, hex::encode(crypto::random_bytes::<8>()));
         let json = serde_json::to_vec_pretty(&kf).map_err(|e| Error::Format(e.to_string()))?;
-        self.backend.write(&name, json)?;
+        self.backend.write(&name, json.clone())?;
         // The new key must be readable before the old one goes.
-        let back: KeyFile =
-            serde_json::from_slice(&self.backend.read(&name)?).map_err(|e| Error::damaged(&name, e.to_string()))?;
+        let back = KeyFile::parse(&self.backend.read(&name)?).map_err(|e| Error::damaged(&name, e))?;
         if back.unwrap(new_password)?.is_none() {
             return Err(Error::damaged(&name, "new key does not unlock; old key kept"));
         }
         self.backend.delete(&self.key_name)?;
+        let catalog = self.catalog()?;
+        catalog.set_meta("key_name", &name)?;
+        catalog.set_meta("key_file", &String::from_utf8_lossy(&json))?;
+        drop(catalog);
         self.key_name = name;
         Ok(())
     }
