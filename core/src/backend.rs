@@ -443,12 +443,12 @@ impl Backend {
                 pace(&self.down, b.len() as u64).await;
                 Ok::<_, opendal::Error>(b)
             })
-            .map_err(|e| {
-                if e.kind() == ErrorKind::NotFound {
-                    Error::damaged(name, "object is missing from the box")
-                } else {
-                    self.err(name, e)
+            .map_err(|e| match e.kind() {
+                ErrorKind::NotFound => Error::damaged(name, "object is missing from the box"),
+                ErrorKind::RangeNotSatisfied => {
+                    Error::damaged(name, format!("object is truncated (no {len} bytes at {offset})"))
                 }
+                _ => self.err(name, e),
             })?;
         if buf.len() as u64 != len {
             return Err(Error::damaged(

@@ -102,10 +102,20 @@ pub fn repair(repo: &Repository, opts: &RepairOptions, cancel: &AtomicBool) -> R
         )));
     }
 
-    // 1. Volumes whose index is missing or unreadable.
+    // 1. Volumes whose index is missing or unreadable (also when the catalog still knows them).
     let known: HashSet<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
-    let mut orphans: Vec<&String> =
-        data.iter().filter(|d| d.ends_with(".dblock.zip") && !known.contains(d.as_str())).collect();
+    let damaged_indexes: HashSet<String> = repo
+        .catalog()?
+        .damage()?
+        .into_iter()
+        .filter(|d| d.object.starts_with(objects::INDEX_DIR))
+        .filter_map(|d| objects::volume_id_from_name(&d.object))
+        .map(|v| objects::volume_name(&v))
+        .collect();
+    let mut orphans: Vec<&String> = data
+        .iter()
+        .filter(|d| d.ends_with(".dblock.zip") && (!known.contains(d.as_str()) || damaged_indexes.contains(*d)))
+        .collect();
     orphans.sort();
     for vol in orphans {
         stop()?;
@@ -356,14 +366,31 @@ fn restore_manifests(repo: &Repository, dry_run: bool, r: &mut RepairReport) -> 
     Ok(())
 }
 
-/// Writes the config back as the catalog first saw it, if it changed.
+/// Writes the config back as the catalog first saw it, and the key file this catalog unlocks
+/// with, if they changed or are gone.
 fn restore_config(repo: &Repository, dry_run: bool, r: &mut RepairReport) -> Result<()> {
-    let Some(known) = repo.catalog()?.meta("config")? else { return Ok(()) };
-    let now = repo.backend().read(objects::CONFIG_NAME)?;
-    if now != known.as_bytes() && objects::Config::parse(known.as_bytes()).is_ok() {
-        r.actions.push(format!("{}: written back as this catalog first saw it", objects::CONFIG_NAME));
+    let catalog = repo.catalog()?;
+    let saved = [
+        (Some(objects::CONFIG_NAME.to_string()), catalog.meta("config")?),
+        (catalog.meta("key_name")?, catalog.meta("key_file")?),
+    ];
+    drop(catalog);
+    let damaged: HashSet<String> = repo.catalog()?.damage()?.into_iter().map(|d| d.object).collect();
+    for (name, text) in saved {
+        let (Some(name), Some(text)) = (name, text) else { continue };
+        let now = repo.backend().read_opt(&name)?;
+        if now.as_deref() == Some(text.as_bytes()) {
+            continue;
+        }
+        // A key file is written back only when opening found it damaged or gone while it was
+        // needed, never because a password change elsewhere removed it.
+        if name != objects::CONFIG_NAME && !damaged.contains(&name) {
+            continue;
+        }
+        r.actions.push(format!("{name}: written back from the copy this catalog keeps"));
         if !dry_run {
-            repo.backend().write(objects::CONFIG_NAME, known.into_bytes())?;
+            repo.backend().write(&name, text.into_bytes())?;
+            repo.catalog()?.clear_damage(&name)?;
         }
     }
     Ok(())

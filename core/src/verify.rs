@@ -207,15 +207,38 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
             f.bad(blocks.into_iter().map(|b| b.0), p);
         }
     }
-    if !opts.quick {
-        check_config(repo, &mut f)?;
-    }
 
-    // 2. Damage met while reading indexes and manifests, and manifests that went missing.
+    // 2. Damage met while opening the box (config, key files) or reading indexes and
+    // manifests, and manifests that went missing.
     for d in repo.catalog()?.damage()? {
         let is_meta = d.object.starts_with(objects::INDEX_DIR) || d.object.starts_with(objects::VERSIONS_DIR);
-        if is_meta && (indexes.contains(&d.object) || manifests.contains(&d.object)) {
-            f.add(&d.object, d.problem);
+        let is_head = d.object == objects::CONFIG_NAME || d.object.starts_with(objects::KEYS_DIR);
+        if is_head || (is_meta && (indexes.contains(&d.object) || manifests.contains(&d.object))) {
+            let fix = if is_head {
+                "'brickbox repair' writes back the copy this catalog keeps"
+            } else if d.object.starts_with(objects::INDEX_DIR) {
+                "'brickbox repair' rebuilds it from its volume"
+            } else {
+                "'brickbox repair' stores it again if this catalog knows the version, else \
+                 'brickbox purge-broken-files' removes it"
+            };
+            f.add(&d.object, format!("{}; {fix}", d.problem));
+        }
+    }
+    if !opts.quick && !f.problems.iter().any(|p| p.object == objects::CONFIG_NAME) {
+        check_config(repo, &mut f)?;
+    }
+    if !opts.quick {
+        for name in repo.backend().list(objects::KEYS_DIR)? {
+            let problem = match repo.backend().read(&name) {
+                Ok(bytes) => crate::crypto::KeyFile::parse(&bytes).err(),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(p) = problem {
+                if !f.problems.iter().any(|x| x.object == name) {
+                    f.add(&name, p);
+                }
+            }
         }
     }
     for m in repo.catalog()?.missing_versions()? {
@@ -245,7 +268,9 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
                     f.add(&iname, "index differs from what the catalog recorded from it");
                 }
                 Err(e) => {
-                    f.add(&iname, e.to_string());
+                    if !f.problems.iter().any(|p| p.object == iname) {
+                        f.add(&iname, format!("{e}; 'brickbox repair' rebuilds it from its volume"));
+                    }
                     repo.catalog()?.record_damage(&Damage { object: iname, block: None, problem: e.to_string() })?;
                 }
             }
@@ -257,6 +282,8 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
                 if !f.problems.iter().any(|p| &p.object == name) {
                     f.add(name, e.to_string());
                 }
+                let d = Damage { object: name.clone(), block: None, problem: e.to_string() };
+                repo.catalog()?.record_damage(&d)?;
             }
         }
     }
