@@ -1,5 +1,6 @@
 //! End-to-end tests: they run the real `brickbox` binary on real files and a real box.
 
+mod campaign;
 mod common;
 mod dedup;
 mod errors;
