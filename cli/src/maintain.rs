@@ -174,6 +174,9 @@ pub struct LocksArgs {
     /// Remove every lock, also live ones (only when you know no other Brickbox uses the box).
     #[arg(long)]
     pub break_all: bool,
+    /// With --break or --break-all: only show which locks would be removed.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 fn print_problems(problems: &[Problem]) {
@@ -494,7 +497,11 @@ pub fn locks(g: &Global, a: LocksArgs) -> Result<u8> {
         bail!("give either --break or --break-all");
     }
     let repo = open(g)?;
-    let removed = if a.break_stale || a.break_all {
+    let removed = if a.dry_run {
+        let all = lock::list_locks(repo.backend(), repo.keys())?;
+        let going = all.into_iter().filter(|l| a.break_all || (a.break_stale && l.stale_reason().is_some()));
+        going.map(|l| l.name).collect()
+    } else if a.break_stale || a.break_all {
         lock::break_locks(repo.backend(), repo.keys(), a.break_all)?
     } else {
         Vec::new()
@@ -510,11 +517,11 @@ pub fn locks(g: &Global, a: LocksArgs) -> Result<u8> {
                 Err(e) => json!({"name": l.name, "error": e, "stale": l.stale_reason()}),
             })
             .collect();
-        print_json(&json!({"locks": arr, "removed": removed}))?;
+        print_json(&json!({"locks": arr, "removed": removed, "dry_run": a.dry_run}))?;
         return Ok(0);
     }
     for r in &removed {
-        println!("removed {r}");
+        println!("{} {r}", if a.dry_run { "would remove" } else { "removed" });
     }
     for l in &found {
         let state = l.stale_reason().map(|r| format!(" [stale: {r}]")).unwrap_or_default();

@@ -245,6 +245,21 @@ impl Catalog {
         Ok(out)
     }
 
+    /// One volume, if known.
+    pub fn volume(&self, name: &str) -> Result<Option<VolumeInfo>> {
+        let row = self
+            .conn
+            .query_row("SELECT size, hash FROM volumes WHERE name = ?1", [name], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Option<Vec<u8>>>(1)?))
+            })
+            .optional()?;
+        Ok(row.map(|(size, hash)| VolumeInfo {
+            name: name.to_string(),
+            size: size as u64,
+            hash: hash.and_then(|h| <[u8; 32]>::try_from(h).ok()),
+        }))
+    }
+
     /// Size recorded for a volume, and its blocks in offset order.
     pub fn volume_blocks(&self, name: &str) -> Result<(u64, Vec<VolumeBlock>)> {
         let size: i64 = self.conn.query_row("SELECT size FROM volumes WHERE name = ?1", [name], |r| r.get(0))?;

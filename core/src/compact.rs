@@ -91,14 +91,13 @@ pub fn compact_locked(
     cancel: &AtomicBool,
 ) -> Result<CompactReport> {
     let mut report = CompactReport::default();
-    let plan = plan(repo, opts, cancel)?;
+    let (plan, used) = plan(repo, opts, cancel)?;
     report.plan = plan.clone();
     if opts.dry_run || plan.is_empty() {
         return Ok(report);
     }
 
     // Blocks still needed from the volumes that go, unless a volume that stays has them too.
-    let used = usage::used_blocks(repo, &all_versions(repo)?, cancel)?.blocks;
     let going: HashSet<&str> = plan.iter().map(|p| p.volume.as_str()).collect();
     let mut elsewhere: HashSet<BlockId> = HashSet::new();
     repo.catalog()?.for_each_block(|vol, id, _| {
@@ -149,8 +148,12 @@ fn all_versions(repo: &Repository) -> Result<Vec<crate::objects::Manifest>> {
     Ok(v)
 }
 
-/// Decides what to do with each volume.
-fn plan(repo: &Repository, opts: &CompactOptions, cancel: &AtomicBool) -> Result<Vec<VolumePlan>> {
+/// Decides what to do with each volume; also returns the blocks the versions use.
+fn plan(
+    repo: &Repository,
+    opts: &CompactOptions,
+    cancel: &AtomicBool,
+) -> Result<(Vec<VolumePlan>, HashSet<BlockId>)> {
     let usage = usage::used_blocks(repo, &all_versions(repo)?, cancel)?;
     if let Some((id, e, version, path)) = usage.unreadable.first() {
         return Err(Error::Invalid(format!(
@@ -208,7 +211,7 @@ fn plan(repo: &Repository, opts: &CompactOptions, cancel: &AtomicBool) -> Result
             out.push(VolumePlan { volume: name.clone(), action: "orphan".into(), bytes: 0, used_bytes: 0 });
         }
     }
-    Ok(out)
+    Ok((out, usage.blocks))
 }
 
 /// Copies the blocks of `vol` that are used and not kept elsewhere into `writer`; returns the

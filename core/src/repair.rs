@@ -261,7 +261,7 @@ fn sorted(set: &HashSet<String>) -> Vec<&String> {
 }
 
 fn known_volume(repo: &Repository, name: &str) -> bool {
-    repo.catalog().and_then(|c| c.volume_blocks(name)).is_ok()
+    repo.catalog().and_then(|c| c.volume(name)).is_ok_and(|v| v.is_some())
 }
 
 /// Rebuilds the index of a volume from its bytes: every entry is opened and checked. Returns

@@ -120,7 +120,7 @@ impl VolumeCheck {
 pub fn check_volume(repo: &Repository, vol: &str, bytes: &[u8]) -> Result<VolumeCheck> {
     let mut check = VolumeCheck::default();
     let (size, blocks) = repo.catalog()?.volume_blocks(vol)?;
-    let hash = repo.catalog()?.volumes()?.into_iter().find(|v| v.name == vol).and_then(|v| v.hash);
+    let hash = repo.catalog()?.volume(vol)?.and_then(|v| v.hash);
     if bytes.len() as u64 != size {
         check.whole.push(format!("size is {} bytes, the index says {size}", bytes.len()));
     }
