@@ -601,12 +601,18 @@ impl Backend {
     /// empty or partial list, no error) when a request of it fails and is retried, which
     /// would make objects look missing.
     pub fn list(&self, dir: &str) -> Result<Vec<String>> {
+        Ok(self.list_sized(dir)?.into_iter().map(|(name, _)| name).collect())
+    }
+
+    /// [`Self::list`] with the size of each object as the listing gives it (0 where the
+    /// service does not say), from the same requests.
+    pub fn list_sized(&self, dir: &str) -> Result<Vec<(String, u64)>> {
         if self.native_recursive_list {
             return match self.run(|op| async move { op.list_with(dir).recursive(true).await }) {
                 Ok(entries) => Ok(entries
                     .into_iter()
                     .filter(|e| e.metadata().is_file() && !e.path().ends_with('/'))
-                    .map(|e| e.path().to_string())
+                    .map(|e| (e.path().to_string(), e.metadata().content_length()))
                     .collect()),
                 Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
                 Err(e) => Err(self.err(dir, e)),
@@ -639,7 +645,7 @@ impl Backend {
                     }
                     todo.push(sub);
                 } else if e.metadata().is_file() {
-                    files.push(path.to_string());
+                    files.push((path.to_string(), e.metadata().content_length()));
                 }
             }
         }

@@ -113,8 +113,10 @@ pub struct BackupSummary {
     pub trees_added: u64,
     /// Volumes uploaded.
     pub volumes: u64,
-    /// Problems that did not stop the backup (unreadable files…).
+    /// Problems that did not stop the backup (unreadable files, volumes missing from the box…).
     pub warnings: Vec<String>,
+    /// Findings that need no action now (e.g. a volume left by an interrupted backup).
+    pub notes: Vec<String>,
     /// Wall time in seconds.
     pub seconds: f64,
 }
@@ -261,6 +263,10 @@ pub fn backup(
         node.is_source = true;
     }
 
+    // The catalog against the box: blocks of volumes gone from the box must not be
+    // deduplicated against (see `boxcheck`).
+    let check = crate::boxcheck::before_backup(repo, !opts.dry_run)?;
+
     let tmp_base = opts
         .temp_dir
         .clone()
@@ -337,7 +343,8 @@ pub fn backup(
         blocks_added: c.blocks_added.load(Ordering::Relaxed),
         trees_added: c.trees_added.load(Ordering::Relaxed),
         volumes: shared.volumes.load(Ordering::Relaxed),
-        warnings: walk.warnings.into_inner().unwrap_or_default(),
+        warnings: check.warnings().into_iter().chain(walk.warnings.into_inner().unwrap_or_default()).collect(),
+        notes: check.notes(),
         seconds: 0.0,
     };
     if !opts.dry_run {

@@ -48,6 +48,9 @@ pub struct CachedFile {
     pub content: Vec<BlockRef>,
 }
 
+/// State of a volume whose index is in the box but whose data is not.
+const MISSING: &str = "missing";
+
 /// The SQLite catalog of one repository.
 pub struct Catalog {
     conn: Connection,
@@ -185,12 +188,79 @@ impl Catalog {
     /// Forgets a volume and its blocks (it is gone from the box).
     pub fn remove_volume(&mut self, name: &str) -> Result<()> {
         let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM blocks WHERE volume = (SELECT id FROM volumes WHERE name = ?1)", [name])?;
+        let blocks =
+            tx.execute("DELETE FROM blocks WHERE volume = (SELECT id FROM volumes WHERE name = ?1)", [name])?;
         tx.execute("DELETE FROM volumes WHERE name = ?1", [name])?;
         // Cached file contents may point at the lost blocks: forget them all, so the next
-        // backup reads every file again and stores what is missing.
-        tx.execute("DELETE FROM filecache", [])?;
+        // backup reads every file again and stores what is missing. (A volume already
+        // marked missing has no blocks left to lose.)
+        if blocks > 0 {
+            tx.execute("DELETE FROM filecache", [])?;
+        }
         tx.commit()?;
+        Ok(())
+    }
+
+    /// Every known volume: name, size recorded in its index, and whether it was found
+    /// missing from the box (see [`Self::mark_volumes_missing`]).
+    pub fn volume_states(&self) -> Result<Vec<(String, u64, bool)>> {
+        let mut st = self.conn.prepare("SELECT name, size, state FROM volumes")?;
+        let rows = st.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, String>(2)? == MISSING))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Records that volumes whose index is in the box are themselves gone (or damaged):
+    /// their blocks are forgotten, so a backup stores those blocks again instead of
+    /// pointing at lost data, and so are the change-detection rows of files that used
+    /// them, so those files are read again. The volume rows stay, marked missing, so that
+    /// syncing with the box does not bring the blocks back from the index. Returns the
+    /// blocks and the cached files forgotten.
+    pub fn mark_volumes_missing(&mut self, names: &[String]) -> Result<(u64, u64)> {
+        let tx = self.conn.transaction()?;
+        let mut lost = std::collections::HashSet::new();
+        {
+            let mut sel =
+                tx.prepare_cached("SELECT b.hash FROM blocks b JOIN volumes v ON v.id = b.volume WHERE v.name = ?1")?;
+            let mut del =
+                tx.prepare_cached("DELETE FROM blocks WHERE volume = (SELECT id FROM volumes WHERE name = ?1)")?;
+            let mut mark = tx.prepare_cached("UPDATE volumes SET state = ?2 WHERE name = ?1")?;
+            for name in names {
+                for h in sel.query_map([name], |r| r.get::<_, Vec<u8>>(0))? {
+                    lost.insert(h?);
+                }
+                del.execute([name])?;
+                mark.execute(params![name, MISSING])?;
+            }
+        }
+        let mut stale = Vec::new();
+        if !lost.is_empty() {
+            let mut st = tx.prepare("SELECT path, content FROM filecache")?;
+            let rows = st.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+            for row in rows {
+                let (path, blob) = row?;
+                // An undecodable row is as good as stale.
+                let uses_lost =
+                    decode_content(&blob).map(|c| c.iter().any(|b| lost.contains(&b.id.0[..]))).unwrap_or(true);
+                if uses_lost {
+                    stale.push(path);
+                }
+            }
+            drop(st);
+            let mut del = tx.prepare_cached("DELETE FROM filecache WHERE path = ?1")?;
+            for p in &stale {
+                del.execute([p])?;
+            }
+        }
+        tx.commit()?;
+        Ok((lost.len() as u64, stale.len() as u64))
+    }
+
+    /// Forgets a volume marked missing (it is back in the box, or its index is gone), so
+    /// that syncing with the box can add it again from its index.
+    pub fn forget_missing_volume(&mut self, name: &str) -> Result<()> {
+        self.conn.execute("DELETE FROM volumes WHERE name = ?1 AND state = ?2", params![name, MISSING])?;
         Ok(())
     }
 

@@ -706,6 +706,107 @@ fn ftp_dead_server_fails_fast() {
 }
 
 // ---------------------------------------------------------------------------
+// The catalog against the box, before each backup
+
+/// A volume deleted and one truncated behind Brickbox's back, plus a volume without an
+/// index and a stray object: the next backup names the lost volumes and `brickbox
+/// repair`, stores their blocks again so the new version restores bit-exact, and the
+/// backup after it no longer re-reads anything but still warns; the leftovers are notes.
+/// `dir` is where the box's objects are on local disk.
+fn box_check(s: &Session, dir: &Path) {
+    let env = s.env;
+    let src = env.mkdir("src");
+    fs::write(src.join("a.bin"), random_bytes(61, 600_000)).unwrap();
+    fs::write(src.join("b.bin"), random_bytes(62, 600_000)).unwrap();
+    fs::write(src.join("c.txt"), text_bytes(63, 300_000)).unwrap();
+    s.ok(&args!["init"]);
+    let b1 = s.json(&args!["backup", &src, "--volume-size", "256KiB"]);
+    assert!(b1["warnings"].as_array().unwrap().is_empty(), "{b1}");
+    let mut volumes = objects(dir, "data");
+    assert!(volumes.len() >= 3, "{volumes:?}");
+    // The largest volumes hold file data (directory trees are small).
+    volumes.sort_by_key(|p| std::cmp::Reverse(fs::metadata(p).unwrap().len()));
+    let gone = volumes[0].clone();
+    let cut = volumes[1].clone();
+    let name = |p: &Path| format!("data/{}", p.file_name().unwrap().to_string_lossy());
+    let gone_bytes = fs::read(&gone).unwrap();
+    fs::remove_file(&gone).unwrap();
+    let len = fs::metadata(&cut).unwrap().len();
+    fs::OpenOptions::new().write(true).open(&cut).unwrap().set_len(len / 2).unwrap();
+    // Left by an interrupted backup: a volume without an index. And a stray object.
+    let orphan = format!("data/{}.dblock.zip", "ab".repeat(16));
+    fs::write(dir.join(&orphan), b"PK half a volume").unwrap();
+    fs::write(dir.join("data/notes.txt"), b"not ours").unwrap();
+
+    // A dry run reports, and changes nothing.
+    let dry = s.run(&args!["backup", &src, "--dry-run", "--json"]);
+    dry.expect_code(3);
+    let dry = dry.json();
+    assert!(dry["warnings"][0].as_str().unwrap().contains("would store"), "{dry}");
+
+    let r = s.run(&args!["backup", &src, "--volume-size", "256KiB"]);
+    r.expect_code(3);
+    for want in [name(&gone), name(&cut), "brickbox repair".into(), "missing".into(), "damaged".into()] {
+        assert!(r.stderr.contains(&want), "the warning lacks {want:?}:\n{}", r.stderr);
+    }
+    assert!(r.stderr.contains("note: 1 volume(s) without an index"), "{}", r.stderr);
+    assert!(r.stderr.contains(&orphan), "{}", r.stderr);
+    assert!(r.stderr.contains("data/notes.txt"), "{}", r.stderr);
+    assert!(!r.stderr.contains("(0 file(s) are read again)"), "{}", r.stderr);
+
+    // The new version is complete, although blocks of the first were lost.
+    let t = env.path().join("restore");
+    s.ok(&args!["restore", "--target", &t]);
+    assert_same_tree(&src, &restored(&t, &src), Compare::NO_OWNERS);
+
+    // Next time: nothing is read again, but the box still needs repair.
+    let b3 = s.run(&args!["backup", &src, "--json"]);
+    b3.expect_code(3);
+    let b3 = b3.json();
+    assert_eq!(num(&b3, "files_unchanged"), 3, "{b3}");
+    assert_eq!(num(&b3, "bytes_read"), 0, "{b3}");
+    let w = b3["warnings"].as_array().unwrap();
+    assert_eq!(w.len(), 1, "{b3}");
+    assert!(w[0].as_str().unwrap().contains("earlier backup"), "{b3}");
+    assert!(w[0].as_str().unwrap().contains(&name(&gone)), "{b3}");
+    assert_eq!(b3["notes"].as_array().unwrap().len(), 2, "{b3}");
+
+    // The deleted volume comes back (say, restored on the server): used again.
+    fs::write(&gone, gone_bytes).unwrap();
+    let b4 = s.run(&args!["backup", &src, "--json"]);
+    b4.expect_code(3);
+    let b4 = b4.json();
+    let w = b4["warnings"].as_array().unwrap();
+    assert!(w.len() == 1 && !w[0].as_str().unwrap().contains(&name(&gone)), "{b4}");
+    assert!(b4["notes"].to_string().contains("are back"), "{b4}");
+    s.assert_no_secrets();
+}
+
+#[test]
+fn local_box_checked_before_backup() {
+    let env = Env::new();
+    let local = Remote {
+        addr: "127.0.0.1:9".parse().unwrap(),
+        url: env.repo.to_string_lossy().into_owned(),
+        args: vec![],
+        vars: vec![],
+        secrets: vec![],
+    };
+    let s = Session::new(&env, local);
+    box_check(&s, &env.repo);
+}
+
+#[test]
+fn sftp_box_checked_before_backup() {
+    let name = unique("check");
+    let Some(r) = remote(Proto::Sftp, &name) else { return };
+    let root = PathBuf::from(servers()["BB_SFTP_ROOT"].clone()).join(&name);
+    let env = Env::new();
+    let s = Session::new(&env, r);
+    box_check(&s, &root);
+}
+
+// ---------------------------------------------------------------------------
 // Secrets and options
 
 /// A password in the URL works, warns about shell history, and is never printed, not in
