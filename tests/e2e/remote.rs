@@ -405,6 +405,9 @@ enum Mode {
     Faulty { percent: u64, setup: u32 },
     /// Accept connections and never answer.
     Hang,
+    /// Forward everything, but flip one byte in the middle of the first large piece sent
+    /// to the server (the body of an upload): damage in transit that no error reports.
+    Corrupt,
 }
 
 struct Proxy {
@@ -436,6 +439,13 @@ impl Proxy {
                 }
                 match mode {
                     Mode::Hang => {} // kept open in `conns`, never read
+                    Mode::Corrupt => {
+                        let Ok(server) = TcpStream::connect(upstream) else { continue };
+                        if let Ok(s) = server.try_clone() {
+                            co.lock().unwrap().push(s);
+                        }
+                        pump_corrupting(client, server, fa.clone());
+                    }
                     Mode::Faulty { percent, setup } => {
                         let Ok(server) = TcpStream::connect(upstream) else { continue };
                         if let Ok(s) = server.try_clone() {
@@ -569,6 +579,57 @@ fn pump_pair(
         let _ = from.shutdown(Shutdown::Both);
         let _ = to.shutdown(Shutdown::Both);
     });
+}
+
+/// Forwards both ways; the first piece of at least 64 KiB from the client (if `damaged` is
+/// still 0) gets one byte flipped.
+fn pump_corrupting(client: TcpStream, server: TcpStream, damaged: Arc<AtomicU64>) {
+    let copy = |mut from: TcpStream, mut to: TcpStream, damage: Option<Arc<AtomicU64>>| {
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if let Some(d) = &damage {
+                    if n >= 64 * 1024 && d.compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+                        buf[n / 2] ^= 0x01;
+                    }
+                }
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = from.shutdown(Shutdown::Both);
+            let _ = to.shutdown(Shutdown::Both);
+        })
+    };
+    copy(client.try_clone().unwrap(), server.try_clone().unwrap(), Some(damaged));
+    copy(server, client, None);
+}
+
+/// An upload damaged on the way (one byte flipped, no error anywhere) is not counted as
+/// stored: its ETag is not the MD5 of what was sent, so it is sent again, and the box
+/// restores bit-exact.
+#[test]
+fn s3_damaged_upload_is_sent_again() {
+    let Some(direct) = remote(Proto::S3, &unique("damaged")) else { return };
+    let proxy = Proxy::start(direct.addr, Mode::Corrupt);
+    let env = Env::new();
+    let src = env.mkdir("src");
+    fs::write(src.join("a.bin"), random_bytes(71, 900_000)).unwrap();
+    let s = Session::new(&env, direct.via(proxy.addr));
+    s.ok(&args!["init"]);
+    s.json(&args!["backup", &src]);
+    assert_eq!(proxy.faults(), 1, "the proxy damaged no upload");
+    let mut s2 = Session::new(&env, direct);
+    s2.db = env.path().join("fresh.sqlite");
+    let t = env.path().join("t");
+    s2.ok(&args!["restore", "--target", &t]);
+    assert_same_tree(&src, &restored(&t, &src), Compare::NO_OWNERS);
+    s2.ok(&args!["verify", "--all"]);
+    s.assert_no_secrets();
 }
 
 /// With ~10% of requests failing (dropped, cut mid-upload or stalled) and some responses
