@@ -185,6 +185,9 @@ fn backup_cmd(g: &Global, a: crate::args::BackupArgs) -> Result<u8> {
     if g.json {
         print_json(&serde_json::to_value(&s)?)?;
     } else if !g.quiet {
+        for n in &s.notes {
+            eprintln!("note: {n}");
+        }
         for w in &s.warnings {
             eprintln!("warning: {w}");
         }

@@ -16,14 +16,20 @@
 //! - **Throttling**: `throttle_upload` / `throttle_download` (bytes/s) pace the transfers
 //!   of this backend; bandwidth is reserved per piece (≤ 8 MiB), so the average rate never
 //!   exceeds the limit.
-//! - **Verified uploads**: after an object is written, it is `stat`ed and its size
-//!   compared with what was sent. A failed or short upload is written again **under the
-//!   same name** (up to [`UPLOAD_ATTEMPTS`] times). That is safe because objects are
-//!   immutable and named by random ids (volumes, indexes, manifests) or by content: nothing
-//!   refers to an object before its upload has been verified (the catalog records a
-//!   volume only after its index is stored, a version exists only once its manifest is),
-//!   so rewriting a name that nothing references yet cannot break a reader; a half object
-//!   left by a crash is never counted as good and is overwritten or ignored later.
+//! - **Verified uploads**: after an object is written, what the box holds is checked:
+//!   small objects (config, keys, indexes, manifests: up to [`READ_BACK_MAX`]) are read
+//!   back and compared byte for byte; volumes are `stat`ed and their size compared, and
+//!   on S3 their ETag compared with the MD5 of what was sent (per part after a multipart
+//!   upload; if an ETag turns out not to be an MD5, as with KMS encryption, one download
+//!   tells a damaged upload from such a box, and ETags are not checked again). A failed
+//!   or unverified upload is written again **under the same name** (up to
+//!   [`UPLOAD_ATTEMPTS`] times or `retries + 1`). That is safe because objects are
+//!   immutable and named by random ids (volumes, indexes, manifests): nothing refers to an
+//!   object before its upload has been verified (the catalog records a volume only after
+//!   its index is stored, a version exists only once its manifest is), so rewriting a name
+//!   that nothing references yet cannot break a reader; a half object left by a crash is
+//!   never counted as good and is overwritten or ignored later. Why not a new name, as
+//!   Duplicati does: `docs/adr/0003-verified-uploads-keep-their-name.md`.
 //! - **No chunked writes where the service cannot do them**: opendal's webdav writer
 //!   takes one body, so volumes are written in one call there.
 //! - **Secrets** never appear in [`Backend::location`] or in error messages: the location
@@ -31,7 +37,7 @@
 //!   values (passwords, keys, tokens) before it leaves this module.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -46,6 +52,60 @@ pub const UPLOAD_ATTEMPTS: usize = 3;
 
 /// Size of the pieces in which files are streamed (and multipart parts).
 const PIECE: usize = 8 << 20;
+
+/// Objects up to this size are verified by reading them back after an upload.
+pub const READ_BACK_MAX: u64 = 1 << 20;
+
+/// How an upload is verified.
+enum Check<'a> {
+    /// Read the object back and compare it with these bytes.
+    ReadBack(&'a [u8]),
+    /// `stat` it: the size, and the MD5 ETag where the service reports one.
+    Stat,
+}
+
+/// MD5s of the consecutive [`PIECE`]-sized parts of an upload: what S3 builds its ETag
+/// from (the MD5 of the object when it went up in one request; the MD5 of the parts' MD5s
+/// and `-<parts>` after a multipart upload, whose parts are exactly `PIECE` bytes here).
+#[derive(Clone, Default, PartialEq, Eq, Debug)]
+struct PartDigests {
+    parts: Vec<[u8; 16]>,
+}
+
+impl PartDigests {
+    fn of(data: &[u8]) -> Self {
+        let mut d = Self::default();
+        for piece in data.chunks(PIECE) {
+            d.add(piece);
+        }
+        d
+    }
+
+    /// Adds the next part (each `PIECE` bytes but the last).
+    fn add(&mut self, part: &[u8]) {
+        use md5::Digest;
+        self.parts.push(md5::Md5::digest(part).into());
+    }
+
+    /// Whether `etag` is what S3 reports for these parts; `None` when the ETag is not of
+    /// that form (another service's, or parts of other sizes).
+    fn matches_etag(&self, etag: &str) -> Option<bool> {
+        use md5::Digest;
+        let etag = etag.trim().trim_start_matches("W/").trim_matches('"').to_ascii_lowercase();
+        let is_md5 = |h: &str| h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit());
+        match (etag.split_once('-'), self.parts.as_slice()) {
+            (None, [one]) if is_md5(&etag) => Some(etag == hex::encode(one)),
+            (Some((h, n)), parts) if parts.len() > 1 && is_md5(h) && n.parse() == Ok(parts.len()) => {
+                let mut all = md5::Md5::new();
+                for p in parts {
+                    all.update(p);
+                }
+                Some(h == hex::encode(all.finalize()))
+            }
+            _ => None,
+        }
+    }
+}
 
 /// How a backend talks to its box.
 #[derive(Debug, Clone)]
@@ -101,6 +161,9 @@ pub struct Backend {
     down: Option<Pacer>,
     retried: Arc<AtomicU64>,
     reuploads: AtomicU64,
+    /// Whether uploads are checked against MD5 ETags (s3, until an ETag turns out not to
+    /// be an MD5).
+    etag_md5: AtomicBool,
     retry_delay: Duration,
     retries: usize,
     /// Writes go through this one: without the retry layer where the service's writer
@@ -292,6 +355,7 @@ impl Backend {
             down: Pacer::new(opts.throttle_download),
             retried,
             reuploads: AtomicU64::new(0),
+            etag_md5: AtomicBool::new(loc.service == "s3"),
             retry_delay: opts.retry_delay,
             retries: opts.retries,
             write_op,
@@ -459,14 +523,22 @@ impl Backend {
         Ok(buf.to_vec())
     }
 
-    /// Writes a whole object from memory, then checks its stored size; a failed or short
-    /// upload is written again under the same name.
+    /// Writes a whole object from memory, then verifies it: an object of at most
+    /// [`READ_BACK_MAX`] bytes (config, keys, indexes, manifests) is read back and compared
+    /// byte for byte; a larger one is checked like [`Self::write_file`]. A failed or
+    /// unverified upload is written again under the same name.
     pub fn write(&self, name: &str, data: Vec<u8>) -> Result<()> {
         let len = data.len() as u64;
-        let data = opendal::Buffer::from(data);
-        self.with_attempts(name, len, || async {
+        let (sent, digests) = if len <= READ_BACK_MAX {
+            (Some(data.clone()), None)
+        } else {
+            (None, self.etag_is_md5().then(|| PartDigests::of(&data)))
+        };
+        let check = sent.as_deref().map_or(Check::Stat, Check::ReadBack);
+        let body = opendal::Buffer::from(data);
+        self.with_attempts(name, len, check, || async {
             pace(&self.up, len).await;
-            self.write_op.write(name, data.clone()).await.map(|_| ())
+            self.write_op.write(name, body.clone()).await.map(|_| digests.clone())
         })
     }
 
@@ -480,7 +552,9 @@ impl Backend {
             return self.write(name, data);
         }
         let local_err = std::cell::RefCell::new(None);
-        let res = self.with_attempts(name, len, || async {
+        let hash = self.etag_is_md5();
+        let res = self.with_attempts(name, len, Check::Stat, || async {
+            let mut digests = PartDigests::default();
             let mut f = match std::fs::File::open(local) {
                 Ok(f) => f,
                 Err(e) => {
@@ -502,6 +576,9 @@ impl Backend {
                 if n == 0 {
                     break;
                 }
+                if hash {
+                    digests.add(&buf[..n]);
+                }
                 pace(&self.up, n as u64).await;
                 if let Err(e) = w.write(buf[..n].to_vec()).await {
                     let _ = w.abort().await;
@@ -511,7 +588,8 @@ impl Backend {
                     break;
                 }
             }
-            w.close().await.map(|_| ())
+            w.close().await?;
+            Ok((hash && len > 0).then_some(digests))
         });
         if let Some(e) = local_err.into_inner() {
             return Err(Error::io(local, e));
@@ -531,16 +609,17 @@ impl Backend {
         }
     }
 
-    /// Runs an upload of `len` bytes to `name` until its stored size checks out: at most
-    /// `retries + 1` times (at least [`UPLOAD_ATTEMPTS`]), with backoff, each attempt with
-    /// the retries of the retry layer where the service has it for writes. Not again after
-    /// errors that cannot go away by themselves (permission denied, bad config, failed
-    /// login…), nor when the server does not answer at all any more (so a stopped server
-    /// fails in bounded time).
-    fn with_attempts<F, Fut>(&self, name: &str, len: u64, mut upload: F) -> Result<()>
+    /// Runs an upload of `len` bytes to `name` until the box holds it verified (see
+    /// [`Check`]): at most `retries + 1` times (at least [`UPLOAD_ATTEMPTS`]), with
+    /// backoff, each attempt with the retries of the retry layer where the service has it
+    /// for writes. Not again after errors that cannot go away by themselves (permission
+    /// denied, bad config, failed login…), nor when the server does not answer at all any
+    /// more (so a stopped server fails in bounded time). The upload returns the MD5s of
+    /// its parts where the service reports MD5 ETags.
+    fn with_attempts<F, Fut>(&self, name: &str, len: u64, check: Check<'_>, mut upload: F) -> Result<()>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = opendal::Result<()>>,
+        Fut: std::future::Future<Output = opendal::Result<Option<PartDigests>>>,
     {
         let attempts = (self.retries + 1).max(UPLOAD_ATTEMPTS);
         let mut delay = self.retry_delay;
@@ -548,13 +627,9 @@ impl Backend {
         loop {
             attempt += 1;
             let (err, again) = match self.rt.block_on(upload()) {
-                Ok(()) => match self.run(|op| async move { op.stat(name).await }) {
-                    Ok(meta) if meta.content_length() == len => return Ok(()),
-                    Ok(meta) => self.short_upload(name, len, meta.content_length()),
-                    Err(e) => {
-                        let again = e.kind() == ErrorKind::NotFound || transient(&e);
-                        (self.err(name, e), again)
-                    }
+                Ok(digests) => match self.verify_upload(name, len, &check, digests.as_ref()) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => e,
                 },
                 Err(e) => {
                     let again = transient(&e) && !self.gone(name);
@@ -568,6 +643,63 @@ impl Backend {
             std::thread::sleep(jitter(delay));
             delay = (delay * 2).min(Duration::from_secs(30).max(self.retry_delay));
         }
+    }
+
+    /// Checks what the box holds under `name` after an upload; the error says whether
+    /// uploading again may help.
+    fn verify_upload(
+        &self,
+        name: &str,
+        len: u64,
+        check: &Check<'_>,
+        digests: Option<&PartDigests>,
+    ) -> std::result::Result<(), (Error, bool)> {
+        let failed = |e: opendal::Error| {
+            let again = e.kind() == ErrorKind::NotFound || transient(&e);
+            (self.err(name, e), again)
+        };
+        if let Check::ReadBack(sent) = check {
+            let got = self.run(|op| async move { op.read(name).await }).map_err(failed)?;
+            if got.len() as u64 != len {
+                return Err(self.short_upload(name, len, got.len() as u64));
+            }
+            if got.to_bytes() != sent {
+                return Err(self.unverified(name, "the box holds other bytes than were sent"));
+            }
+            return Ok(());
+        }
+        let meta = self.run(|op| async move { op.stat(name).await }).map_err(failed)?;
+        if meta.content_length() != len {
+            return Err(self.short_upload(name, len, meta.content_length()));
+        }
+        let (Some(digests), Some(etag)) = (digests, meta.etag()) else { return Ok(()) };
+        if digests.matches_etag(etag) != Some(false) {
+            return Ok(());
+        }
+        // The ETag is not the MD5 of what was sent. Either the upload is damaged, or the
+        // box does not use MD5 ETags (S3 with KMS encryption): download it once to tell.
+        let got = self.run(|op| async move { op.read(name).await }).map_err(failed)?;
+        if PartDigests::of(&got.to_bytes()) == *digests {
+            self.etag_md5.store(false, Ordering::Relaxed);
+            return Ok(());
+        }
+        Err(self.unverified(name, "its content differs from what was sent (MD5)"))
+    }
+
+    /// Whether this box reports MD5 ETags worth checking uploads against.
+    fn etag_is_md5(&self) -> bool {
+        self.etag_md5.load(Ordering::Relaxed)
+    }
+
+    fn unverified(&self, name: &str, why: &str) -> (Error, bool) {
+        (
+            Error::Backend {
+                object: format!("{}/{name}", self.location.trim_end_matches('/')),
+                source: opendal::Error::new(ErrorKind::Unexpected, format!("upload not verified: {why}"))
+                    .set_temporary(),
+            },
+            true,
+        )
     }
 
     fn short_upload(&self, name: &str, want: u64, got: u64) -> (Error, bool) {
@@ -601,12 +733,18 @@ impl Backend {
     /// empty or partial list, no error) when a request of it fails and is retried, which
     /// would make objects look missing.
     pub fn list(&self, dir: &str) -> Result<Vec<String>> {
+        Ok(self.list_sized(dir)?.into_iter().map(|(name, _)| name).collect())
+    }
+
+    /// [`Self::list`] with the size of each object as the listing gives it (0 where the
+    /// service does not say), from the same requests.
+    pub fn list_sized(&self, dir: &str) -> Result<Vec<(String, u64)>> {
         if self.native_recursive_list {
             return match self.run(|op| async move { op.list_with(dir).recursive(true).await }) {
                 Ok(entries) => Ok(entries
                     .into_iter()
                     .filter(|e| e.metadata().is_file() && !e.path().ends_with('/'))
-                    .map(|e| e.path().to_string())
+                    .map(|e| (e.path().to_string(), e.metadata().content_length()))
                     .collect()),
                 Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
                 Err(e) => Err(self.err(dir, e)),
@@ -639,7 +777,7 @@ impl Backend {
                     }
                     todo.push(sub);
                 } else if e.metadata().is_file() {
-                    files.push(path.to_string());
+                    files.push((path.to_string(), e.metadata().content_length()));
                 }
             }
         }
@@ -779,6 +917,32 @@ mod tests {
         b.delete("a/x").unwrap();
         b.delete("a/x").unwrap();
         assert_eq!(b.read_opt("a/x").unwrap(), None);
+    }
+
+    #[test]
+    fn etags_are_checked_against_part_md5s() {
+        // MD5 of the empty string, and S3's form of a multipart ETag.
+        let empty = PartDigests::of(b"");
+        assert_eq!(empty.parts.len(), 0);
+        let one = PartDigests::of(b"abc");
+        assert_eq!(one.matches_etag("\"900150983cd24fb0d6963f7d28e17f72\""), Some(true));
+        assert_eq!(one.matches_etag("900150983CD24FB0D6963F7D28E17F72"), Some(true));
+        assert_eq!(one.matches_etag("\"000150983cd24fb0d6963f7d28e17f72\""), Some(false));
+        // Not an MD5 ETag: cannot tell.
+        assert_eq!(one.matches_etag("\"1a2b-3c\""), None);
+        assert_eq!(one.matches_etag("W/\"abc\""), None);
+        let data: Vec<u8> = (0..PIECE + 10).map(|i| (i % 251) as u8).collect();
+        let two = PartDigests::of(&data);
+        assert_eq!(two.parts.len(), 2);
+        let mut all = Vec::new();
+        for p in &two.parts {
+            all.extend_from_slice(p);
+        }
+        use md5::Digest;
+        let etag = format!("\"{}-2\"", hex::encode(md5::Md5::digest(&all)));
+        assert_eq!(two.matches_etag(&etag), Some(true));
+        assert_eq!(two.matches_etag(&etag.replace("-2", "-3")), None);
+        assert_eq!(two.matches_etag(&format!("\"{}-2\"", "0".repeat(32))), Some(false));
     }
 
     #[test]

@@ -114,8 +114,10 @@ pub struct BackupSummary {
     pub trees_added: u64,
     /// Volumes uploaded.
     pub volumes: u64,
-    /// Problems that did not stop the backup (unreadable files…).
+    /// Problems that did not stop the backup (unreadable files, volumes missing from the box…).
     pub warnings: Vec<String>,
+    /// Findings that need no action now (e.g. a volume left by an interrupted backup).
+    pub notes: Vec<String>,
     /// Wall time in seconds.
     pub seconds: f64,
 }
@@ -269,6 +271,10 @@ pub fn backup(
         repo.sync_catalog()?;
         pack::clean_scratch(repo);
     }
+    // The catalog against the box: blocks of volumes gone from the box must not be
+    // deduplicated against (see `boxcheck`).
+    let check = crate::boxcheck::before_backup(repo, !opts.dry_run)?;
+
     let tmp_base = match &opts.temp_dir {
         Some(dir) => dir.clone(),
         None => pack::scratch_base(repo)?,
@@ -344,7 +350,8 @@ pub fn backup(
         blocks_added: c.blocks_added.load(Ordering::Relaxed),
         trees_added: c.trees_added.load(Ordering::Relaxed),
         volumes: shared.volumes.load(Ordering::Relaxed),
-        warnings: walk.warnings.into_inner().unwrap_or_default(),
+        warnings: check.warnings().into_iter().chain(walk.warnings.into_inner().unwrap_or_default()).collect(),
+        notes: check.notes(),
         seconds: 0.0,
     };
     if !opts.dry_run {

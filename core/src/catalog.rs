@@ -49,6 +49,9 @@ pub struct CachedFile {
     pub content: Vec<BlockRef>,
 }
 
+/// State of a volume whose index is in the box but whose data is not.
+const MISSING: &str = "missing";
+
 /// The SQLite catalog of one repository.
 pub struct Catalog {
     conn: Connection,
@@ -302,6 +305,52 @@ impl Catalog {
         Ok(())
     }
 
+    /// Every known volume: name, size recorded in its index, and whether it was found
+    /// missing from the box (see [`Self::mark_volumes_missing`]).
+    pub fn volume_states(&self) -> Result<Vec<(String, u64, bool)>> {
+        let mut st = self.conn.prepare("SELECT name, size, state FROM volumes")?;
+        let rows = st.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, String>(2)? == MISSING))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Records that volumes whose index is in the box are themselves gone (or damaged):
+    /// their blocks are forgotten, so a backup stores those blocks again instead of
+    /// pointing at lost data, and so are the change-detection rows of files that used
+    /// them, so those files are read again. The volume rows stay, marked missing, so that
+    /// syncing with the box does not bring the blocks back from the index. Returns the
+    /// blocks and the cached files forgotten.
+    pub fn mark_volumes_missing(&mut self, names: &[String]) -> Result<(u64, u64)> {
+        let tx = self.conn.transaction()?;
+        let mut lost: HashSet<Vec<u8>> = HashSet::new();
+        {
+            let mut sel =
+                tx.prepare_cached("SELECT b.hash FROM blocks b JOIN volumes v ON v.id = b.volume WHERE v.name = ?1")?;
+            let mut del =
+                tx.prepare_cached("DELETE FROM blocks WHERE volume = (SELECT id FROM volumes WHERE name = ?1)")?;
+            let mut mark = tx.prepare_cached("UPDATE volumes SET state = ?2 WHERE name = ?1")?;
+            for name in names {
+                for h in sel.query_map([name], |r| r.get::<_, Vec<u8>>(0))? {
+                    lost.insert(h?);
+                }
+                del.execute([name])?;
+                mark.execute(params![name, MISSING])?;
+            }
+        }
+        let lost: HashSet<BlockId> = lost.into_iter().map(block_id).collect::<Result<_>>()?;
+        let stale = if lost.is_empty() { 0 } else { forget_cached_files_using(&tx, &lost)? };
+        tx.commit()?;
+        Ok((lost.len() as u64, stale))
+    }
+
+    /// Forgets a volume marked missing (it is back in the box, or its index is gone), so
+    /// that syncing with the box can add it again from its index.
+    pub fn forget_missing_volume(&mut self, name: &str) -> Result<()> {
+        self.conn.execute("DELETE FROM volumes WHERE name = ?1 AND state = ?2", params![name, MISSING])?;
+        Ok(())
+    }
+
     /// Counts of volumes, blocks and the sum of volume sizes.
     pub fn totals(&self) -> Result<(u64, u64, u64)> {
         let (v, s): (i64, i64) =
@@ -452,7 +501,8 @@ fn block_id(h: Vec<u8>) -> Result<BlockId> {
     Ok(BlockId(id))
 }
 
-fn forget_cached_files_using(tx: &rusqlite::Transaction<'_>, blocks: &HashSet<BlockId>) -> Result<()> {
+/// Deletes the change-detection rows that use any of `blocks` (or cannot be decoded); returns how many.
+fn forget_cached_files_using(tx: &rusqlite::Transaction<'_>, blocks: &HashSet<BlockId>) -> Result<u64> {
     let stale: Vec<Vec<u8>> = {
         let mut st = tx.prepare("SELECT path, content FROM filecache")?;
         let mut rows = st.query([])?;
@@ -467,10 +517,10 @@ fn forget_cached_files_using(tx: &rusqlite::Transaction<'_>, blocks: &HashSet<Bl
         stale
     };
     let mut del = tx.prepare("DELETE FROM filecache WHERE path = ?1")?;
-    for p in stale {
+    for p in &stale {
         del.execute([p])?;
     }
-    Ok(())
+    Ok(stale.len() as u64)
 }
 
 fn catalog_err(path: &Path, e: rusqlite::Error) -> Error {

@@ -149,11 +149,7 @@ fn all_versions(repo: &Repository) -> Result<Vec<crate::objects::Manifest>> {
 }
 
 /// Decides what to do with each volume; also returns the blocks the versions use.
-fn plan(
-    repo: &Repository,
-    opts: &CompactOptions,
-    cancel: &AtomicBool,
-) -> Result<(Vec<VolumePlan>, HashSet<BlockId>)> {
+fn plan(repo: &Repository, opts: &CompactOptions, cancel: &AtomicBool) -> Result<(Vec<VolumePlan>, HashSet<BlockId>)> {
     let usage = usage::used_blocks(repo, &all_versions(repo)?, cancel)?;
     if let Some((id, e, version, path)) = usage.unreadable.first() {
         return Err(Error::Invalid(format!(

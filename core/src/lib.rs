@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod backup;
+pub mod boxcheck;
 pub mod broken;
 pub mod browse;
 pub mod catalog;

