@@ -94,16 +94,29 @@ fn prompt(label: &str, confirm: bool) -> Result<Vec<u8>> {
 }
 
 pub(crate) fn open(g: &Global) -> Result<Repository> {
+    open_with(g, false)
+}
+
+/// Opens the repository with a catalog built anew from the box.
+pub(crate) fn open_recreated(g: &Global) -> Result<Repository> {
+    open_with(g, true)
+}
+
+fn open_with(g: &Global, recreate: bool) -> Result<Repository> {
     let loc = repo_location(g)?;
     let opts = crate::remote::backend_options(g, loc)?;
     let pw = password(g, false)?;
-    let mut repo = Repository::open_with(loc, &opts, &pw, g.db.as_deref())?;
+    let mut repo = if recreate {
+        Repository::recreate_catalog(loc, &opts, &pw, g.db.as_deref())?
+    } else {
+        Repository::open_with(loc, &opts, &pw, g.db.as_deref())?
+    };
     repo.set_lock_wait(g.lock_wait);
     warn_about_head_damage(g, &repo)?;
     Ok(repo)
 }
 
-/// Says so when the box could only be opened with the catalog's copy of its config or key file.
+/// Says so when the box could only be opened with a copy of its config or key file.
 fn warn_about_head_damage(g: &Global, repo: &Repository) -> Result<()> {
     if g.quiet {
         return Ok(());
@@ -111,23 +124,13 @@ fn warn_about_head_damage(g: &Global, repo: &Repository) -> Result<()> {
     for d in repo.catalog()?.damage()? {
         if d.object == "config" || d.object.starts_with("keys/") {
             eprintln!(
-                "warning: {} in the box is damaged or missing ({}); opened with the copy this catalog keeps. \
-                 'brickbox repair' writes it back",
+                "warning: {} in the box is damaged or missing ({}); opened with a copy (kept in the key files \
+                 or this catalog). 'brickbox repair' writes it back",
                 d.object, d.problem
             );
         }
     }
     Ok(())
-}
-
-/// Opens the repository with a catalog built anew from the box.
-pub(crate) fn open_recreated(g: &Global) -> Result<Repository> {
-    let loc = repo_location(g)?;
-    let opts = crate::remote::backend_options(g, loc)?;
-    let pw = password(g, false)?;
-    let mut repo = Repository::recreate_catalog(loc, &opts, &pw, g.db.as_deref())?;
-    repo.set_lock_wait(g.lock_wait);
-    Ok(repo)
 }
 
 pub(crate) fn print_json(v: &serde_json::Value) -> Result<()> {
