@@ -537,7 +537,9 @@ fn encode_content(blocks: &[BlockRef]) -> Vec<u8> {
     w.into_bytes()
 }
 
-fn decode_content(buf: &[u8]) -> Result<Vec<BlockRef>> {
+/// Decodes the content blob of a change-detection row (block ids and lengths); a blob that
+/// is not one is an error, and the row is then treated as absent.
+pub fn decode_content(buf: &[u8]) -> Result<Vec<BlockRef>> {
     let mut r = Reader::new(buf, "filecache");
     let n = r.len(buf.len() / 33 + 1)?;
     let mut out = Vec::with_capacity(n);

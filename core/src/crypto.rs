@@ -144,25 +144,63 @@ impl KdfParams {
         }
     }
 
-    fn derive(&self, password: &[u8]) -> Result<[u8; 32]> {
+    /// Checks the parameters and the salt without running the key derivation. Every key file
+    /// is checked like this before its derivation runs, so a damaged or planted key file can
+    /// neither exhaust memory nor make opening a box take minutes.
+    pub fn validate(&self) -> Result<()> {
+        self.checked().map(|_| ())
+    }
+
+    /// The Argon2 parameters and the decoded salt, after the checks of [`Self::validate`].
+    fn checked(&self) -> Result<(argon2::Params, Vec<u8>)> {
         if self.algorithm != "argon2id" {
-            return Err(Error::Format(format!("unknown key derivation '{}'", self.algorithm)));
+            return Err(Error::Format(format!("key file: unknown key derivation '{}'", self.algorithm)));
         }
-        // Refuse parameters that would exhaust memory or time (a planted key file).
-        if self.memory_kib > 4 << 20 || self.iterations > 64 || self.parallelism > 64 {
-            return Err(Error::Format("key file: KDF parameters too large".into()));
+        let work = u64::from(self.memory_kib) * u64::from(self.iterations);
+        if self.memory_kib > MAX_KDF_MEMORY_KIB || work > MAX_KDF_WORK_KIB || self.parallelism > MAX_KDF_PARALLELISM {
+            return Err(Error::Format(format!(
+                "key file: KDF parameters too large (memory {} KiB, {} passes, parallelism {}; at most {} KiB, \
+                 {} KiB x passes, parallelism {})",
+                self.memory_kib,
+                self.iterations,
+                self.parallelism,
+                MAX_KDF_MEMORY_KIB,
+                MAX_KDF_WORK_KIB,
+                MAX_KDF_PARALLELISM
+            )));
         }
-        let salt = hex::decode(&self.salt).map_err(|_| Error::Format("key file: bad salt".into()))?;
+        let salt = hex::decode(&self.salt).map_err(|_| Error::Format("key file: salt is not hex".into()))?;
+        if salt.len() < argon2::MIN_SALT_LEN {
+            return Err(Error::Format(format!(
+                "key file: salt of {} bytes (must be at least {})",
+                salt.len(),
+                argon2::MIN_SALT_LEN
+            )));
+        }
         let params = argon2::Params::new(self.memory_kib, self.iterations, self.parallelism, Some(32))
             .map_err(|e| Error::Format(format!("key file: bad KDF parameters: {e}")))?;
+        Ok((params, salt))
+    }
+
+    fn derive(&self, password: &[u8]) -> Result<[u8; 32]> {
+        let (params, salt) = self.checked()?;
         let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
         let mut out = [0u8; 32];
         argon
             .hash_password_into(password, &salt, &mut out)
-            .map_err(|e| Error::Format(format!("key derivation failed: {e}")))?;
+            .map_err(|e| Error::Format(format!("key file: key derivation failed: {e}")))?;
         Ok(out)
     }
 }
+
+/// Largest Argon2 memory cost a key file may ask for, in KiB (1 GiB).
+const MAX_KDF_MEMORY_KIB: u32 = 1 << 20;
+/// Largest Argon2 work (memory in KiB times passes) a key file may ask for: 32 times the
+/// default (32 MiB, 2 passes), e.g. 1 GiB and 2 passes; ~3 s on one core of the 2-core
+/// development machine (the default takes ~0.1 s).
+const MAX_KDF_WORK_KIB: u64 = 1 << 21;
+/// Largest Argon2 parallelism a key file may ask for.
+const MAX_KDF_PARALLELISM: u32 = 16;
 
 /// A key file: the master key wrapped by a password-derived key.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -187,6 +225,8 @@ pub struct KeyFile {
 }
 
 const KEY_AAD: &[u8] = b"brickbox-key-v1";
+/// Length of a wrapped master key: nonce, the 32-byte key, tag.
+const WRAPPED_LEN: usize = 32 + SEAL_OVERHEAD;
 
 impl KeyFile {
     /// Wraps `keys`' master key under `password`, with a copy of the box's `config` text.
@@ -238,16 +278,24 @@ impl KeyFile {
 
     /// Unwraps the master key; `Ok(None)` when the password does not fit.
     pub fn unwrap(&self, password: &[u8]) -> Result<Option<Keys>> {
+        // Everything that can be checked without the password is checked before the costly derivation.
+        self.kdf.validate()?;
+        let sealed =
+            hex::decode(&self.wrapped).map_err(|_| Error::Format("key file: wrapped key is not hex".into()))?;
+        if sealed.len() != WRAPPED_LEN {
+            return Err(Error::Format(format!(
+                "key file: wrapped key of {} bytes (must be {WRAPPED_LEN})",
+                sealed.len()
+            )));
+        }
         let kek = self.kdf.derive(password)?;
         let cipher = Aes256Gcm::new(&kek.into());
-        let sealed = hex::decode(&self.wrapped).map_err(|_| Error::Format("key file: bad hex".into()))?;
         match open(&cipher, KEY_AAD, &sealed, "key") {
-            Ok(master) if master.len() == 32 => {
+            Ok(master) => {
                 let mut m = [0u8; 32];
                 m.copy_from_slice(&master);
                 Ok(Some(Keys::from_master(m)))
             }
-            Ok(_) => Err(Error::Format("key file: wrapped key has the wrong length".into())),
             Err(_) => Ok(None),
         }
     }
@@ -278,6 +326,44 @@ mod tests {
         let mut old = kf;
         old.check = None;
         assert!(KeyFile::parse(&serde_json::to_vec(&old).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn absurd_kdf_costs_are_refused_before_deriving() {
+        let keys = Keys::from_master([3; 32]);
+        let good = KeyFile::wrap(&keys, b"pw", "now".into()).unwrap();
+        // Each of these would take a minute or more, or gigabytes, if it were run.
+        for (m, t, p) in [(4 << 20, 64, 1), (2 << 20, 1, 1), (1 << 20, 3, 1), (32 << 10, 65, 1), (32 << 10, 2, 64)] {
+            let mut kf = good.clone();
+            (kf.kdf.memory_kib, kf.kdf.iterations, kf.kdf.parallelism) = (m, t, p);
+            let e = kf.unwrap(b"pw").err().expect("refused");
+            assert!(e.to_string().contains("KDF parameters too large"), "{m} {t} {p}: {e}");
+        }
+        let mut kf = good.clone();
+        (kf.kdf.memory_kib, kf.kdf.iterations) = (1 << 20, 2);
+        assert!(kf.kdf.validate().is_ok(), "the largest allowed cost stays allowed");
+    }
+
+    #[test]
+    fn damaged_key_files_are_clear_errors() {
+        let keys = Keys::from_master([4; 32]);
+        let good = KeyFile::wrap(&keys, b"pw", "now".into()).unwrap();
+        type Damage = fn(&mut KeyFile);
+        let cases: [(&str, Damage); 7] = [
+            ("unknown key derivation", |k| k.kdf.algorithm = "scrypt".into()),
+            ("salt is not hex", |k| k.kdf.salt = "zz".into()),
+            ("salt of 4 bytes", |k| k.kdf.salt = "00112233".into()),
+            ("bad KDF parameters", |k| k.kdf.iterations = 0),
+            ("bad KDF parameters", |k| (k.kdf.memory_kib, k.kdf.parallelism) = (8, 2)),
+            ("wrapped key is not hex", |k| k.wrapped.push('x')),
+            ("wrapped key of 59 bytes", |k| k.wrapped.truncate(118)),
+        ];
+        for (want, damage) in cases {
+            let mut kf = good.clone();
+            damage(&mut kf);
+            let e = kf.unwrap(b"pw").err().expect("refused");
+            assert!(matches!(e, Error::Format(_)) && e.to_string().contains(want), "{want}: {e}");
+        }
     }
 
     proptest! {

@@ -183,7 +183,8 @@ pub fn list_locks(backend: &Backend, keys: &Keys) -> Result<Vec<FoundLock>> {
     Ok(out)
 }
 
-fn read_lock(keys: &Keys, name: &str, bytes: &[u8]) -> std::result::Result<LockInfo, String> {
+/// Opens and parses a lock object stored under `name`; the error says why it cannot be read.
+pub fn read_lock(keys: &Keys, name: &str, bytes: &[u8]) -> std::result::Result<LockInfo, String> {
     let payload = objects::open_object(keys, ObjectKind::Lock, name, bytes).map_err(|e| e.to_string())?;
     serde_json::from_slice(&payload).map_err(|e| format!("not a lock: {e}"))
 }

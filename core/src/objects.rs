@@ -129,6 +129,21 @@ pub fn seal_object(keys: &Keys, kind: ObjectKind, name: &str, payload: &[u8]) ->
     out
 }
 
+impl ObjectKind {
+    /// Largest payload an object of this kind may hold. Objects are authenticated before
+    /// they are decompressed, so only a writer holding the keys could go past these; they
+    /// keep a buggy or hostile one from making every reader allocate gigabytes from a few
+    /// bytes of zstd. An index entry takes at most ~45 bytes against at least ~230 bytes of
+    /// its volume, so 512 MiB holds the index of a multi-GiB volume of the smallest blocks.
+    pub fn max_payload(self) -> usize {
+        match self {
+            ObjectKind::Index => 512 << 20,
+            ObjectKind::Manifest => 16 << 20,
+            ObjectKind::Lock => 1 << 20,
+        }
+    }
+}
+
 /// Opens a sealed metadata object and returns its payload.
 pub fn open_object(keys: &Keys, kind: ObjectKind, name: &str, bytes: &[u8]) -> Result<Vec<u8>> {
     if bytes.len() < 5 || &bytes[..4] != SEALED_MAGIC {
@@ -139,20 +154,53 @@ pub fn open_object(keys: &Keys, kind: ObjectKind, name: &str, bytes: &[u8]) -> R
     }
     let plain = crypto::open(keys.meta_cipher(), name.as_bytes(), &bytes[5..], name)?;
     let (&tag, rest) = plain.split_first().ok_or_else(|| Error::damaged(name, "empty payload"))?;
-    match Codec::from_u8(tag) {
-        Some(Codec::None) => Ok(rest.to_vec()),
-        Some(Codec::Zstd) => decode_zstd_unbounded(rest).map_err(|e| Error::damaged(name, e)),
-        _ => Err(Error::damaged(name, format!("unexpected codec byte {tag}"))),
+    let max = kind.max_payload();
+    let payload = match Codec::from_u8(tag) {
+        Some(Codec::None) => rest.to_vec(),
+        Some(Codec::Zstd) => decode_zstd_bounded(rest, max).map_err(|e| Error::damaged(name, e))?,
+        _ => return Err(Error::damaged(name, format!("unexpected codec byte {tag}"))),
+    };
+    if payload.len() > max {
+        return Err(Error::damaged(name, format!("payload larger than the {max} bytes allowed for a {kind:?}")));
     }
+    Ok(payload)
 }
 
-fn decode_zstd_unbounded(data: &[u8]) -> std::result::Result<Vec<u8>, String> {
+/// Decompresses a zstd payload of unknown size, stopping one byte past `max`.
+fn decode_zstd_bounded(data: &[u8], max: usize) -> std::result::Result<Vec<u8>, String> {
     use std::io::Read;
-    let mut out = Vec::new();
+    // The writer records the size in the frame header: refuse an oversized one before
+    // decompressing anything, and allocate a legitimate one at once.
+    let declared = zstd::zstd_safe::get_frame_content_size(data).ok().flatten();
+    if let Some(n) = declared.filter(|&n| n > max as u64) {
+        return Err(format!("zstd frame declares {n} bytes, more than the {max} allowed"));
+    }
+    let mut out = Vec::with_capacity(declared.map_or(0, |n| n as usize));
     zstd::stream::read::Decoder::new(data)
-        .and_then(|d| d.take(1 << 31).read_to_end(&mut out))
+        .and_then(|d| d.take(max as u64 + 1).read_to_end(&mut out))
         .map_err(|e| format!("zstd: {e}"))?;
     Ok(out)
+}
+
+/// Opens and parses a volume index object stored under `name`.
+pub fn open_index(keys: &Keys, name: &str, bytes: &[u8]) -> Result<VolumeIndex> {
+    let payload = open_object(keys, ObjectKind::Index, name, bytes)?;
+    let index = VolumeIndex::decode(&payload).map_err(|e| Error::damaged(name, e.to_string()))?;
+    if volume_id_from_name(name) != Some(index.volume_id) {
+        return Err(Error::damaged(name, "index names another volume"));
+    }
+    Ok(index)
+}
+
+/// Opens and parses a version manifest object stored under `name`.
+pub fn open_manifest(keys: &Keys, name: &str, bytes: &[u8]) -> Result<Manifest> {
+    let payload = open_object(keys, ObjectKind::Manifest, name, bytes)?;
+    let m: Manifest =
+        serde_json::from_slice(&payload).map_err(|e| Error::damaged(name, format!("bad manifest: {e}")))?;
+    if manifest_name(&m.id) != name {
+        return Err(Error::damaged(name, "manifest names another version"));
+    }
+    Ok(m)
 }
 
 /// Object name of a data volume.
@@ -327,6 +375,60 @@ mod tests {
             let _ = VolumeIndex::decode(&data);
             let _ = Config::parse(&data);
         }
+    }
+
+    /// Seals `codec byte || payload` as it stands, without the writer's choice of codec.
+    fn seal_plain(keys: &Keys, kind: ObjectKind, name: &str, plain: &[u8]) -> Vec<u8> {
+        let mut out = SEALED_MAGIC.to_vec();
+        out.push(kind as u8);
+        out.extend_from_slice(&crypto::seal(keys.meta_cipher(), name.as_bytes(), plain));
+        out
+    }
+
+    #[test]
+    fn oversized_payloads_are_refused_without_decoding_them() {
+        let keys = Keys::from_master([9; 32]);
+        let name = "locks/00000000000000aa.lock";
+        let zeros = vec![0u8; ObjectKind::Lock.max_payload() + 1];
+        // A frame that declares its size (as the writer's do) is refused from its header.
+        let sealed = seal_object(&keys, ObjectKind::Lock, name, &zeros);
+        let e = open_object(&keys, ObjectKind::Lock, name, &sealed).unwrap_err().to_string();
+        assert!(e.contains(name) && e.contains("zstd frame declares 1048577 bytes"), "{e}");
+        // A streamed frame without a declared size is cut off one byte past the bound.
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+        std::io::Write::write_all(&mut enc, &zeros).unwrap();
+        let mut plain = vec![Codec::Zstd as u8];
+        plain.extend(enc.finish().unwrap());
+        assert!(matches!(zstd::zstd_safe::get_frame_content_size(&plain[1..]), Ok(None)));
+        let e = open_object(&keys, ObjectKind::Lock, name, &seal_plain(&keys, ObjectKind::Lock, name, &plain));
+        assert!(e.unwrap_err().to_string().contains("payload larger than the 1048576 bytes allowed for a Lock"));
+        // A stored payload is held to the same bound.
+        let mut plain = vec![Codec::None as u8];
+        plain.extend(&zeros);
+        let e = open_object(&keys, ObjectKind::Lock, name, &seal_plain(&keys, ObjectKind::Lock, name, &plain));
+        assert!(e.unwrap_err().to_string().contains("payload larger than"));
+        // At the bound, both open.
+        for codec in [Codec::None, Codec::Zstd] {
+            let plain = codec::encode(codec, &zeros[1..]);
+            let got = open_object(&keys, ObjectKind::Lock, name, &seal_plain(&keys, ObjectKind::Lock, name, &plain));
+            assert_eq!(got.unwrap().len(), ObjectKind::Lock.max_payload());
+        }
+    }
+
+    #[test]
+    fn objects_under_the_wrong_name_are_damaged() {
+        let keys = Keys::from_master([9; 32]);
+        let index = VolumeIndex { volume_id: [1; 16], volume_size: 0, volume_hash: None, entries: Vec::new() };
+        let wrong = index_name(&[2; 16]);
+        let sealed = seal_object(&keys, ObjectKind::Index, &wrong, &index.encode());
+        let e = open_index(&keys, &wrong, &sealed).unwrap_err().to_string();
+        assert!(e.contains(&wrong) && e.contains("index names another volume"), "{e}");
+        let e = open_manifest(
+            &keys,
+            "versions/00.dlist",
+            &seal_object(&keys, ObjectKind::Manifest, "versions/00.dlist", b"{}"),
+        );
+        assert!(e.unwrap_err().to_string().contains("damaged object 'versions/00.dlist': bad manifest"));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::catalog::{BlockLocation, Catalog, Damage};
 use crate::crypto::{self, BlockId, KeyFile, Keys};
 use crate::error::{Error, Result};
 use crate::lock::{LockGuard, LockKind};
-use crate::objects::{self, Config, Manifest, ObjectKind, VolumeIndex};
+use crate::objects::{self, Config, Manifest, VolumeIndex};
 use crate::tree::Tree;
 use crate::volume;
 
@@ -350,25 +350,12 @@ impl Repository {
 
     /// Reads and opens a volume index object.
     pub fn read_index(&self, name: &str) -> Result<VolumeIndex> {
-        let bytes = self.backend.read(name)?;
-        let payload = objects::open_object(&self.keys, ObjectKind::Index, name, &bytes)?;
-        let index = VolumeIndex::decode(&payload).map_err(|e| Error::damaged(name, e.to_string()))?;
-        if objects::volume_id_from_name(name) != Some(index.volume_id) {
-            return Err(Error::damaged(name, "index names another volume"));
-        }
-        Ok(index)
+        objects::open_index(&self.keys, name, &self.backend.read(name)?)
     }
 
     /// Reads and opens a version manifest object.
     pub fn read_manifest(&self, name: &str) -> Result<Manifest> {
-        let bytes = self.backend.read(name)?;
-        let payload = objects::open_object(&self.keys, ObjectKind::Manifest, name, &bytes)?;
-        let m: Manifest =
-            serde_json::from_slice(&payload).map_err(|e| Error::damaged(name, format!("bad manifest: {e}")))?;
-        if objects::manifest_name(&m.id) != name {
-            return Err(Error::damaged(name, "manifest names another version"));
-        }
-        Ok(m)
+        objects::open_manifest(&self.keys, name, &self.backend.read(name)?)
     }
 
     /// The storage backend.
