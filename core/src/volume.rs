@@ -10,12 +10,11 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use aes_gcm::Aes256Gcm;
 use zip::write::SimpleFileOptions;
 use zip::{CompressionMethod, ZipArchive, ZipWriter};
 
 use crate::codec;
-use crate::crypto::{self, BlockId, Keys};
+use crate::crypto::{self, BlockId, Cipher, Keys};
 use crate::error::{Error, IoContext, Result};
 use crate::objects::{IndexEntry, VolumeIndex};
 
@@ -24,7 +23,7 @@ pub struct VolumeWriter {
     id: [u8; 16],
     path: PathBuf,
     zip: ZipWriter<BufWriter<File>>,
-    cipher: Aes256Gcm,
+    cipher: Cipher,
     blocks: Vec<(BlockId, u32)>,
     bytes: u64,
 }
@@ -125,7 +124,7 @@ fn locate_entries(path: &Path, blocks: &[(BlockId, u32)]) -> Result<Vec<IndexEnt
 /// Decrypts, decodes and checks one sealed block read from volume `volume`.
 pub fn open_block(
     keys: &Keys,
-    cipher: &Aes256Gcm,
+    cipher: &Cipher,
     volume: &str,
     id: &BlockId,
     sealed: &[u8],
@@ -138,7 +137,7 @@ pub fn open_block(
 /// (`codec byte || payload`), ready to be sealed into another volume.
 pub fn open_encoded(
     keys: &Keys,
-    cipher: &Aes256Gcm,
+    cipher: &Cipher,
     volume: &str,
     id: &BlockId,
     sealed: &[u8],
@@ -151,7 +150,7 @@ pub fn open_encoded(
 /// (bounded by `max`); returns it encoded and its plaintext length.
 pub fn open_unindexed(
     keys: &Keys,
-    cipher: &Aes256Gcm,
+    cipher: &Cipher,
     volume: &str,
     id: &BlockId,
     sealed: &[u8],
@@ -221,7 +220,7 @@ pub fn entries_without_index(bytes: &[u8]) -> Vec<(BlockId, u64, u32)> {
 /// (encoded, plaintext) of a sealed block, authenticated and checked against its id.
 fn open_checked(
     keys: &Keys,
-    cipher: &Aes256Gcm,
+    cipher: &Cipher,
     volume: &str,
     id: &BlockId,
     sealed: &[u8],
