@@ -249,6 +249,28 @@ pub fn open_block(
     open_checked(keys, cipher, volume, id, sealed, raw_len).map(|(_, data)| data)
 }
 
+/// Checks one sealed block like [`open_block`], decrypting it where it lies (`sealed` is
+/// overwritten), and returns its plaintext: a part of `sealed` when the block was stored
+/// uncompressed, else decoded into `scratch` (whose buffer is reused).
+pub fn open_block_in_place<'a>(
+    keys: &Keys,
+    cipher: &Cipher,
+    volume: &str,
+    id: &BlockId,
+    sealed: &'a mut [u8],
+    raw_len: u32,
+    scratch: &'a mut Vec<u8>,
+) -> Result<&'a [u8]> {
+    let plain: &'a [u8] = crypto::open_in_place(cipher, &id.0, sealed, volume)
+        .map_err(|_| Error::damaged(volume, format!("block {} failed authentication", id.to_hex())))?;
+    let data = codec::decode_borrowed(plain, raw_len as usize, scratch)
+        .map_err(|e| Error::damaged(volume, format!("block {}: {e}", id.to_hex())))?;
+    if keys.block_id(data) != *id {
+        return Err(Error::damaged(volume, format!("block {} has the wrong content hash", id.to_hex())));
+    }
+    Ok(data)
+}
+
 /// Checks one sealed block like [`open_block`] and returns it still encoded
 /// (`codec byte || payload`), ready to be sealed into another volume.
 pub fn open_encoded(
@@ -380,6 +402,10 @@ mod tests {
                 let sealed = &bytes[e.offset as usize..(e.offset + u64::from(e.length)) as usize];
                 let data = open_block(&keys, &cipher, "v", &e.id, sealed, e.raw_len).unwrap();
                 prop_assert_eq!(keys.block_id(&data), e.id);
+                let mut copy = sealed.to_vec();
+                let mut scratch = Vec::new();
+                let in_place = open_block_in_place(&keys, &cipher, "v", &e.id, &mut copy, e.raw_len, &mut scratch).unwrap();
+                prop_assert_eq!(in_place, &data[..]);
             }
             // Without the index, the entries are found again from the bytes alone.
             let found: Vec<(BlockId, u64, u32)> = index.entries.iter().map(|e| (e.id, e.offset, e.length)).collect();
