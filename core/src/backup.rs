@@ -452,7 +452,7 @@ impl Walk<'_> {
             .map(|(name, child)| {
                 let child_path = path.join(OsStr::from_bytes(name));
                 if child.is_source {
-                    return self.entry(&child_path, true);
+                    return self.entry(&child_path, true, None);
                 }
                 let st = platform::lstat(&child_path).at(&child_path)?;
                 let mut node = self.base_node(&child_path, &st);
@@ -487,7 +487,8 @@ impl Walk<'_> {
     }
 
     /// Backs up one entry; `None` when it is left out or could not be read (a warning).
-    fn entry(&self, path: &Path, is_source: bool) -> Result<Option<Node>> {
+    /// `cached` is its change-detection row when already looked up.
+    fn entry(&self, path: &Path, is_source: bool, cached: Option<Option<CachedFile>>) -> Result<Option<Node>> {
         self.check_stop()?;
         let st = match platform::lstat(path) {
             Ok(st) => st,
@@ -522,7 +523,7 @@ impl Walk<'_> {
                 if self.opts.max_file_size.is_some_and(|max| st.size > max) {
                     return Ok(None);
                 }
-                if !self.file(path, &st, &mut node)? {
+                if !self.file(path, &st, &mut node, cached)? {
                     return Ok(None);
                 }
             }
@@ -568,12 +569,15 @@ impl Walk<'_> {
             }
         }
         children.sort();
-        let nodes: Vec<Option<Node>> = children.par_iter().map(|p| self.entry(p, false)).collect::<Result<_>>()?;
+        // The change-detection rows of the whole directory in one go.
+        let cached = self.repo.catalog()?.cached_files(children.iter().map(|p| p.as_os_str().as_bytes()))?;
+        let nodes: Vec<Option<Node>> =
+            children.par_iter().zip(cached).map(|(p, c)| self.entry(p, false, Some(c))).collect::<Result<_>>()?;
         Ok(Some(self.store_tree(nodes.into_iter().flatten().collect())?))
     }
 
     /// Fills in a regular file's content, reading it only when it changed. `false` = skip it.
-    fn file(&self, path: &Path, st: &FileStat, node: &mut Node) -> Result<bool> {
+    fn file(&self, path: &Path, st: &FileStat, node: &mut Node, cached: Option<Option<CachedFile>>) -> Result<bool> {
         let path_bytes = path.as_os_str().as_bytes();
         if st.nlink > 1 {
             if let Ok(mut links) = self.links.lock() {
@@ -581,7 +585,10 @@ impl Walk<'_> {
                 node.link_group = *links.entry((st.dev, st.ino)).or_insert(next);
             }
         }
-        let cached = self.repo.catalog()?.cached_file(path_bytes)?;
+        let cached = match cached {
+            Some(c) => c,
+            None => self.repo.catalog()?.cached_file(path_bytes)?,
+        };
         if let Some(c) = &cached {
             if c.size == st.size && c.mtime_ns == st.mtime_ns && c.ctime_ns == st.ctime_ns && c.ino == st.ino {
                 node.size = st.size;

@@ -136,7 +136,7 @@ pub fn check_volume(repo: &Repository, vol: &str, bytes: &[u8]) -> Result<Volume
         check.blocks += 1;
         let ok = bytes
             .get(off as usize..off as usize + len as usize)
-            .is_some_and(|sealed| crate::volume::open_block(repo.keys(), &cipher, vol, &id, sealed, raw).is_ok());
+            .is_some_and(|sealed| crate::volume::check_block(repo.keys(), &cipher, vol, &id, sealed, raw).is_ok());
         if !ok {
             check.bad_blocks.push(id);
         }
@@ -206,7 +206,7 @@ pub fn check_volume_in_pieces(repo: &Repository, vol: &str) -> Result<std::resul
                     .filter(|(id, off, len, raw)| {
                         let at = (off - start) as usize;
                         let sealed = &bytes[at..at + *len as usize];
-                        crate::volume::open_block(repo.keys(), &cipher, vol, id, sealed, *raw).is_err()
+                        crate::volume::check_block(repo.keys(), &cipher, vol, id, sealed, *raw).is_err()
                     })
                     .map(|b| b.0)
                     .collect::<Vec<_>>()
@@ -357,15 +357,7 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
         let p = f.add(object, format!("directory tree cannot be read: {e}"));
         f.direct.push((p, Affected { version, path: path.to_string_lossy().into_owned() }));
     }
-    let mut unindexed = Vec::new();
-    {
-        let catalog = repo.catalog()?;
-        for id in &usage.blocks {
-            if !f.bad_blocks.contains_key(id) && !catalog.has_block(id)? {
-                unindexed.push(*id);
-            }
-        }
-    }
+    let unindexed = repo.catalog()?.missing_blocks(usage.blocks.iter().filter(|id| !f.bad_blocks.contains_key(*id)))?;
     if !unindexed.is_empty() {
         let p = f.add(
             objects::INDEX_DIR.trim_end_matches('/'),

@@ -271,6 +271,29 @@ pub fn open_block_in_place<'a>(
     Ok(data)
 }
 
+thread_local! {
+    /// Per-thread buffers of [`check_block`]: a copy of the sealed block and its decoded plaintext.
+    static CHECK_BUFFERS: std::cell::Cell<(Vec<u8>, Vec<u8>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// Checks one sealed block like [`open_block`] without keeping its content, in reused
+/// per-thread buffers (no allocation per block).
+pub fn check_block(
+    keys: &Keys,
+    cipher: &Cipher,
+    volume: &str,
+    id: &BlockId,
+    sealed: &[u8],
+    raw_len: u32,
+) -> Result<()> {
+    let (mut copy, mut scratch) = CHECK_BUFFERS.take();
+    copy.clear();
+    copy.extend_from_slice(sealed);
+    let r = open_block_in_place(keys, cipher, volume, id, &mut copy, raw_len, &mut scratch).map(|_| ());
+    CHECK_BUFFERS.set((copy, scratch));
+    r
+}
+
 /// Checks one sealed block like [`open_block`] and returns it still encoded
 /// (`codec byte || payload`), ready to be sealed into another volume.
 pub fn open_encoded(
