@@ -801,6 +801,15 @@ impl Backend {
             Err(e) => Err(self.err(name, e)),
         }
     }
+
+    /// The size of an object; `None` when it does not exist.
+    pub fn size(&self, name: &str) -> Result<Option<u64>> {
+        match self.run(|op| async move { op.stat(name).await }) {
+            Ok(meta) => Ok(Some(meta.content_length())),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.err(name, e)),
+        }
+    }
 }
 
 /// Whether `e` may go away by itself: network trouble, throttling, a server error; not a

@@ -206,6 +206,20 @@ impl Catalog {
         Ok(st.exists([&id.0[..]])?)
     }
 
+    /// The blocks of `ids` that no volume holds, looked up in one read transaction (many
+    /// single lookups would each take and release the database's locks).
+    pub fn missing_blocks<'a>(&self, ids: impl IntoIterator<Item = &'a BlockId>) -> Result<Vec<BlockId>> {
+        let tx = self.conn.unchecked_transaction()?;
+        let mut missing = Vec::new();
+        for id in ids {
+            if !self.has_block(id)? {
+                missing.push(*id);
+            }
+        }
+        tx.finish()?;
+        Ok(missing)
+    }
+
     /// Records an uploaded volume and all its blocks in one transaction.
     pub fn add_volume(&mut self, index: &VolumeIndex) -> Result<()> {
         let name = objects::volume_name(&index.volume_id);
@@ -455,6 +469,15 @@ impl Catalog {
         let Some((size, mtime_ns, ctime_ns, ino, blob)) = row else { return Ok(None) };
         let Ok(content) = decode_content(&blob) else { return Ok(None) };
         Ok(Some(CachedFile { path: path.to_vec(), size: size as u64, mtime_ns, ctime_ns, ino: ino as u64, content }))
+    }
+
+    /// The change-detection rows of several paths (e.g. one directory's entries), looked up
+    /// in one read transaction.
+    pub fn cached_files<'a>(&self, paths: impl IntoIterator<Item = &'a [u8]>) -> Result<Vec<Option<CachedFile>>> {
+        let tx = self.conn.unchecked_transaction()?;
+        let rows = paths.into_iter().map(|p| self.cached_file(p)).collect::<Result<_>>()?;
+        tx.finish()?;
+        Ok(rows)
     }
 
     /// Forgets the change-detection rows that refer to any of `blocks`.

@@ -62,57 +62,69 @@ const ZSTD_LEVEL: i32 = 1;
 thread_local! {
     static ZSTD_C: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
     static ZSTD_D: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
+    /// Output buffer of the compressor, reused from block to block.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// zstd compression with a per-thread context (creating one per block is costly).
-fn zstd_compress(data: &[u8]) -> Option<Vec<u8>> {
+/// Compresses `data` with zstd (a per-thread context: creating one per block is costly)
+/// and calls `keep` with the result; `None` if compression failed.
+fn zstd_compress<T>(data: &[u8], keep: impl FnOnce(&[u8]) -> T) -> Option<T> {
     ZSTD_C.with(|c| {
         let mut c = c.borrow_mut();
         if c.is_none() {
             *c = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
         }
-        c.as_mut()?.compress(data).ok()
+        let c = c.as_mut()?;
+        SCRATCH.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.clear();
+            buf.reserve(zstd::zstd_safe::compress_bound(data.len()));
+            let n = c.compress_to_buffer(data, &mut *buf).ok()?;
+            Some(keep(&buf[..n]))
+        })
     })
 }
 
-fn zstd_decompress(data: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>> {
+/// Decompresses a zstd frame of `raw_len` bytes into `out` (replacing its content).
+fn zstd_decompress_into(data: &[u8], raw_len: usize, out: &mut Vec<u8>) -> std::io::Result<()> {
     ZSTD_D.with(|d| {
         let mut d = d.borrow_mut();
         if d.is_none() {
             *d = Some(zstd::bulk::Decompressor::new()?);
         }
-        match d.as_mut() {
-            Some(d) => d.decompress(data, raw_len),
-            None => Err(std::io::Error::other("no zstd context")),
-        }
+        let d = d.as_mut().ok_or_else(|| std::io::Error::other("no zstd context"))?;
+        out.clear();
+        out.reserve(raw_len);
+        d.decompress_to_buffer(data, out).map(|_| ())
     })
+}
+
+/// Whether a compressed payload of `compressed` bytes is worth keeping for `raw` bytes.
+fn pays(compressed: usize, raw: usize) -> bool {
+    compressed + raw / 32 < raw
+}
+
+/// `codec byte || payload`.
+fn tagged(codec: Codec, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 1);
+    out.push(codec as u8);
+    out.extend_from_slice(payload);
+    out
 }
 
 /// Encodes `data` as `codec byte || payload`, falling back to stored when compression does not pay.
 pub fn encode(codec: Codec, data: &[u8]) -> Vec<u8> {
     let compressed = match codec {
         Codec::None => None,
-        Codec::Zstd => zstd_compress(data),
+        Codec::Zstd => zstd_compress(data, |c| pays(c.len(), data.len()).then(|| tagged(codec, c))).flatten(),
         Codec::Deflate => {
             let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
-            enc.write_all(data).and_then(|_| enc.finish()).ok()
+            let c = enc.write_all(data).and_then(|_| enc.finish()).ok();
+            c.filter(|c| pays(c.len(), data.len())).map(|c| tagged(codec, &c))
         }
-        Codec::Lzma => lzma_compress(data),
+        Codec::Lzma => lzma_compress(data).filter(|c| pays(c.len(), data.len())).map(|c| tagged(codec, &c)),
     };
-    match compressed {
-        Some(c) if c.len() + data.len() / 32 < data.len() => {
-            let mut out = Vec::with_capacity(c.len() + 1);
-            out.push(codec as u8);
-            out.extend_from_slice(&c);
-            out
-        }
-        _ => {
-            let mut out = Vec::with_capacity(data.len() + 1);
-            out.push(Codec::None as u8);
-            out.extend_from_slice(data);
-            out
-        }
-    }
+    compressed.unwrap_or_else(|| tagged(Codec::None, data))
 }
 
 fn lzma_compress(data: &[u8]) -> Option<Vec<u8>> {
@@ -131,6 +143,27 @@ pub fn decode(encoded: &[u8], raw_len: usize) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Like [`decode`] without copying where it can: a stored payload is returned as the part
+/// of `encoded` it is; anything else is decoded into `out` (whose buffer is reused).
+pub fn decode_borrowed<'a>(encoded: &'a [u8], raw_len: usize, out: &'a mut Vec<u8>) -> Result<&'a [u8]> {
+    let (&tag, payload) = encoded.split_first().ok_or_else(|| Error::Format("empty block payload".into()))?;
+    let data: &[u8] = match Codec::from_u8(tag) {
+        Some(Codec::None) => payload,
+        Some(Codec::Zstd) => {
+            zstd_decompress_into(payload, raw_len, out).map_err(|e| Error::Format(format!("zstd: {e}")))?;
+            out
+        }
+        _ => {
+            *out = decode_up_to(encoded, raw_len)?;
+            out
+        }
+    };
+    if data.len() != raw_len {
+        return Err(Error::Format(format!("block decodes to {} bytes, expected {raw_len}", data.len())));
+    }
+    Ok(data)
+}
+
 /// Decodes `codec byte || payload` whose plaintext length is not known, only bounded by
 /// `max` (used when a volume is read without its index).
 pub fn decode_up_to(encoded: &[u8], max: usize) -> Result<Vec<u8>> {
@@ -138,7 +171,11 @@ pub fn decode_up_to(encoded: &[u8], max: usize) -> Result<Vec<u8>> {
     let codec = Codec::from_u8(tag).ok_or_else(|| Error::Format(format!("unknown codec byte {tag}")))?;
     let out = match codec {
         Codec::None => payload.to_vec(),
-        Codec::Zstd => zstd_decompress(payload, max).map_err(|e| Error::Format(format!("zstd: {e}")))?,
+        Codec::Zstd => {
+            let mut out = Vec::new();
+            zstd_decompress_into(payload, max, &mut out).map_err(|e| Error::Format(format!("zstd: {e}")))?;
+            out
+        }
         Codec::Deflate => {
             let mut out = Vec::with_capacity(max.min(16 << 20));
             flate2::read::DeflateDecoder::new(payload)
@@ -194,6 +231,9 @@ mod tests {
                 assert!(enc.len() < text.len() / 10, "{codec:?} compresses");
             }
             assert_eq!(decode(&enc, text.len()).unwrap(), text);
+            let mut buf = Vec::new();
+            assert_eq!(decode_borrowed(&enc, text.len(), &mut buf).unwrap(), &text[..]);
+            assert!(decode_borrowed(&enc, text.len() - 1, &mut buf).is_err());
         }
     }
 
@@ -223,6 +263,7 @@ mod tests {
         #[test]
         fn decode_garbage_is_an_error_not_a_panic(data: Vec<u8>, n in 0usize..10000) {
             let _ = decode(&data, n);
+            let _ = decode_borrowed(&data, n, &mut Vec::new());
         }
     }
 }

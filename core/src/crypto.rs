@@ -6,9 +6,8 @@
 //! gets its own subkey from its random id, so a nonce collision across the
 //! whole box is impossible in practice), and one for keyed block ids.
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
 use rand::RngCore;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -51,11 +50,26 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
     a
 }
 
+/// An AES-256-GCM key, ready to seal and open payloads.
+///
+/// Backed by `ring`, whose AES-GCM uses AES-NI and carry-less multiplication (with the
+/// AVX2/VAES code paths where the CPU has them), several times faster than a portable
+/// implementation; the bytes it produces are standard AES-256-GCM.
+#[derive(Clone)]
+pub struct Cipher(LessSafeKey);
+
+impl Cipher {
+    /// A cipher for a 256-bit key.
+    pub fn new(key: &[u8; 32]) -> Self {
+        Self(LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("AES-256 takes a 32-byte key")))
+    }
+}
+
 /// The unwrapped keys of a repository.
 #[derive(Clone)]
 pub struct Keys {
     master: [u8; 32],
-    meta: Aes256Gcm,
+    meta: Cipher,
     data_root: [u8; 32],
     id_key: [u8; 32],
 }
@@ -66,7 +80,7 @@ impl Keys {
         let meta = blake3::derive_key("brickbox v1 metadata object key", &master);
         Self {
             master,
-            meta: Aes256Gcm::new(&meta.into()),
+            meta: Cipher::new(&meta),
             data_root: blake3::derive_key("brickbox v1 data volume root key", &master),
             id_key: blake3::derive_key("brickbox v1 block id key", &master),
         }
@@ -83,37 +97,72 @@ impl Keys {
     }
 
     /// The cipher for sealing blocks of the volume with this random id.
-    pub fn volume_cipher(&self, volume_id: &[u8; 16]) -> Aes256Gcm {
+    pub fn volume_cipher(&self, volume_id: &[u8; 16]) -> Cipher {
         let key = blake3::keyed_hash(&self.data_root, volume_id);
-        Aes256Gcm::new(key.as_bytes().into())
+        Cipher::new(key.as_bytes())
     }
 
     /// The cipher for metadata objects (indexes, manifests).
-    pub fn meta_cipher(&self) -> &Aes256Gcm {
+    pub fn meta_cipher(&self) -> &Cipher {
         &self.meta
     }
 }
 
 /// Encrypts `plaintext` with a fresh random nonce; output is `nonce || ciphertext || tag`.
-pub fn seal(cipher: &Aes256Gcm, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
-    let nonce: [u8; NONCE_LEN] = random_bytes();
-    let ct = cipher
-        .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad })
-        .expect("AES-GCM encryption of an in-memory buffer cannot fail");
-    let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(&ct);
+pub fn seal(cipher: &Cipher, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SEAL_OVERHEAD + plaintext.len());
+    seal_into(cipher, aad, plaintext, &mut out);
     out
 }
 
+/// Like [`seal`], appending `nonce || ciphertext || tag` to `out` (no other allocation).
+pub fn seal_into(cipher: &Cipher, aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
+    let nonce: [u8; NONCE_LEN] = random_bytes();
+    out.reserve(SEAL_OVERHEAD + plaintext.len());
+    out.extend_from_slice(&nonce);
+    let start = out.len();
+    out.extend_from_slice(plaintext);
+    let tag = cipher
+        .0
+        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut out[start..])
+        .expect("AES-GCM encryption of an in-memory buffer cannot fail");
+    out.extend_from_slice(tag.as_ref());
+}
+
 /// Decrypts and authenticates a payload produced by [`seal`]; `object` names it in errors.
-pub fn open(cipher: &Aes256Gcm, aad: &[u8], sealed: &[u8], object: &str) -> Result<Vec<u8>> {
+pub fn open(cipher: &Cipher, aad: &[u8], sealed: &[u8], object: &str) -> Result<Vec<u8>> {
     if sealed.len() < SEAL_OVERHEAD {
-        return Err(Error::damaged(object, "too short to be a sealed payload"));
+        return Err(too_short(object));
     }
     let (nonce, ct) = sealed.split_at(NONCE_LEN);
+    let mut buf = ct.to_vec();
+    let len = open_parts(cipher, nonce, aad, &mut buf, object)?;
+    buf.truncate(len);
+    Ok(buf)
+}
+
+/// Decrypts and authenticates `sealed` where it lies, returning the plaintext (a part of
+/// `sealed`, which is overwritten); `object` names it in errors.
+pub fn open_in_place<'a>(cipher: &Cipher, aad: &[u8], sealed: &'a mut [u8], object: &str) -> Result<&'a mut [u8]> {
+    if sealed.len() < SEAL_OVERHEAD {
+        return Err(too_short(object));
+    }
+    let (nonce, ct) = sealed.split_at_mut(NONCE_LEN);
+    let len = open_parts(cipher, nonce, aad, ct, object)?;
+    Ok(&mut ct[..len])
+}
+
+fn too_short(object: &str) -> Error {
+    Error::damaged(object, "too short to be a sealed payload")
+}
+
+/// Opens `ciphertext || tag` in place; returns the plaintext length.
+fn open_parts(cipher: &Cipher, nonce: &[u8], aad: &[u8], ct_and_tag: &mut [u8], object: &str) -> Result<usize> {
+    let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| too_short(object))?;
     cipher
-        .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
+        .0
+        .open_in_place(nonce, Aad::from(aad), ct_and_tag)
+        .map(|plain| plain.len())
         .map_err(|_| Error::damaged(object, "authentication failed (corrupted or tampered)"))
 }
 
@@ -233,7 +282,7 @@ impl KeyFile {
     pub fn wrap(keys: &Keys, password: &[u8], created: String, config: &str) -> Result<Self> {
         let kdf = KdfParams::new_default();
         let kek = kdf.derive(password)?;
-        let cipher = Aes256Gcm::new(&kek.into());
+        let cipher = Cipher::new(&kek);
         let mut kf = Self {
             version: 1,
             kdf,
@@ -289,7 +338,7 @@ impl KeyFile {
             )));
         }
         let kek = self.kdf.derive(password)?;
-        let cipher = Aes256Gcm::new(&kek.into());
+        let cipher = Cipher::new(&kek);
         match open(&cipher, KEY_AAD, &sealed, "key") {
             Ok(master) => {
                 let mut m = [0u8; 32];

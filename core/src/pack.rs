@@ -58,6 +58,11 @@ impl<'r> VolumeSink<'r> {
 /// local file. Returns the bytes stored (volume + index).
 pub fn store_volume(repo: &Repository, (path, index): FinishedVolume) -> Result<u64> {
     let vname = objects::volume_name(&index.volume_id);
+    // In a local box the file itself becomes the volume (a rename): it must be on disk
+    // before its index names it. A copy for upload elsewhere needs no sync.
+    if repo.backend().staging_dir().is_some_and(|s| path.starts_with(s)) {
+        std::fs::File::open(&path).and_then(|f| f.sync_all()).at(&path)?;
+    }
     repo.backend().store_file(&vname, &path)?;
     let iname = objects::index_name(&index.volume_id);
     let sealed = objects::seal_object(repo.keys(), ObjectKind::Index, &iname, &index.encode());

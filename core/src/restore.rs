@@ -23,9 +23,15 @@ use rayon::prelude::*;
 use crate::catalog::BlockLocation;
 use crate::crypto::BlockId;
 use crate::error::{Error, IoContext, Result};
-use crate::objects::Manifest;
+use crate::objects::{self, Manifest};
 use crate::repo::Repository;
 use crate::tree::{BlockRef, Node};
+use crate::volume;
+
+thread_local! {
+    /// Each thread's buffer for decompressed blocks, reused from block to block.
+    static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
 
 /// How to restore.
 #[derive(Clone, Debug, Default)]
@@ -210,9 +216,7 @@ pub fn restore(
         .flat_map(|s| Path::new(s).ancestors().skip(1).map(Path::to_path_buf).collect::<Vec<_>>())
         .collect();
     let items: Vec<Item> = items.into_iter().filter(|i| !above.contains(&i.source)).collect();
-    for it in items.iter().filter(|i| i.node.kind != FileKind::Dir) {
-        ctx.apply_metadata(it);
-    }
+    items.par_iter().filter(|i| i.node.kind != FileKind::Dir).for_each(|it| ctx.apply_metadata(it));
     let mut dirs: Vec<&Item> = items.iter().filter(|i| i.node.kind == FileKind::Dir).collect();
     dirs.sort_by_key(|i| std::cmp::Reverse(i.depth));
     for it in dirs {
@@ -358,21 +362,20 @@ impl Ctx<'_> {
 
     fn try_prepare_file(&self, it: &Item, index: usize) -> Result<Option<FilePlan>> {
         let dest = &it.dest;
-        if let Some(parent) = dest.parent() {
-            self.ensure_dir(parent)?;
-        }
-        let (file, fresh) = match std::fs::symlink_metadata(dest) {
-            Ok(m) if m.is_file() => (OpenOptions::new().read(true).write(true).open(dest).at(dest)?, false),
-            Ok(_) => {
-                if !self.opts.overwrite {
-                    return Err(Error::Invalid("exists and is not a regular file (use --overwrite)".into()));
+        // Usually the file is new: one call creates it (and fails if anything is there).
+        let created = match OpenOptions::new().write(true).create_new(true).open(dest) {
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                if let Some(parent) = dest.parent() {
+                    self.ensure_dir(parent)?;
                 }
-                if std::fs::remove_dir(dest).is_err() {
-                    std::fs::remove_file(dest).at(dest)?;
-                }
-                (File::create(dest).at(dest)?, true)
+                None
             }
-            Err(_) => (File::create(dest).at(dest)?, true),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => None,
+            other => Some(other.at(dest)?),
+        };
+        let (file, fresh) = match created {
+            Some(file) => (file, true),
+            None => self.open_existing(dest)?,
         };
         let content = &it.node.content;
         let wanted: Vec<bool> = if fresh {
@@ -394,7 +397,9 @@ impl Ctx<'_> {
             differs
         };
         // Setting the length first leaves unwritten (all-zero) ranges as holes.
-        file.set_len(it.node.size).at(dest)?;
+        if !fresh || it.node.size > 0 {
+            file.set_len(it.node.size).at(dest)?;
+        }
         let mut blocks = Vec::new();
         let mut off = 0u64;
         for (b, want) in content.iter().zip(wanted) {
@@ -405,6 +410,24 @@ impl Ctx<'_> {
         }
         self.progress.files.fetch_add(1, Ordering::Relaxed);
         Ok(Some(FilePlan { item: index, sparse: fresh, blocks }))
+    }
+
+    /// Opens what is already at `dest` to compare it with the backup, or replaces it with a
+    /// new file when it is something else (and `--overwrite` allows it). `true` = new file.
+    fn open_existing(&self, dest: &Path) -> Result<(File, bool)> {
+        Ok(match std::fs::symlink_metadata(dest) {
+            Ok(m) if m.is_file() => (OpenOptions::new().read(true).write(true).open(dest).at(dest)?, false),
+            Ok(_) => {
+                if !self.opts.overwrite {
+                    return Err(Error::Invalid("exists and is not a regular file (use --overwrite)".into()));
+                }
+                if std::fs::remove_dir(dest).is_err() {
+                    std::fs::remove_file(dest).at(dest)?;
+                }
+                (File::create(dest).at(dest)?, true)
+            }
+            Err(_) => (File::create(dest).at(dest)?, true),
+        })
     }
 
     /// Indexes of blocks whose bytes in the existing file differ from the backup.
@@ -493,12 +516,34 @@ impl Ctx<'_> {
                     }
                     Err(e) => return Err(e),
                 };
-                let Some(bytes) = bytes else { return Ok(()) };
+                let Some(mut bytes) = bytes else { return Ok(()) };
+                let Some(vid) = objects::volume_id_from_name(&first.volume) else {
+                    for (_, id) in run.iter() {
+                        for &(item, _, _) in &wanted[id] {
+                            self.error(format!(
+                                "{}: {}: volume name is not valid",
+                                items[item].source.display(),
+                                first.volume
+                            ));
+                        }
+                    }
+                    return Ok(());
+                };
+                let cipher = self.repo.keys().volume_cipher(&vid);
+                let mut scratch = SCRATCH.take();
                 let mut open: Option<(usize, File)> = None;
                 for (loc, id) in run.iter() {
                     let rel = (loc.offset - first.offset) as usize;
-                    let sealed = &bytes[rel..rel + loc.length as usize];
-                    let data = match self.repo.open_block_at(loc, id, sealed) {
+                    let sealed = &mut bytes[rel..rel + loc.length as usize];
+                    let data = match volume::open_block_in_place(
+                        self.repo.keys(),
+                        &cipher,
+                        &loc.volume,
+                        id,
+                        sealed,
+                        loc.raw_len,
+                        &mut scratch,
+                    ) {
                         Ok(d) => d,
                         Err(e) => {
                             for &(item, _, _) in &wanted[id] {
@@ -521,7 +566,7 @@ impl Ctx<'_> {
                             }
                         }
                         let r = match &open {
-                            Some((_, f)) => self.write_at(f, &data, off, dest, sparse),
+                            Some((_, f)) => self.write_at(f, data, off, dest, sparse),
                             None => Ok(()),
                         };
                         if let Err(e) = r {
@@ -530,6 +575,7 @@ impl Ctx<'_> {
                         self.progress.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                     }
                 }
+                SCRATCH.set(scratch);
                 Ok(())
             })
         })

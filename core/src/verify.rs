@@ -12,8 +12,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rand::seq::SliceRandom;
+use rayon::prelude::*;
 
-use crate::catalog::Damage;
+use crate::catalog::{Damage, VolumeBlock};
 use crate::crypto::BlockId;
 use crate::error::{Error, Result};
 use crate::objects::{self, Manifest};
@@ -135,12 +136,92 @@ pub fn check_volume(repo: &Repository, vol: &str, bytes: &[u8]) -> Result<Volume
         check.blocks += 1;
         let ok = bytes
             .get(off as usize..off as usize + len as usize)
-            .is_some_and(|sealed| crate::volume::open_block(repo.keys(), &cipher, vol, &id, sealed, raw).is_ok());
+            .is_some_and(|sealed| crate::volume::check_block(repo.keys(), &cipher, vol, &id, sealed, raw).is_ok());
         if !ok {
             check.bad_blocks.push(id);
         }
     }
     Ok(check)
+}
+
+/// A byte range of a volume, `[start, end)`, and the blocks in it.
+type Piece<'a> = (u64, u64, Vec<&'a VolumeBlock>);
+
+/// Downloads a volume piece by piece and checks it like [`check_volume`], holding only a
+/// few MiB of it at a time: each piece is hashed and its blocks are checked on all cores
+/// while the next piece is read. The outer error is a catalog problem; the inner one says
+/// the volume could not be read.
+pub fn check_volume_in_pieces(repo: &Repository, vol: &str) -> Result<std::result::Result<VolumeCheck, Error>> {
+    /// Bytes read at once (more when one block is larger).
+    const PIECE: u64 = 8 << 20;
+    let (size, blocks) = repo.catalog()?.volume_blocks(vol)?;
+    let hash = repo.catalog()?.volumes()?.into_iter().find(|v| v.name == vol).and_then(|v| v.hash);
+    let actual = match repo.backend().size(vol) {
+        Ok(Some(n)) => n,
+        Ok(None) => return Ok(Err(Error::damaged(vol, "object is missing from the box"))),
+        Err(e) => return Ok(Err(e)),
+    };
+    let mut check = VolumeCheck::default();
+    if actual != size {
+        check.whole.push(format!("size is {actual} bytes, the index says {size}"));
+    }
+    let vid = objects::volume_id_from_name(vol).ok_or_else(|| Error::damaged(vol, "bad volume name"))?;
+    let cipher = repo.keys().volume_cipher(&vid);
+    // Pieces cover [0, actual) and are cut only between blocks; a block reaching past the
+    // end of the object is bad without reading it.
+    let mut pieces: Vec<Piece<'_>> = Vec::new();
+    let mut start = 0u64;
+    let mut blocks_left = blocks.iter().peekable();
+    while start < actual {
+        let mut end = (start + PIECE).min(actual);
+        let mut here = Vec::new();
+        while let Some(b) = blocks_left.next_if(|b| b.1 < end) {
+            let block_end = b.1 + u64::from(b.2);
+            if block_end > actual {
+                check.bad_blocks.push(b.0);
+                continue;
+            }
+            end = end.max(block_end);
+            here.push(b);
+        }
+        pieces.push((start, end, here));
+        start = end;
+    }
+    check.bad_blocks.extend(blocks_left.map(|b| b.0));
+    check.blocks = blocks.len();
+    let read = |p: &Piece<'_>| repo.backend().read_range(vol, p.0, p.1 - p.0);
+    let mut hasher = blake3::Hasher::new();
+    let mut next = pieces.first().map(read);
+    for i in 0..pieces.len() {
+        let bytes = match next.take() {
+            Some(Ok(b)) => b,
+            Some(Err(e)) => return Ok(Err(e)),
+            None => break,
+        };
+        let (start, _, here) = &pieces[i];
+        let (bad, following) = rayon::join(
+            || {
+                hasher.update(&bytes);
+                here.par_iter()
+                    .filter(|(id, off, len, raw)| {
+                        let at = (off - start) as usize;
+                        let sealed = &bytes[at..at + *len as usize];
+                        crate::volume::check_block(repo.keys(), &cipher, vol, id, sealed, *raw).is_err()
+                    })
+                    .map(|b| b.0)
+                    .collect::<Vec<_>>()
+            },
+            || pieces.get(i + 1).map(read),
+        );
+        check.bad_blocks.extend(bad);
+        next = following;
+    }
+    if let Some(h) = hash {
+        if *hasher.finalize().as_bytes() != h {
+            check.whole.push("content differs from the hash in its index".into());
+        }
+    }
+    Ok(Ok(check))
 }
 
 /// Collects problems and the blocks each makes unreadable.
@@ -306,15 +387,7 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
         let p = f.add(object, format!("directory tree cannot be read: {e}"));
         f.direct.push((p, Affected { version, path: path.to_string_lossy().into_owned() }));
     }
-    let mut unindexed = Vec::new();
-    {
-        let catalog = repo.catalog()?;
-        for id in &usage.blocks {
-            if !f.bad_blocks.contains_key(id) && !catalog.has_block(id)? {
-                unindexed.push(*id);
-            }
-        }
-    }
+    let unindexed = repo.catalog()?.missing_blocks(usage.blocks.iter().filter(|id| !f.bad_blocks.contains_key(*id)))?;
     if !unindexed.is_empty() {
         let p = f.add(
             objects::INDEX_DIR.trim_end_matches('/'),
@@ -336,8 +409,8 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
     for vol in present {
         stop()?;
         report.volumes_read += 1;
-        let bytes = match repo.backend().read(vol) {
-            Ok(b) => b,
+        let check = match check_volume_in_pieces(repo, vol)? {
+            Ok(c) => c,
             Err(e) => {
                 let p = f.add(vol, format!("cannot be read: {e}"));
                 let (_, blocks) = repo.catalog()?.volume_blocks(vol)?;
@@ -345,7 +418,6 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
                 continue;
             }
         };
-        let check = check_volume(repo, vol, &bytes)?;
         report.blocks_read += check.blocks;
         let catalog = repo.catalog()?;
         catalog.clear_damage(vol)?;

@@ -4,8 +4,7 @@
 
 use std::sync::OnceLock;
 
-use aes_gcm::{Aes256Gcm, KeyInit};
-use brickbox_core::crypto::{self, BlockId, KdfParams, KeyFile, Keys};
+use brickbox_core::crypto::{self, BlockId, Cipher, KdfParams, KeyFile, Keys};
 use brickbox_core::objects::{self, ObjectKind};
 use brickbox_core::Error;
 
@@ -47,8 +46,8 @@ pub fn manifest_name() -> String {
 }
 
 /// The cipher of the volume [`VOLUME_ID`].
-pub fn volume_cipher() -> &'static Aes256Gcm {
-    static CIPHER: OnceLock<Aes256Gcm> = OnceLock::new();
+pub fn volume_cipher() -> &'static Cipher {
+    static CIPHER: OnceLock<Cipher> = OnceLock::new();
     CIPHER.get_or_init(|| keys().volume_cipher(&VOLUME_ID))
 }
 
@@ -80,7 +79,7 @@ pub fn cheap_kdf() -> KdfParams {
 /// A key file with [`cheap_kdf`] whose wrapped content is `wrapped_plain` sealed under the
 /// key that [`PASSWORD`] derives, so the checks after authentication are reached.
 pub fn cheap_key_file(wrapped_plain: &[u8]) -> KeyFile {
-    static KEK: OnceLock<Aes256Gcm> = OnceLock::new();
+    static KEK: OnceLock<Cipher> = OnceLock::new();
     let kek = KEK.get_or_init(|| {
         let kdf = cheap_kdf();
         let params = argon2::Params::new(kdf.memory_kib, kdf.iterations, kdf.parallelism, Some(32)).expect("params");
@@ -89,13 +88,15 @@ pub fn cheap_key_file(wrapped_plain: &[u8]) -> KeyFile {
         argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
             .hash_password_into(PASSWORD, &salt, &mut key)
             .expect("argon2");
-        Aes256Gcm::new(&key.into())
+        Cipher::new(&key)
     });
     KeyFile {
         version: 1,
         kdf: cheap_kdf(),
         wrapped: hex::encode(crypto::seal(kek, KEY_AAD, wrapped_plain)),
         created: "2026-01-01T00:00:00+00:00".into(),
+        config: None,
+        check: None,
     }
 }
 
