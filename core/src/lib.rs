@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod chunker;
 pub mod codec;
 pub mod crypto;
+pub mod diskcache;
 pub mod error;
 pub mod location;
 pub mod objects;
