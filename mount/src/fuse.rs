@@ -329,16 +329,26 @@ impl Mounted {
             MountOption::NoDev,
             MountOption::NoSuid,
             MountOption::NoAtime,
+            if opts.exec { MountOption::Exec } else { MountOption::NoExec },
             MountOption::FSName(opts.fs_name.clone()),
-            MountOption::Subtype("brickbox".into()),
+            MountOption::Subtype(opts.subtype.clone()),
         ];
-        if opts.allow_other {
+        if opts.allow_other || opts.default_permissions {
             // Other users see the backed-up owners and modes, and the kernel enforces them.
             options.push(MountOption::DefaultPermissions);
         }
+        if opts.auto_unmount {
+            options.push(MountOption::AutoUnmount);
+        }
         let mut config = fuser::Config::default();
         config.mount_options = options;
-        config.acl = if opts.allow_other { SessionACL::All } else { SessionACL::Owner };
+        config.acl = if opts.allow_other {
+            SessionACL::All
+        } else if opts.allow_root {
+            SessionACL::RootAndOwner
+        } else {
+            SessionACL::Owner
+        };
         config.n_threads = Some(1);
         let session = fuser::Session::new(fs, mountpoint, &config)
             .and_then(fuser::Session::spawn)
