@@ -1123,8 +1123,11 @@ impl Vfs {
         let v = self.versions();
         let Some(&i) = v.by_name.get(name) else { return Ok(None) };
         let ver = &v.list[i];
-        let mut node = crate::browse::root_node(&ver.manifest)?;
-        node.name = ver.name.as_bytes().to_vec();
+        let mut node = Node::new(ver.name.as_bytes().to_vec(), FileKind::Dir);
+        node.mode = 0o755;
+        node.mtime_ns = ver.manifest.time_ns;
+        node.atime_ns = ver.manifest.time_ns;
+        node.subtree = Some(ver.manifest.root_id()?);
         Ok(Some((ver.id.clone(), Arc::new(node))))
     }
 
