@@ -83,7 +83,7 @@ pub const LATEST_NAME: &str = "latest";
 /// Largest gap between two blocks of one volume still fetched with one ranged read.
 const MAX_GAP: u64 = 256 * 1024;
 /// Largest coalesced ranged read.
-const MAX_COALESCED: u64 = 16 << 20;
+const MAX_COALESCED: u64 = 4 << 20;
 /// Open-file states (prefix sums, sequential-access tracking) kept.
 const FILE_STATES: usize = 1024;
 /// File histories kept.
@@ -96,6 +96,10 @@ const TREE_CACHE_BYTES: usize = 16 << 20;
 const LINK_COUNTS: usize = 8192;
 /// Blocks read from the disk cache by one background task.
 const DISK_BATCH: usize = 8;
+/// Directories whose file opens are tracked for directory read-ahead.
+const DIR_OPENS: usize = 64;
+/// Files up to this size are loaded whole by directory read-ahead.
+const SMALL_FILE: u64 = 1 << 20;
 
 /// Errors of the VFS; front ends map them to their error codes.
 #[derive(Debug, thiserror::Error)]
@@ -338,6 +342,8 @@ struct Inode {
     /// The entry's node: the node itself (versions, links, history items), the newest version's
     /// directory (history directories) or the newest state (history files).
     node: Arc<Node>,
+    /// For entries of a version: the tree of the directory they were found in.
+    parent_tree: Option<BlockId>,
 }
 
 #[derive(Default)]
@@ -361,16 +367,17 @@ impl Table {
         }
     }
 
-    fn register(&mut self, key: Key, node: Arc<Node>) -> u64 {
+    fn register(&mut self, key: Key, node: Arc<Node>, parent_tree: Option<BlockId>) -> u64 {
         let ino = self.ino_for(&key);
         match self.inodes.get_mut(&ino) {
             Some(e) => {
                 e.nlookup += 1;
                 e.node = node;
+                e.parent_tree = parent_tree;
             }
             None => {
                 self.by_key.insert(key.clone(), ino);
-                self.inodes.insert(ino, Inode { key, nlookup: 1, node });
+                self.inodes.insert(ino, Inode { key, nlookup: 1, node, parent_tree });
             }
         }
         ino
@@ -846,6 +853,14 @@ impl FileState {
 // ---------------------------------------------------------------------------
 // The VFS
 
+/// Where files were last opened in one directory, for directory read-ahead.
+struct DirOpens {
+    /// Index (in the tree) of the last file opened.
+    last: usize,
+    /// Files before this index were already requested.
+    ahead: usize,
+}
+
 /// Link counts of one tree and everything below it: link group → entries.
 type LinkCounts = Arc<HashMap<u64, u32>>;
 
@@ -862,6 +877,7 @@ pub struct Vfs {
     trees: Mutex<ByteLru<BlockId, Arc<Tree>>>,
     tree_links: Mutex<lru::LruCache<BlockId, LinkCounts>>,
     version_links: Mutex<HashMap<Arc<str>, LinkCounts>>,
+    dir_opens: Mutex<lru::LruCache<BlockId, DirOpens>>,
     blocks: Arc<Blocks>,
 }
 
@@ -906,6 +922,7 @@ impl Vfs {
             trees: Mutex::new(ByteLru::new(TREE_CACHE_BYTES)),
             tree_links: Mutex::new(lru::LruCache::new(nz(LINK_COUNTS))),
             version_links: Mutex::new(HashMap::new()),
+            dir_opens: Mutex::new(lru::LruCache::new(nz(DIR_OPENS))),
             blocks,
         })
     }
@@ -1081,9 +1098,10 @@ impl Vfs {
                     Scope::Version(id) => {
                         let Some(sub) = dir_subtree(&node)? else { return Ok(None) };
                         let tree = self.tree(&sub)?;
-                        Ok(tree
-                            .find(name)
-                            .map(|child| self.register(Key::in_version(id, &key.path, child), Arc::new(child.clone()))))
+                        Ok(tree.find(name).map(|child| {
+                            let key = Key::in_version(id, &key.path, child);
+                            self.register_in(key, Arc::new(child.clone()), Some(sub))
+                        }))
                     }
                     Scope::HistDir => self.lookup_hist_child(&key.path, name),
                     Scope::HistFile => {
@@ -1100,7 +1118,11 @@ impl Vfs {
     }
 
     fn register(&self, key: Key, node: Arc<Node>) -> Attr {
-        let ino = lock(&self.table).register(key.clone(), node.clone());
+        self.register_in(key, node, None)
+    }
+
+    fn register_in(&self, key: Key, node: Arc<Node>, parent_tree: Option<BlockId>) -> Attr {
+        let ino = lock(&self.table).register(key.clone(), node.clone(), parent_tree);
         self.attr_of(ino, &key, &node)
     }
 
@@ -1444,9 +1466,53 @@ impl Vfs {
         Ok(f)
     }
 
-    /// Checks that `ino` is a regular file that can be read, and prepares reading it.
+    /// Checks that `ino` is a regular file that can be read, and prepares reading it. Files
+    /// opened one after the other in a directory's order (`cp -r`, `tar`, a file manager's copy)
+    /// make the blocks of the next files of that directory load ahead, in coalesced reads.
     pub fn open(&self, ino: u64) -> VfsResult<()> {
-        self.file(ino).map(|_| ())
+        let f = self.file(ino)?;
+        let parent = lock(&self.table).inodes.get(&ino).and_then(|e| e.parent_tree);
+        if let Some(parent) = parent {
+            self.dir_read_ahead(&parent, &f.node.name);
+        }
+        Ok(())
+    }
+
+    /// Tracks opens in directory `tree`; on the second file opened in listing order, and whenever
+    /// less than half a window is left, requests the blocks of the following files (small files
+    /// whole, larger ones their first block) up to a window of `readahead_bytes`.
+    fn dir_read_ahead(&self, tree_id: &BlockId, name: &[u8]) {
+        let Ok(tree) = self.tree(tree_id) else { return };
+        let Ok(idx) = tree.nodes.binary_search_by(|n| n.name.as_slice().cmp(name)) else { return };
+        let window = self.opts.readahead_bytes.min(self.opts.cache_bytes as u64 / 4);
+        let mut ids = Vec::new();
+        {
+            let mut dirs = lock(&self.dir_opens);
+            let st = dirs.get_or_insert_mut(*tree_id, || DirOpens { last: usize::MAX, ahead: 0 });
+            let in_order = st.last != usize::MAX && idx > st.last && idx <= st.last + 4;
+            st.last = idx;
+            if !in_order {
+                st.ahead = idx + 1;
+                return;
+            }
+            // Bytes already requested beyond this file.
+            let left: u64 = tree.nodes[idx + 1..st.ahead.max(idx + 1)].iter().map(|n| first_blocks(n).1).sum();
+            if left >= window / 2 {
+                return;
+            }
+            let mut bytes = left;
+            let mut j = st.ahead.max(idx + 1);
+            while j < tree.nodes.len() && bytes < window && ids.len() < self.opts.readahead_blocks * 4 {
+                let (blocks, len) = first_blocks(&tree.nodes[j]);
+                ids.extend(blocks.iter().map(|b| b.id));
+                bytes += len;
+                j += 1;
+            }
+            st.ahead = j;
+        }
+        if !ids.is_empty() {
+            self.blocks.prefetch(ids, true);
+        }
     }
 
     /// Reads up to `size` bytes at `offset` (fewer only at the end of the file).
@@ -1568,6 +1634,17 @@ impl Vfs {
         }
         Ok(Some(attr))
     }
+}
+
+/// The blocks of a file that directory read-ahead loads: all of a small file, the first block
+/// of a larger one (sequential read-ahead takes over from there); and their bytes.
+fn first_blocks(node: &Node) -> (&[BlockRef], u64) {
+    if node.kind != FileKind::File || node.content.is_empty() {
+        return (&[], 0);
+    }
+    let n = if node.size <= SMALL_FILE { node.content.len() } else { 1 };
+    let blocks = &node.content[..n];
+    (blocks, blocks.iter().map(|b| u64::from(b.len)).sum())
 }
 
 fn dir_subtree(node: &Node) -> VfsResult<Option<BlockId>> {
@@ -1939,5 +2016,30 @@ mod tests {
         assert!(Vfs::with_options(fx.repo.clone(), hidden).unwrap().version_names().is_empty());
         let shown = VfsOptions { versions: VersionFilter::parse(&["last:1"]).unwrap(), ..Default::default() };
         assert_eq!(Vfs::with_options(fx.repo.clone(), shown).unwrap().version_names(), [folder]);
+    }
+
+    #[test]
+    fn opening_files_in_directory_order_loads_the_next_ones_ahead() {
+        let fx = Fixture::new();
+        std::fs::create_dir(fx.src.join("many")).unwrap();
+        let files: Vec<Vec<u8>> = (0..40).map(|i| pseudo(100 + i, 20_000)).collect();
+        for (i, data) in files.iter().enumerate() {
+            std::fs::write(fx.src.join(format!("many/f{i:02}")), data).unwrap();
+        }
+        fx.backup();
+        let vfs = Vfs::new(fx.repo.clone()).unwrap();
+        let folder = vfs.version_names().pop().unwrap();
+        vfs.resolve(&fx.in_version(&folder, "many")).unwrap().unwrap();
+        let before = vfs.stats();
+        for (i, data) in files.iter().enumerate() {
+            let a = vfs.resolve(&fx.in_version(&folder, &format!("many/f{i:02}"))).unwrap().unwrap();
+            vfs.open(a.ino).unwrap();
+            assert!(read_all(&vfs, a.ino) == *data, "file {i}");
+        }
+        let s = vfs.stats();
+        let reads = s.range_reads - before.range_reads;
+        assert!(s.prefetched_blocks - before.prefetched_blocks >= 30, "{s:?}");
+        assert!(reads <= 10, "40 small files read in order should take a few coalesced reads: {s:?}");
+        assert_eq!(s.damaged_blocks, 0);
     }
 }
