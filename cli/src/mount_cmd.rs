@@ -41,8 +41,8 @@ pub struct MountArgs {
     /// Let other users access the mount (they see the backed-up owners and modes).
     #[arg(long)]
     pub allow_other: bool,
-    /// Memory for decrypted blocks.
-    #[arg(long, default_value = "64MiB", value_parser = crate::format::parse_size)]
+    /// Memory for decrypted blocks (read-ahead uses up to a quarter of it).
+    #[arg(long, default_value = "32MiB", value_parser = crate::format::parse_size)]
     pub cache_size: u64,
     /// Keep fetched blocks (encrypted, as stored) in DIR/<repository id> and read them from there
     /// first; `off` disables it. Default: on for remote boxes (in the cache dir), off for local ones.
@@ -93,6 +93,7 @@ fn disk_cache_dir(a: &MountArgs, repo: &Repository) -> Result<Option<PathBuf>> {
 
 /// Mounts the repository and serves it until Ctrl-C, SIGTERM or an unmount.
 pub fn mount(g: &Global, a: MountArgs) -> Result<u8> {
+    brickbox_mount::prepare_process();
     // Fail on bad arguments and a bad mount point before asking for the password.
     let mut opts = MountOptions {
         allow_other: a.allow_other,
@@ -109,6 +110,10 @@ pub fn mount(g: &Global, a: MountArgs) -> Result<u8> {
 
     let mut vfs_opts = opts.vfs_options();
     vfs_opts.versions = filter.clone();
+    // Loading blocks from a local box is CPU work (one thread per core is enough, and every
+    // thread holds buffers); from a remote one it is mostly waiting, so more requests overlap.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    vfs_opts.io_threads = if repo.backend().service() == "fs" { cores.clamp(2, 4) } else { 8 };
     if let Some(dir) = disk_cache_dir(&a, &repo)? {
         if dir.starts_with(&mountpoint) {
             bail!("the disk cache {} cannot be inside the mount point {}", dir.display(), mountpoint.display());

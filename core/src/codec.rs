@@ -122,6 +122,19 @@ fn lzma_compress(data: &[u8]) -> Option<Vec<u8>> {
     w.finish().ok()
 }
 
+/// Like [`decode`], taking the encoded block by value: a stored block is returned in the same
+/// buffer (its codec byte removed) instead of being copied.
+pub fn decode_vec(mut encoded: Vec<u8>, raw_len: usize) -> Result<Vec<u8>> {
+    if encoded.first() == Some(&(Codec::None as u8)) {
+        encoded.remove(0);
+        if encoded.len() != raw_len {
+            return Err(Error::Format(format!("block decodes to {} bytes, expected {raw_len}", encoded.len())));
+        }
+        return Ok(encoded);
+    }
+    decode(&encoded, raw_len)
+}
+
 /// Decodes `codec byte || payload` back to the block's plaintext of `raw_len` bytes.
 pub fn decode(encoded: &[u8], raw_len: usize) -> Result<Vec<u8>> {
     let (&tag, payload) = encoded.split_first().ok_or_else(|| Error::Format("empty block payload".into()))?;
@@ -207,7 +220,9 @@ mod tests {
         #[test]
         fn codecs_round_trip(data: Vec<u8>, c in 0u8..4) {
             let codec = Codec::from_u8(c).unwrap();
-            prop_assert_eq!(decode(&encode(codec, &data), data.len()).unwrap(), data);
+            prop_assert_eq!(decode(&encode(codec, &data), data.len()).unwrap(), data.clone());
+            prop_assert_eq!(decode_vec(encode(codec, &data), data.len()).unwrap(), data.clone());
+            prop_assert!(decode_vec(encode(codec, &data), data.len() + 1).is_err());
         }
 
         #[test]

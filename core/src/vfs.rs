@@ -83,7 +83,7 @@ pub const LATEST_NAME: &str = "latest";
 /// Largest gap between two blocks of one volume still fetched with one ranged read.
 const MAX_GAP: u64 = 256 * 1024;
 /// Largest coalesced ranged read.
-const MAX_COALESCED: u64 = 4 << 20;
+const MAX_COALESCED: u64 = 2 << 20;
 /// Open-file states (prefix sums, sequential-access tracking) kept.
 const FILE_STATES: usize = 1024;
 /// File histories kept.
@@ -176,6 +176,25 @@ pub struct DirEntry {
     pub kind: FileKind,
 }
 
+/// Bytes read from a file: a view of one cached block, or a buffer of their own.
+pub enum ReadData {
+    /// A range of a cached block.
+    Block(Arc<Vec<u8>>, std::ops::Range<usize>),
+    /// Bytes gathered from several blocks.
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for ReadData {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            ReadData::Block(b, r) => &b[r.clone()],
+            ReadData::Owned(v) => v,
+        }
+    }
+}
+
 /// Tuning of a [`Vfs`].
 #[derive(Clone, Debug)]
 pub struct VfsOptions {
@@ -201,7 +220,7 @@ pub struct VfsOptions {
 impl Default for VfsOptions {
     fn default() -> Self {
         Self {
-            cache_bytes: 64 << 20,
+            cache_bytes: 32 << 20,
             zero_fill_damaged: false,
             readahead_bytes: 16 << 20,
             readahead_blocks: 32,
@@ -316,6 +335,33 @@ impl Key {
     }
 }
 
+/// A node, either shared with the cached tree it was found in (no copy per looked-up entry) or
+/// made up (version folders, history entries).
+#[derive(Clone)]
+enum NodeRef {
+    Own(Arc<Node>),
+    InTree(Arc<Tree>, u32),
+}
+
+impl std::ops::Deref for NodeRef {
+    type Target = Node;
+
+    fn deref(&self) -> &Node {
+        match self {
+            NodeRef::Own(n) => n,
+            NodeRef::InTree(t, i) => &t.nodes[*i as usize],
+        }
+    }
+}
+
+impl NodeRef {
+    /// The entry `name` of `tree`, if any.
+    fn find(tree: &Arc<Tree>, name: &[u8]) -> Option<NodeRef> {
+        let i = tree.nodes.binary_search_by(|n| n.name.as_slice().cmp(name)).ok()?;
+        Some(NodeRef::InTree(tree.clone(), i as u32))
+    }
+}
+
 fn hashed_ino(key: &Key, attempt: u32) -> u64 {
     let mut h = blake3::Hasher::new();
     match &key.scope {
@@ -341,7 +387,7 @@ struct Inode {
     nlookup: u64,
     /// The entry's node: the node itself (versions, links, history items), the newest version's
     /// directory (history directories) or the newest state (history files).
-    node: Arc<Node>,
+    node: NodeRef,
     /// For entries of a version: the tree of the directory they were found in.
     parent_tree: Option<BlockId>,
 }
@@ -367,7 +413,7 @@ impl Table {
         }
     }
 
-    fn register(&mut self, key: Key, node: Arc<Node>, parent_tree: Option<BlockId>) -> u64 {
+    fn register(&mut self, key: Key, node: NodeRef, parent_tree: Option<BlockId>) -> u64 {
         let ino = self.ino_for(&key);
         match self.inodes.get_mut(&ino) {
             Some(e) => {
@@ -490,7 +536,7 @@ impl Versions {
 struct HistState {
     id: Arc<str>,
     name: String,
-    node: Arc<Node>,
+    node: NodeRef,
 }
 
 /// In [`HistTrees::per_version`]: the directory does not exist (or is no directory) there.
@@ -822,14 +868,14 @@ struct Seq {
 }
 
 struct FileState {
-    node: Arc<Node>,
+    node: NodeRef,
     /// `starts[i]` is the offset of block i; `starts[n]` the file length.
     starts: Vec<u64>,
     seq: Mutex<Seq>,
 }
 
 impl FileState {
-    fn new(node: Arc<Node>) -> Self {
+    fn new(node: NodeRef) -> Self {
         let mut starts = Vec::with_capacity(node.content.len() + 1);
         let mut off = 0u64;
         starts.push(0);
@@ -987,7 +1033,7 @@ impl Vfs {
         Ok(tree)
     }
 
-    fn entry(&self, ino: u64) -> VfsResult<(Key, Arc<Node>)> {
+    fn entry(&self, ino: u64) -> VfsResult<(Key, NodeRef)> {
         let t = lock(&self.table);
         let e = t.inodes.get(&ino).ok_or(VfsError::Stale(ino))?;
         Ok((e.key.clone(), e.node.clone()))
@@ -1098,9 +1144,9 @@ impl Vfs {
                     Scope::Version(id) => {
                         let Some(sub) = dir_subtree(&node)? else { return Ok(None) };
                         let tree = self.tree(&sub)?;
-                        Ok(tree.find(name).map(|child| {
-                            let key = Key::in_version(id, &key.path, child);
-                            self.register_in(key, Arc::new(child.clone()), Some(sub))
+                        Ok(NodeRef::find(&tree, name).map(|child| {
+                            let key = Key::in_version(id, &key.path, &child);
+                            self.register_in(key, child, Some(sub))
                         }))
                     }
                     Scope::HistDir => self.lookup_hist_child(&key.path, name),
@@ -1117,11 +1163,11 @@ impl Vfs {
         }
     }
 
-    fn register(&self, key: Key, node: Arc<Node>) -> Attr {
+    fn register(&self, key: Key, node: NodeRef) -> Attr {
         self.register_in(key, node, None)
     }
 
-    fn register_in(&self, key: Key, node: Arc<Node>, parent_tree: Option<BlockId>) -> Attr {
+    fn register_in(&self, key: Key, node: NodeRef, parent_tree: Option<BlockId>) -> Attr {
         let ino = lock(&self.table).register(key.clone(), node.clone(), parent_tree);
         self.attr_of(ino, &key, &node)
     }
@@ -1141,7 +1187,7 @@ impl Vfs {
         Ok(found.map(|(id, node)| self.register(Key { scope: Scope::Version(id), path: Arc::from(&b""[..]) }, node)))
     }
 
-    fn version_root(&self, name: &str) -> VfsResult<Option<(Arc<str>, Arc<Node>)>> {
+    fn version_root(&self, name: &str) -> VfsResult<Option<(Arc<str>, NodeRef)>> {
         let v = self.versions();
         let Some(&i) = v.by_name.get(name) else { return Ok(None) };
         let ver = &v.list[i];
@@ -1150,7 +1196,7 @@ impl Vfs {
         node.mtime_ns = ver.manifest.time_ns;
         node.atime_ns = ver.manifest.time_ns;
         node.subtree = Some(ver.manifest.root_id()?);
-        Ok(Some((ver.id.clone(), Arc::new(node))))
+        Ok(Some((ver.id.clone(), NodeRef::Own(Arc::new(node)))))
     }
 
     // -----------------------------------------------------------------------
@@ -1211,9 +1257,9 @@ impl Vfs {
     fn lookup_hist_child(&self, parent_path: &[u8], name: &[u8]) -> VfsResult<Option<Attr>> {
         let Some(t) = self.hist_trees(parent_path)? else { return Ok(None) };
         // The entry in each distinct parent tree.
-        let mut found: Vec<Option<Node>> = Vec::with_capacity(t.ids.len());
+        let mut found: Vec<Option<NodeRef>> = Vec::with_capacity(t.ids.len());
         for id in &t.ids {
-            found.push(self.tree(id)?.find(name).cloned());
+            found.push(NodeRef::find(&self.tree(id)?, name));
         }
         let is_dir = found.iter().flatten().any(|n| n.kind == FileKind::Dir);
         // Attributes come from the newest version that has the entry as shown.
@@ -1226,7 +1272,7 @@ impl Vfs {
         let Some(node) = newest else { return Ok(None) };
         let scope = if is_dir { Scope::HistDir } else { Scope::HistFile };
         let key = Key { scope, path: join(parent_path, name) };
-        Ok(Some(self.register(key, Arc::new(node.clone()))))
+        Ok(Some(self.register(key, node.clone())))
     }
 
     /// Distinct non-directory states of `path`, oldest first (cached per list of versions).
@@ -1247,14 +1293,14 @@ impl Vfs {
             }
             v.list.iter().map(|ver| (ver.id.clone(), ver.name.clone())).collect()
         };
-        let mut in_tree: Vec<Option<Option<Arc<Node>>>> = vec![None; t.ids.len()];
+        let mut in_tree: Vec<Option<Option<NodeRef>>> = vec![None; t.ids.len()];
         let mut states = Vec::new();
-        let mut last: Option<Arc<Node>> = None;
+        let mut last: Option<NodeRef> = None;
         for (i, &slot) in t.per_version.iter().enumerate() {
             let node = if slot < EMPTY_DIR {
                 let memo = &mut in_tree[slot as usize];
                 if memo.is_none() {
-                    *memo = Some(self.tree(&t.ids[slot as usize])?.find(name).cloned().map(Arc::new));
+                    *memo = Some(NodeRef::find(&self.tree(&t.ids[slot as usize])?, name));
                 }
                 memo.clone().flatten()
             } else {
@@ -1517,35 +1563,49 @@ impl Vfs {
 
     /// Reads up to `size` bytes at `offset` (fewer only at the end of the file).
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> VfsResult<Vec<u8>> {
+        Ok(self.read_data(ino, offset, size)?.to_vec())
+    }
+
+    /// Like [`Vfs::read`], without copying when the range lies within one block (the common case
+    /// for page-sized and read-ahead requests): the bytes are then a view of the cached block.
+    pub fn read_data(&self, ino: u64, offset: u64, size: u32) -> VfsResult<ReadData> {
         let f = self.file(ino)?;
         let total = f.len();
         if offset >= total || size == 0 {
-            return Ok(Vec::new());
+            return Ok(ReadData::Owned(Vec::new()));
         }
         let end = total.min(offset.saturating_add(u64::from(size)));
         let first = f.block_at(offset);
         let last = f.block_at(end - 1);
         self.read_ahead(&f, offset, end, first, last);
         let content = &f.node.content;
-        if last > first {
-            // The rest of this request loads in parallel with its first block.
-            self.blocks.prefetch(content[first + 1..=last].iter().map(|b| b.id), false);
-        }
-        let mut out = Vec::with_capacity((end - offset) as usize);
-        for (i, b) in content.iter().enumerate().take(last + 1).skip(first) {
-            let data = match self.block(b) {
-                Ok(d) => d,
-                Err(_) if self.opts.zero_fill_damaged => {
-                    self.blocks.counters.zero_filled_blocks.fetch_add(1, Ordering::Relaxed);
-                    Arc::new(vec![0u8; b.len as usize])
-                }
-                Err(e) => return Err(e),
-            };
+        let range = |i: usize| {
             let from = offset.max(f.starts[i]) - f.starts[i];
             let to = end.min(f.starts[i + 1]) - f.starts[i];
-            out.extend_from_slice(&data[from as usize..to as usize]);
+            from as usize..to as usize
+        };
+        if first == last {
+            return Ok(ReadData::Block(self.block_or_zeros(&content[first])?, range(first)));
         }
-        Ok(out)
+        // The rest of this request loads in parallel with its first block.
+        self.blocks.prefetch(content[first + 1..=last].iter().map(|b| b.id), false);
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        for (i, b) in content.iter().enumerate().take(last + 1).skip(first) {
+            out.extend_from_slice(&self.block_or_zeros(b)?[range(i)]);
+        }
+        Ok(ReadData::Owned(out))
+    }
+
+    /// A block of a file, or zeros in its place if it is damaged and `zero_fill_damaged` is set.
+    fn block_or_zeros(&self, b: &BlockRef) -> VfsResult<Arc<Vec<u8>>> {
+        match self.block(b) {
+            Ok(d) => Ok(d),
+            Err(_) if self.opts.zero_fill_damaged => {
+                self.blocks.counters.zero_filled_blocks.fetch_add(1, Ordering::Relaxed);
+                Ok(Arc::new(vec![0u8; b.len as usize]))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn block(&self, b: &BlockRef) -> VfsResult<Arc<Vec<u8>>> {

@@ -119,7 +119,7 @@ pub fn open_block(
 ) -> Result<Vec<u8>> {
     let plain = crypto::open(cipher, &id.0, sealed, volume)
         .map_err(|_| Error::damaged(volume, format!("block {} failed authentication", id.to_hex())))?;
-    let data = codec::decode(&plain, raw_len as usize)
+    let data = codec::decode_vec(plain, raw_len as usize)
         .map_err(|e| Error::damaged(volume, format!("block {}: {e}", id.to_hex())))?;
     if keys.block_id(&data) != *id {
         return Err(Error::damaged(volume, format!("block {} has the wrong content hash", id.to_hex())));

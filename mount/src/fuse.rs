@@ -215,7 +215,7 @@ impl Filesystem for Fs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        self.spawn(move |vfs, logged| match vfs.read(ino.0, offset, size) {
+        self.spawn(move |vfs, logged| match vfs.read_data(ino.0, offset, size) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(report(logged, "read", ino.0, &e)),
         });
