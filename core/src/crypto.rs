@@ -6,9 +6,8 @@
 //! gets its own subkey from its random id, so a nonce collision across the
 //! whole box is impossible in practice), and one for keyed block ids.
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
 use rand::RngCore;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -51,11 +50,27 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
     a
 }
 
+/// An AES-256-GCM key.
+///
+/// Implemented with `ring`, whose AES-GCM decrypted 2.7–5.4 GB/s on the 2-core development
+/// machine where the `aes-gcm` crate did 0.47–0.59 GB/s; decryption was a quarter of the CPU
+/// time of reading through a mount and the floor of a random read's latency. The sealed format
+/// (`nonce || ciphertext || tag`, 12-byte nonce, 16-byte tag) is standard AES-GCM either way.
+#[derive(Clone)]
+pub struct Cipher(LessSafeKey);
+
+impl Cipher {
+    /// The cipher for a 256-bit key.
+    pub fn new(key: &[u8; 32]) -> Self {
+        Self(LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("AES-256-GCM takes a 32-byte key")))
+    }
+}
+
 /// The unwrapped keys of a repository.
 #[derive(Clone)]
 pub struct Keys {
     master: [u8; 32],
-    meta: Aes256Gcm,
+    meta: Cipher,
     data_root: [u8; 32],
     id_key: [u8; 32],
 }
@@ -66,7 +81,7 @@ impl Keys {
         let meta = blake3::derive_key("brickbox v1 metadata object key", &master);
         Self {
             master,
-            meta: Aes256Gcm::new(&meta.into()),
+            meta: Cipher::new(&meta),
             data_root: blake3::derive_key("brickbox v1 data volume root key", &master),
             id_key: blake3::derive_key("brickbox v1 block id key", &master),
         }
@@ -83,38 +98,46 @@ impl Keys {
     }
 
     /// The cipher for sealing blocks of the volume with this random id.
-    pub fn volume_cipher(&self, volume_id: &[u8; 16]) -> Aes256Gcm {
+    pub fn volume_cipher(&self, volume_id: &[u8; 16]) -> Cipher {
         let key = blake3::keyed_hash(&self.data_root, volume_id);
-        Aes256Gcm::new(key.as_bytes().into())
+        Cipher::new(key.as_bytes())
     }
 
     /// The cipher for metadata objects (indexes, manifests).
-    pub fn meta_cipher(&self) -> &Aes256Gcm {
+    pub fn meta_cipher(&self) -> &Cipher {
         &self.meta
     }
 }
 
 /// Encrypts `plaintext` with a fresh random nonce; output is `nonce || ciphertext || tag`.
-pub fn seal(cipher: &Aes256Gcm, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+pub fn seal(cipher: &Cipher, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
     let nonce: [u8; NONCE_LEN] = random_bytes();
-    let ct = cipher
-        .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad })
-        .expect("AES-GCM encryption of an in-memory buffer cannot fail");
-    let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
+    let mut out = Vec::with_capacity(SEAL_OVERHEAD + plaintext.len());
     out.extend_from_slice(&nonce);
-    out.extend_from_slice(&ct);
+    out.extend_from_slice(plaintext);
+    let tag = cipher
+        .0
+        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut out[NONCE_LEN..])
+        .expect("AES-GCM encryption of an in-memory buffer cannot fail");
+    out.extend_from_slice(tag.as_ref());
     out
 }
 
 /// Decrypts and authenticates a payload produced by [`seal`]; `object` names it in errors.
-pub fn open(cipher: &Aes256Gcm, aad: &[u8], sealed: &[u8], object: &str) -> Result<Vec<u8>> {
+pub fn open(cipher: &Cipher, aad: &[u8], sealed: &[u8], object: &str) -> Result<Vec<u8>> {
     if sealed.len() < SEAL_OVERHEAD {
         return Err(Error::damaged(object, "too short to be a sealed payload"));
     }
-    let (nonce, ct) = sealed.split_at(NONCE_LEN);
-    cipher
-        .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
-        .map_err(|_| Error::damaged(object, "authentication failed (corrupted or tampered)"))
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce.copy_from_slice(&sealed[..NONCE_LEN]);
+    let mut buf = sealed[NONCE_LEN..].to_vec();
+    let len = cipher
+        .0
+        .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
+        .map_err(|_| Error::damaged(object, "authentication failed (corrupted or tampered)"))?
+        .len();
+    buf.truncate(len);
+    Ok(buf)
 }
 
 /// Argon2id parameters stored in a key file.
@@ -184,14 +207,14 @@ impl KeyFile {
     pub fn wrap(keys: &Keys, password: &[u8], created: String) -> Result<Self> {
         let kdf = KdfParams::new_default();
         let kek = kdf.derive(password)?;
-        let cipher = Aes256Gcm::new(&kek.into());
+        let cipher = Cipher::new(&kek);
         Ok(Self { version: 1, kdf, wrapped: hex::encode(seal(&cipher, KEY_AAD, &keys.master)), created })
     }
 
     /// Unwraps the master key; `Ok(None)` when the password does not fit.
     pub fn unwrap(&self, password: &[u8]) -> Result<Option<Keys>> {
         let kek = self.kdf.derive(password)?;
-        let cipher = Aes256Gcm::new(&kek.into());
+        let cipher = Cipher::new(&kek);
         let sealed = hex::decode(&self.wrapped).map_err(|_| Error::Format("key file: bad hex".into()))?;
         match open(&cipher, KEY_AAD, &sealed, "key") {
             Ok(master) if master.len() == 32 => {

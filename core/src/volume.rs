@@ -10,12 +10,11 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use aes_gcm::Aes256Gcm;
 use zip::write::SimpleFileOptions;
 use zip::{CompressionMethod, ZipArchive, ZipWriter};
 
 use crate::codec;
-use crate::crypto::{self, BlockId, Keys};
+use crate::crypto::{self, BlockId, Cipher, Keys};
 use crate::error::{Error, IoContext, Result};
 use crate::objects::{IndexEntry, VolumeIndex};
 
@@ -24,7 +23,7 @@ pub struct VolumeWriter {
     id: [u8; 16],
     path: PathBuf,
     zip: ZipWriter<BufWriter<File>>,
-    cipher: Aes256Gcm,
+    cipher: Cipher,
     blocks: Vec<(BlockId, u32)>,
     bytes: u64,
 }
@@ -111,7 +110,7 @@ fn locate_entries(path: &Path, blocks: &[(BlockId, u32)]) -> Result<Vec<IndexEnt
 /// Decrypts, decodes and checks one sealed block read from volume `volume_id`.
 pub fn open_block(
     keys: &Keys,
-    cipher: &Aes256Gcm,
+    cipher: &Cipher,
     volume: &str,
     id: &BlockId,
     sealed: &[u8],
