@@ -140,6 +140,20 @@ pub fn open(cipher: &Cipher, aad: &[u8], sealed: &[u8], object: &str) -> Result<
     Ok(buf)
 }
 
+/// Like [`open`], but decrypts `sealed` where it lies (leaving it scrambled) and returns the
+/// plaintext as a part of it: no copy for callers that own the sealed bytes.
+pub fn open_in_place<'a>(cipher: &Cipher, aad: &[u8], sealed: &'a mut [u8], object: &str) -> Result<&'a mut [u8]> {
+    if sealed.len() < SEAL_OVERHEAD {
+        return Err(Error::damaged(object, "too short to be a sealed payload"));
+    }
+    let (nonce, rest) = sealed.split_at_mut(NONCE_LEN);
+    let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| Error::damaged(object, "bad nonce"))?;
+    cipher
+        .0
+        .open_in_place(nonce, Aad::from(aad), rest)
+        .map_err(|_| Error::damaged(object, "authentication failed (corrupted or tampered)"))
+}
+
 /// Argon2id parameters stored in a key file.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct KdfParams {
@@ -248,13 +262,16 @@ mod tests {
             let keys = Keys::from_master([7; 32]);
             let c = keys.volume_cipher(&[1; 16]);
             let sealed = seal(&c, &aad, &data);
-            prop_assert_eq!(open(&c, &aad, &sealed, "t").unwrap(), data);
+            prop_assert_eq!(open(&c, &aad, &sealed, "t").unwrap(), data.clone());
             let mut bad = sealed.clone();
             let i = flip % bad.len();
             bad[i] ^= 1;
             prop_assert!(open(&c, &aad, &bad, "t").is_err());
             let other = keys.volume_cipher(&[2; 16]);
             prop_assert!(open(&other, &aad, &sealed, "t").is_err());
+            let mut in_place = sealed.clone();
+            prop_assert_eq!(&*open_in_place(&c, &aad, &mut in_place, "t").unwrap(), &data[..]);
+            prop_assert!(open_in_place(&c, &aad, &mut bad, "t").is_err());
         }
     }
 }

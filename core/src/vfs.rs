@@ -727,9 +727,9 @@ impl Blocks {
     /// The block from the disk cache, authenticated; a copy that fails is dropped from the cache.
     fn read_disk(&self, loc: &BlockLocation, id: &BlockId) -> Option<Arc<Vec<u8>>> {
         let disk = self.disk.as_ref()?;
-        let sealed = disk.get(id)?;
+        let mut sealed = disk.get(id)?;
         if sealed.len() == loc.length as usize {
-            if let Ok(data) = self.open(loc, id, &sealed) {
+            if let Ok(data) = self.open_in_place(loc, id, &mut sealed) {
                 self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
                 return Some(data);
             }
@@ -741,22 +741,29 @@ impl Blocks {
     /// Fetches one block from the box with one ranged read.
     fn fetch_one(&self, loc: &BlockLocation, id: &BlockId) -> BlockResult {
         self.counters.range_reads.fetch_add(1, Ordering::Relaxed);
-        let sealed =
+        let mut sealed =
             self.repo.backend().read_range(&loc.volume, loc.offset, u64::from(loc.length)).map_err(Arc::new)?;
-        self.open_fetched(loc, id, &sealed)
+        self.open_fetched(loc, id, &mut sealed)
     }
 
-    /// Opens a block fetched from the box and keeps its sealed bytes in the disk cache.
-    fn open_fetched(&self, loc: &BlockLocation, id: &BlockId, sealed: &[u8]) -> BlockResult {
-        let r = self.open(loc, id, sealed);
-        if let (Ok(_), Some(disk)) = (&r, &self.disk) {
-            disk.put(id, sealed);
-        }
-        r
-    }
-
-    fn open(&self, loc: &BlockLocation, id: &BlockId, sealed: &[u8]) -> BlockResult {
+    /// Opens a block fetched from the box (decrypting in place unless its sealed bytes go to the
+    /// disk cache, which keeps only blocks that opened).
+    fn open_fetched(&self, loc: &BlockLocation, id: &BlockId, sealed: &mut [u8]) -> BlockResult {
+        let Some(disk) = &self.disk else { return self.open_in_place(loc, id, sealed) };
         let data = self.repo.open_block_at(loc, id, sealed).map_err(Arc::new)?;
+        disk.put(id, sealed);
+        self.counters.blocks_loaded.fetch_add(1, Ordering::Relaxed);
+        Ok(Arc::new(data))
+    }
+
+    /// Decrypts, decodes and checks a block where its sealed bytes lie (they are scrambled).
+    fn open_in_place(&self, loc: &BlockLocation, id: &BlockId, sealed: &mut [u8]) -> BlockResult {
+        let vid = crate::objects::volume_id_from_name(&loc.volume)
+            .ok_or_else(|| Arc::new(Error::damaged(&loc.volume, "volume name is not valid")))?;
+        let keys = self.repo.keys();
+        let data =
+            crate::volume::open_block_in_place(keys, &keys.volume_cipher(&vid), &loc.volume, id, sealed, loc.raw_len)
+                .map_err(Arc::new)?;
         self.counters.blocks_loaded.fetch_add(1, Ordering::Relaxed);
         Ok(Arc::new(data))
     }
@@ -830,11 +837,11 @@ impl Blocks {
         let end = last.offset + u64::from(last.length);
         self.counters.range_reads.fetch_add(1, Ordering::Relaxed);
         match self.repo.backend().read_range(&first.volume, first.offset, end - first.offset) {
-            Ok(bytes) => {
+            Ok(mut bytes) => {
                 let base = first.offset;
                 for (loc, claim) in run {
                     let rel = (loc.offset - base) as usize;
-                    let r = self.open_fetched(&loc, &claim.id, &bytes[rel..rel + loc.length as usize]);
+                    let r = self.open_fetched(&loc, &claim.id, &mut bytes[rel..rel + loc.length as usize]);
                     claim.finish(r);
                 }
             }
