@@ -98,6 +98,8 @@ const LINK_COUNTS: usize = 8192;
 const DISK_BATCH: usize = 8;
 /// Directories whose file opens are tracked for directory read-ahead.
 const DIR_OPENS: usize = 64;
+/// Subdirectory trees a listing loads ahead at most.
+const SUBTREES_AHEAD: usize = 64;
 /// Files up to this size are loaded whole by directory read-ahead.
 const SMALL_FILE: u64 = 1 << 20;
 
@@ -1429,6 +1431,7 @@ impl Vfs {
                     Scope::Version(id) => {
                         let Some(sub) = dir_subtree(&node)? else { return Ok(Vec::new()) };
                         let tree = self.tree(&sub)?;
+                        self.prefetch_subtrees(&tree);
                         let t = lock(&self.table);
                         Ok(tree
                             .nodes
@@ -1455,6 +1458,18 @@ impl Vfs {
                     Scope::HistItem(_) | Scope::Link(_) => Err(VfsError::NotDir),
                 }
             }
+        }
+    }
+
+    /// A listed directory's subdirectories are likely next (`ls -R`, `find`, `du`, a copy):
+    /// their trees start loading in the background, neighbours in one read.
+    fn prefetch_subtrees(&self, tree: &Tree) {
+        let trees = lock(&self.trees);
+        let ids: Vec<BlockId> =
+            tree.nodes.iter().filter_map(|n| n.subtree).filter(|id| !trees.contains(id)).take(SUBTREES_AHEAD).collect();
+        drop(trees);
+        if !ids.is_empty() {
+            self.blocks.prefetch(ids, false);
         }
     }
 
