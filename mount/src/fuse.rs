@@ -31,6 +31,8 @@ const SHORT_TTL: Duration = Duration::from_secs(1);
 const MAX_READAHEAD: u32 = 1 << 20;
 /// How long a shutdown waits for the session to end after unmounting.
 const STOP_WAIT: Duration = Duration::from_secs(5);
+/// Forgotten entries after which free memory is given back to the system.
+const TRIM_AFTER_FORGETS: u64 = 4096;
 /// Error messages printed before going quiet.
 const MAX_ERROR_LOGS: u64 = 50;
 
@@ -42,6 +44,8 @@ struct Fs {
     dirs: Arc<Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>>,
     next_fh: AtomicU64,
     errors_logged: Arc<AtomicU64>,
+    /// Entries forgotten since free memory was last given back.
+    forgotten: AtomicU64,
 }
 
 fn kind(k: FileKind) -> FileType {
@@ -177,6 +181,12 @@ impl Filesystem for Fs {
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         self.vfs.forget(ino.0, nlookup);
+        // The kernel forgets entries in storms (memory pressure, dropped caches) after a large
+        // listing; the many small entries freed would otherwise keep their pages for good.
+        if self.forgotten.fetch_add(1, Ordering::Relaxed) + 1 >= TRIM_AFTER_FORGETS {
+            self.forgotten.store(0, Ordering::Relaxed);
+            release_free_memory();
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -370,6 +380,15 @@ impl Filesystem for Fs {
     }
 }
 
+/// Gives free heap pages back to the system (glibc); elsewhere nothing to do.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases memory the allocator holds free.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// A running FUSE session.
 pub(crate) struct Mounted {
     session: Option<BackgroundSession>,
@@ -406,6 +425,7 @@ impl Mounted {
             dirs: Arc::new(Mutex::new(HashMap::new())),
             next_fh: AtomicU64::new(1),
             errors_logged: Arc::new(AtomicU64::new(0)),
+            forgotten: AtomicU64::new(0),
         };
         let mut options = vec![
             MountOption::RO,
