@@ -3,24 +3,61 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
-use brickbox_core::vfs::Vfs;
+use anyhow::{bail, Context, Result};
+use brickbox_core::diskcache::DiskCache;
+use brickbox_core::vfs::{VersionFilter, Vfs};
+use brickbox_core::Repository;
 use brickbox_mount::MountOptions;
 use clap::Args;
 
 use crate::args::Global;
+use crate::format::human;
 use crate::CANCEL;
 
+/// Size limit of the disk cache unless `--disk-cache-size` says otherwise.
+const DEFAULT_DISK_CACHE: u64 = 1 << 30;
+
 #[derive(Args, Debug)]
+#[command(after_help = "\
+Version filters (--versions, comma-separated or repeated; kinds combine with AND, repeats of a kind with OR):
+  tag:T          versions tagged T (backup --tag T)
+  path:/ABS      versions whose sources cover /ABS (a source is /ABS, inside it, or contains it)
+  host:H         versions made on host H
+  after:TIME     versions made at or after TIME (2026-11-01, '2026-11-01 21:00', RFC 3339)
+  before:TIME    versions made before TIME
+  last:N         the N newest of the versions the other terms keep
+  e.g. --versions tag:daily,after:2026-11-01   --versions path:/home --versions last:10
+
+Mount options (-o, comma-separated):
+  allow_other, allow_root, default_permissions, fsname=NAME, subtype=NAME, auto_unmount, exec, noexec;
+  ro, nodev, nosuid and noatime are always in force; rw, suid and dev are refused.
+
+Disk cache: blocks fetched from a remote box are kept encrypted, as stored, and authenticated on every
+read; by default in <cache dir>/<repository id>/disk-cache (1 GiB) for remote boxes and off for local
+ones. Several mounts may share one directory.")]
 pub struct MountArgs {
     /// Empty directory to mount on. Inside: versions/<date>/…, versions/latest, history/<path>/<file>/<date>.
     pub mountpoint: PathBuf,
     /// Let other users access the mount (they see the backed-up owners and modes).
     #[arg(long)]
     pub allow_other: bool,
-    /// Memory for decrypted blocks.
-    #[arg(long, default_value = "64MiB", value_parser = crate::format::parse_size)]
+    /// Memory for decrypted blocks (read-ahead uses up to a quarter of it).
+    #[arg(long, default_value = "32MiB", value_parser = crate::format::parse_size)]
     pub cache_size: u64,
+    /// Keep fetched blocks (encrypted, as stored) in DIR/<repository id> and read them from there
+    /// first; `off` disables it. Default: on for remote boxes (in the cache dir), off for local ones.
+    #[arg(long, value_name = "DIR")]
+    pub disk_cache: Option<PathBuf>,
+    /// Size limit of the disk cache (default 1GiB); least recently used blocks go first. Giving it
+    /// turns the disk cache on for a local box too.
+    #[arg(long, value_name = "SIZE", value_parser = crate::format::parse_size)]
+    pub disk_cache_size: Option<u64>,
+    /// Show only the versions matching FILTER (see below), e.g. tag:daily or after:2026-11-01.
+    #[arg(long = "versions", value_name = "FILTER")]
+    pub versions: Vec<String>,
+    /// Mount options, comma-separated (see below), e.g. -o allow_root,fsname=nas-backup.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
     /// Read damaged blocks as zeros instead of failing those reads with an I/O error.
     #[arg(long)]
     pub zero_fill_damaged: bool,
@@ -32,23 +69,81 @@ pub struct UmountArgs {
     pub mountpoint: PathBuf,
 }
 
+/// Where the disk cache goes, if anywhere: an explicit directory (or `off`), else the cache dir
+/// for remote boxes (or when a size was given).
+fn disk_cache_dir(a: &MountArgs, repo: &Repository) -> Result<Option<PathBuf>> {
+    let id = &repo.config().id;
+    match &a.disk_cache {
+        Some(d) if d.as_os_str() == "off" || d.as_os_str() == "none" => {
+            if a.disk_cache_size.is_some() {
+                bail!("--disk-cache-size was given with --disk-cache off; drop one of them");
+            }
+            Ok(None)
+        }
+        Some(d) => Ok(Some(std::path::absolute(d).with_context(|| format!("disk cache {}", d.display()))?.join(id))),
+        None if repo.backend().service() != "fs" || a.disk_cache_size.is_some() => {
+            let base = brickbox_platform::cache_dir().context(
+                "no cache directory for the disk cache (set HOME or XDG_CACHE_HOME, or pass --disk-cache DIR)",
+            )?;
+            Ok(Some(base.join(id).join("disk-cache")))
+        }
+        None => Ok(None),
+    }
+}
+
 /// Mounts the repository and serves it until Ctrl-C, SIGTERM or an unmount.
 pub fn mount(g: &Global, a: MountArgs) -> Result<u8> {
-    // Fail on a bad mount point before asking for the password.
-    brickbox_mount::check_mountpoint(&a.mountpoint)?;
-    let repo = crate::commands::open(g)?;
-    let opts = MountOptions {
+    brickbox_mount::prepare_process();
+    // Fail on bad arguments and a bad mount point before asking for the password.
+    let mut opts = MountOptions {
         allow_other: a.allow_other,
         cache_size: a.cache_size,
         zero_fill_damaged: a.zero_fill_damaged,
         ..MountOptions::default()
     };
-    let vfs = Vfs::with_options(Arc::new(repo), opts.vfs_options()).context("cannot read the repository's versions")?;
-    let versions = vfs.version_names().len();
-    let handle = brickbox_mount::spawn(vfs, &a.mountpoint, &opts)?;
+    for o in &a.options {
+        opts.apply_o(o)?;
+    }
+    let filter = VersionFilter::parse(&a.versions)?;
+    let mountpoint = brickbox_mount::check_mountpoint(&a.mountpoint)?;
+    let repo = crate::commands::open(g)?;
+
+    let mut vfs_opts = opts.vfs_options();
+    vfs_opts.versions = filter.clone();
+    // Loading blocks from a local box is CPU work (one thread per core is enough, and every
+    // thread holds buffers); from a remote one it is mostly waiting, so more requests overlap.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    vfs_opts.io_threads = if repo.backend().service() == "fs" { cores.clamp(2, 4) } else { 8 };
+    if let Some(dir) = disk_cache_dir(&a, &repo)? {
+        if dir.starts_with(&mountpoint) {
+            bail!("the disk cache {} cannot be inside the mount point {}", dir.display(), mountpoint.display());
+        }
+        let limit = a.disk_cache_size.unwrap_or(DEFAULT_DISK_CACHE);
+        let cache = DiskCache::open(&dir, limit).with_context(|| format!("cannot use disk cache {}", dir.display()))?;
+        if !g.quiet {
+            eprintln!("disk cache: {} (up to {})", dir.display(), human(limit));
+        }
+        vfs_opts.disk_cache = Some(cache);
+    }
+
+    let all_versions = repo.versions()?;
+    let vfs = Vfs::with_options(Arc::new(repo), vfs_opts).context("cannot read the repository's versions")?;
+    let shown = vfs.version_names().len();
+    if shown == 0 && !all_versions.is_empty() && !filter.is_empty() {
+        let mut tags: Vec<&str> = all_versions.iter().flat_map(|m| m.tags.iter().map(String::as_str)).collect();
+        tags.sort_unstable();
+        tags.dedup();
+        bail!(
+            "no version matches --versions {filter} (the box has {} version(s); tags: {})",
+            all_versions.len(),
+            if tags.is_empty() { "none".to_string() } else { tags.join(", ") }
+        );
+    }
+    let handle = brickbox_mount::spawn(vfs, &mountpoint, &opts)?;
     if !g.quiet {
+        let of = if filter.is_empty() { String::new() } else { format!(" of {}", all_versions.len()) };
         eprintln!(
-            "mounted {} ({versions} version(s)) at {}; stop with Ctrl-C or 'brickbox umount {}'",
+            "mounted {} ({shown}{of} version(s)) at {}; stop with Ctrl-C or 'brickbox umount {}'",
             g.repo.as_deref().unwrap_or_default(),
             handle.mountpoint().display(),
             a.mountpoint.display()
@@ -62,8 +157,16 @@ pub fn mount(g: &Global, a: MountArgs) -> Result<u8> {
     if g.verbose {
         let s = vfs.stats();
         eprintln!(
-            "blocks: {} loaded in {} ranged reads ({} by read-ahead), {} cache hits, {} damaged, {} zero-filled",
-            s.blocks_loaded, s.range_reads, s.prefetched_blocks, s.cache_hits, s.damaged_blocks, s.zero_filled_blocks
+            "blocks: {} loaded in {} ranged reads ({} by read-ahead), {} from the disk cache ({} written to it), \
+             {} cache hits, {} damaged, {} zero-filled",
+            s.blocks_loaded,
+            s.range_reads,
+            s.prefetched_blocks,
+            s.disk_hits,
+            s.disk_writes,
+            s.cache_hits,
+            s.damaged_blocks,
+            s.zero_filled_blocks
         );
     }
     Ok(0)

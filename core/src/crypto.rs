@@ -380,7 +380,7 @@ mod tests {
     #[test]
     fn absurd_kdf_costs_are_refused_before_deriving() {
         let keys = Keys::from_master([3; 32]);
-        let good = KeyFile::wrap(&keys, b"pw", "now".into()).unwrap();
+        let good = KeyFile::wrap(&keys, b"pw", "now".into(), "cfg").unwrap();
         // Each of these would take a minute or more, or gigabytes, if it were run.
         for (m, t, p) in [(4 << 20, 64, 1), (2 << 20, 1, 1), (1 << 20, 3, 1), (32 << 10, 65, 1), (32 << 10, 2, 64)] {
             let mut kf = good.clone();
@@ -396,7 +396,7 @@ mod tests {
     #[test]
     fn damaged_key_files_are_clear_errors() {
         let keys = Keys::from_master([4; 32]);
-        let good = KeyFile::wrap(&keys, b"pw", "now".into()).unwrap();
+        let good = KeyFile::wrap(&keys, b"pw", "now".into(), "cfg").unwrap();
         type Damage = fn(&mut KeyFile);
         let cases: [(&str, Damage); 7] = [
             ("unknown key derivation", |k| k.kdf.algorithm = "scrypt".into()),
@@ -421,13 +421,16 @@ mod tests {
             let keys = Keys::from_master([7; 32]);
             let c = keys.volume_cipher(&[1; 16]);
             let sealed = seal(&c, &aad, &data);
-            prop_assert_eq!(open(&c, &aad, &sealed, "t").unwrap(), data);
+            prop_assert_eq!(open(&c, &aad, &sealed, "t").unwrap(), data.clone());
             let mut bad = sealed.clone();
             let i = flip % bad.len();
             bad[i] ^= 1;
             prop_assert!(open(&c, &aad, &bad, "t").is_err());
             let other = keys.volume_cipher(&[2; 16]);
             prop_assert!(open(&other, &aad, &sealed, "t").is_err());
+            let mut in_place = sealed.clone();
+            prop_assert_eq!(&*open_in_place(&c, &aad, &mut in_place, "t").unwrap(), &data[..]);
+            prop_assert!(open_in_place(&c, &aad, &mut bad, "t").is_err());
         }
     }
 }

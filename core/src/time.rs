@@ -50,6 +50,23 @@ pub fn parse_time(s: &str) -> Option<i64> {
     None
 }
 
+/// Parses a user-given point in time like [`parse_time`], but as the *start* of what it names:
+/// `2026-11-24` is that day's midnight, `2026-11-24 21:00` is 21:00:00.000 (local time unless an
+/// offset is given).
+pub fn parse_time_start(s: &str) -> Option<i64> {
+    let s = s.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return t.timestamp_nanos_opt();
+    }
+    for fmt in ["%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H.%M.%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(s, fmt) {
+            return Local.from_local_datetime(&t).earliest()?.timestamp_nanos_opt();
+        }
+    }
+    let d = NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
+    Local.from_local_datetime(&d.and_hms_opt(0, 0, 0)?).earliest()?.timestamp_nanos_opt()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,5 +79,8 @@ mod tests {
         assert!(parsed >= ns && parsed - ns < 1_000_000_000);
         assert!(parse_time("2026-11-24").is_some());
         assert!(parse_time("yesterday-ish").is_none());
+        let start = parse_time_start("2026-11-24").unwrap();
+        assert_eq!(parse_time("2026-11-24").unwrap() - start, 86_400_000_000_000 - 1);
+        assert_eq!(parse_time_start(&name).unwrap() + 999_999_999, parsed);
     }
 }

@@ -8,46 +8,59 @@
 //! /history/<path>/<file>/<version folder name>     every distinct state of one file
 //! ```
 //!
-//! `/history/` is lazy: its directories mirror the directories of the *latest* version, and every
-//! non-directory entry there appears as a directory whose entries are the distinct states of that
-//! path across all versions ([`browse::history`]), named like the version folders. Paths that no
-//! longer exist in the latest version are browsed under `/versions/<older>/`.
+//! Which versions are shown can be limited with a [`VersionFilter`] (`--versions tag:daily`).
+//!
+//! # History
+//! `/history/` is lazy. Each of its directories lists the **union** of that directory's entries
+//! across all shown versions, so files deleted long ago are there too. Every non-directory entry
+//! appears as a directory whose entries are the distinct states of that path, named like the version
+//! folders. For each history directory the VFS keeps, per version, the id of its tree there; a
+//! child directory's trees are found from its parent's by looking each *distinct* tree up once, so
+//! a thousand versions of a directory that changed twice cost two tree reads. A name that is a
+//! directory in one version and a file in another is shown as a directory.
 //!
 //! # Inodes
 //! Inode numbers are a keyed function (BLAKE3) of *what* an entry is — its scope (a version id, or
 //! the history tree) and its path — truncated to 63 bits and probed on collision. They are therefore
 //! stable for the life of a mount, across the kernel forgetting and re-looking-up an entry, and even
-//! across remounts (collisions aside). The table maps `ino -> entry` and `key -> ino` for entries
-//! the caller looked up; [`Vfs::lookup`] counts references and [`Vfs::forget`] drops them, so the
-//! table is bounded by what the kernel (or another front end) still holds, not by the repository
-//! size. [`Vfs::readdir`] reports inode numbers without creating table entries. Fixed inodes:
-//! 1 = `/`, 2 = `/versions`, 3 = `/versions/latest`, 4 = `/history`.
+//! across remounts (collisions aside). Hard links of one version (entries sharing a link group)
+//! share one inode, keyed by the version and the group, with a link count of the entries of the
+//! version in that group (counted once per tree, so versions sharing subtrees share the work). The
+//! table maps `ino -> entry` and `key -> ino` for entries the caller looked up; [`Vfs::lookup`]
+//! counts references and [`Vfs::forget`] drops them, so the table is bounded by what the kernel (or
+//! another front end) still holds, not by the repository size. [`Vfs::readdir`] reports inode
+//! numbers without creating table entries. Fixed inodes: 1 = `/`, 2 = `/versions`, 3 =
+//! `/versions/latest`, 4 = `/history`.
 //!
 //! # Reads
 //! Each file read keeps prefix sums of its block lengths and binary-searches the offset. Decrypted
 //! blocks live in a byte-bounded LRU with single-flight loading (concurrent readers of one block
 //! wait for one load). Sequential access triggers parallel read-ahead of the next blocks (by bytes
 //! and by count) on a small I/O pool, coalescing neighbouring blocks of one volume into one ranged
-//! read. A block that cannot be read or fails authentication makes only reads touching it fail
-//! (or, with `zero_fill_damaged`, reads it as zeros).
+//! read. With a [`DiskCache`], fetched blocks (data and trees) are also kept sealed on disk and read
+//! from there, authenticated, before asking the box. A block that cannot be read or fails
+//! authentication makes only reads touching it fail (or, with `zero_fill_damaged`, reads it as
+//! zeros).
 
-use std::collections::HashMap;
-use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+mod filter;
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use brickbox_platform::FileKind;
 
-use crate::browse;
+pub use self::filter::{VersionFilter, FILTER_SYNTAX};
 use crate::catalog::BlockLocation;
 use crate::crypto::BlockId;
+use crate::diskcache::DiskCache;
 use crate::error::Error;
 use crate::objects::Manifest;
 use crate::repo::Repository;
-use crate::tree::{BlockRef, Node};
+use crate::tree::{BlockRef, Node, Tree};
 
 /// Inode of `/`.
 pub const ROOT_INO: u64 = 1;
@@ -70,11 +83,25 @@ pub const LATEST_NAME: &str = "latest";
 /// Largest gap between two blocks of one volume still fetched with one ranged read.
 const MAX_GAP: u64 = 256 * 1024;
 /// Largest coalesced ranged read.
-const MAX_COALESCED: u64 = 4 << 20;
+const MAX_COALESCED: u64 = 2 << 20;
 /// Open-file states (prefix sums, sequential-access tracking) kept.
 const FILE_STATES: usize = 1024;
 /// File histories kept.
 const HISTORIES: usize = 256;
+/// History directories whose per-version trees are kept.
+const HIST_DIRS: usize = 1024;
+/// Estimated bytes of decoded directory trees kept.
+const TREE_CACHE_BYTES: usize = 16 << 20;
+/// Link counts of trees kept.
+const LINK_COUNTS: usize = 8192;
+/// Blocks read from the disk cache by one background task.
+const DISK_BATCH: usize = 8;
+/// Directories whose file opens are tracked for directory read-ahead.
+const DIR_OPENS: usize = 64;
+/// Subdirectory trees a listing loads ahead at most.
+const SUBTREES_AHEAD: usize = 64;
+/// Files up to this size are loaded whole by directory read-ahead.
+const SMALL_FILE: u64 = 1 << 20;
 
 /// Errors of the VFS; front ends map them to their error codes.
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +178,25 @@ pub struct DirEntry {
     pub kind: FileKind,
 }
 
+/// Bytes read from a file: a view of one cached block, or a buffer of their own.
+pub enum ReadData {
+    /// A range of a cached block.
+    Block(Arc<Vec<u8>>, std::ops::Range<usize>),
+    /// Bytes gathered from several blocks.
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for ReadData {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            ReadData::Block(b, r) => &b[r.clone()],
+            ReadData::Owned(v) => v,
+        }
+    }
+}
+
 /// Tuning of a [`Vfs`].
 #[derive(Clone, Debug)]
 pub struct VfsOptions {
@@ -167,17 +213,23 @@ pub struct VfsOptions {
     /// Least time between two checks of the box for new versions (a listing of `/versions`
     /// checks after `refresh_interval / 4`).
     pub refresh_interval: Duration,
+    /// Keeps fetched blocks (sealed) on disk and reads them from there first.
+    pub disk_cache: Option<Arc<DiskCache>>,
+    /// Which versions to show.
+    pub versions: VersionFilter,
 }
 
 impl Default for VfsOptions {
     fn default() -> Self {
         Self {
-            cache_bytes: 64 << 20,
+            cache_bytes: 32 << 20,
             zero_fill_damaged: false,
             readahead_bytes: 16 << 20,
             readahead_blocks: 32,
             io_threads: 8,
             refresh_interval: Duration::from_secs(2),
+            disk_cache: None,
+            versions: VersionFilter::default(),
         }
     }
 }
@@ -187,7 +239,7 @@ impl Default for VfsOptions {
 pub struct VfsStats {
     /// Block reads served from memory.
     pub cache_hits: u64,
-    /// Blocks fetched and decrypted.
+    /// Blocks decrypted (fetched from the box or read from the disk cache).
     pub blocks_loaded: u64,
     /// Ranged reads sent to the backend.
     pub range_reads: u64,
@@ -199,6 +251,55 @@ pub struct VfsStats {
     pub zero_filled_blocks: u64,
     /// Bytes in the block cache now.
     pub cache_bytes: u64,
+    /// Blocks read (and authenticated) from the disk cache.
+    pub disk_hits: u64,
+    /// Blocks written to the disk cache.
+    pub disk_writes: u64,
+}
+
+// ---------------------------------------------------------------------------
+// A byte-bounded LRU
+
+struct ByteLru<K: Hash + Eq, V> {
+    lru: lru::LruCache<K, (V, usize)>,
+    bytes: usize,
+    cap: usize,
+}
+
+impl<K: Hash + Eq, V: Clone> ByteLru<K, V> {
+    fn new(cap: usize) -> Self {
+        Self { lru: lru::LruCache::unbounded(), bytes: 0, cap }
+    }
+
+    fn get(&mut self, k: &K) -> Option<V> {
+        self.lru.get(k).map(|(v, _)| v.clone())
+    }
+
+    fn contains(&self, k: &K) -> bool {
+        self.lru.contains(k)
+    }
+
+    fn put(&mut self, k: K, v: V, size: usize) {
+        if size > self.cap {
+            return;
+        }
+        if let Some((_, old)) = self.lru.put(k, (v, size)) {
+            self.bytes -= old;
+        }
+        self.bytes += size;
+        while self.bytes > self.cap {
+            match self.lru.pop_lru() {
+                Some((_, (_, s))) => self.bytes -= s,
+                None => break,
+            }
+        }
+    }
+
+    fn remove(&mut self, k: &K) {
+        if let Some((_, s)) = self.lru.pop(k) {
+            self.bytes -= s;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -208,7 +309,9 @@ pub struct VfsStats {
 enum Scope {
     /// An entry of one version (path "" is the version's folder).
     Version(Arc<str>),
-    /// A directory of `/history` (mirrors the latest version; path "" is `/history`).
+    /// The hard links of one version sharing a link group (path: the group, little endian).
+    Link(Arc<str>),
+    /// A directory of `/history` (path "" is `/history`).
     HistDir,
     /// A non-directory path shown as a directory of its states.
     HistFile,
@@ -223,10 +326,49 @@ struct Key {
     path: Arc<[u8]>,
 }
 
+impl Key {
+    /// The key of `node`, an entry of version `id` in the directory at `parent`.
+    fn in_version(id: &Arc<str>, parent: &[u8], node: &Node) -> Key {
+        if node.link_group != 0 && node.kind == FileKind::File {
+            Key { scope: Scope::Link(id.clone()), path: Arc::from(&node.link_group.to_le_bytes()[..]) }
+        } else {
+            Key { scope: Scope::Version(id.clone()), path: join(parent, &node.name) }
+        }
+    }
+}
+
+/// A node, either shared with the cached tree it was found in (no copy per looked-up entry) or
+/// made up (version folders, history entries).
+#[derive(Clone)]
+enum NodeRef {
+    Own(Arc<Node>),
+    InTree(Arc<Tree>, u32),
+}
+
+impl std::ops::Deref for NodeRef {
+    type Target = Node;
+
+    fn deref(&self) -> &Node {
+        match self {
+            NodeRef::Own(n) => n,
+            NodeRef::InTree(t, i) => &t.nodes[*i as usize],
+        }
+    }
+}
+
+impl NodeRef {
+    /// The entry `name` of `tree`, if any.
+    fn find(tree: &Arc<Tree>, name: &[u8]) -> Option<NodeRef> {
+        let i = tree.nodes.binary_search_by(|n| n.name.as_slice().cmp(name)).ok()?;
+        Some(NodeRef::InTree(tree.clone(), i as u32))
+    }
+}
+
 fn hashed_ino(key: &Key, attempt: u32) -> u64 {
     let mut h = blake3::Hasher::new();
     match &key.scope {
         Scope::Version(id) => h.update(b"v").update(id.as_bytes()),
+        Scope::Link(id) => h.update(b"l").update(id.as_bytes()),
         Scope::HistDir => h.update(b"d"),
         Scope::HistFile => h.update(b"f"),
         Scope::HistItem(id) => h.update(b"i").update(id.as_bytes()),
@@ -245,9 +387,11 @@ fn hashed_ino(key: &Key, attempt: u32) -> u64 {
 struct Inode {
     key: Key,
     nlookup: u64,
-    /// The entry's node: the node itself (versions, history items), the latest version's
-    /// directory (history directories) or the latest state (history files).
-    node: Arc<Node>,
+    /// The entry's node: the node itself (versions, links, history items), the newest version's
+    /// directory (history directories) or the newest state (history files).
+    node: NodeRef,
+    /// For entries of a version: the tree of the directory they were found in.
+    parent_tree: Option<BlockId>,
 }
 
 #[derive(Default)]
@@ -271,16 +415,17 @@ impl Table {
         }
     }
 
-    fn register(&mut self, key: Key, node: Arc<Node>) -> u64 {
+    fn register(&mut self, key: Key, node: NodeRef, parent_tree: Option<BlockId>) -> u64 {
         let ino = self.ino_for(&key);
         match self.inodes.get_mut(&ino) {
             Some(e) => {
                 e.nlookup += 1;
                 e.node = node;
+                e.parent_tree = parent_tree;
             }
             None => {
                 self.by_key.insert(key.clone(), ino);
-                self.inodes.insert(ino, Inode { key, nlookup: 1, node });
+                self.inodes.insert(ino, Inode { key, nlookup: 1, node, parent_tree });
             }
         }
         ino
@@ -298,11 +443,29 @@ fn join(parent: &[u8], name: &[u8]) -> Arc<[u8]> {
     Arc::from(v)
 }
 
-fn abs_path(path: &[u8]) -> PathBuf {
-    let mut v = Vec::with_capacity(path.len() + 1);
-    v.push(b'/');
-    v.extend_from_slice(path);
-    PathBuf::from(OsStr::from_bytes(&v))
+/// `a/b/c` → (`a/b`, `c`); `c` → (``, `c`).
+fn split_last(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&[], path),
+    }
+}
+
+/// Whether two states of an entry are the same (content and metadata; not atime or link group).
+fn same_state(a: &Node, b: &Node) -> bool {
+    a.kind == b.kind
+        && a.size == b.size
+        && a.mtime_ns == b.mtime_ns
+        && a.mode == b.mode
+        && a.uid == b.uid
+        && a.gid == b.gid
+        && a.user == b.user
+        && a.group == b.group
+        && a.rdev == b.rdev
+        && a.target == b.target
+        && a.subtree == b.subtree
+        && a.content == b.content
+        && a.xattrs == b.xattrs
 }
 
 // ---------------------------------------------------------------------------
@@ -316,7 +479,7 @@ struct Ver {
 
 #[derive(Default)]
 struct Versions {
-    /// Oldest first.
+    /// Shown versions, oldest first.
     list: Vec<Ver>,
     by_name: HashMap<String, usize>,
     by_id: HashMap<Arc<str>, usize>,
@@ -325,19 +488,31 @@ struct Versions {
 }
 
 impl Versions {
-    fn build(manifests: Vec<Manifest>, generation: u64) -> Self {
-        let mut list = Vec::with_capacity(manifests.len());
-        let mut by_name = HashMap::new();
-        let mut by_id = HashMap::new();
-        for m in manifests {
+    /// The versions of `all` (oldest first) that `filter` keeps. Folder names are given over all
+    /// versions, so a version has the same name whatever the filter.
+    fn build(all: Vec<Manifest>, filter: &VersionFilter, generation: u64) -> Self {
+        let keep = filter.select(&all);
+        let mut names: Vec<String> = Vec::with_capacity(all.len());
+        let mut taken = std::collections::HashSet::new();
+        for m in &all {
             let base = crate::time::format_folder_name(m.time_ns);
             let mut name = base.clone();
             let mut n = 2;
-            while by_name.contains_key(&name) {
+            while taken.contains(&name) {
                 name = format!("{base}-{n}");
                 n += 1;
             }
+            taken.insert(name.clone());
+            names.push(name);
+        }
+        let mut list = Vec::with_capacity(keep.len());
+        let mut by_name = HashMap::new();
+        let mut by_id = HashMap::new();
+        let mut all: Vec<Option<Manifest>> = all.into_iter().map(Some).collect();
+        for i in keep {
+            let Some(m) = all[i].take() else { continue };
             let id: Arc<str> = Arc::from(m.id.as_str());
+            let name = std::mem::take(&mut names[i]);
             by_name.insert(name.clone(), list.len());
             by_id.insert(id.clone(), list.len());
             list.push(Ver { id, name, manifest: m });
@@ -345,8 +520,9 @@ impl Versions {
         Self { list, by_name, by_id, generation }
     }
 
-    fn same_ids(&self, manifests: &[Manifest]) -> bool {
-        self.list.len() == manifests.len() && self.list.iter().zip(manifests).all(|(a, b)| *a.id == *b.id)
+    fn same_ids(&self, other: &Versions) -> bool {
+        self.list.len() == other.list.len()
+            && self.list.iter().zip(&other.list).all(|(a, b)| a.id == b.id && a.name == b.name)
     }
 
     fn latest(&self) -> Option<&Ver> {
@@ -362,7 +538,45 @@ impl Versions {
 struct HistState {
     id: Arc<str>,
     name: String,
-    node: Arc<Node>,
+    node: NodeRef,
+}
+
+/// In [`HistTrees::per_version`]: the directory does not exist (or is no directory) there.
+const ABSENT: u32 = u32::MAX;
+/// In [`HistTrees::per_version`]: an empty directory without a tree.
+const EMPTY_DIR: u32 = u32::MAX - 1;
+
+/// The trees of one `/history` directory in each shown version.
+struct HistTrees {
+    /// The version-list generation this belongs to.
+    generation: u64,
+    /// Per shown version (oldest first): an index into `ids`, [`ABSENT`] or [`EMPTY_DIR`].
+    per_version: Vec<u32>,
+    /// The distinct trees, in order of first appearance.
+    ids: Vec<BlockId>,
+}
+
+impl HistTrees {
+    /// Builds the table from each version's state, interning tree ids.
+    fn build(generation: u64, states: impl Iterator<Item = Option<Option<BlockId>>>) -> Self {
+        let mut ids = Vec::new();
+        let mut index: HashMap<BlockId, u32> = HashMap::new();
+        let per_version = states
+            .map(|s| match s {
+                None => ABSENT,
+                Some(None) => EMPTY_DIR,
+                Some(Some(id)) => *index.entry(id).or_insert_with(|| {
+                    ids.push(id);
+                    (ids.len() - 1) as u32
+                }),
+            })
+            .collect();
+        Self { generation, per_version, ids }
+    }
+
+    fn exists(&self) -> bool {
+        self.per_version.iter().any(|&s| s != ABSENT)
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -388,11 +602,6 @@ impl Flight {
     }
 }
 
-struct Cache {
-    lru: lru::LruCache<BlockId, Arc<Vec<u8>>>,
-    bytes: usize,
-}
-
 #[derive(Default)]
 struct Counters {
     cache_hits: AtomicU64,
@@ -401,15 +610,16 @@ struct Counters {
     prefetched_blocks: AtomicU64,
     damaged_blocks: AtomicU64,
     zero_filled_blocks: AtomicU64,
+    disk_hits: AtomicU64,
 }
 
 struct Blocks {
     repo: Arc<Repository>,
-    cap: usize,
-    cache: Mutex<Cache>,
+    cache: Mutex<ByteLru<BlockId, Arc<Vec<u8>>>>,
     inflight: Mutex<HashMap<BlockId, Arc<Flight>>>,
     pool: rayon::ThreadPool,
     counters: Counters,
+    disk: Option<Arc<DiskCache>>,
 }
 
 /// A block this thread promised to load; dropping it unfinished (an error path or a panic)
@@ -443,31 +653,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Blocks {
     fn cached(&self, id: &BlockId) -> Option<Arc<Vec<u8>>> {
-        lock(&self.cache).lru.get(id).cloned()
-    }
-
-    fn put(&self, id: BlockId, data: Arc<Vec<u8>>) {
-        if data.len() > self.cap {
-            return;
-        }
-        let mut c = lock(&self.cache);
-        let len = data.len();
-        if let Some(old) = c.lru.put(id, data) {
-            c.bytes -= old.len();
-        }
-        c.bytes += len;
-        while c.bytes > self.cap {
-            match c.lru.pop_lru() {
-                Some((_, v)) => c.bytes -= v.len(),
-                None => break,
-            }
-        }
+        lock(&self.cache).get(id)
     }
 
     /// Publishes a load's result: cache first, then the waiters.
     fn complete(&self, id: &BlockId, flight: &Flight, r: BlockResult) {
         match &r {
-            Ok(data) => self.put(*id, data.clone()),
+            Ok(data) => lock(&self.cache).put(*id, data.clone(), data.len()),
             Err(_) => {
                 self.counters.damaged_blocks.fetch_add(1, Ordering::Relaxed);
             }
@@ -483,7 +675,7 @@ impl Blocks {
         let cache = lock(&self.cache);
         let mut out = Vec::new();
         for id in ids {
-            if cache.lru.contains(&id) || inflight.contains_key(&id) {
+            if cache.contains(&id) || inflight.contains_key(&id) {
                 continue;
             }
             let flight = Arc::new(Flight::default());
@@ -521,21 +713,74 @@ impl Blocks {
         }
     }
 
-    fn load_one(&self, id: &BlockId) -> BlockResult {
-        let loc = self.repo.locate(id).map_err(Arc::new)?;
-        self.counters.range_reads.fetch_add(1, Ordering::Relaxed);
-        let sealed =
-            self.repo.backend().read_range(&loc.volume, loc.offset, u64::from(loc.length)).map_err(Arc::new)?;
-        self.open(&loc, id, &sealed)
+    /// Drops a block from memory (trees are kept decoded elsewhere).
+    fn discard(&self, id: &BlockId) {
+        lock(&self.cache).remove(id);
     }
 
-    fn open(&self, loc: &BlockLocation, id: &BlockId, sealed: &[u8]) -> BlockResult {
+    fn load_one(&self, id: &BlockId) -> BlockResult {
+        let loc = self.repo.locate(id).map_err(Arc::new)?;
+        if let Some(data) = self.read_disk(&loc, id) {
+            return Ok(data);
+        }
+        self.fetch_one(&loc, id)
+    }
+
+    /// The block from the disk cache, authenticated; a copy that fails is dropped from the cache.
+    fn read_disk(&self, loc: &BlockLocation, id: &BlockId) -> Option<Arc<Vec<u8>>> {
+        let disk = self.disk.as_ref()?;
+        let mut sealed = disk.get(id)?;
+        if sealed.len() == loc.length as usize {
+            if let Ok(data) = self.open_in_place(loc, id, &mut sealed) {
+                self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
+                return Some(data);
+            }
+        }
+        disk.remove(id);
+        None
+    }
+
+    /// Fetches one block from the box with one ranged read.
+    fn fetch_one(&self, loc: &BlockLocation, id: &BlockId) -> BlockResult {
+        self.counters.range_reads.fetch_add(1, Ordering::Relaxed);
+        let mut sealed =
+            self.repo.backend().read_range(&loc.volume, loc.offset, u64::from(loc.length)).map_err(Arc::new)?;
+        self.open_fetched(loc, id, &mut sealed)
+    }
+
+    /// Opens a block fetched from the box (decrypting in place unless its sealed bytes go to the
+    /// disk cache, which keeps only blocks that opened).
+    fn open_fetched(&self, loc: &BlockLocation, id: &BlockId, sealed: &mut [u8]) -> BlockResult {
+        let Some(disk) = &self.disk else { return self.open_in_place(loc, id, sealed) };
         let data = self.repo.open_block_at(loc, id, sealed).map_err(Arc::new)?;
+        disk.put(id, sealed);
         self.counters.blocks_loaded.fetch_add(1, Ordering::Relaxed);
         Ok(Arc::new(data))
     }
 
-    /// Starts loading `ids` in the background, neighbouring blocks of a volume with one read.
+    /// Decrypts, decodes and checks a block where its sealed bytes lie (they are scrambled).
+    fn open_in_place(&self, loc: &BlockLocation, id: &BlockId, sealed: &mut [u8]) -> BlockResult {
+        let vid = crate::objects::volume_id_from_name(&loc.volume)
+            .ok_or_else(|| Arc::new(Error::damaged(&loc.volume, "volume name is not valid")))?;
+        let keys = self.repo.keys();
+        let mut scratch = Vec::new();
+        let data = crate::volume::open_block_in_place(
+            keys,
+            &keys.volume_cipher(&vid),
+            &loc.volume,
+            id,
+            sealed,
+            loc.raw_len,
+            &mut scratch,
+        )
+        .map(<[u8]>::to_vec)
+        .map_err(Arc::new)?;
+        self.counters.blocks_loaded.fetch_add(1, Ordering::Relaxed);
+        Ok(Arc::new(data))
+    }
+
+    /// Starts loading `ids` in the background: from the disk cache where it has them, else from
+    /// the box, neighbouring blocks of a volume with one read.
     fn prefetch(self: &Arc<Self>, ids: impl IntoIterator<Item = BlockId>, count_as_readahead: bool) {
         let claims = self.claim(ids);
         if claims.is_empty() {
@@ -545,11 +790,26 @@ impl Blocks {
             self.counters.prefetched_blocks.fetch_add(claims.len() as u64, Ordering::Relaxed);
         }
         let mut located: Vec<(BlockLocation, Claim)> = Vec::with_capacity(claims.len());
+        let mut on_disk: Vec<(BlockLocation, Claim)> = Vec::new();
         for c in claims {
             match self.repo.locate(&c.id) {
+                Ok(loc) if self.disk.as_ref().is_some_and(|d| d.contains(&c.id)) => on_disk.push((loc, c)),
                 Ok(loc) => located.push((loc, c)),
                 Err(e) => c.finish(Err(Arc::new(e))),
             }
+        }
+        while !on_disk.is_empty() {
+            let batch: Vec<_> = on_disk.drain(..on_disk.len().min(DISK_BATCH)).collect();
+            let me = self.clone();
+            self.pool.spawn(move || {
+                for (loc, claim) in batch {
+                    let r = match me.read_disk(&loc, &claim.id) {
+                        Some(data) => Ok(data),
+                        None => me.fetch_one(&loc, &claim.id),
+                    };
+                    claim.finish(r);
+                }
+            });
         }
         located.sort_by(|a, b| (&a.0.volume, a.0.offset).cmp(&(&b.0.volume, b.0.offset)));
         let mut run: Vec<(BlockLocation, Claim)> = Vec::new();
@@ -588,11 +848,11 @@ impl Blocks {
         let end = last.offset + u64::from(last.length);
         self.counters.range_reads.fetch_add(1, Ordering::Relaxed);
         match self.repo.backend().read_range(&first.volume, first.offset, end - first.offset) {
-            Ok(bytes) => {
+            Ok(mut bytes) => {
                 let base = first.offset;
                 for (loc, claim) in run {
                     let rel = (loc.offset - base) as usize;
-                    let r = self.open(&loc, &claim.id, &bytes[rel..rel + loc.length as usize]);
+                    let r = self.open_fetched(&loc, &claim.id, &mut bytes[rel..rel + loc.length as usize]);
                     claim.finish(r);
                 }
             }
@@ -603,13 +863,7 @@ impl Blocks {
             }
             Err(_) => {
                 for (loc, claim) in run {
-                    self.counters.range_reads.fetch_add(1, Ordering::Relaxed);
-                    let r = self
-                        .repo
-                        .backend()
-                        .read_range(&loc.volume, loc.offset, u64::from(loc.length))
-                        .map_err(Arc::new)
-                        .and_then(|sealed| self.open(&loc, &claim.id, &sealed));
+                    let r = self.fetch_one(&loc, &claim.id);
                     claim.finish(r);
                 }
             }
@@ -632,14 +886,14 @@ struct Seq {
 }
 
 struct FileState {
-    node: Arc<Node>,
+    node: NodeRef,
     /// `starts[i]` is the offset of block i; `starts[n]` the file length.
     starts: Vec<u64>,
     seq: Mutex<Seq>,
 }
 
 impl FileState {
-    fn new(node: Arc<Node>) -> Self {
+    fn new(node: NodeRef) -> Self {
         let mut starts = Vec::with_capacity(node.content.len() + 1);
         let mut off = 0u64;
         starts.push(0);
@@ -663,6 +917,17 @@ impl FileState {
 // ---------------------------------------------------------------------------
 // The VFS
 
+/// Where files were last opened in one directory, for directory read-ahead.
+struct DirOpens {
+    /// Index (in the tree) of the last file opened.
+    last: usize,
+    /// Files before this index were already requested.
+    ahead: usize,
+}
+
+/// Link counts of one tree and everything below it: link group → entries.
+type LinkCounts = Arc<HashMap<u64, u32>>;
+
 /// The read-only view of a repository as a file tree.
 pub struct Vfs {
     repo: Arc<Repository>,
@@ -672,6 +937,11 @@ pub struct Vfs {
     table: Mutex<Table>,
     files: Mutex<lru::LruCache<u64, Arc<FileState>>>,
     histories: Mutex<HistoryCache>,
+    hist_trees: Mutex<lru::LruCache<Arc<[u8]>, Arc<HistTrees>>>,
+    trees: Mutex<ByteLru<BlockId, Arc<Tree>>>,
+    tree_links: Mutex<lru::LruCache<BlockId, LinkCounts>>,
+    version_links: Mutex<HashMap<Arc<str>, LinkCounts>>,
+    dir_opens: Mutex<lru::LruCache<BlockId, DirOpens>>,
     blocks: Arc<Blocks>,
 }
 
@@ -697,13 +967,13 @@ impl Vfs {
             .map_err(|e| Error::Invalid(format!("cannot start the VFS I/O threads: {e}")))?;
         let blocks = Arc::new(Blocks {
             repo: repo.clone(),
-            cap: opts.cache_bytes,
-            cache: Mutex::new(Cache { lru: lru::LruCache::unbounded(), bytes: 0 }),
+            cache: Mutex::new(ByteLru::new(opts.cache_bytes)),
             inflight: Mutex::new(HashMap::new()),
             pool,
             counters: Counters::default(),
+            disk: opts.disk_cache.clone(),
         });
-        let versions = Versions::build(repo.versions()?, 1);
+        let versions = Versions::build(repo.versions()?, &opts.versions, 1);
         Ok(Vfs {
             repo,
             opts,
@@ -712,6 +982,11 @@ impl Vfs {
             table: Mutex::new(Table::default()),
             files: Mutex::new(lru::LruCache::new(nz(FILE_STATES))),
             histories: Mutex::new(lru::LruCache::new(nz(HISTORIES))),
+            hist_trees: Mutex::new(lru::LruCache::new(nz(HIST_DIRS))),
+            trees: Mutex::new(ByteLru::new(TREE_CACHE_BYTES)),
+            tree_links: Mutex::new(lru::LruCache::new(nz(LINK_COUNTS))),
+            version_links: Mutex::new(HashMap::new()),
+            dir_opens: Mutex::new(lru::LruCache::new(nz(DIR_OPENS))),
             blocks,
         })
     }
@@ -748,26 +1023,35 @@ impl Vfs {
         // A box that cannot be listed right now still shows the versions the catalog knows.
         let synced = self.repo.sync_catalog();
         *last = Instant::now();
-        let manifests = self.repo.versions()?;
-        let changed = !self.versions().same_ids(&manifests);
-        if changed {
+        let fresh = Versions::build(self.repo.versions()?, &self.opts.versions, 0);
+        if !self.versions().same_ids(&fresh) {
             let mut v = self.versions.write().unwrap_or_else(|e| e.into_inner());
             let generation = v.generation + 1;
-            *v = Versions::build(manifests, generation);
+            *v = Versions { generation, ..fresh };
         }
         synced.map_err(VfsError::from)
     }
 
-    /// Names of the version folders, oldest first.
+    /// Names of the shown version folders, oldest first.
     pub fn version_names(&self) -> Vec<String> {
         self.versions().list.iter().map(|v| v.name.clone()).collect()
     }
 
-    fn latest_manifest(&self) -> Option<Manifest> {
-        self.versions().latest().map(|v| v.manifest.clone())
+    /// A directory tree, decoded, from memory, the disk cache or the box.
+    fn tree(&self, id: &BlockId) -> VfsResult<Arc<Tree>> {
+        if let Some(t) = lock(&self.trees).get(id) {
+            return Ok(t);
+        }
+        let bytes = self.blocks.get(id).map_err(VfsError::Block)?;
+        self.blocks.discard(id);
+        let tree = Tree::decode(&bytes).map_err(|e| Error::damaged("tree", format!("tree {}: {e}", id.to_hex())))?;
+        let size = bytes.len() * 2 + tree.nodes.len() * std::mem::size_of::<Node>();
+        let tree = Arc::new(tree);
+        lock(&self.trees).put(*id, tree.clone(), size);
+        Ok(tree)
     }
 
-    fn entry(&self, ino: u64) -> VfsResult<(Key, Arc<Node>)> {
+    fn entry(&self, ino: u64) -> VfsResult<(Key, NodeRef)> {
         let t = lock(&self.table);
         let e = t.inodes.get(&ino).ok_or(VfsError::Stale(ino))?;
         Ok((e.key.clone(), e.node.clone()))
@@ -810,7 +1094,7 @@ impl Vfs {
         }
     }
 
-    fn attr_of(ino: u64, key: &Key, node: &Node) -> Attr {
+    fn attr_of(&self, ino: u64, key: &Key, node: &Node) -> Attr {
         let mut a = Attr {
             ino,
             kind: node.kind,
@@ -824,7 +1108,7 @@ impl Vfs {
             rdev: node.rdev,
             volatile: false,
         };
-        match key.scope {
+        match &key.scope {
             Scope::HistDir => a.volatile = true,
             Scope::HistFile => {
                 a.kind = FileKind::Dir;
@@ -833,6 +1117,11 @@ impl Vfs {
                 a.nlink = 2;
                 a.rdev = 0;
                 a.volatile = true;
+            }
+            Scope::Link(id) => {
+                // A count that cannot be had (damaged tree) is shown as 1; reads still work.
+                let n = self.version_link_counts(id).ok().and_then(|c| c.get(&node.link_group).copied());
+                a.nlink = n.unwrap_or(1).max(1);
             }
             Scope::Version(_) | Scope::HistItem(_) => {}
         }
@@ -848,7 +1137,7 @@ impl Vfs {
             return self.fixed_attr(ino).ok_or(VfsError::Stale(ino));
         }
         let (key, node) = self.entry(ino)?;
-        Ok(Self::attr_of(ino, &key, &node))
+        Ok(self.attr_of(ino, &key, &node))
     }
 
     /// Looks `name` up in directory `parent`; `Ok(None)` when there is no such entry. A found
@@ -872,10 +1161,10 @@ impl Vfs {
                 match &key.scope {
                     Scope::Version(id) => {
                         let Some(sub) = dir_subtree(&node)? else { return Ok(None) };
-                        let tree = self.repo.tree(&sub)?;
-                        Ok(tree.find(name).map(|child| {
-                            let key = Key { scope: Scope::Version(id.clone()), path: join(&key.path, name) };
-                            self.register(key, Arc::new(child.clone()))
+                        let tree = self.tree(&sub)?;
+                        Ok(NodeRef::find(&tree, name).map(|child| {
+                            let key = Key::in_version(id, &key.path, &child);
+                            self.register_in(key, child, Some(sub))
                         }))
                     }
                     Scope::HistDir => self.lookup_hist_child(&key.path, name),
@@ -886,15 +1175,19 @@ impl Vfs {
                             self.register(key, s.node.clone())
                         }))
                     }
-                    Scope::HistItem(_) => Err(VfsError::NotDir),
+                    Scope::HistItem(_) | Scope::Link(_) => Err(VfsError::NotDir),
                 }
             }
         }
     }
 
-    fn register(&self, key: Key, node: Arc<Node>) -> Attr {
-        let ino = lock(&self.table).register(key.clone(), node.clone());
-        Self::attr_of(ino, &key, &node)
+    fn register(&self, key: Key, node: NodeRef) -> Attr {
+        self.register_in(key, node, None)
+    }
+
+    fn register_in(&self, key: Key, node: NodeRef, parent_tree: Option<BlockId>) -> Attr {
+        let ino = lock(&self.table).register(key.clone(), node.clone(), parent_tree);
+        self.attr_of(ino, &key, &node)
     }
 
     fn lookup_version(&self, name: &[u8]) -> VfsResult<Option<Attr>> {
@@ -912,30 +1205,92 @@ impl Vfs {
         Ok(found.map(|(id, node)| self.register(Key { scope: Scope::Version(id), path: Arc::from(&b""[..]) }, node)))
     }
 
-    fn version_root(&self, name: &str) -> VfsResult<Option<(Arc<str>, Arc<Node>)>> {
+    fn version_root(&self, name: &str) -> VfsResult<Option<(Arc<str>, NodeRef)>> {
         let v = self.versions();
         let Some(&i) = v.by_name.get(name) else { return Ok(None) };
         let ver = &v.list[i];
-        let mut node = browse::root_node(&ver.manifest)?;
-        node.name = ver.name.as_bytes().to_vec();
-        Ok(Some((ver.id.clone(), Arc::new(node))))
+        let mut node = Node::new(ver.name.as_bytes().to_vec(), FileKind::Dir);
+        node.mode = 0o755;
+        node.mtime_ns = ver.manifest.time_ns;
+        node.atime_ns = ver.manifest.time_ns;
+        node.subtree = Some(ver.manifest.root_id()?);
+        Ok(Some((ver.id.clone(), NodeRef::Own(Arc::new(node)))))
     }
 
-    /// The directory at `path` of the latest version (`""` is its root).
-    fn latest_dir(&self, path: &[u8]) -> VfsResult<Option<Node>> {
-        let Some(latest) = self.latest_manifest() else { return Ok(None) };
-        let node = browse::lookup(&self.repo, &latest, &abs_path(path))?;
-        Ok(node.filter(|n| n.kind == FileKind::Dir))
+    // -----------------------------------------------------------------------
+    // History
+
+    /// The trees of the history directory at `path` (`""` is `/history`) in each shown version;
+    /// `None` if it is a directory in none of them. Computed from the parent's trees, each
+    /// distinct parent tree looked at once, and cached per version-list generation.
+    fn hist_trees(&self, path: &[u8]) -> VfsResult<Option<Arc<HistTrees>>> {
+        let generation = self.versions().generation;
+        if let Some(t) = lock(&self.hist_trees).get(path) {
+            if t.generation == generation {
+                return Ok(Some(t.clone()));
+            }
+        }
+        let built = if path.is_empty() {
+            let v = self.versions();
+            let roots: Vec<Option<Option<BlockId>>> =
+                v.list.iter().map(|ver| Ok(Some(Some(ver.manifest.root_id()?)))).collect::<VfsResult<_>>()?;
+            HistTrees::build(v.generation, roots.into_iter())
+        } else {
+            let (parent, name) = split_last(path);
+            let Some(p) = self.hist_trees(parent)? else { return Ok(None) };
+            let mut child_of = Vec::with_capacity(p.ids.len());
+            for id in &p.ids {
+                let tree = self.tree(id)?;
+                child_of.push(match tree.find(name) {
+                    Some(n) if n.kind == FileKind::Dir => Some(n.subtree),
+                    _ => None,
+                });
+            }
+            let states = p.per_version.iter().map(|&i| if i < EMPTY_DIR { child_of[i as usize] } else { None });
+            HistTrees::build(p.generation, states)
+        };
+        if !built.exists() {
+            return Ok(None);
+        }
+        let built = Arc::new(built);
+        lock(&self.hist_trees).put(Arc::from(path), built.clone());
+        Ok(Some(built))
+    }
+
+    /// The union of the entries of a history directory across versions: name → whether it is a
+    /// directory in any of them.
+    fn hist_union(&self, path: &[u8]) -> VfsResult<BTreeMap<Vec<u8>, bool>> {
+        let mut out = BTreeMap::new();
+        let Some(t) = self.hist_trees(path)? else { return Ok(out) };
+        for id in &t.ids {
+            let tree = self.tree(id)?;
+            for n in &tree.nodes {
+                let is_dir = out.entry(n.name.clone()).or_insert(false);
+                *is_dir |= n.kind == FileKind::Dir;
+            }
+        }
+        Ok(out)
     }
 
     fn lookup_hist_child(&self, parent_path: &[u8], name: &[u8]) -> VfsResult<Option<Attr>> {
-        let Some(dir) = self.latest_dir(parent_path)? else { return Ok(None) };
-        let Some(sub) = dir.subtree else { return Ok(None) };
-        let tree = self.repo.tree(&sub)?;
-        let Some(child) = tree.find(name) else { return Ok(None) };
-        let scope = if child.kind == FileKind::Dir { Scope::HistDir } else { Scope::HistFile };
+        let Some(t) = self.hist_trees(parent_path)? else { return Ok(None) };
+        // The entry in each distinct parent tree.
+        let mut found: Vec<Option<NodeRef>> = Vec::with_capacity(t.ids.len());
+        for id in &t.ids {
+            found.push(NodeRef::find(&self.tree(id)?, name));
+        }
+        let is_dir = found.iter().flatten().any(|n| n.kind == FileKind::Dir);
+        // Attributes come from the newest version that has the entry as shown.
+        let newest = t
+            .per_version
+            .iter()
+            .rev()
+            .filter(|&&i| i < EMPTY_DIR)
+            .find_map(|&i| found[i as usize].as_ref().filter(|n| (n.kind == FileKind::Dir) == is_dir));
+        let Some(node) = newest else { return Ok(None) };
+        let scope = if is_dir { Scope::HistDir } else { Scope::HistFile };
         let key = Key { scope, path: join(parent_path, name) };
-        Ok(Some(self.register(key, Arc::new(child.clone()))))
+        Ok(Some(self.register(key, node.clone())))
     }
 
     /// Distinct non-directory states of `path`, oldest first (cached per list of versions).
@@ -946,21 +1301,82 @@ impl Vfs {
                 return Ok(s.clone());
             }
         }
-        let manifests: Vec<Manifest> = self.versions().list.iter().map(|v| v.manifest.clone()).collect();
-        let found = browse::history(&self.repo, &manifests, &abs_path(path))?;
-        let v = self.versions();
-        let states: Vec<HistState> = found
-            .into_iter()
-            .filter(|(_, n)| n.kind != FileKind::Dir)
-            .filter_map(|(m, n)| {
-                let ver = v.get(&m.id)?;
-                Some(HistState { id: ver.id.clone(), name: ver.name.clone(), node: Arc::new(n) })
-            })
-            .collect();
-        drop(v);
+        let (parent, name) = split_last(path);
+        let Some(t) = self.hist_trees(parent)? else { return Ok(Arc::new(Vec::new())) };
+        let shown: Vec<(Arc<str>, String)> = {
+            let v = self.versions();
+            if v.generation != t.generation {
+                // The versions changed meanwhile; the next look recomputes.
+                return Ok(Arc::new(Vec::new()));
+            }
+            v.list.iter().map(|ver| (ver.id.clone(), ver.name.clone())).collect()
+        };
+        let mut in_tree: Vec<Option<Option<NodeRef>>> = vec![None; t.ids.len()];
+        let mut states = Vec::new();
+        let mut last: Option<NodeRef> = None;
+        for (i, &slot) in t.per_version.iter().enumerate() {
+            let node = if slot < EMPTY_DIR {
+                let memo = &mut in_tree[slot as usize];
+                if memo.is_none() {
+                    *memo = Some(NodeRef::find(&self.tree(&t.ids[slot as usize])?, name));
+                }
+                memo.clone().flatten()
+            } else {
+                None
+            };
+            if let Some(n) = &node {
+                let same = last.as_ref().is_some_and(|l| same_state(n, l));
+                if !same && n.kind != FileKind::Dir {
+                    let (id, vname) = &shown[i];
+                    states.push(HistState { id: id.clone(), name: vname.clone(), node: n.clone() });
+                }
+            }
+            last = node;
+        }
         let states = Arc::new(states);
-        lock(&self.histories).put(path.clone(), (generation, states.clone()));
+        lock(&self.histories).put(path.clone(), (t.generation, states.clone()));
         Ok(states)
+    }
+
+    // -----------------------------------------------------------------------
+    // Hard links
+
+    /// Entries per link group in version `id`.
+    fn version_link_counts(&self, id: &Arc<str>) -> VfsResult<LinkCounts> {
+        if let Some(c) = lock(&self.version_links).get(id) {
+            return Ok(c.clone());
+        }
+        let root = {
+            let v = self.versions();
+            let ver = v.get(id).ok_or_else(|| Error::NotFound(format!("version {id} is gone")))?;
+            ver.manifest.root_id()?
+        };
+        let counts = self.tree_link_counts(&root)?;
+        lock(&self.version_links).insert(id.clone(), counts.clone());
+        Ok(counts)
+    }
+
+    /// Entries per link group in the tree `id` and below (memoised per tree, so versions that
+    /// share subtrees share the work).
+    fn tree_link_counts(&self, id: &BlockId) -> VfsResult<LinkCounts> {
+        if let Some(c) = lock(&self.tree_links).get(id) {
+            return Ok(c.clone());
+        }
+        let tree = self.tree(id)?;
+        let mut counts: HashMap<u64, u32> = HashMap::new();
+        for n in &tree.nodes {
+            if n.link_group != 0 && n.kind == FileKind::File {
+                *counts.entry(n.link_group).or_default() += 1;
+            }
+            if let Some(sub) = &n.subtree {
+                for (g, c) in self.tree_link_counts(sub)?.iter() {
+                    *counts.entry(*g).or_default() += c;
+                }
+            }
+        }
+        let counts = Arc::new(counts);
+        lock(&self.tree_links).put(*id, counts.clone());
+        Ok(counts)
     }
 
     /// Drops `n` references to `ino` taken by [`Vfs::lookup`]; at zero the entry is forgotten.
@@ -1023,14 +1439,16 @@ impl Vfs {
                 match &key.scope {
                     Scope::Version(id) => {
                         let Some(sub) = dir_subtree(&node)? else { return Ok(Vec::new()) };
-                        let tree = self.repo.tree(&sub)?;
+                        let tree = self.tree(&sub)?;
+                        self.prefetch_subtrees(&tree);
                         let t = lock(&self.table);
                         Ok(tree
                             .nodes
                             .iter()
-                            .map(|n| {
-                                let k = Key { scope: Scope::Version(id.clone()), path: join(&key.path, &n.name) };
-                                DirEntry { ino: t.ino_for(&k), name: n.name.clone(), kind: n.kind }
+                            .map(|n| DirEntry {
+                                ino: t.ino_for(&Key::in_version(id, &key.path, n)),
+                                name: n.name.clone(),
+                                kind: n.kind,
                             })
                             .collect())
                     }
@@ -1046,24 +1464,33 @@ impl Vfs {
                             })
                             .collect())
                     }
-                    Scope::HistItem(_) => Err(VfsError::NotDir),
+                    Scope::HistItem(_) | Scope::Link(_) => Err(VfsError::NotDir),
                 }
             }
         }
     }
 
+    /// A listed directory's subdirectories are likely next (`ls -R`, `find`, `du`, a copy):
+    /// their trees start loading in the background, neighbours in one read.
+    fn prefetch_subtrees(&self, tree: &Tree) {
+        let trees = lock(&self.trees);
+        let ids: Vec<BlockId> =
+            tree.nodes.iter().filter_map(|n| n.subtree).filter(|id| !trees.contains(id)).take(SUBTREES_AHEAD).collect();
+        drop(trees);
+        if !ids.is_empty() {
+            self.blocks.prefetch(ids, false);
+        }
+    }
+
     fn hist_listing(&self, path: &[u8]) -> VfsResult<Vec<DirEntry>> {
-        let Some(dir) = self.latest_dir(path)? else { return Ok(Vec::new()) };
-        let Some(sub) = dir.subtree else { return Ok(Vec::new()) };
-        let tree = self.repo.tree(&sub)?;
+        let union = self.hist_union(path)?;
         let t = lock(&self.table);
-        Ok(tree
-            .nodes
-            .iter()
-            .map(|n| {
-                let scope = if n.kind == FileKind::Dir { Scope::HistDir } else { Scope::HistFile };
-                let k = Key { scope, path: join(path, &n.name) };
-                DirEntry { ino: t.ino_for(&k), name: n.name.clone(), kind: FileKind::Dir }
+        Ok(union
+            .into_iter()
+            .map(|(name, is_dir)| {
+                let scope = if is_dir { Scope::HistDir } else { Scope::HistFile };
+                let k = Key { scope, path: join(path, &name) };
+                DirEntry { ino: t.ino_for(&k), name, kind: FileKind::Dir }
             })
             .collect())
     }
@@ -1091,7 +1518,7 @@ impl Vfs {
         }
         let (key, node) = self.entry(ino)?;
         Ok(match key.scope {
-            Scope::Version(_) | Scope::HistItem(_) => node.xattrs.clone(),
+            Scope::Version(_) | Scope::HistItem(_) | Scope::Link(_) => node.xattrs.clone(),
             _ => Vec::new(),
         })
     }
@@ -1105,7 +1532,7 @@ impl Vfs {
         }
         let (key, node) = self.entry(ino)?;
         match (&key.scope, node.kind) {
-            (Scope::Version(_) | Scope::HistItem(_), FileKind::File) => {}
+            (Scope::Version(_) | Scope::HistItem(_) | Scope::Link(_), FileKind::File) => {}
             (Scope::Version(_) | Scope::HistItem(_), FileKind::Dir) | (Scope::HistDir | Scope::HistFile, _) => {
                 return Err(VfsError::IsDir)
             }
@@ -1116,42 +1543,100 @@ impl Vfs {
         Ok(f)
     }
 
-    /// Checks that `ino` is a regular file that can be read, and prepares reading it.
+    /// Checks that `ino` is a regular file that can be read, and prepares reading it. Files
+    /// opened one after the other in a directory's order (`cp -r`, `tar`, a file manager's copy)
+    /// make the blocks of the next files of that directory load ahead, in coalesced reads.
     pub fn open(&self, ino: u64) -> VfsResult<()> {
-        self.file(ino).map(|_| ())
+        let f = self.file(ino)?;
+        let parent = lock(&self.table).inodes.get(&ino).and_then(|e| e.parent_tree);
+        if let Some(parent) = parent {
+            self.dir_read_ahead(&parent, &f.node.name);
+        }
+        Ok(())
+    }
+
+    /// Tracks opens in directory `tree`; on the second file opened in listing order, and whenever
+    /// less than half a window is left, requests the blocks of the following files (small files
+    /// whole, larger ones their first block) up to a window of `readahead_bytes`.
+    fn dir_read_ahead(&self, tree_id: &BlockId, name: &[u8]) {
+        let Ok(tree) = self.tree(tree_id) else { return };
+        let Ok(idx) = tree.nodes.binary_search_by(|n| n.name.as_slice().cmp(name)) else { return };
+        let window = self.opts.readahead_bytes.min(self.opts.cache_bytes as u64 / 4);
+        let mut ids = Vec::new();
+        {
+            let mut dirs = lock(&self.dir_opens);
+            let st = dirs.get_or_insert_mut(*tree_id, || DirOpens { last: usize::MAX, ahead: 0 });
+            let in_order = st.last != usize::MAX && idx > st.last && idx <= st.last + 4;
+            st.last = idx;
+            if !in_order {
+                st.ahead = idx + 1;
+                return;
+            }
+            // Bytes already requested beyond this file.
+            let left: u64 = tree.nodes[idx + 1..st.ahead.max(idx + 1)].iter().map(|n| first_blocks(n).1).sum();
+            if left >= window / 2 {
+                return;
+            }
+            let mut bytes = left;
+            let mut j = st.ahead.max(idx + 1);
+            while j < tree.nodes.len() && bytes < window && ids.len() < self.opts.readahead_blocks * 4 {
+                let (blocks, len) = first_blocks(&tree.nodes[j]);
+                ids.extend(blocks.iter().map(|b| b.id));
+                bytes += len;
+                j += 1;
+            }
+            st.ahead = j;
+        }
+        if !ids.is_empty() {
+            self.blocks.prefetch(ids, true);
+        }
     }
 
     /// Reads up to `size` bytes at `offset` (fewer only at the end of the file).
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> VfsResult<Vec<u8>> {
+        Ok(self.read_data(ino, offset, size)?.to_vec())
+    }
+
+    /// Like [`Vfs::read`], without copying when the range lies within one block (the common case
+    /// for page-sized and read-ahead requests): the bytes are then a view of the cached block.
+    pub fn read_data(&self, ino: u64, offset: u64, size: u32) -> VfsResult<ReadData> {
         let f = self.file(ino)?;
         let total = f.len();
         if offset >= total || size == 0 {
-            return Ok(Vec::new());
+            return Ok(ReadData::Owned(Vec::new()));
         }
         let end = total.min(offset.saturating_add(u64::from(size)));
         let first = f.block_at(offset);
         let last = f.block_at(end - 1);
         self.read_ahead(&f, offset, end, first, last);
         let content = &f.node.content;
-        if last > first {
-            // The rest of this request loads in parallel with its first block.
-            self.blocks.prefetch(content[first + 1..=last].iter().map(|b| b.id), false);
-        }
-        let mut out = Vec::with_capacity((end - offset) as usize);
-        for (i, b) in content.iter().enumerate().take(last + 1).skip(first) {
-            let data = match self.block(b) {
-                Ok(d) => d,
-                Err(_) if self.opts.zero_fill_damaged => {
-                    self.blocks.counters.zero_filled_blocks.fetch_add(1, Ordering::Relaxed);
-                    Arc::new(vec![0u8; b.len as usize])
-                }
-                Err(e) => return Err(e),
-            };
+        let range = |i: usize| {
             let from = offset.max(f.starts[i]) - f.starts[i];
             let to = end.min(f.starts[i + 1]) - f.starts[i];
-            out.extend_from_slice(&data[from as usize..to as usize]);
+            from as usize..to as usize
+        };
+        if first == last {
+            return Ok(ReadData::Block(self.block_or_zeros(&content[first])?, range(first)));
         }
-        Ok(out)
+        // The rest of this request loads in parallel with its first block.
+        self.blocks.prefetch(content[first + 1..=last].iter().map(|b| b.id), false);
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        for (i, b) in content.iter().enumerate().take(last + 1).skip(first) {
+            out.extend_from_slice(&self.block_or_zeros(b)?[range(i)]);
+        }
+        Ok(ReadData::Owned(out))
+    }
+
+    /// A block of a file, or zeros in its place if it is damaged and `zero_fill_damaged` is set.
+    fn block_or_zeros(&self, b: &BlockRef) -> VfsResult<Arc<Vec<u8>>> {
+        match self.block(b) {
+            Ok(d) => Ok(d),
+            Err(_) if self.opts.zero_fill_damaged => {
+                self.blocks.counters.zero_filled_blocks.fetch_add(1, Ordering::Relaxed);
+                Ok(Arc::new(vec![0u8; b.len as usize]))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn block(&self, b: &BlockRef) -> VfsResult<Arc<Vec<u8>>> {
@@ -1219,6 +1704,8 @@ impl Vfs {
             damaged_blocks: c.damaged_blocks.load(Ordering::Relaxed),
             zero_filled_blocks: c.zero_filled_blocks.load(Ordering::Relaxed),
             cache_bytes: lock(&self.blocks.cache).bytes as u64,
+            disk_hits: c.disk_hits.load(Ordering::Relaxed),
+            disk_writes: self.blocks.disk.as_ref().map_or(0, |d| d.stats().writes),
         }
     }
 
@@ -1228,7 +1715,7 @@ impl Vfs {
         let mut attr = self.getattr(ROOT_INO)?;
         for c in path.components() {
             match c {
-                std::path::Component::Normal(name) => match self.lookup(attr.ino, name.as_bytes())? {
+                std::path::Component::Normal(name) => match self.lookup(attr.ino, name.as_encoded_bytes())? {
                     Some(a) => attr = a,
                     None => return Ok(None),
                 },
@@ -1238,6 +1725,17 @@ impl Vfs {
         }
         Ok(Some(attr))
     }
+}
+
+/// The blocks of a file that directory read-ahead loads: all of a small file, the first block
+/// of a larger one (sequential read-ahead takes over from there); and their bytes.
+fn first_blocks(node: &Node) -> (&[BlockRef], u64) {
+    if node.kind != FileKind::File || node.content.is_empty() {
+        return (&[], 0);
+    }
+    let n = if node.size <= SMALL_FILE { node.content.len() } else { 1 };
+    let blocks = &node.content[..n];
+    (blocks, blocks.iter().map(|b| u64::from(b.len)).sum())
 }
 
 fn dir_subtree(node: &Node) -> VfsResult<Option<BlockId>> {
@@ -1251,6 +1749,7 @@ fn dir_subtree(node: &Node) -> VfsResult<Option<BlockId>> {
 mod tests {
     use super::*;
     use crate::backup::{self, BackupOptions, Progress};
+    use std::path::PathBuf;
     use std::sync::atomic::AtomicBool;
 
     const PW: &[u8] = b"vfs test password";
@@ -1421,12 +1920,15 @@ mod tests {
         let folder = seq.version_names().pop().unwrap();
         let a = seq.resolve(&fx.in_version(&folder, rel)).unwrap().unwrap();
         assert_eq!(a.size, data.len() as u64);
+        // Trees along the path were loaded by the lookups.
+        let trees = seq.stats();
         assert!(read_all(&seq, a.ino) == data);
         let s = seq.stats();
+        let (loaded, reads) = (s.blocks_loaded - trees.blocks_loaded, s.range_reads - trees.range_reads);
         assert!(s.prefetched_blocks > 0, "no read-ahead: {s:?}");
-        assert!(s.range_reads < s.blocks_loaded, "blocks were not coalesced: {s:?}");
+        assert!(reads < loaded, "blocks were not coalesced: {s:?}");
         let blocks = seq.file(a.ino).unwrap().node.content.len() as u64;
-        assert_eq!(s.blocks_loaded, blocks, "each block must be loaded exactly once: {s:?}");
+        assert_eq!(loaded, blocks, "each block must be loaded exactly once: {s:?}");
         assert!(s.cache_hits > 0, "{s:?}");
 
         // Random reads with a cache smaller than the file: bounded, and still correct.
@@ -1520,5 +2022,115 @@ mod tests {
         assert_eq!(vfs.readlink(LATEST_INO).unwrap(), newest.as_bytes());
         let a = vfs.resolve(&fx.in_version(&newest, "small.txt")).unwrap().unwrap();
         assert_eq!(read_all(&vfs, a.ino), b"changed\n");
+    }
+
+    #[test]
+    fn history_lists_deleted_paths_and_hard_links_share_an_inode() {
+        let fx = Fixture::new();
+        std::fs::create_dir_all(fx.src.join("old/inner")).unwrap();
+        std::fs::write(fx.src.join("old/inner/gone.txt"), b"only in v1").unwrap();
+        std::fs::write(fx.src.join("sub/a.txt"), b"linked").unwrap();
+        std::fs::hard_link(fx.src.join("sub/a.txt"), fx.src.join("sub/b.txt")).unwrap();
+        std::fs::hard_link(fx.src.join("sub/a.txt"), fx.src.join("c.txt")).unwrap();
+        fx.backup();
+        std::fs::remove_dir_all(fx.src.join("old")).unwrap();
+        std::fs::remove_file(fx.src.join("small.txt")).unwrap();
+        std::fs::write(fx.src.join("small.txt.new"), b"new").unwrap();
+        fx.backup();
+        let vfs = Vfs::new(fx.repo.clone()).unwrap();
+        let folders = vfs.version_names();
+
+        // The union of both versions, with the deleted directory and file.
+        let root = vfs.resolve(&fx.in_history("")).unwrap().unwrap();
+        let listed = names(&vfs.readdir(root.ino).unwrap());
+        assert_eq!(listed, ["c.txt", "link", "old", "small.txt", "small.txt.new", "sub"]);
+        let gone = vfs.resolve(&fx.in_history("old/inner/gone.txt")).unwrap().unwrap();
+        assert_eq!(names(&vfs.readdir(gone.ino).unwrap()), [folders[0].clone()]);
+        let state = vfs.lookup(gone.ino, folders[0].as_bytes()).unwrap().unwrap();
+        assert_eq!(read_all(&vfs, state.ino), b"only in v1");
+        let small = vfs.resolve(&fx.in_history("small.txt")).unwrap().unwrap();
+        assert_eq!(names(&vfs.readdir(small.ino).unwrap()), [folders[0].clone()]);
+        assert!(vfs.resolve(&fx.in_history("old/nope")).unwrap().is_none());
+
+        // Hard links: one inode, a link count of three, in each version.
+        for folder in &folders {
+            let a = vfs.resolve(&fx.in_version(folder, "sub/a.txt")).unwrap().unwrap();
+            let b = vfs.resolve(&fx.in_version(folder, "sub/b.txt")).unwrap().unwrap();
+            let c = vfs.resolve(&fx.in_version(folder, "c.txt")).unwrap().unwrap();
+            assert_eq!((a.ino, a.nlink), (b.ino, 3));
+            assert_eq!((c.ino, c.nlink), (a.ino, 3));
+            assert_eq!(read_all(&vfs, c.ino), b"linked");
+            let sub = vfs.resolve(&fx.in_version(folder, "sub")).unwrap().unwrap();
+            let listed = vfs.readdir(sub.ino).unwrap();
+            assert_eq!(listed.iter().find(|e| e.name == b"b.txt").unwrap().ino, a.ino);
+            assert_eq!(vfs.resolve(&fx.in_version(folder, "link")).unwrap().unwrap().nlink, 1);
+        }
+        let a0 = vfs.resolve(&fx.in_version(&folders[0], "sub/a.txt")).unwrap().unwrap();
+        let a1 = vfs.resolve(&fx.in_version(&folders[1], "sub/a.txt")).unwrap().unwrap();
+        assert_ne!(a0.ino, a1.ino);
+    }
+
+    #[test]
+    fn disk_cache_serves_a_second_vfs_without_the_box_and_filters_hide_versions() {
+        let fx = Fixture::new();
+        fx.backup();
+        let cache_dir = fx.dir.path().join("disk-cache");
+        let data = std::fs::read(fx.src.join("sub/deeper/big.bin")).unwrap();
+        let with_cache = || {
+            let cache = DiskCache::open(&cache_dir, 1 << 30).unwrap();
+            cache.wait_scanned();
+            let opts = VfsOptions { disk_cache: Some(cache), ..Default::default() };
+            Vfs::with_options(fx.repo.clone(), opts).unwrap()
+        };
+        let first = with_cache();
+        let folder = first.version_names().pop().unwrap();
+        let a = first.resolve(&fx.in_version(&folder, "sub/deeper/big.bin")).unwrap().unwrap();
+        assert!(read_all(&first, a.ino) == data);
+        let s = first.stats();
+        assert!(s.range_reads > 0 && s.disk_writes > 0 && s.disk_hits == 0, "{s:?}");
+        drop(first);
+
+        // The box's volumes vanish: a new VFS over the same cache reads everything from disk.
+        let vols = fx.dir.path().join("box/data");
+        let away = fx.dir.path().join("data-away");
+        std::fs::rename(&vols, &away).unwrap();
+        let second = with_cache();
+        let a = second.resolve(&fx.in_version(&folder, "sub/deeper/big.bin")).unwrap().unwrap();
+        assert!(read_all(&second, a.ino) == data);
+        let s = second.stats();
+        assert_eq!(s.range_reads, 0, "{s:?}");
+        assert!(s.disk_hits > 0, "{s:?}");
+        std::fs::rename(&away, &vols).unwrap();
+
+        // A filter that matches nothing shows no versions; one that matches shows them.
+        let hidden = VfsOptions { versions: VersionFilter::parse(&["tag:nope"]).unwrap(), ..Default::default() };
+        assert!(Vfs::with_options(fx.repo.clone(), hidden).unwrap().version_names().is_empty());
+        let shown = VfsOptions { versions: VersionFilter::parse(&["last:1"]).unwrap(), ..Default::default() };
+        assert_eq!(Vfs::with_options(fx.repo.clone(), shown).unwrap().version_names(), [folder]);
+    }
+
+    #[test]
+    fn opening_files_in_directory_order_loads_the_next_ones_ahead() {
+        let fx = Fixture::new();
+        std::fs::create_dir(fx.src.join("many")).unwrap();
+        let files: Vec<Vec<u8>> = (0..40).map(|i| pseudo(100 + i, 20_000)).collect();
+        for (i, data) in files.iter().enumerate() {
+            std::fs::write(fx.src.join(format!("many/f{i:02}")), data).unwrap();
+        }
+        fx.backup();
+        let vfs = Vfs::new(fx.repo.clone()).unwrap();
+        let folder = vfs.version_names().pop().unwrap();
+        vfs.resolve(&fx.in_version(&folder, "many")).unwrap().unwrap();
+        let before = vfs.stats();
+        for (i, data) in files.iter().enumerate() {
+            let a = vfs.resolve(&fx.in_version(&folder, &format!("many/f{i:02}"))).unwrap().unwrap();
+            vfs.open(a.ino).unwrap();
+            assert!(read_all(&vfs, a.ino) == *data, "file {i}");
+        }
+        let s = vfs.stats();
+        let reads = s.range_reads - before.range_reads;
+        assert!(s.prefetched_blocks - before.prefetched_blocks >= 30, "{s:?}");
+        assert!(reads <= 10, "40 small files read in order should take a few coalesced reads: {s:?}");
+        assert_eq!(s.damaged_blocks, 0);
     }
 }

@@ -1,4 +1,9 @@
 //! The `fuser` adapter over [`Vfs`].
+//!
+//! On Linux the session runs `MountOptions::threads` threads, each reading its own clone of the
+//! FUSE device and answering requests itself, so a request never waits for a hand-over between
+//! threads, and one waiting on storage does not hold up the others. Elsewhere one thread reads
+//! requests and hands everything that may touch storage to a worker pool.
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
@@ -12,8 +17,8 @@ use brickbox_core::vfs::{Attr, DirEntry, Vfs, VfsError, ROOT_INO};
 use brickbox_platform::FileKind;
 use fuser::{
     BackgroundSession, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyXattr, Request, SessionACL,
+    KernelConfig, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request, SessionACL,
 };
 
 use crate::{MountError, MountOptions, Result};
@@ -26,15 +31,21 @@ const SHORT_TTL: Duration = Duration::from_secs(1);
 const MAX_READAHEAD: u32 = 1 << 20;
 /// How long a shutdown waits for the session to end after unmounting.
 const STOP_WAIT: Duration = Duration::from_secs(5);
+/// Forgotten entries after which free memory is given back to the system.
+const TRIM_AFTER_FORGETS: u64 = 4096;
 /// Error messages printed before going quiet.
 const MAX_ERROR_LOGS: u64 = 50;
 
 struct Fs {
     vfs: Arc<Vfs>,
-    pool: rayon::ThreadPool,
+    /// Where requests that may wait on storage run: `None` when the session itself runs on
+    /// several threads (Linux), which then answer every request directly.
+    pool: Option<rayon::ThreadPool>,
     dirs: Arc<Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>>,
     next_fh: AtomicU64,
     errors_logged: Arc<AtomicU64>,
+    /// Entries forgotten since free memory was last given back.
+    forgotten: AtomicU64,
 }
 
 fn kind(k: FileKind) -> FileType {
@@ -112,11 +123,16 @@ fn report(logged: &AtomicU64, what: &str, ino: u64, e: &VfsError) -> Errno {
 }
 
 impl Fs {
-    /// Runs `f` on a worker thread.
+    /// Runs `f` on a worker thread: this one if the session has several, else one of the pool.
     fn spawn(&self, f: impl FnOnce(&Vfs, &AtomicU64) + Send + 'static) {
-        let vfs = self.vfs.clone();
-        let logged = self.errors_logged.clone();
-        self.pool.spawn(move || f(&vfs, &logged));
+        match &self.pool {
+            None => f(&self.vfs, &self.errors_logged),
+            Some(pool) => {
+                let vfs = self.vfs.clone();
+                let logged = self.errors_logged.clone();
+                pool.spawn(move || f(&vfs, &logged));
+            }
+        }
     }
 
     fn listing(
@@ -143,6 +159,9 @@ impl Filesystem for Fs {
         }
         let _ = config.set_max_background(64);
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        // Listings carry the attributes, so `ls -l`, `find` and file managers need no lookup
+        // per entry; the kernel decides per directory whether that pays.
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         Ok(())
     }
 
@@ -162,6 +181,12 @@ impl Filesystem for Fs {
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         self.vfs.forget(ino.0, nlookup);
+        // The kernel forgets entries in storms (memory pressure, dropped caches) after a large
+        // listing; the many small entries freed would otherwise keep their pages for good.
+        if self.forgotten.fetch_add(1, Ordering::Relaxed) + 1 >= TRIM_AFTER_FORGETS {
+            self.forgotten.store(0, Ordering::Relaxed);
+            release_free_memory();
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -200,7 +225,7 @@ impl Filesystem for Fs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        self.spawn(move |vfs, logged| match vfs.read(ino.0, offset, size) {
+        self.spawn(move |vfs, logged| match vfs.read_data(ino.0, offset, size) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(report(logged, "read", ino.0, &e)),
         });
@@ -255,6 +280,63 @@ impl Filesystem for Fs {
         });
     }
 
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let dirs = self.dirs.clone();
+        self.spawn(move |vfs, logged| {
+            let list = match Self::listing(vfs, &dirs, ino.0, fh.0) {
+                Ok(l) => l,
+                Err(e) => return reply.error(report(logged, "readdir", ino.0, &e)),
+            };
+            let total = list.len() as u64 + 2;
+            let dir_attr = match vfs.getattr(ino.0) {
+                Ok(a) => a,
+                Err(e) => return reply.error(report(logged, "readdir", ino.0, &e)),
+            };
+            for i in offset..total {
+                let full = if i < 2 {
+                    // The kernel takes no reference for `.` and `..`.
+                    let name: &[u8] = if i == 0 { b"." } else { b".." };
+                    reply.add(
+                        INodeNo(ino.0),
+                        i + 1,
+                        OsStr::from_bytes(name),
+                        &SHORT_TTL,
+                        &file_attr(&dir_attr),
+                        Generation(0),
+                    )
+                } else {
+                    let e = &list[(i - 2) as usize];
+                    // Each listed entry is a lookup: the kernel will forget it later.
+                    match vfs.lookup(ino.0, &e.name) {
+                        Ok(Some(a)) => {
+                            // Names in directories that change while mounted are re-checked soon.
+                            let t = if dir_attr.volatile { SHORT_TTL } else { ttl(&a) };
+                            let full = reply.add(
+                                INodeNo(a.ino),
+                                i + 1,
+                                OsStr::from_bytes(&e.name),
+                                &t,
+                                &file_attr(&a),
+                                Generation(0),
+                            );
+                            if full {
+                                vfs.forget(a.ino, 1);
+                            }
+                            full
+                        }
+                        // Gone since the listing (a version removed from the box): skip it.
+                        Ok(None) => false,
+                        Err(e) => return reply.error(report(logged, "readdir", ino.0, &e)),
+                    }
+                };
+                if full {
+                    break;
+                }
+            }
+            reply.ok();
+        });
+    }
+
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: fuser::ReplyEmpty) {
         self.dirs.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh.0);
         reply.ok();
@@ -298,6 +380,15 @@ impl Filesystem for Fs {
     }
 }
 
+/// Gives free heap pages back to the system (glibc); elsewhere nothing to do.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases memory the allocator holds free.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// A running FUSE session.
 pub(crate) struct Mounted {
     session: Option<BackgroundSession>,
@@ -307,15 +398,26 @@ pub(crate) struct Mounted {
 
 impl Mounted {
     pub(crate) fn start(vfs: Vfs, mountpoint: &Path, opts: &MountOptions) -> Result<Self> {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(opts.threads.max(2))
-            .thread_name(|i| format!("brickbox-fuse-{i}"))
-            .build()
-            .map_err(|e| MountError::Io {
-                what: "cannot start worker threads for",
-                path: mountpoint.into(),
-                source: std::io::Error::other(e),
-            })?;
+        // On Linux the session reads requests on several threads (each with its own clone of
+        // the FUSE device) and answers them in place: no hand-over between threads per request.
+        // Elsewhere one session thread dispatches to a pool.
+        let threads = opts.threads.max(2);
+        let multi_threaded = cfg!(target_os = "linux");
+        let pool = if multi_threaded {
+            None
+        } else {
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("brickbox-fuse-{i}"))
+                    .build()
+                    .map_err(|e| MountError::Io {
+                        what: "cannot start worker threads for",
+                        path: mountpoint.into(),
+                        source: std::io::Error::other(e),
+                    })?,
+            )
+        };
         let vfs = Arc::new(vfs);
         let fs = Fs {
             vfs: vfs.clone(),
@@ -323,23 +425,39 @@ impl Mounted {
             dirs: Arc::new(Mutex::new(HashMap::new())),
             next_fh: AtomicU64::new(1),
             errors_logged: Arc::new(AtomicU64::new(0)),
+            forgotten: AtomicU64::new(0),
         };
         let mut options = vec![
             MountOption::RO,
             MountOption::NoDev,
             MountOption::NoSuid,
             MountOption::NoAtime,
+            if opts.exec { MountOption::Exec } else { MountOption::NoExec },
             MountOption::FSName(opts.fs_name.clone()),
-            MountOption::Subtype("brickbox".into()),
+            MountOption::Subtype(opts.subtype.clone()),
         ];
-        if opts.allow_other {
+        if opts.allow_other || opts.default_permissions {
             // Other users see the backed-up owners and modes, and the kernel enforces them.
             options.push(MountOption::DefaultPermissions);
         }
+        if opts.auto_unmount {
+            options.push(MountOption::AutoUnmount);
+        }
         let mut config = fuser::Config::default();
         config.mount_options = options;
-        config.acl = if opts.allow_other { SessionACL::All } else { SessionACL::Owner };
-        config.n_threads = Some(1);
+        config.acl = if opts.allow_other {
+            SessionACL::All
+        } else if opts.allow_root {
+            SessionACL::RootAndOwner
+        } else {
+            SessionACL::Owner
+        };
+        if multi_threaded {
+            config.n_threads = Some(threads);
+            config.clone_fd = true;
+        } else {
+            config.n_threads = Some(1);
+        }
         let session = fuser::Session::new(fs, mountpoint, &config)
             .and_then(fuser::Session::spawn)
             .map_err(|e| MountError::Io { what: "cannot mount on", path: mountpoint.into(), source: hint(e) })?;

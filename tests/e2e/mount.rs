@@ -218,8 +218,9 @@ fn mount_shows_every_version_and_file_history() {
     assert_eq!(listing(&hist.join("added.txt")), [names[1].clone()]);
     assert_eq!(fs::read(hist.join("docs/changing.txt").join(&names[0])).unwrap(), b"state one\n");
     assert_eq!(fs::read(hist.join("docs/changing.txt").join(&names[1])).unwrap(), b"state two, a little longer\n");
-    // history mirrors the latest version's directories.
-    assert_eq!(listing(&hist), ["added.txt", "big.bin", "docs", "empty", "link", "private.key", "run.sh"]);
+    // history/ lists what any version had, so empty.txt (deleted in v2) is still there.
+    assert_eq!(listing(&hist), ["added.txt", "big.bin", "docs", "empty", "empty.txt", "link", "private.key", "run.sh"]);
+    assert_eq!(listing(&hist.join("empty.txt")), [names[0].clone()]);
 
     // It is read-only.
     let e = fs::write(m.version_path(&names[2], &src).join("added.txt"), b"x").unwrap_err();
@@ -350,4 +351,180 @@ fn mount_refuses_unusable_mount_points() {
     let r = env.run(&args!["umount", &full]);
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("not mounted"), "{}", r.stderr);
+}
+
+/// The statistics line `brickbox -v mount` prints when it stops: (ranged reads, disk-cache hits,
+/// blocks written to the disk cache).
+fn mount_stats(stderr: &str) -> (u64, u64, u64) {
+    let line = stderr.lines().find(|l| l.starts_with("blocks: ")).unwrap_or_else(|| panic!("no stats in: {stderr}"));
+    let num_before = |what: &str| -> u64 {
+        let head = &line[..line.find(what).unwrap_or_else(|| panic!("no '{what}' in: {line}"))];
+        head.trim_end().rsplit(' ').next().unwrap().trim_start_matches('(').parse().unwrap()
+    };
+    (num_before(" ranged reads"), num_before(" from the disk cache"), num_before(" written to it"))
+}
+
+/// Reads every regular file below `root` (through the mount) and compares it with `src`.
+fn assert_reads_like(src: &Path, root: &Path) {
+    for p in walk(src) {
+        if p.is_file() {
+            let rel = p.strip_prefix(src).unwrap();
+            assert!(same_content(&p, &root.join(rel)), "{} differs through the mount", rel.display());
+        }
+    }
+}
+
+#[test]
+fn mount_disk_cache_serves_a_remount_without_the_box_and_o_options() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    write_random(&src.join("big.bin"), 5, 6 * MIB + 123);
+    fs::create_dir(src.join("docs")).unwrap();
+    for i in 0..20 {
+        fs::write(src.join(format!("docs/note-{i}.txt")), format!("PLAINTEXT-MARKER note {i}\n").repeat(50)).unwrap();
+    }
+    env.backup(&args![&src]);
+    let folder = folder_names(&env).pop().unwrap();
+    let cache = env.path().join("dcache");
+
+    // Unsafe, unknown and malformed -o options are refused before anything is mounted.
+    let mnt = env.mkdir("mnt");
+    for (opt, why) in
+        [("rw", "read-only"), ("suid", "unsafe"), ("dev", "unsafe"), ("max_read=1", "unknown mount option")]
+    {
+        let r = env.run(&args!["mount", &mnt, "-o", opt]);
+        assert_eq!(r.code, 1, "-o {opt}: {r:?}");
+        assert!(r.stderr.contains(why) && r.stderr.contains(opt), "-o {opt}: {}", r.stderr);
+    }
+
+    // First mount: reads fill the disk cache; -o options reach the mount table.
+    let mut m = Mount::start(&env, &mnt, &args!["-v", "--disk-cache", &cache, "-o", "fsname=bb-e2e,allow_root"]);
+    let table = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = table.lines().find(|l| l.split(' ').nth(4) == m.dir.to_str()).expect("mount table line");
+    assert!(line.contains(" - fuse") && line.contains(" bb-e2e "), "{line}");
+    assert_reads_like(&src, &m.version_path(&folder, &src));
+    m.signal(libc::SIGTERM);
+    assert_eq!(m.wait_exit(Duration::from_secs(20)), Some(0));
+    let (reads, _, written) = mount_stats(&m.stderr_text());
+    assert!(reads > 0 && written > 0, "{}", m.stderr_text());
+
+    // The cache holds only sealed bytes: no plaintext of the files.
+    let cached = walk(&cache).into_iter().filter(|p| p.is_file()).collect::<Vec<_>>();
+    assert!(cached.len() as u64 >= written, "{cached:?}");
+    for p in &cached {
+        let bytes = fs::read(p).unwrap();
+        assert!(!bytes.windows(16).any(|w| w == b"PLAINTEXT-MARKER"), "plaintext in {}", p.display());
+    }
+
+    // Second mount with the box's data volumes gone: everything still reads, from the cache.
+    let data = env.repo.join("data");
+    let away = env.path().join("data-away");
+    fs::rename(&data, &away).unwrap();
+    let mut m = Mount::start(&env, &mnt, &args!["-v", "--disk-cache", &cache]);
+    assert_reads_like(&src, &m.version_path(&folder, &src));
+    m.signal(libc::SIGTERM);
+    assert_eq!(m.wait_exit(Duration::from_secs(20)), Some(0));
+    let (reads, hits, _) = mount_stats(&m.stderr_text());
+    assert_eq!(reads, 0, "a remount must not read the box: {}", m.stderr_text());
+    assert!(hits > 0, "{}", m.stderr_text());
+    fs::rename(&away, &data).unwrap();
+
+    // A damaged cache file is caught by authentication and fetched again from the box.
+    let biggest = cached.iter().max_by_key(|p| fs::metadata(p).unwrap().len()).unwrap();
+    let mut bytes = fs::read(biggest).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    fs::write(biggest, bytes).unwrap();
+    let mut m = Mount::start(&env, &mnt, &args!["-v", "--disk-cache", &cache]);
+    assert_reads_like(&src, &m.version_path(&folder, &src));
+    m.signal(libc::SIGTERM);
+    assert_eq!(m.wait_exit(Duration::from_secs(20)), Some(0));
+    let (reads, _, written) = mount_stats(&m.stderr_text());
+    assert!(reads >= 1 && written >= 1, "the damaged block must be fetched again: {}", m.stderr_text());
+}
+
+#[test]
+fn mount_history_keeps_deleted_paths_shares_hard_link_inodes_and_filters_versions() {
+    if !fuse_available() {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    fs::create_dir_all(src.join("docs")).unwrap();
+    fs::create_dir_all(src.join("olddir/sub")).unwrap();
+    fs::create_dir_all(src.join("other")).unwrap();
+    fs::write(src.join("docs/keep.txt"), b"keep v1\n").unwrap();
+    fs::write(src.join("docs/gone.txt"), b"deleted after v1\n").unwrap();
+    fs::write(src.join("olddir/sub/inner.txt"), b"inner v1\n").unwrap();
+    fs::write(src.join("docs/linked.txt"), b"one inode, three names\n").unwrap();
+    fs::hard_link(src.join("docs/linked.txt"), src.join("docs/linked-too.txt")).unwrap();
+    fs::hard_link(src.join("docs/linked.txt"), src.join("other/linked-far.txt")).unwrap();
+    env.backup(&args![&src, "--tag", "daily"]);
+
+    fs::write(src.join("docs/keep.txt"), b"keep v2, longer\n").unwrap();
+    fs::remove_file(src.join("docs/gone.txt")).unwrap();
+    fs::remove_dir_all(src.join("olddir")).unwrap();
+    env.backup(&args![&src, "--tag", "weekly"]);
+
+    fs::write(src.join("docs/keep.txt"), b"keep v3, longer still\n").unwrap();
+    env.backup(&args![&src, "--tag", "daily"]);
+    let names = folder_names(&env);
+    assert_eq!(names.len(), 3);
+
+    let mnt = env.mkdir("mnt");
+    let mut m = Mount::start(&env, &mnt, &[]);
+    let hist = m.dir.join("history").join(src.strip_prefix("/").unwrap());
+    // Deleted files and directories are still in history/, with their states.
+    assert_eq!(listing(&hist), ["docs", "olddir", "other"]);
+    assert_eq!(
+        listing(&hist.join("docs")),
+        ["gone.txt", "keep.txt", "linked-too.txt", "linked.txt"],
+        "history/ must list the union of all versions"
+    );
+    assert_eq!(listing(&hist.join("docs/gone.txt")), [names[0].clone()]);
+    assert_eq!(fs::read(hist.join("docs/gone.txt").join(&names[0])).unwrap(), b"deleted after v1\n");
+    assert_eq!(listing(&hist.join("olddir/sub/inner.txt")), [names[0].clone()]);
+    assert_eq!(fs::read(hist.join("olddir/sub/inner.txt").join(&names[0])).unwrap(), b"inner v1\n");
+    assert_eq!(listing(&hist.join("docs/keep.txt")), names);
+
+    // Hard links of one version share an inode and count their names.
+    let v = m.version_path(&names[2], &src);
+    let a = fs::metadata(v.join("docs/linked.txt")).unwrap();
+    let b = fs::metadata(v.join("docs/linked-too.txt")).unwrap();
+    let c = fs::metadata(v.join("other/linked-far.txt")).unwrap();
+    assert_eq!((a.ino(), a.nlink()), (b.ino(), 3));
+    assert_eq!((c.ino(), c.nlink()), (a.ino(), 3));
+    assert_eq!(fs::read(v.join("other/linked-far.txt")).unwrap(), b"one inode, three names\n");
+    assert_eq!(fs::metadata(v.join("docs/keep.txt")).unwrap().nlink(), 1);
+    let older = fs::metadata(m.version_path(&names[0], &src).join("docs/linked.txt")).unwrap();
+    assert_ne!(older.ino(), a.ino(), "each version has its own inodes");
+    env.ok(&args!["umount", &m.dir]);
+    assert_eq!(m.wait_exit(Duration::from_secs(20)), Some(0));
+
+    // --versions shows only the matching versions, in versions/ and in history/.
+    let mut m = Mount::start(&env, &mnt, &args!["--versions", "tag:daily"]);
+    assert_eq!(listing(&m.dir.join("versions")), [names[0].clone(), names[2].clone(), "latest".into()]);
+    assert_eq!(fs::read_link(m.dir.join("versions/latest")).unwrap(), PathBuf::from(&names[2]));
+    let hist = m.dir.join("history").join(src.strip_prefix("/").unwrap());
+    assert_eq!(listing(&hist.join("docs/keep.txt")), [names[0].clone(), names[2].clone()]);
+    env.ok(&args!["umount", &m.dir]);
+    assert_eq!(m.wait_exit(Duration::from_secs(20)), Some(0));
+
+    let mut m = Mount::start(&env, &mnt, &args!["--versions", &format!("path:{}/docs,last:1", src.display())]);
+    assert_eq!(listing(&m.dir.join("versions")), [names[2].clone(), "latest".into()]);
+    env.ok(&args!["umount", &m.dir]);
+    assert_eq!(m.wait_exit(Duration::from_secs(20)), Some(0));
+
+    // Filters that match nothing, or cannot be read, are errors.
+    let r = env.run(&args!["mount", &mnt, "--versions", "tag:nope"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("no version matches") && r.stderr.contains("daily, weekly"), "{}", r.stderr);
+    let r = env.run(&args!["mount", &mnt, "--versions", "colour:red"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("unknown kind 'colour'") && r.stderr.contains("tag:T"), "{}", r.stderr);
+    assert!(listing(&mnt).is_empty());
 }
