@@ -84,6 +84,8 @@ pub const LATEST_NAME: &str = "latest";
 const MAX_GAP: u64 = 256 * 1024;
 /// Largest coalesced ranged read.
 const MAX_COALESCED: u64 = 2 << 20;
+/// Least time between two re-reads of the catalog caused by failed block fetches.
+const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
 /// Open-file states (prefix sums, sequential-access tracking) kept.
 const FILE_STATES: usize = 1024;
 /// File histories kept.
@@ -620,6 +622,8 @@ struct Blocks {
     pool: rayon::ThreadPool,
     counters: Counters,
     disk: Option<Arc<DiskCache>>,
+    /// When the catalog was last re-read after a failed fetch (see [`Blocks::relocate`]).
+    resynced: Mutex<Option<Instant>>,
 }
 
 /// A block this thread promised to load; dropping it unfinished (an error path or a panic)
@@ -723,7 +727,41 @@ impl Blocks {
         if let Some(data) = self.read_disk(&loc, id) {
             return Ok(data);
         }
-        self.fetch_one(&loc, id)
+        self.fetch_or_relocate(&loc, id)
+    }
+
+    /// Fetches a block; when that fails, the block may have moved since the catalog was read
+    /// (a compaction repacked its volume while the mount ran), so it is looked up again after
+    /// re-reading the box's indexes, and fetched from its new place if it has one.
+    fn fetch_or_relocate(&self, loc: &BlockLocation, id: &BlockId) -> BlockResult {
+        let err = match self.fetch_one(loc, id) {
+            Err(e) if matches!(*e, Error::Damaged { .. }) => e,
+            r => return r,
+        };
+        match self.relocate(id) {
+            Some(new) if new.volume != loc.volume || new.offset != loc.offset => {
+                if let Some(data) = self.read_disk(&new, id) {
+                    return Ok(data);
+                }
+                self.fetch_one(&new, id)
+            }
+            _ => Err(err),
+        }
+    }
+
+    /// Where the catalog places `id` after re-reading the box's indexes (at most every
+    /// [`RESYNC_INTERVAL`], so a damaged block does not cost a listing per read).
+    fn relocate(&self, id: &BlockId) -> Option<BlockLocation> {
+        {
+            let mut last = lock(&self.resynced);
+            if last.is_none_or(|t| t.elapsed() >= RESYNC_INTERVAL) {
+                *last = Some(Instant::now());
+                if self.repo.sync_catalog().is_err() {
+                    return None;
+                }
+            }
+        }
+        self.repo.locate(id).ok()
     }
 
     /// The block from the disk cache, authenticated; a copy that fails is dropped from the cache.
@@ -856,14 +894,9 @@ impl Blocks {
                     claim.finish(r);
                 }
             }
-            Err(e) if run.len() == 1 => {
-                if let Some((_, claim)) = run.into_iter().next() {
-                    claim.finish(Err(Arc::new(e)));
-                }
-            }
             Err(_) => {
                 for (loc, claim) in run {
-                    let r = self.fetch_one(&loc, &claim.id);
+                    let r = self.fetch_or_relocate(&loc, &claim.id);
                     claim.finish(r);
                 }
             }
@@ -972,6 +1005,7 @@ impl Vfs {
             pool,
             counters: Counters::default(),
             disk: opts.disk_cache.clone(),
+            resynced: Mutex::new(None),
         });
         let versions = Versions::build(repo.versions()?, &opts.versions, 1);
         Ok(Vfs {

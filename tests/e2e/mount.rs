@@ -528,3 +528,32 @@ fn mount_history_keeps_deleted_paths_shares_hard_link_inodes_and_filters_version
     assert!(r.stderr.contains("unknown kind 'colour'") && r.stderr.contains("tag:T"), "{}", r.stderr);
     assert!(listing(&mnt).is_empty());
 }
+
+#[test]
+fn mount_follows_blocks_that_a_compaction_moved() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    write_random(&src.join("keep.bin"), 31, 2 * MIB + 99);
+    write_random(&src.join("gone.bin"), 32, 6 * MIB);
+    env.backup(&args![&src]);
+    fs::remove_file(src.join("gone.bin")).unwrap();
+    env.backup(&args![&src]);
+    let newest = folder_names(&env)[1].clone();
+
+    // Mounted before the compaction: the mount's catalog places keep.bin's blocks in the first
+    // volume, which a compaction run elsewhere (another machine: another catalog) repacks and
+    // deletes.
+    let elsewhere = env.path().join("elsewhere.sqlite");
+    fs::copy(&env.db, &elsewhere).unwrap();
+    let mnt = env.mkdir("mnt");
+    let m = Mount::start(&env, &mnt, &args!["--cache-size", "1MiB"]);
+    let keep = m.version_path(&newest, &src).join("keep.bin");
+    assert!(keep.is_file(), "{}", m.stderr_text());
+    let out = env.run_with_db(&elsewhere, &args!["forget", "--keep-last", "1", "--json"]).expect_code(0).json();
+    assert!(out["compact"]["volumes_deleted"].as_u64().unwrap() >= 1, "nothing was repacked: {out:#}");
+
+    assert!(same_content(&src.join("keep.bin"), &keep), "keep.bin read wrong after compaction: {}", m.stderr_text());
+}
