@@ -434,6 +434,11 @@ impl Backend {
         })
     }
 
+    /// The folder of a box on a local disk (`None` for remote boxes).
+    pub fn local_root(&self) -> Option<&Path> {
+        self.local_root.as_deref()
+    }
+
     /// A local folder where volumes may be built so that storing them is a rename, if the box has one.
     pub fn staging_dir(&self) -> Option<&Path> {
         self.staging.as_deref()

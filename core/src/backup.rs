@@ -158,6 +158,8 @@ struct Walk<'a> {
     opts: &'a BackupOptions,
     excludes: Matcher,
     includes: Option<Matcher>,
+    /// Brickbox's own files (the box, the catalog, the scratch folder), never backed up.
+    own: Vec<PathBuf>,
     /// `None` in a dry run.
     to_packer: Option<Sender<PackItem>>,
     shared: &'a Shared,
@@ -209,6 +211,24 @@ impl Matcher {
         (!self.name.is_empty() && path.file_name().is_some_and(|n| self.name.is_match(n)))
             || (!self.full.is_empty() && self.full.is_match(path))
     }
+}
+
+/// Brickbox's own files, left out of every backup so that backing up `/` or a home folder
+/// does not copy the box into itself: a local box's folder, the catalog with its journal
+/// files, and this backup's scratch folder. Canonical paths, compared with walked ones.
+fn own_paths(repo: &Repository, scratch: &Path) -> Vec<PathBuf> {
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut own = vec![canonical(scratch)];
+    own.extend(repo.backend().local_root().map(canonical));
+    if let Ok(catalog) = repo.catalog() {
+        let db = canonical(catalog.path()).into_os_string();
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let mut p = db.clone();
+            p.push(suffix);
+            own.push(PathBuf::from(p));
+        }
+    }
+    own
 }
 
 /// The paths from `/` down to each source.
@@ -289,6 +309,7 @@ pub fn backup(
         opts,
         excludes: Matcher::new(&opts.excludes)?,
         includes: if opts.includes.is_empty() { None } else { Some(Matcher::new(&opts.includes)?) },
+        own: own_paths(repo, tmp.path()),
         to_packer: (!opts.dry_run).then_some(to_packer),
         shared: &shared,
         cancel,
@@ -307,11 +328,18 @@ pub fn backup(
                 shared.fail(e);
             }
         });
-        scope.spawn(move || {
-            if let Err(e) = upload(repo, uploader_rx, shared, progress) {
-                shared.fail(e);
-            }
-        });
+        // A local box stores a volume with a rename; a remote one uploads several at once, so
+        // one slow upload (a retry, a stall) does not hold up the others.
+        let uploaders = if repo.backend().staging_dir().is_some() { 1 } else { repo.backend().upload_concurrency() };
+        for _ in 0..uploaders {
+            let rx = uploader_rx.clone();
+            scope.spawn(move || {
+                if let Err(e) = upload(repo, rx, shared, progress) {
+                    shared.fail(e);
+                }
+            });
+        }
+        drop(uploader_rx);
         let root = if roots.is_source {
             // Backing up `/` itself.
             walk.dir(Path::new("/")).and_then(|r| r.ok_or_else(|| Error::Invalid("cannot list /".into())))
@@ -568,7 +596,7 @@ impl Walk<'_> {
             match ent {
                 Ok(ent) => {
                     let p = ent.path();
-                    if !self.excludes.is_match(&p) {
+                    if !self.excludes.is_match(&p) && !self.own.contains(&p) {
                         children.push(p);
                     }
                 }

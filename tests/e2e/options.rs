@@ -431,3 +431,19 @@ fn relative_paths_are_taken_from_the_current_directory() {
     in_dir(args!["restore", "src/f.txt", "--target", "t"]).expect_code(0);
     assert_eq!(fs::read(restored(&t, &src.join("f.txt"))).unwrap(), b"relative");
 }
+
+#[test]
+fn backup_leaves_out_the_box_and_the_catalog() {
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    fs::write(src.join("a.txt"), b"kept\n").unwrap();
+    // The folder backed up holds the box and the catalog (as `/` or a home folder would).
+    let root = fs::canonicalize(env.path()).unwrap();
+    env.backup(&args![&root]);
+    env.backup(&args![&root]);
+    let stored = stored_paths(&env, &root);
+    assert!(stored.contains(Path::new("src/a.txt")), "{stored:?}");
+    let own: Vec<_> =
+        stored.iter().filter(|p| p.starts_with("box") || p.to_string_lossy().starts_with("catalog.sqlite")).collect();
+    assert!(own.is_empty(), "Brickbox's own files were backed up: {own:?}");
+}
