@@ -261,13 +261,11 @@ pub fn open_block_in_place<'a>(
     raw_len: u32,
     scratch: &'a mut Vec<u8>,
 ) -> Result<&'a [u8]> {
-    let plain: &'a [u8] = crypto::open_in_place(cipher, &id.0, sealed, volume)
-        .map_err(|_| Error::damaged(volume, format!("block {} failed authentication", id.to_hex())))?;
+    let plain: &'a [u8] =
+        crypto::open_in_place(cipher, &id.0, sealed, volume).map_err(|_| failed_authentication(volume, id))?;
     let data = codec::decode_borrowed(plain, raw_len as usize, scratch)
         .map_err(|e| Error::damaged(volume, format!("block {}: {e}", id.to_hex())))?;
-    if keys.block_id(data) != *id {
-        return Err(Error::damaged(volume, format!("block {} has the wrong content hash", id.to_hex())));
-    }
+    check_content(keys, volume, id, data)?;
     Ok(data)
 }
 
@@ -317,13 +315,10 @@ pub fn open_unindexed(
     sealed: &[u8],
     max: usize,
 ) -> Result<(Vec<u8>, u32)> {
-    let plain = crypto::open(cipher, &id.0, sealed, volume)
-        .map_err(|_| Error::damaged(volume, format!("block {} failed authentication", id.to_hex())))?;
+    let plain = crypto::open(cipher, &id.0, sealed, volume).map_err(|_| failed_authentication(volume, id))?;
     let data =
         codec::decode_up_to(&plain, max).map_err(|e| Error::damaged(volume, format!("block {}: {e}", id.to_hex())))?;
-    if keys.block_id(&data) != *id {
-        return Err(Error::damaged(volume, format!("block {} has the wrong content hash", id.to_hex())));
-    }
+    check_content(keys, volume, id, &data)?;
     let raw_len = u32::try_from(data.len()).map_err(|_| Error::damaged(volume, "block larger than 4 GiB"))?;
     Ok((plain, raw_len))
 }
@@ -378,6 +373,19 @@ pub fn entries_without_index(bytes: &[u8]) -> Vec<(BlockId, u64, u32)> {
     entries
 }
 
+/// The error for a block whose seal does not authenticate.
+fn failed_authentication(volume: &str, id: &BlockId) -> Error {
+    Error::damaged(volume, format!("block {} failed authentication", id.to_hex()))
+}
+
+/// Checks that a block's plaintext has the keyed hash it is named by.
+fn check_content(keys: &Keys, volume: &str, id: &BlockId, data: &[u8]) -> Result<()> {
+    if keys.block_id(data) != *id {
+        return Err(Error::damaged(volume, format!("block {} has the wrong content hash", id.to_hex())));
+    }
+    Ok(())
+}
+
 /// (encoded, plaintext) of a sealed block, authenticated and checked against its id.
 fn open_checked(
     keys: &Keys,
@@ -387,13 +395,10 @@ fn open_checked(
     sealed: &[u8],
     raw_len: u32,
 ) -> Result<(Vec<u8>, Vec<u8>)> {
-    let plain = crypto::open(cipher, &id.0, sealed, volume)
-        .map_err(|_| Error::damaged(volume, format!("block {} failed authentication", id.to_hex())))?;
+    let plain = crypto::open(cipher, &id.0, sealed, volume).map_err(|_| failed_authentication(volume, id))?;
     let data = codec::decode(&plain, raw_len as usize)
         .map_err(|e| Error::damaged(volume, format!("block {}: {e}", id.to_hex())))?;
-    if keys.block_id(&data) != *id {
-        return Err(Error::damaged(volume, format!("block {} has the wrong content hash", id.to_hex())));
-    }
+    check_content(keys, volume, id, &data)?;
     Ok((plain, data))
 }
 
