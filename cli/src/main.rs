@@ -20,6 +20,7 @@ pub static CANCEL: AtomicBool = AtomicBool::new(false);
 pub const EXIT_WARNINGS: u8 = 3;
 
 fn main() -> ExitCode {
+    brickbox_platform::one_heap();
     let cli = args::Cli::parse();
     let _ = ctrlc::set_handler(|| {
         if CANCEL.swap(true, Ordering::SeqCst) {

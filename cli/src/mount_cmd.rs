@@ -93,7 +93,6 @@ fn disk_cache_dir(a: &MountArgs, repo: &Repository) -> Result<Option<PathBuf>> {
 
 /// Mounts the repository and serves it until Ctrl-C, SIGTERM or an unmount.
 pub fn mount(g: &Global, a: MountArgs) -> Result<u8> {
-    brickbox_mount::prepare_process();
     // Fail on bad arguments and a bad mount point before asking for the password.
     let mut opts = MountOptions {
         allow_other: a.allow_other,

@@ -223,22 +223,6 @@ pub fn spawn(vfs: Vfs, mountpoint: &Path, opts: &MountOptions) -> Result<MountHa
     }
 }
 
-/// Prepares the process for serving a mount; call it first, before other threads start.
-///
-/// With glibc, each thread that allocates gets a heap ("arena") of its own, and freed block
-/// buffers (128 KiB–2 MiB) stay in the heap of the thread that loaded them: with a dozen threads
-/// answering requests, the resident size grew to several times the block cache (300 MiB for a
-/// 64 MiB cache). One heap for the whole process lets a freed block be reused by whichever
-/// thread loads the next one. (A fixed mmap threshold would return every buffer to the system
-/// but halved sequential throughput: each buffer became fresh pages to fault in.)
-pub fn prepare_process() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
-}
-
 /// Mounts `vfs` at `mountpoint` and serves until it is unmounted or `shutdown` becomes true
 /// (then unmounts cleanly).
 pub fn mount(vfs: Vfs, mountpoint: &Path, opts: &MountOptions, shutdown: &AtomicBool) -> Result<()> {
