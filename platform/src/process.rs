@@ -46,6 +46,25 @@ pub fn machine_id() -> String {
         .unwrap_or_default()
 }
 
+/// Makes the allocator keep one heap for the whole process; call it first, before other
+/// threads start.
+///
+/// With glibc, each thread that allocates gets a heap ("arena") of its own, and freed buffers
+/// (blocks of 128 KiB–8 MiB) stay in the heap of the thread that freed them. With a thread per
+/// core in backup and restore, or a dozen serving a mount, the resident size grew to several
+/// times what is in use (a restore of the benchmark tree peaked at 245 MiB, a mount at 300 MiB
+/// with a 64 MiB cache). One heap lets a freed buffer be reused by whichever thread allocates
+/// next; on the benchmark it made no difference to speed. (A fixed mmap threshold would return
+/// every buffer to the system but halved a mount's sequential reads: each buffer became fresh
+/// pages to fault in.) Elsewhere this does nothing.
+pub fn one_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,24 +89,5 @@ mod tests {
         if cfg!(target_os = "linux") {
             assert_eq!(process_ended(ProcessId { pid, start }), Some(true));
         }
-    }
-}
-
-/// Makes the allocator keep one heap for the whole process; call it first, before other
-/// threads start.
-///
-/// With glibc, each thread that allocates gets a heap ("arena") of its own, and freed buffers
-/// (blocks of 128 KiB–8 MiB) stay in the heap of the thread that freed them. With a thread per
-/// core in backup and restore, or a dozen serving a mount, the resident size grew to several
-/// times what is in use (a restore of the benchmark tree peaked at 245 MiB, a mount at 300 MiB
-/// with a 64 MiB cache). One heap lets a freed buffer be reused by whichever thread allocates
-/// next; on the benchmark it made no difference to speed. (A fixed mmap threshold would return
-/// every buffer to the system but halved a mount's sequential reads: each buffer became fresh
-/// pages to fault in.) Elsewhere this does nothing.
-pub fn one_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
