@@ -16,6 +16,14 @@ use crate::CANCEL;
 
 /// Size limit of the disk cache unless `--disk-cache-size` says otherwise.
 const DEFAULT_DISK_CACHE: u64 = 1 << 30;
+/// Default block cache for a local box: read-ahead (a quarter of it) keeps up with the disk.
+const LOCAL_CACHE: u64 = 32 << 20;
+/// Default block cache for a remote box, and its read-ahead window: a round trip of 20 ms
+/// needs a long one. Reading a 400 MiB file over S3 on loopback with 20 ms added ran at 175
+/// MB/s with an 8 MiB window, 255–326 MB/s with 16 MiB and 376–391 MB/s with 32 MiB (508 MB/s
+/// without the delay).
+const REMOTE_CACHE: usize = 128 << 20;
+const REMOTE_READAHEAD: u64 = 32 << 20;
 
 #[derive(Args, Debug)]
 #[command(after_help = "\
@@ -41,9 +49,10 @@ pub struct MountArgs {
     /// Let other users access the mount (they see the backed-up owners and modes).
     #[arg(long)]
     pub allow_other: bool,
-    /// Memory for decrypted blocks (read-ahead uses up to a quarter of it).
-    #[arg(long, default_value = "32MiB", value_parser = crate::format::parse_size)]
-    pub cache_size: u64,
+    /// Memory for decrypted blocks (read-ahead uses up to a quarter of it). Default: 32 MiB
+    /// for local boxes, 128 MiB for remote ones (a longer read-ahead hides the round trips).
+    #[arg(long, value_parser = crate::format::parse_size)]
+    pub cache_size: Option<u64>,
     /// Keep fetched blocks (encrypted, as stored) in DIR/<repository id> and read them from there
     /// first; `off` disables it. Default: on for remote boxes (in the cache dir), off for local ones.
     #[arg(long, value_name = "DIR")]
@@ -96,7 +105,7 @@ pub fn mount(g: &Global, a: MountArgs) -> Result<u8> {
     // Fail on bad arguments and a bad mount point before asking for the password.
     let mut opts = MountOptions {
         allow_other: a.allow_other,
-        cache_size: a.cache_size,
+        cache_size: a.cache_size.unwrap_or(LOCAL_CACHE),
         zero_fill_damaged: a.zero_fill_damaged,
         ..MountOptions::default()
     };
@@ -112,7 +121,18 @@ pub fn mount(g: &Global, a: MountArgs) -> Result<u8> {
     // Loading blocks from a local box is CPU work (one thread per core is enough, and every
     // thread holds buffers); from a remote one it is mostly waiting, so more requests overlap.
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    vfs_opts.io_threads = if repo.backend().service() == "fs" { cores.clamp(2, 4) } else { 8 };
+    let local = repo.backend().service() == "fs";
+    vfs_opts.io_threads = if local { cores.clamp(2, 4) } else { 8 };
+    if !local {
+        // Read further ahead to cover round trips (the window is also capped at a quarter of
+        // the cache).
+        vfs_opts.readahead_bytes = REMOTE_READAHEAD;
+        vfs_opts.readahead_blocks = 64;
+        if a.cache_size.is_none() {
+            vfs_opts.cache_bytes = REMOTE_CACHE;
+        }
+    }
+
     if let Some(dir) = disk_cache_dir(&a, &repo)? {
         if dir.starts_with(&mountpoint) {
             bail!("the disk cache {} cannot be inside the mount point {}", dir.display(), mountpoint.display());

@@ -433,7 +433,13 @@ impl Repository {
             return Ok(t);
         }
         let bytes = self.read_block(id)?;
-        let tree = Arc::new(Tree::decode(&bytes).map_err(|e| {
+        self.cache_tree(id, &bytes)
+    }
+
+    /// Decodes the plaintext of tree block `id` (fetched by the caller) and keeps it in the
+    /// tree cache.
+    pub fn cache_tree(&self, id: &BlockId, bytes: &[u8]) -> Result<Arc<Tree>> {
+        let tree = Arc::new(Tree::decode(bytes).map_err(|e| {
             let vol = self.locate(id).map(|l| l.volume).unwrap_or_default();
             Error::damaged(vol, format!("tree {}: {e}", id.to_hex()))
         })?);

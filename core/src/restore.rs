@@ -265,9 +265,53 @@ fn prefetch_trees(repo: &Repository, pool: &rayon::ThreadPool, roots: Vec<BlockI
     while !level.is_empty() && loaded < PREFETCH_TREES {
         level.truncate(PREFETCH_TREES - loaded);
         loaded += level.len();
-        let trees: Vec<_> = pool.install(|| level.par_iter().filter_map(|id| repo.tree(id).ok()).collect());
+        // Sibling trees usually lie side by side in one volume: fetch them in coalesced runs.
+        let mut located: Vec<(BlockLocation, BlockId)> = match repo.catalog() {
+            Ok(c) => level.iter().filter_map(|id| Some((c.block(id).ok()??, *id))).collect(),
+            Err(_) => return,
+        };
+        let runs = coalesce(&mut located, fetch_plan(repo).1);
+        let trees: Vec<std::sync::Arc<crate::tree::Tree>> = pool.install(|| {
+            runs.par_iter()
+                .flat_map_iter(|run| {
+                    let (first, last) = (&run[0].0, &run[run.len() - 1].0);
+                    let len = last.offset + u64::from(last.length) - first.offset;
+                    let bytes = repo.backend().read_range(&first.volume, first.offset, len).unwrap_or_default();
+                    run.iter()
+                        .filter_map(|(loc, id)| {
+                            let at = usize::try_from(loc.offset - first.offset).ok()?;
+                            let sealed = bytes.get(at..at + loc.length as usize)?;
+                            repo.cache_tree(id, &repo.open_block_at(loc, id, sealed).ok()?).ok()
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        });
         level = trees.iter().flat_map(|t| t.nodes.iter().filter_map(|n| n.subtree)).collect();
     }
+}
+
+/// Sorts located blocks by place and cuts them into runs of neighbouring blocks of one
+/// volume, each to be fetched with one ranged read of at most `max_run` bytes.
+fn coalesce(located: &mut [(BlockLocation, BlockId)], max_run: u64) -> Vec<&[(BlockLocation, BlockId)]> {
+    located.sort_by(|a, b| (&a.0.volume, a.0.offset).cmp(&(&b.0.volume, b.0.offset)));
+    let mut runs = Vec::new();
+    let mut start = 0;
+    for i in 1..=located.len() {
+        let split = i == located.len() || {
+            let (first, prev, next) = (&located[start].0, &located[i - 1].0, &located[i].0);
+            let prev_end = prev.offset + u64::from(prev.length);
+            next.volume != first.volume
+                || next.offset < prev_end
+                || next.offset - prev_end > MAX_GAP
+                || next.offset + u64::from(next.length) - first.offset > max_run
+        };
+        if split {
+            runs.push(&located[start..i]);
+            start = i;
+        }
+    }
+    runs
 }
 
 /// Adds `node` (at `parent/name`) and everything below it to the plan.
@@ -486,25 +530,7 @@ impl Ctx<'_> {
                 }
             }
         }
-        located.sort_by(|a, b| (&a.0.volume, a.0.offset).cmp(&(&b.0.volume, b.0.offset)));
-        let max_run = fetch_plan(self.repo).1;
-        // Runs of neighbouring blocks of one volume, each fetched with one ranged read.
-        let mut runs: Vec<&[(BlockLocation, BlockId)]> = Vec::new();
-        let mut start = 0;
-        for i in 1..=located.len() {
-            let split = i == located.len() || {
-                let (first, prev, next) = (&located[start].0, &located[i - 1].0, &located[i].0);
-                let prev_end = prev.offset + u64::from(prev.length);
-                next.volume != first.volume
-                    || next.offset < prev_end
-                    || next.offset - prev_end > MAX_GAP
-                    || next.offset + u64::from(next.length) - first.offset > max_run
-            };
-            if split {
-                runs.push(&located[start..i]);
-                start = i;
-            }
-        }
+        let runs = coalesce(&mut located, fetch_plan(self.repo).1);
         pool.install(|| {
             runs.par_iter().try_for_each(|run| -> Result<()> {
                 if self.cancel.load(Ordering::Relaxed) {
