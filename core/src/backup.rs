@@ -127,6 +127,8 @@ struct PackItem {
     id: BlockId,
     encoded: Vec<u8>,
     raw_len: u32,
+    /// A directory tree (packed apart from file data).
+    tree: bool,
 }
 
 /// State shared by the walk, the packer and the uploader.
@@ -425,15 +427,21 @@ fn pack(
     rx: Receiver<PackItem>,
     tx: Sender<FinishedVolume>,
 ) -> Result<()> {
-    let mut sink = VolumeSink::new(repo, volume_size, dir);
+    // Directory trees go into volumes of their own: a damaged or lost data volume then never
+    // takes a directory listing with it, and the few small tree volumes are quick to fetch.
+    let mut data = VolumeSink::new(repo, volume_size, dir);
+    let mut trees = VolumeSink::new(repo, volume_size, dir);
     let stopped = || Error::Invalid("upload stopped".into());
     for item in rx {
+        let sink = if item.tree { &mut trees } else { &mut data };
         if let Some(full) = sink.add(item.id, &item.encoded, item.raw_len)? {
             tx.send(full).map_err(|_| stopped())?;
         }
     }
-    if let Some(last) = sink.finish()? {
-        tx.send(last).map_err(|_| stopped())?;
+    for sink in [data, trees] {
+        if let Some(last) = sink.finish()? {
+            tx.send(last).map_err(|_| stopped())?;
+        }
     }
     Ok(())
 }
@@ -735,11 +743,12 @@ impl Walk<'_> {
 
     /// Hashes a block and, when the box does not have it yet, compresses it and sends it to the packer.
     fn store_block(&self, data: &[u8], codec: Codec) -> Result<BlockRef> {
-        self.store(data, codec, &self.counts.blocks_added)
+        self.store(data, codec, false)
     }
 
-    /// Stores a block, counting it in `counter` when it is new.
-    fn store(&self, data: &[u8], codec: Codec, counter: &AtomicU64) -> Result<BlockRef> {
+    /// Stores a block (a directory tree if `tree`), counting it when it is new.
+    fn store(&self, data: &[u8], codec: Codec, tree: bool) -> Result<BlockRef> {
+        let counter = if tree { &self.counts.trees_added } else { &self.counts.blocks_added };
         let id = self.repo.keys().block_id(data);
         let len = u32::try_from(data.len()).map_err(|_| Error::Invalid("block larger than 4 GiB".into()))?;
         if self.claim(&id)? {
@@ -747,7 +756,7 @@ impl Walk<'_> {
             counter.fetch_add(1, Ordering::Relaxed);
             match &self.to_packer {
                 Some(tx) => tx
-                    .send(PackItem { id, encoded, raw_len: len })
+                    .send(PackItem { id, encoded, raw_len: len, tree })
                     .map_err(|_| Error::Interrupted("packer stopped".into()))?,
                 None => {
                     self.counts.dry_bytes.fetch_add(encoded.len() as u64 + 28, Ordering::Relaxed);
@@ -771,7 +780,7 @@ impl Walk<'_> {
         let mut tree = Tree { nodes };
         tree.sort();
         let bytes = tree.encode();
-        Ok(self.store(&bytes, Codec::Zstd, &self.counts.trees_added)?.id)
+        Ok(self.store(&bytes, Codec::Zstd, true)?.id)
     }
 }
 

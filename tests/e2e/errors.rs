@@ -155,22 +155,25 @@ fn usage_errors_exit_2() {
     assert!(r.stderr.contains("no version"), "{}", r.stderr);
 }
 
-/// A box whose versions keep `victim.bin` alone in the first volume and the other files in later ones.
+/// A box whose versions keep `victim.bin` alone in the first data volume and the other files
+/// in later ones.
 fn box_with_separate_volumes() -> (Env, PathBuf, PathBuf) {
     let env = Env::with_box();
     let src = env.mkdir("src");
     let victim = src.join("victim.bin");
     fs::write(&victim, random_bytes(40, 1_200_000)).unwrap();
     env.backup(&args![&src]);
+    // One volume of file data and one of directory trees.
     let first: Vec<PathBuf> = objects(&env.repo, "data");
-    assert_eq!(first.len(), 1);
+    assert_eq!(first.len(), 2);
+    let victim_volume = first.iter().max_by_key(|v| fs::metadata(v).unwrap().len()).unwrap().clone();
     fs::write(src.join("good1.txt"), text_bytes(41, 100_000)).unwrap();
     fs::write(src.join("good2.bin"), random_bytes(42, 300_000)).unwrap();
     fs::create_dir(src.join("sub")).unwrap();
     fs::write(src.join("sub/good3.txt"), b"third\n").unwrap();
     env.backup(&args![&src]);
-    assert_eq!(objects(&env.repo, "data").len(), 2);
-    (env, src, first[0].clone())
+    assert_eq!(objects(&env.repo, "data").len(), 4);
+    (env, src, victim_volume)
 }
 
 fn file_name(p: &Path) -> String {
