@@ -90,7 +90,7 @@ fn disk_cache_dir(a: &MountArgs, repo: &Repository) -> Result<Option<PathBuf>> {
             Ok(None)
         }
         Some(d) => Ok(Some(std::path::absolute(d).with_context(|| format!("disk cache {}", d.display()))?.join(id))),
-        None if repo.backend().service() != "fs" || a.disk_cache_size.is_some() => {
+        None if !repo.backend().is_local() || a.disk_cache_size.is_some() => {
             let base = brickbox_platform::cache_dir().context(
                 "no cache directory for the disk cache (set HOME or XDG_CACHE_HOME, or pass --disk-cache DIR)",
             )?;
@@ -121,7 +121,7 @@ pub fn mount(g: &Global, a: MountArgs) -> Result<u8> {
     // Loading blocks from a local box is CPU work (one thread per core is enough, and every
     // thread holds buffers); from a remote one it is mostly waiting, so more requests overlap.
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let local = repo.backend().service() == "fs";
+    let local = repo.backend().is_local();
     vfs_opts.io_threads = if local { cores.clamp(2, 4) } else { 8 };
     if !local {
         // Read further ahead to cover round trips (the window is also capped at a quarter of

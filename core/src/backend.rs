@@ -439,6 +439,11 @@ impl Backend {
         self.local_root.as_deref()
     }
 
+    /// Whether the box is a folder on a local disk (reads wait little; storing is a rename).
+    pub fn is_local(&self) -> bool {
+        self.local_root.is_some()
+    }
+
     /// A local folder where volumes may be built so that storing them is a rename, if the box has one.
     pub fn staging_dir(&self) -> Option<&Path> {
         self.staging.as_deref()

@@ -332,7 +332,7 @@ pub fn backup(
         });
         // A local box stores a volume with a rename; a remote one uploads several at once, so
         // one slow upload (a retry, a stall) does not hold up the others.
-        let uploaders = if repo.backend().staging_dir().is_some() { 1 } else { repo.backend().upload_concurrency() };
+        let uploaders = if repo.backend().is_local() { 1 } else { repo.backend().upload_concurrency() };
         for _ in 0..uploaders {
             let rx = uploader_rx.clone();
             scope.spawn(move || {

@@ -429,16 +429,21 @@ impl Repository {
 
     /// Loads a directory tree (cached).
     pub fn tree(&self, id: &BlockId) -> Result<Arc<Tree>> {
-        if let Some(t) = self.trees.lock().ok().and_then(|mut c| c.get(id).cloned()) {
+        if let Some(t) = self.cached_tree(id) {
             return Ok(t);
         }
         let bytes = self.read_block(id)?;
         self.cache_tree(id, &bytes)
     }
 
+    /// A directory tree if the tree cache holds it.
+    pub(crate) fn cached_tree(&self, id: &BlockId) -> Option<Arc<Tree>> {
+        self.trees.lock().ok().and_then(|mut c| c.get(id).cloned())
+    }
+
     /// Decodes the plaintext of tree block `id` (fetched by the caller) and keeps it in the
     /// tree cache.
-    pub fn cache_tree(&self, id: &BlockId, bytes: &[u8]) -> Result<Arc<Tree>> {
+    pub(crate) fn cache_tree(&self, id: &BlockId, bytes: &[u8]) -> Result<Arc<Tree>> {
         let tree = Arc::new(Tree::decode(bytes).map_err(|e| {
             let vol = self.locate(id).map(|l| l.volume).unwrap_or_default();
             Error::damaged(vol, format!("tree {}: {e}", id.to_hex()))

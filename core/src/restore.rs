@@ -265,13 +265,22 @@ fn prefetch_trees(repo: &Repository, pool: &rayon::ThreadPool, roots: Vec<BlockI
     while !level.is_empty() && loaded < PREFETCH_TREES {
         level.truncate(PREFETCH_TREES - loaded);
         loaded += level.len();
+        // Trees already loaded (the root) are not fetched again.
+        let mut trees = Vec::new();
+        let mut wanted = Vec::new();
+        for id in &level {
+            match repo.cached_tree(id) {
+                Some(t) => trees.push(t),
+                None => wanted.push(*id),
+            }
+        }
         // Sibling trees usually lie side by side in one volume: fetch them in coalesced runs.
         let mut located: Vec<(BlockLocation, BlockId)> = match repo.catalog() {
-            Ok(c) => level.iter().filter_map(|id| Some((c.block(id).ok()??, *id))).collect(),
+            Ok(c) => wanted.iter().filter_map(|id| Some((c.block(id).ok()??, *id))).collect(),
             Err(_) => return,
         };
         let runs = coalesce(&mut located, fetch_plan(repo).1);
-        let trees: Vec<std::sync::Arc<crate::tree::Tree>> = pool.install(|| {
+        let fetched: Vec<_> = pool.install(|| {
             runs.par_iter()
                 .flat_map_iter(|run| {
                     let (first, last) = (&run[0].0, &run[run.len() - 1].0);
@@ -287,6 +296,7 @@ fn prefetch_trees(repo: &Repository, pool: &rayon::ThreadPool, roots: Vec<BlockI
                 })
                 .collect()
         });
+        trees.extend(fetched);
         level = trees.iter().flat_map(|t| t.nodes.iter().filter_map(|n| n.subtree)).collect();
     }
 }
@@ -353,7 +363,7 @@ const LOCAL_FETCH: (usize, u64) = (4, 4 << 20);
 
 /// Threads and largest coalesced read for restoring from `repo`.
 fn fetch_plan(repo: &Repository) -> (usize, u64) {
-    let (threads, run) = if repo.backend().local_root().is_some() { LOCAL_FETCH } else { REMOTE_FETCH };
+    let (threads, run) = if repo.backend().is_local() { LOCAL_FETCH } else { REMOTE_FETCH };
     (threads.max(rayon::current_num_threads()), run)
 }
 /// Largest gap between blocks (zip headers) still read in one request.

@@ -734,10 +734,18 @@ impl Blocks {
     /// (a compaction repacked its volume while the mount ran), so it is looked up again after
     /// re-reading the box's indexes, and fetched from its new place if it has one.
     fn fetch_or_relocate(&self, loc: &BlockLocation, id: &BlockId) -> BlockResult {
-        let err = match self.fetch_one(loc, id) {
-            Err(e) if matches!(*e, Error::Damaged { .. }) => e,
-            r => return r,
-        };
+        match self.fetch_one(loc, id) {
+            Err(e) => self.relocate_after(e, loc, id),
+            r => r,
+        }
+    }
+
+    /// After fetching `id` from `loc` failed with `err`: the block from its new place if the
+    /// box's indexes now put it elsewhere, else `err`.
+    fn relocate_after(&self, err: Arc<Error>, loc: &BlockLocation, id: &BlockId) -> BlockResult {
+        if !matches!(*err, Error::Damaged { .. }) {
+            return Err(err);
+        }
         match self.relocate(id) {
             Some(new) if new.volume != loc.volume || new.offset != loc.offset => {
                 if let Some(data) = self.read_disk(&new, id) {
@@ -753,6 +761,8 @@ impl Blocks {
     /// [`RESYNC_INTERVAL`], so a damaged block does not cost a listing per read).
     fn relocate(&self, id: &BlockId) -> Option<BlockLocation> {
         {
+            // Held while the box is listed, on purpose: other reads that failed meanwhile wait
+            // for this one re-read instead of each starting their own.
             let mut last = lock(&self.resynced);
             if last.is_none_or(|t| t.elapsed() >= RESYNC_INTERVAL) {
                 *last = Some(Instant::now());
@@ -801,18 +811,9 @@ impl Blocks {
         let vid = crate::objects::volume_id_from_name(&loc.volume)
             .ok_or_else(|| Arc::new(Error::damaged(&loc.volume, "volume name is not valid")))?;
         let keys = self.repo.keys();
-        let mut scratch = Vec::new();
-        let data = crate::volume::open_block_in_place(
-            keys,
-            &keys.volume_cipher(&vid),
-            &loc.volume,
-            id,
-            sealed,
-            loc.raw_len,
-            &mut scratch,
-        )
-        .map(<[u8]>::to_vec)
-        .map_err(Arc::new)?;
+        let data =
+            crate::volume::open_block_owned(keys, &keys.volume_cipher(&vid), &loc.volume, id, sealed, loc.raw_len)
+                .map_err(Arc::new)?;
         self.counters.blocks_loaded.fetch_add(1, Ordering::Relaxed);
         Ok(Arc::new(data))
     }
@@ -891,6 +892,13 @@ impl Blocks {
                 for (loc, claim) in run {
                     let rel = (loc.offset - base) as usize;
                     let r = self.open_fetched(&loc, &claim.id, &mut bytes[rel..rel + loc.length as usize]);
+                    claim.finish(r);
+                }
+            }
+            // A lone block is not fetched again, only looked for elsewhere.
+            Err(e) if run.len() == 1 => {
+                if let Some((loc, claim)) = run.into_iter().next() {
+                    let r = self.relocate_after(Arc::new(e), &loc, &claim.id);
                     claim.finish(r);
                 }
             }

@@ -263,9 +263,24 @@ pub fn open_block_in_place<'a>(
 ) -> Result<&'a [u8]> {
     let plain: &'a [u8] =
         crypto::open_in_place(cipher, &id.0, sealed, volume).map_err(|_| failed_authentication(volume, id))?;
-    let data = codec::decode_borrowed(plain, raw_len as usize, scratch)
-        .map_err(|e| Error::damaged(volume, format!("block {}: {e}", id.to_hex())))?;
+    let data = codec::decode_borrowed(plain, raw_len as usize, scratch).map_err(|e| undecodable(volume, id, e))?;
     check_content(keys, volume, id, data)?;
+    Ok(data)
+}
+
+/// Like [`open_block_in_place`], decoding into a new buffer of its own (for callers that keep
+/// the block, like the mount's cache): no scratch buffer to copy out of.
+pub fn open_block_owned(
+    keys: &Keys,
+    cipher: &Cipher,
+    volume: &str,
+    id: &BlockId,
+    sealed: &mut [u8],
+    raw_len: u32,
+) -> Result<Vec<u8>> {
+    let plain = crypto::open_in_place(cipher, &id.0, sealed, volume).map_err(|_| failed_authentication(volume, id))?;
+    let data = codec::decode(plain, raw_len as usize).map_err(|e| undecodable(volume, id, e))?;
+    check_content(keys, volume, id, &data)?;
     Ok(data)
 }
 
@@ -316,8 +331,7 @@ pub fn open_unindexed(
     max: usize,
 ) -> Result<(Vec<u8>, u32)> {
     let plain = crypto::open(cipher, &id.0, sealed, volume).map_err(|_| failed_authentication(volume, id))?;
-    let data =
-        codec::decode_up_to(&plain, max).map_err(|e| Error::damaged(volume, format!("block {}: {e}", id.to_hex())))?;
+    let data = codec::decode_up_to(&plain, max).map_err(|e| undecodable(volume, id, e))?;
     check_content(keys, volume, id, &data)?;
     let raw_len = u32::try_from(data.len()).map_err(|_| Error::damaged(volume, "block larger than 4 GiB"))?;
     Ok((plain, raw_len))
@@ -378,6 +392,11 @@ fn failed_authentication(volume: &str, id: &BlockId) -> Error {
     Error::damaged(volume, format!("block {} failed authentication", id.to_hex()))
 }
 
+/// The error for a block whose payload does not decode.
+fn undecodable(volume: &str, id: &BlockId, e: Error) -> Error {
+    Error::damaged(volume, format!("block {}: {e}", id.to_hex()))
+}
+
 /// Checks that a block's plaintext has the keyed hash it is named by.
 fn check_content(keys: &Keys, volume: &str, id: &BlockId, data: &[u8]) -> Result<()> {
     if keys.block_id(data) != *id {
@@ -396,8 +415,7 @@ fn open_checked(
     raw_len: u32,
 ) -> Result<(Vec<u8>, Vec<u8>)> {
     let plain = crypto::open(cipher, &id.0, sealed, volume).map_err(|_| failed_authentication(volume, id))?;
-    let data = codec::decode(&plain, raw_len as usize)
-        .map_err(|e| Error::damaged(volume, format!("block {}: {e}", id.to_hex())))?;
+    let data = codec::decode(&plain, raw_len as usize).map_err(|e| undecodable(volume, id, e))?;
     check_content(keys, volume, id, &data)?;
     Ok((plain, data))
 }
