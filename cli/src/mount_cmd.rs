@@ -17,7 +17,7 @@ use crate::CANCEL;
 /// Size limit of the disk cache unless `--disk-cache-size` says otherwise.
 const DEFAULT_DISK_CACHE: u64 = 1 << 30;
 /// Default block cache for a local box: read-ahead (a quarter of it) keeps up with the disk.
-const LOCAL_CACHE: u64 = 32 << 20;
+const LOCAL_CACHE: u64 = 24 << 20;
 /// Default block cache for a remote box, and its read-ahead window: a round trip of 20 ms
 /// needs a long one. Reading a 400 MiB file over S3 on loopback with 20 ms added ran at 175
 /// MB/s with an 8 MiB window, 255–326 MB/s with 16 MiB and 376–391 MB/s with 32 MiB (508 MB/s
@@ -49,7 +49,7 @@ pub struct MountArgs {
     /// Let other users access the mount (they see the backed-up owners and modes).
     #[arg(long)]
     pub allow_other: bool,
-    /// Memory for decrypted blocks (read-ahead uses up to a quarter of it). Default: 32 MiB
+    /// Memory for decrypted blocks (read-ahead uses up to a quarter of it). Default: 24 MiB
     /// for local boxes, 128 MiB for remote ones (a longer read-ahead hides the round trips).
     #[arg(long, value_parser = crate::format::parse_size)]
     pub cache_size: Option<u64>,

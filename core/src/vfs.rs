@@ -52,6 +52,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use brickbox_platform::FileKind;
+use bytes::Bytes;
 
 pub use self::filter::{VersionFilter, FILTER_SYNTAX};
 use crate::catalog::BlockLocation;
@@ -61,6 +62,7 @@ use crate::error::Error;
 use crate::objects::Manifest;
 use crate::repo::Repository;
 use crate::tree::{BlockRef, Node, Tree};
+use crate::volume::Opened;
 
 /// Inode of `/`.
 pub const ROOT_INO: u64 = 1;
@@ -182,8 +184,8 @@ pub struct DirEntry {
 
 /// Bytes read from a file: a view of one cached block, or a buffer of their own.
 pub enum ReadData {
-    /// A range of a cached block.
-    Block(Arc<Vec<u8>>, std::ops::Range<usize>),
+    /// A range of a cached block (a view, not a copy).
+    Block(Bytes),
     /// Bytes gathered from several blocks.
     Owned(Vec<u8>),
 }
@@ -193,7 +195,7 @@ impl std::ops::Deref for ReadData {
 
     fn deref(&self) -> &[u8] {
         match self {
-            ReadData::Block(b, r) => &b[r.clone()],
+            ReadData::Block(b) => b,
             ReadData::Owned(v) => v,
         }
     }
@@ -584,7 +586,7 @@ impl HistTrees {
 // ---------------------------------------------------------------------------
 // Blocks: cache, single flight, coalesced fetches
 
-type BlockResult = std::result::Result<Arc<Vec<u8>>, Arc<Error>>;
+type BlockResult = std::result::Result<Bytes, Arc<Error>>;
 
 #[derive(Default)]
 struct Flight {
@@ -617,7 +619,7 @@ struct Counters {
 
 struct Blocks {
     repo: Arc<Repository>,
-    cache: Mutex<ByteLru<BlockId, Arc<Vec<u8>>>>,
+    cache: Mutex<ByteLru<BlockId, Bytes>>,
     inflight: Mutex<HashMap<BlockId, Arc<Flight>>>,
     pool: rayon::ThreadPool,
     counters: Counters,
@@ -645,10 +647,13 @@ impl Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         if !self.done {
-            let e = Arc::new(Error::Invalid(format!("loading block {} was abandoned", self.id.to_hex())));
-            self.blocks.complete(&self.id, &self.flight, Err(e));
+            self.blocks.complete(&self.id, &self.flight, Err(abandoned(&self.id)));
         }
     }
+}
+
+fn abandoned(id: &BlockId) -> Arc<Error> {
+    Arc::new(Error::Invalid(format!("loading block {} was abandoned", id.to_hex())))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -656,7 +661,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Blocks {
-    fn cached(&self, id: &BlockId) -> Option<Arc<Vec<u8>>> {
+    fn cached(&self, id: &BlockId) -> Option<Bytes> {
         lock(&self.cache).get(id)
     }
 
@@ -775,11 +780,11 @@ impl Blocks {
     }
 
     /// The block from the disk cache, authenticated; a copy that fails is dropped from the cache.
-    fn read_disk(&self, loc: &BlockLocation, id: &BlockId) -> Option<Arc<Vec<u8>>> {
+    fn read_disk(&self, loc: &BlockLocation, id: &BlockId) -> Option<Bytes> {
         let disk = self.disk.as_ref()?;
-        let mut sealed = disk.get(id)?;
+        let sealed = disk.get(id)?;
         if sealed.len() == loc.length as usize {
-            if let Ok(data) = self.open_in_place(loc, id, &mut sealed) {
+            if let Some(Ok(data)) = self.open_all(sealed, &[(0, loc, id)], false).pop() {
                 self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
                 return Some(data);
             }
@@ -791,31 +796,60 @@ impl Blocks {
     /// Fetches one block from the box with one ranged read.
     fn fetch_one(&self, loc: &BlockLocation, id: &BlockId) -> BlockResult {
         self.counters.range_reads.fetch_add(1, Ordering::Relaxed);
-        let mut sealed =
+        let sealed =
             self.repo.backend().read_range(&loc.volume, loc.offset, u64::from(loc.length)).map_err(Arc::new)?;
-        self.open_fetched(loc, id, &mut sealed)
+        self.open_all(sealed, &[(0, loc, id)], true).pop().unwrap_or_else(|| Err(abandoned(id)))
     }
 
-    /// Opens a block fetched from the box (decrypting in place unless its sealed bytes go to the
-    /// disk cache, which keeps only blocks that opened).
-    fn open_fetched(&self, loc: &BlockLocation, id: &BlockId, sealed: &mut [u8]) -> BlockResult {
-        let Some(disk) = &self.disk else { return self.open_in_place(loc, id, sealed) };
-        let data = self.repo.open_block_at(loc, id, sealed).map_err(Arc::new)?;
-        disk.put(id, sealed);
-        self.counters.blocks_loaded.fetch_add(1, Ordering::Relaxed);
-        Ok(Arc::new(data))
+    /// Opens the blocks sealed in `buf` at the given offsets (decrypting where they lie), in
+    /// order; `fetched` blocks also go to the disk cache. Blocks stored as is stay views of
+    /// `buf` when all of them are; beside compressed ones they are copied out, so the buffer
+    /// does not outlive them.
+    fn open_all(
+        &self,
+        mut buf: Vec<u8>,
+        blocks: &[(usize, &BlockLocation, &BlockId)],
+        fetched: bool,
+    ) -> Vec<BlockResult> {
+        let mut opened = Vec::with_capacity(blocks.len());
+        for &(at, loc, id) in blocks {
+            let sealed = &mut buf[at..at + loc.length as usize];
+            opened.push(self.open_one(loc, id, sealed, fetched).map(|o| (at, o)));
+        }
+        let all_stored = opened.iter().all(|r| !matches!(r, Ok((_, Opened::Decoded(_)))));
+        let shared = Bytes::from(buf);
+        opened
+            .into_iter()
+            .map(|r| {
+                self.counters.blocks_loaded.fetch_add(u64::from(r.is_ok()), Ordering::Relaxed);
+                Ok(match r? {
+                    (at, Opened::Stored(range)) if all_stored => shared.slice(at + range.start..at + range.end),
+                    (at, Opened::Stored(range)) => Bytes::copy_from_slice(&shared[at + range.start..at + range.end]),
+                    (_, Opened::Decoded(data)) => Bytes::from(data),
+                })
+            })
+            .collect()
     }
 
-    /// Decrypts, decodes and checks a block where its sealed bytes lie (they are scrambled).
-    fn open_in_place(&self, loc: &BlockLocation, id: &BlockId, sealed: &mut [u8]) -> BlockResult {
+    /// Authenticates, decodes and checks one sealed block; with `to_disk` and a disk cache,
+    /// its sealed bytes are kept there once it opened (so they are left intact).
+    fn open_one(
+        &self,
+        loc: &BlockLocation,
+        id: &BlockId,
+        sealed: &mut [u8],
+        to_disk: bool,
+    ) -> Result<Opened, Arc<Error>> {
+        if let (true, Some(disk)) = (to_disk, &self.disk) {
+            let data = self.repo.open_block_at(loc, id, sealed).map_err(Arc::new)?;
+            disk.put(id, sealed);
+            return Ok(Opened::Decoded(data));
+        }
         let vid = crate::objects::volume_id_from_name(&loc.volume)
             .ok_or_else(|| Arc::new(Error::damaged(&loc.volume, "volume name is not valid")))?;
         let keys = self.repo.keys();
-        let data =
-            crate::volume::open_block_owned(keys, &keys.volume_cipher(&vid), &loc.volume, id, sealed, loc.raw_len)
-                .map_err(Arc::new)?;
-        self.counters.blocks_loaded.fetch_add(1, Ordering::Relaxed);
-        Ok(Arc::new(data))
+        crate::volume::open_block_within(keys, &keys.volume_cipher(&vid), &loc.volume, id, sealed, loc.raw_len)
+            .map_err(Arc::new)
     }
 
     /// Starts loading `ids` in the background: from the disk cache where it has them, else from
@@ -887,11 +921,11 @@ impl Blocks {
         let end = last.offset + u64::from(last.length);
         self.counters.range_reads.fetch_add(1, Ordering::Relaxed);
         match self.repo.backend().read_range(&first.volume, first.offset, end - first.offset) {
-            Ok(mut bytes) => {
-                let base = first.offset;
-                for (loc, claim) in run {
-                    let rel = (loc.offset - base) as usize;
-                    let r = self.open_fetched(&loc, &claim.id, &mut bytes[rel..rel + loc.length as usize]);
+            Ok(bytes) => {
+                let at: Vec<_> =
+                    run.iter().map(|(loc, claim)| ((loc.offset - first.offset) as usize, loc, &claim.id)).collect();
+                let results = self.open_all(bytes, &at, true);
+                for ((_, claim), r) in run.into_iter().zip(results) {
                     claim.finish(r);
                 }
             }
@@ -1658,7 +1692,7 @@ impl Vfs {
             from as usize..to as usize
         };
         if first == last {
-            return Ok(ReadData::Block(self.block_or_zeros(&content[first])?, range(first)));
+            return Ok(ReadData::Block(self.block_or_zeros(&content[first])?.slice(range(first))));
         }
         // The rest of this request loads in parallel with its first block.
         self.blocks.prefetch(content[first + 1..=last].iter().map(|b| b.id), false);
@@ -1670,18 +1704,18 @@ impl Vfs {
     }
 
     /// A block of a file, or zeros in its place if it is damaged and `zero_fill_damaged` is set.
-    fn block_or_zeros(&self, b: &BlockRef) -> VfsResult<Arc<Vec<u8>>> {
+    fn block_or_zeros(&self, b: &BlockRef) -> VfsResult<Bytes> {
         match self.block(b) {
             Ok(d) => Ok(d),
             Err(_) if self.opts.zero_fill_damaged => {
                 self.blocks.counters.zero_filled_blocks.fetch_add(1, Ordering::Relaxed);
-                Ok(Arc::new(vec![0u8; b.len as usize]))
+                Ok(Bytes::from(vec![0u8; b.len as usize]))
             }
             Err(e) => Err(e),
         }
     }
 
-    fn block(&self, b: &BlockRef) -> VfsResult<Arc<Vec<u8>>> {
+    fn block(&self, b: &BlockRef) -> VfsResult<Bytes> {
         let data = self.blocks.get(&b.id).map_err(VfsError::Block)?;
         if data.len() != b.len as usize {
             return Err(VfsError::Repo(Error::damaged(

@@ -268,20 +268,41 @@ pub fn open_block_in_place<'a>(
     Ok(data)
 }
 
-/// Like [`open_block_in_place`], decoding into a new buffer of its own (for callers that keep
-/// the block, like the mount's cache): no scratch buffer to copy out of.
-pub fn open_block_owned(
+/// A block opened by [`open_block_within`].
+pub enum Opened {
+    /// Stored as is: its plaintext is this range of the buffer it was opened in (no copy).
+    Stored(std::ops::Range<usize>),
+    /// Compressed: its plaintext, decoded into a buffer of its own.
+    Decoded(Vec<u8>),
+}
+
+/// Like [`open_block_in_place`] for callers that keep the block (the mount's cache): a block
+/// stored as is stays where it was decrypted, a compressed one is decoded into its own buffer.
+pub fn open_block_within(
     keys: &Keys,
     cipher: &Cipher,
     volume: &str,
     id: &BlockId,
     sealed: &mut [u8],
     raw_len: u32,
-) -> Result<Vec<u8>> {
+) -> Result<Opened> {
     let plain = crypto::open_in_place(cipher, &id.0, sealed, volume).map_err(|_| failed_authentication(volume, id))?;
+    if plain.first() == Some(&(codec::Codec::None as u8)) {
+        let data = &plain[1..];
+        if data.len() != raw_len as usize {
+            return Err(undecodable(
+                volume,
+                id,
+                Error::Format(format!("block decodes to {} bytes, expected {raw_len}", data.len())),
+            ));
+        }
+        check_content(keys, volume, id, data)?;
+        let start = crypto::NONCE_LEN + 1;
+        return Ok(Opened::Stored(start..start + data.len()));
+    }
     let data = codec::decode(plain, raw_len as usize).map_err(|e| undecodable(volume, id, e))?;
     check_content(keys, volume, id, &data)?;
-    Ok(data)
+    Ok(Opened::Decoded(data))
 }
 
 thread_local! {

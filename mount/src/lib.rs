@@ -83,7 +83,7 @@ impl Default for MountOptions {
             default_permissions: false,
             exec: true,
             auto_unmount: false,
-            cache_size: 32 << 20,
+            cache_size: 24 << 20,
             zero_fill_damaged: false,
             threads: 16,
             fs_name: "brickbox".into(),
