@@ -6,6 +6,8 @@
 #
 # Environment: SCALE, BENCH_DIR, BRICKBOX, TOOLS as in bench/run.sh, and
 #   FRESH=1    back up into new boxes even if boxes of this tree exist
+#   BLOCK_SIZE Brickbox's average block size (`init --block-size`, e.g. 128KiB); its box is
+#              kept apart from the default one
 #
 # Each tool backs up the pristine tree once (not timed; the boxes are kept in
 # $BENCH_DIR/mount-work/<tool> and reused by the next run), then one mount is timed phase by
@@ -22,6 +24,7 @@ BENCH_DIR=${BENCH_DIR:-/tmp/brickbox-bench}
 BRICKBOX=${BRICKBOX:-$REPO/target/release/brickbox}
 TOOLS=${TOOLS:-brickbox restic borg}
 FRESH=${FRESH:-0}
+BLOCK_SIZE=${BLOCK_SIZE:-}
 PROBE="python3 $HERE/mount_probe.py"
 
 mkdir -p "$BENCH_DIR"
@@ -70,7 +73,8 @@ mbps() { awk -v b="$1" -v s="$2" 'BEGIN{ if (s>0) printf "%.0f", b/1e6/s; else p
 
 # Per tool: prepare (init + backup once), mount command, where the tree appears in the mount.
 prepare_brickbox() {
-  "$BRICKBOX" -r "$BOX" --db "$WORK/brickbox.db" init && "$BRICKBOX" -r "$BOX" --db "$WORK/brickbox.db" backup "$TREE"
+  "$BRICKBOX" -r "$BOX" --db "$WORK/brickbox.db" init ${BLOCK_SIZE:+--block-size "$BLOCK_SIZE"} \
+    && "$BRICKBOX" -r "$BOX" --db "$WORK/brickbox.db" backup "$TREE"
 }
 mount_brickbox() { echo "$BRICKBOX -r $BOX --db $WORK/brickbox.db mount $MNT"; }
 root_brickbox() { echo "$MNT/versions/latest$TREE"; }
@@ -88,6 +92,7 @@ declare -A R   # R[tool,metric]
 bench_tool() {
   local tool=$1
   WORK=$WORKROOT/$tool
+  [[ $tool == brickbox && -n $BLOCK_SIZE ]] && WORK=$WORKROOT/brickbox-blocks-$BLOCK_SIZE
   BOX=$WORK/box
   LOG=$LOGS/mount-$tool.log
   : >"$LOG"
@@ -165,7 +170,8 @@ report() {
        "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo
   echo "Tree: SCALE=$SCALE, $(awk -v b="$TREE_BYTES" 'BEGIN{printf "%.1f", b/1048576}') MiB, $TREE_ENTRIES entries;" \
-       "local boxes; page cache dropped before each phase: $CACHE_DROP."
+       "local boxes; page cache dropped before each phase: $CACHE_DROP;" \
+       "Brickbox block size: ${BLOCK_SIZE:-default (512KiB)}."
   echo
   local hdr="| phase | target |" sep="|---|---:|" t
   for t in "${RAN[@]}"; do hdr+=" $t |"; sep+="---:|"; done

@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use brickbox_core::backup::{self, BackupOptions, Progress};
 use brickbox_core::browse::{self, Change};
 use brickbox_core::codec::Codec;
-use brickbox_core::objects::Manifest;
+use brickbox_core::objects::{ChunkerParams, Manifest};
 use brickbox_core::restore::{self, RestoreOptions, RestoreProgress};
 use brickbox_core::time::{format_rfc3339, format_short};
 use brickbox_core::tree::Node;
@@ -27,7 +27,7 @@ use crate::{CANCEL, EXIT_WARNINGS};
 pub fn run(cli: Cli) -> Result<u8> {
     let g = cli.global;
     match cli.command {
-        Command::Init => init(&g),
+        Command::Init(a) => init(&g, a),
         Command::Backup(a) => backup_cmd(&g, a),
         Command::Versions => versions(&g),
         Command::Ls(a) => ls(&g, a),
@@ -140,10 +140,20 @@ pub(crate) fn print_json(v: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
-fn init(g: &Global) -> Result<u8> {
+fn init(g: &Global, a: crate::args::InitArgs) -> Result<u8> {
+    let range = ChunkerParams::AVG_RANGE;
+    let avg = u32::try_from(a.block_size).ok().filter(|s| range.contains(s)).ok_or_else(|| {
+        anyhow!(
+            "--block-size {} is out of range: choose from {} to {}",
+            human(a.block_size),
+            human(u64::from(*range.start())),
+            human(u64::from(*range.end()))
+        )
+    })?;
     let loc = repo_location(g)?;
     let pw = password(g, true)?;
-    let repo = Repository::init_with(loc, &crate::remote::backend_options(g, loc)?, &pw, g.db.as_deref())?;
+    let opts = crate::remote::backend_options(g, loc)?;
+    let repo = Repository::init_chunked(loc, &opts, &pw, g.db.as_deref(), ChunkerParams::around(avg))?;
     if g.json {
         print_json(&json!({"id": repo.config().id, "location": repo.backend().location()}))?;
     } else if !g.quiet {

@@ -60,7 +60,17 @@ pub struct ChunkerParams {
 
 impl Default for ChunkerParams {
     fn default() -> Self {
-        Self { min_size: 128 * 1024, avg_size: 512 * 1024, max_size: 2 * 1024 * 1024 }
+        Self::around(512 * 1024)
+    }
+}
+
+impl ChunkerParams {
+    /// Smallest and largest average block size a box may be created with.
+    pub const AVG_RANGE: std::ops::RangeInclusive<u32> = 64 * 1024..=4 << 20;
+
+    /// Blocks of `avg` bytes on average, from a quarter to four times that.
+    pub fn around(avg: u32) -> Self {
+        Self { min_size: avg / 4, avg_size: avg, max_size: avg.saturating_mul(4) }
     }
 }
 
@@ -81,12 +91,12 @@ pub struct Config {
 
 impl Config {
     /// A new config with a random id.
-    pub fn new(created: String) -> Self {
+    pub fn new(created: String, chunker: ChunkerParams) -> Self {
         Self {
             format: "brickbox".into(),
             version: FORMAT_VERSION,
             id: hex::encode(crypto::random_bytes::<16>()),
-            chunker: ChunkerParams::default(),
+            chunker,
             created,
         }
     }

@@ -447,3 +447,29 @@ fn backup_leaves_out_the_box_and_the_catalog() {
         stored.iter().filter(|p| p.starts_with("box") || p.to_string_lossy().starts_with("catalog.sqlite")).collect();
     assert!(own.is_empty(), "Brickbox's own files were backed up: {own:?}");
 }
+
+#[test]
+fn block_size_is_chosen_at_init_and_kept_by_the_box() {
+    let env = Env::new();
+    // Out of range: a clear error, and no box is created.
+    let r = env.run(&args!["init", "--block-size", "16KiB"]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("--block-size") && r.stderr.contains("out of range"), "{}", r.stderr);
+    assert!(env.run(&args!["config"]).code != 0, "a box was created by a failed init");
+
+    env.ok(&args!["init", "--block-size", "64KiB"]);
+    let info = env.json(&args!["config"]);
+    assert_eq!(info["chunker"]["avg_size"], 65536, "{info}");
+    assert_eq!(info["chunker"]["min_size"], 16384, "{info}");
+    assert_eq!(info["chunker"]["max_size"], 262144, "{info}");
+
+    let src = env.mkdir("src");
+    write_random(&src.join("data.bin"), 77, 4 * MIB);
+    env.backup(&args![&src]);
+    // 4 MiB in blocks of 16–256 KiB: far more blocks than the 2–8 the default size gives.
+    let blocks = num(&env.json(&args!["config"]), "blocks");
+    assert!((16..=256).contains(&blocks), "{blocks} blocks for 4 MiB at 64 KiB on average");
+    let t = env.path().join("t");
+    env.restore(&[], &t);
+    assert!(same_content(&src.join("data.bin"), &restored(&t, &src).join("data.bin")));
+}
