@@ -828,12 +828,12 @@ impl Backend {
 
 /// Whether `e` may go away by itself: network trouble, throttling, a server error; not a
 /// missing object, a refused permission, a bad config, or a failed login.
-/// A ranged read of an object of a local box straight from its file: one positional read into
-/// a buffer of its own (no async hop, no intermediate copy), and no kernel read-ahead past it —
-/// callers ask for exactly the blocks they need, often at random places in a volume.
+/// A ranged read of an object of a local box straight from its file: positional reads into
+/// a buffer of its own (no async hop, no zero-filling, no intermediate copy), and no kernel
+/// read-ahead past the range — callers ask for exactly the blocks they need, often at random
+/// places in a volume.
 #[cfg(unix)]
 fn read_local_range(path: &Path, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
     use std::os::unix::io::AsRawFd;
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -842,17 +842,34 @@ fn read_local_range(path: &Path, name: &str, offset: u64, len: u64) -> Result<Ve
         }
         Err(e) => return Err(Error::io(path, e)),
     };
+    let fd = file.as_raw_fd();
     // SAFETY: posix_fadvise only takes the number of a descriptor `file` keeps open; it is
     // advice, so its result does not matter.
-    let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
-    let mut buf = vec![0u8; usize::try_from(len).map_err(|_| Error::damaged(name, "range too large"))?];
-    match file.read_exact_at(&mut buf, offset) {
-        Ok(()) => Ok(buf),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            Err(Error::damaged(name, format!("object is truncated (no {len} bytes at {offset})")))
+    let _ = unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_RANDOM) };
+    let len = usize::try_from(len).map_err(|_| Error::damaged(name, "range too large"))?;
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    while buf.len() < len {
+        let done = buf.len();
+        let at = libc::off_t::try_from(offset + done as u64).map_err(|_| Error::damaged(name, "offset too large"))?;
+        let spare = &mut buf.spare_capacity_mut()[..len - done];
+        // SAFETY: the kernel writes at most `spare.len()` bytes into `spare`, which is the
+        // unused capacity of `buf`, and returns how many it wrote.
+        let n = unsafe { libc::pread(fd, spare.as_mut_ptr().cast(), spare.len(), at) };
+        match n {
+            0 => {
+                return Err(Error::damaged(name, format!("object is truncated (no {len} bytes at {offset})")));
+            }
+            n if n < 0 => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(Error::io(path, e));
+                }
+            }
+            // SAFETY: the `n` bytes after the current length were just written by `pread`.
+            n => unsafe { buf.set_len(done + n as usize) },
         }
-        Err(e) => Err(Error::io(path, e)),
     }
+    Ok(buf)
 }
 
 fn transient(e: &opendal::Error) -> bool {
@@ -967,6 +984,21 @@ mod tests {
         b.delete("a/x").unwrap();
         b.delete("a/x").unwrap();
         assert_eq!(b.read_opt("a/x").unwrap(), None);
+    }
+
+    #[test]
+    fn local_ranged_reads_check_their_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Backend::open(dir.path().to_str().unwrap()).unwrap();
+        let data: Vec<u8> = (0..3 * PIECE).map(|i| (i * 7 % 251) as u8).collect();
+        b.write("v/big", data.clone()).unwrap();
+        let (at, len) = (PIECE as u64 - 5, PIECE as u64 + 9);
+        assert_eq!(b.read_range("v/big", at, len).unwrap(), &data[at as usize..(at + len) as usize]);
+        assert_eq!(b.read_range("v/big", 0, 0).unwrap(), b"");
+        let past_end = b.read_range("v/big", 3 * PIECE as u64 - 2, 4).unwrap_err().to_string();
+        assert!(past_end.contains("truncated") && past_end.contains("v/big"), "{past_end}");
+        let missing = b.read_range("v/none", 0, 4).unwrap_err().to_string();
+        assert!(missing.contains("missing") && missing.contains("v/none"), "{missing}");
     }
 
     #[test]
