@@ -171,7 +171,7 @@ report() {
   echo
   echo "Tree: SCALE=$SCALE, $(awk -v b="$TREE_BYTES" 'BEGIN{printf "%.1f", b/1048576}') MiB, $TREE_ENTRIES entries;" \
        "local boxes; page cache dropped before each phase: $CACHE_DROP;" \
-       "Brickbox block size: ${BLOCK_SIZE:-default (512KiB)}."
+       "Brickbox block size: ${BLOCK_SIZE:-default (256KiB)}."
   echo
   local hdr="| phase | target |" sep="|---|---:|" t
   for t in "${RAN[@]}"; do hdr+=" $t |"; sep+="---:|"; done

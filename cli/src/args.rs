@@ -119,7 +119,7 @@ pub struct InitArgs {
     /// Average size of the blocks files are cut into (64KiB–4MiB), fixed for the life of the
     /// box. Smaller blocks deduplicate finer and make random reads through a mount quicker;
     /// the catalog grows with their number.
-    #[arg(long, default_value = "512KiB", value_parser = crate::format::parse_size)]
+    #[arg(long, default_value = "256KiB", value_parser = crate::format::parse_size)]
     pub block_size: u64,
 }
 

@@ -60,7 +60,7 @@ pub struct ChunkerParams {
 
 impl Default for ChunkerParams {
     fn default() -> Self {
-        Self::around(512 * 1024)
+        Self::around(256 * 1024)
     }
 }
 

@@ -397,7 +397,7 @@ fn json_outputs_parse_and_global_flags_go_anywhere() {
     let cfg = env.json(&args!["config"]);
     assert_eq!(cfg["format_version"], 1);
     assert_eq!(cfg["versions"], 3);
-    assert_eq!(cfg["chunker"], serde_json::json!({"min_size": 131072, "avg_size": 524288, "max_size": 2097152}));
+    assert_eq!(cfg["chunker"], serde_json::json!({"min_size": 65536, "avg_size": 262144, "max_size": 1048576}));
     assert!(cfg["volumes"].as_u64().unwrap() >= 1);
     let text = env.ok(&args!["config"]).stdout;
     assert!(text.contains("format version:  1"), "{text}");
