@@ -61,6 +61,13 @@ wait_port() { # port
   for ((i = 0; i < 300; i++)); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
   return 1
 }
+# cpu_ticks PID...: CPU time (user + system, clock ticks) the processes used so far.
+cpu_ticks() {
+  local p s=0
+  for p in "$@"; do [[ -r /proc/$p/stat ]] && s=$((s + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
+  echo "$s"
+}
+TICKS=$(getconf CLK_TCK)
 secs_since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN{printf "%.2f", b-a}'; }
 mbps() { awk -v b="$1" -v s="$2" 'BEGIN{ if (s > 0) printf "%.0f", b/1e6/s; else print "n/a" }'; }
 
@@ -89,6 +96,8 @@ S3_KEY=benchkey
 S3_SECRET=benchsecret-not-a-real-one
 S3_BUCKET=bench
 S3_PORT=
+S3_PID=
+DELAY_PID=
 start_s3() {
   S3_PORT=$(free_port)
   local data=$WORK/s3-data
@@ -115,6 +124,7 @@ start_s3() {
     *) die "S3_SERVER must be rclone or moto" ;;
   esac
   PIDS+=($!)
+  S3_PID=$!
   wait_port "$S3_PORT" || die "the S3 server did not start (see $LOG)"
   [[ $S3_SERVER == moto ]] && curl -s -o /dev/null -X PUT "http://127.0.0.1:$S3_PORT/$S3_BUCKET"
   log "S3 server: $S3_VERSION on 127.0.0.1:$S3_PORT"
@@ -130,6 +140,7 @@ start_delay() {
   DELAY_PORT=$(free_port)
   "$bin" "$DELAY_PORT" "127.0.0.1:$S3_PORT" "$RTT_MS" >>"$LOG" 2>&1 &
   PIDS+=($!)
+  DELAY_PID=$!
   wait_port "$DELAY_PORT" || die "the delaying proxy did not start"
   log "delaying proxy: +$RTT_MS ms round trip on 127.0.0.1:$DELAY_PORT"
 }
@@ -143,6 +154,28 @@ best() {
 }
 export BRICKBOX_PASSWORD=bench
 run_bb() { echo "=== $*" >>"$LOG"; "$BRICKBOX" "$@" >>"$LOG" 2>&1; }
+# timed_bb TARGET PHASE ARGS...: run_bb, and note the CPU seconds Brickbox, the S3 server
+# and the proxy used meanwhile (of the run that set the phase's best time).
+timed_bb() {
+  local t=$1 phase=$2; shift 2
+  local others0 t0 rc took
+  others0=$(cpu_ticks $S3_PID $DELAY_PID)
+  t0=$(date +%s.%N)
+  echo "=== $*" >>"$LOG"
+  /usr/bin/time -f '%U %S' -o "$WORK/cpu" "$BRICKBOX" "$@" >>"$LOG" 2>&1
+  rc=$?
+  took=$(secs_since "$t0")
+  if [[ $rc == 0 ]]; then
+    local before=${R[$t,$phase]:-}
+    best "$t" "$phase" "$took"
+    if [[ ${R[$t,$phase]} != "$before" ]]; then
+      R[$t,$phase,cpu]=$(awk '{printf "%.1f", $1 + $2}' "$WORK/cpu")
+      R[$t,$phase,srv]=$(awk -v a="$others0" -v b="$(cpu_ticks $S3_PID $DELAY_PID)" -v hz="$TICKS" 'BEGIN{printf "%.1f", (b - a) / hz}')
+    fi
+  fi
+  LAST_TOOK=$took
+  return $rc
+}
 
 measure() { # target
   local t=$1 box db mnt
@@ -157,23 +190,17 @@ measure() { # target
   run_bb -r "$box" --db "$db" init || { log "$t: init failed"; return; }
   local src=$WORK/src
   drop_caches
-  local t0=$(date +%s.%N)
   local took
-  if run_bb -r "$box" --db "$db" backup "$src"; then
-    took=$(secs_since "$t0")
-    best "$t" backup "$took"
+  if timed_bb "$t" backup -r "$box" --db "$db" backup "$src"; then
+    took=$LAST_TOOK
   else
     log "$t: backup failed"; return
   fi
   local out=$WORK/restore-$t
   rm -rf "$out"
   drop_caches
-  t0=$(date +%s.%N)
-  if run_bb -r "$box" --db "$db" restore --target "$out"; then
-    local r
-    r=$(secs_since "$t0")
-    took="$took, restore $r"
-    best "$t" restore "$r"
+  if timed_bb "$t" restore -r "$box" --db "$db" restore --target "$out"; then
+    took="$took, restore $LAST_TOOK"
     if diff -r --no-dereference -q "$src" "$out/${src#/}" >>"$LOG" 2>&1; then
       [[ ${R[$t,check]:-OK} == OK ]] && R[$t,check]=OK
     else
@@ -195,13 +222,23 @@ measure() { # target
     local i
     for ((i = 0; i < 600; i++)); do [[ -e $dir/${BIG[0]} ]] && break; sleep 0.1; done
     drop_caches
+    local t0 own0 others0
+    own0=$(cpu_ticks "$mpid")
+    others0=$(cpu_ticks $S3_PID $DELAY_PID)
     t0=$(date +%s.%N)
     local ok=yes f
     for f in "${BIG[@]}"; do
       dd if="$dir/$f" of=/dev/null bs=1M status=none || ok=no
     done
     took=$(secs_since "$t0")
-    [[ $ok == yes ]] && best "$t" mount "$took"
+    if [[ $ok == yes ]]; then
+      local before=${R[$t,mount]:-}
+      best "$t" mount "$took"
+      if [[ ${R[$t,mount]} != "$before" ]]; then
+        R[$t,mount,cpu]=$(awk -v a="$own0" -v b="$(cpu_ticks "$mpid")" -v hz="$TICKS" 'BEGIN{printf "%.1f", (b - a) / hz}')
+        R[$t,mount,srv]=$(awk -v a="$others0" -v b="$(cpu_ticks $S3_PID $DELAY_PID)" -v hz="$TICKS" 'BEGIN{printf "%.1f", (b - a) / hz}')
+      fi
+    fi
     kill -TERM "$mpid" 2>/dev/null
     wait "$mpid" 2>/dev/null
     umount -l "$mnt" 2>/dev/null
@@ -253,4 +290,17 @@ done
   printf '| restore check |'; for t in $TARGETS; do printf ' %s |' "${R[$t,check]:-n/a}"; done; echo
   echo
   echo "MB/s = 10^6 bytes of source (backup, restore) or of the files read (mount) per second of wall time."
+  echo
+  echo "Where the CPU went in those runs (seconds; wall = the run's time, so wall × $(nproc) cores is all"
+  echo "there was): Brickbox / S3 server + delaying proxy."
+  echo
+  printf '| CPU s |'; for t in $TARGETS; do printf ' %s |' "$t"; done; echo
+  printf '|---|'; for t in $TARGETS; do printf -- '---|'; done; echo
+  for phase in backup restore mount; do
+    printf '| %s |' "$phase"
+    for t in $TARGETS; do
+      printf ' wall %s: %s / %s |' "${R[$t,$phase]:-n/a}" "${R[$t,$phase,cpu]:-n/a}" "${R[$t,$phase,srv]:-n/a}"
+    done
+    echo
+  done
 } | tee "$RESULTS"

@@ -127,7 +127,8 @@ pub fn mount(g: &Global, a: MountArgs) -> Result<u8> {
         // Read further ahead to cover round trips (the window is also capped at a quarter of
         // the cache).
         vfs_opts.readahead_bytes = REMOTE_READAHEAD;
-        vfs_opts.readahead_blocks = 64;
+        // 128 blocks of 256 KiB on average fill the window; fewer would cap it.
+        vfs_opts.readahead_blocks = 128;
         if a.cache_size.is_none() {
             vfs_opts.cache_bytes = REMOTE_CACHE;
         }
