@@ -4,6 +4,7 @@
 #   SFTP    openssh-server sshd          (apt openssh-server), own key, internal-sftp
 #   WebDAV  rclone serve webdav          (apt rclone)
 #   FTP     pyftpdlib                    (PyPI pyftpdlib)
+#   Azure   Azurite blob service         (npm azurite; needs Node.js >= 18)
 # Idempotent: a server whose port already answers is left alone; what is missing is
 # installed (apt-get / pip) when possible. Connection details go to $BB_SERVERS_ENV
 # (default /tmp/brickbox-test-servers.env), which the tests read. A server that cannot
@@ -19,6 +20,7 @@ SFTP_PORT=${BB_SFTP_PORT:-2222}
 DAV_PORT=${BB_WEBDAV_PORT:-18080}
 FTP_PORT=${BB_FTP_PORT:-2121}
 FTP_PASV=${BB_FTP_PASV:-30000-30049}
+AZ_PORT=${BB_AZBLOB_PORT:-10000}
 S3_BUCKET=brickbox-test
 S3_KEY_ID=BBTESTKEYID0123456789
 S3_SECRET=bbS3cretK3y-never-print-me-7f3a9c
@@ -26,6 +28,10 @@ DAV_USER=bbdav
 DAV_PASS=bbDavPassw0rd-never-print-me-51c2
 FTP_USER=bbftp
 FTP_PASS=bbFtpPassw0rd-never-print-me-e8d4
+# Azurite's one built-in account (its documented development key).
+AZ_ACCOUNT=devstoreaccount1
+AZ_KEY=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==
+AZ_CONTAINER=brickbox-test
 
 log() { echo "servers.sh: $*" >&2; }
 
@@ -166,9 +172,35 @@ BB_FTP_PASSWORD=$FTP_PASS
 EOF
 }
 
+start_azblob() {
+    local dir=$STATE/azurite bin=$STATE/azurite/node_modules/.bin/azurite-blob
+    mkdir -p "$dir/data"
+    if ! listening "$AZ_PORT"; then
+        if [ ! -x "$bin" ]; then
+            command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+            npm install --prefix "$dir" --no-audit --no-fund --silent azurite@3 >"$STATE/azurite-install.log" 2>&1
+        fi
+        if [ ! -x "$bin" ]; then
+            log "Azure: Azurite not available (npm install azurite failed, see $STATE/azurite-install.log); azblob tests will skip"
+            return 1
+        fi
+        start_bg azblob "$bin" --blobHost 127.0.0.1 --blobPort "$AZ_PORT" --location "$dir/data" \
+            --disableTelemetry --skipApiVersionCheck --loose --silent
+        wait_port "$AZ_PORT" 30 || { log "Azure: Azurite did not start (see $STATE/azblob.log)"; return 1; }
+    fi
+    python3 "$(dirname "$0")/azure_container.py" "http://127.0.0.1:$AZ_PORT/$AZ_ACCOUNT" "$AZ_ACCOUNT" "$AZ_KEY" \
+        "$AZ_CONTAINER" || { log "Azure: cannot create the test container"; return 1; }
+    cat >>"$ENV_FILE.new" <<EOF
+BB_AZBLOB_ENDPOINT=http://127.0.0.1:$AZ_PORT/$AZ_ACCOUNT
+BB_AZBLOB_ACCOUNT=$AZ_ACCOUNT
+BB_AZBLOB_KEY=$AZ_KEY
+BB_AZBLOB_CONTAINER=$AZ_CONTAINER
+EOF
+}
+
 stop_all() {
     local name pid
-    for name in s3 sftp webdav ftp; do
+    for name in s3 sftp webdav ftp azblob; do
         if [ -f "$STATE/$name.pid" ]; then
             pid=$(cat "$STATE/$name.pid")
             kill "$pid" 2>/dev/null && log "stopped $name (pid $pid)"
@@ -188,6 +220,7 @@ start)
     start_sftp && ok+=(sftp)
     start_webdav && ok+=(webdav)
     start_ftp && ok+=(ftp)
+    start_azblob && ok+=(azblob)
     mv "$ENV_FILE.new" "$ENV_FILE"
     log "running: ${ok[*]:-none}; details in $ENV_FILE"
     ;;

@@ -1,5 +1,5 @@
 //! Remote boxes against real servers on 127.0.0.1: S3 (moto_server), SFTP (openssh
-//! sshd), WebDAV (rclone serve webdav) and FTP (pyftpdlib).
+//! sshd), WebDAV (rclone serve webdav), FTP (pyftpdlib) and Azure Blob (Azurite).
 //!
 //! `.ci/servers.sh` starts them and writes their addresses and credentials to
 //! `/tmp/brickbox-test-servers.env` (or `$BB_SERVERS_ENV`). A test whose server is not
@@ -58,6 +58,7 @@ enum Proto {
     Sftp,
     Webdav,
     Ftp,
+    Azblob,
 }
 
 impl Proto {
@@ -67,6 +68,7 @@ impl Proto {
             Proto::Sftp => "sftp",
             Proto::Webdav => "webdav",
             Proto::Ftp => "ftp",
+            Proto::Azblob => "azblob",
         }
     }
 }
@@ -170,6 +172,22 @@ fn remote(proto: Proto, name: &str) -> Option<Remote> {
                 args: vec!["--option".into(), format!("password={pw}")],
                 vars: vec![],
                 secrets: vec![pw],
+            }
+        }
+        Proto::Azblob => {
+            let (Some(endpoint), Some(account), Some(key), Some(container)) =
+                (get("BB_AZBLOB_ENDPOINT"), get("BB_AZBLOB_ACCOUNT"), get("BB_AZBLOB_KEY"), get("BB_AZBLOB_CONTAINER"))
+            else {
+                return missing();
+            };
+            let host = endpoint.trim_start_matches("http://");
+            let addr = addr_of(host.split('/').next().unwrap_or(host));
+            Remote {
+                addr,
+                url: format!("azblob://{container}/{name}?endpoint={endpoint}&account_name={account}"),
+                args: vec![],
+                vars: vec![("BRICKBOX_OPT_ACCOUNT_KEY".into(), key.clone())],
+                secrets: vec![key],
             }
         }
     };
@@ -391,6 +409,11 @@ fn webdav_roundtrip() {
 #[test]
 fn ftp_roundtrip() {
     roundtrip(Proto::Ftp);
+}
+
+#[test]
+fn azblob_roundtrip() {
+    roundtrip(Proto::Azblob);
 }
 
 // ---------------------------------------------------------------------------
@@ -706,6 +729,11 @@ fn ftp_survives_faults() {
     survives_faults(Proto::Ftp);
 }
 
+#[test]
+fn azblob_survives_faults() {
+    survives_faults(Proto::Azblob);
+}
+
 /// A stopped server and a server that accepts but never answers both give a clear error
 /// in bounded time, never a hang.
 fn dead_server_fails_fast(proto: Proto) {
@@ -764,6 +792,11 @@ fn webdav_dead_server_fails_fast() {
 #[test]
 fn ftp_dead_server_fails_fast() {
     dead_server_fails_fast(Proto::Ftp);
+}
+
+#[test]
+fn azblob_dead_server_fails_fast() {
+    dead_server_fails_fast(Proto::Azblob);
 }
 
 // ---------------------------------------------------------------------------
