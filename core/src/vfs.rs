@@ -624,6 +624,8 @@ struct Blocks {
     pool: rayon::ThreadPool,
     counters: Counters,
     disk: Option<Arc<DiskCache>>,
+    /// Writes fetched blocks to `disk` off the read path.
+    disk_writer: Option<DiskWriter>,
     /// When the catalog was last re-read after a failed fetch (see [`Blocks::relocate`]).
     resynced: Mutex<Option<Instant>>,
 }
@@ -840,16 +842,25 @@ impl Blocks {
         sealed: &mut [u8],
         to_disk: bool,
     ) -> Result<Opened, Arc<Error>> {
-        if let (true, Some(disk)) = (to_disk, &self.disk) {
-            let data = self.repo.open_block_at(loc, id, sealed).map_err(Arc::new)?;
-            disk.put(id, sealed);
-            return Ok(Opened::Decoded(data));
-        }
+        // The sealed bytes are decrypted where they lie: the disk cache gets a copy, once
+        // the block opened.
+        let copy = match (&self.disk, to_disk) {
+            (Some(_), true) => Some(sealed.to_vec()),
+            _ => None,
+        };
         let vid = crate::objects::volume_id_from_name(&loc.volume)
             .ok_or_else(|| Arc::new(Error::damaged(&loc.volume, "volume name is not valid")))?;
         let keys = self.repo.keys();
-        crate::volume::open_block_within(keys, &keys.volume_cipher(&vid), &loc.volume, id, sealed, loc.raw_len)
-            .map_err(Arc::new)
+        let opened =
+            crate::volume::open_block_within(keys, &keys.volume_cipher(&vid), &loc.volume, id, sealed, loc.raw_len)
+                .map_err(Arc::new)?;
+        if let (Some(copy), Some(disk)) = (copy, &self.disk) {
+            match &self.disk_writer {
+                Some(w) => w.put(*id, copy),
+                None => disk.put(id, &copy),
+            }
+        }
+        Ok(opened)
     }
 
     /// Starts loading `ids` in the background: from the disk cache where it has them, else from
@@ -943,6 +954,60 @@ impl Blocks {
                 }
             }
         }
+    }
+}
+
+/// Blocks waiting for the disk cache at most (beyond that, fetching waits for the disk).
+const DISK_QUEUE: usize = 32;
+/// Longest wait for queued disk-cache writes when the VFS goes away.
+const DISK_FLUSH_LIMIT: Duration = Duration::from_secs(10);
+
+/// Writes fetched blocks to the disk cache on a thread of its own, so that a read does not
+/// wait for a file to be created and renamed; a full queue makes fetching wait instead of
+/// leaving blocks out of the cache.
+struct DiskWriter {
+    tx: crossbeam_channel::Sender<(BlockId, Vec<u8>)>,
+    /// Blocks queued or being written.
+    pending: Arc<AtomicU64>,
+}
+
+impl DiskWriter {
+    /// `None` when no thread can be started (blocks are then written where they are fetched).
+    fn start(disk: Arc<DiskCache>) -> Option<DiskWriter> {
+        let (tx, rx) = crossbeam_channel::bounded::<(BlockId, Vec<u8>)>(DISK_QUEUE);
+        let pending = Arc::new(AtomicU64::new(0));
+        let done = pending.clone();
+        std::thread::Builder::new()
+            .name("brickbox-disk-cache".into())
+            .spawn(move || {
+                for (id, sealed) in rx {
+                    disk.put(&id, &sealed);
+                    done.fetch_sub(1, Ordering::AcqRel);
+                }
+            })
+            .ok()?;
+        Some(DiskWriter { tx, pending })
+    }
+
+    fn put(&self, id: BlockId, sealed: Vec<u8>) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        if self.tx.send((id, sealed)).is_err() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Waits until every queued block is written (at most [`DISK_FLUSH_LIMIT`]).
+    fn flush(&self) {
+        let started = Instant::now();
+        while self.pending.load(Ordering::Acquire) > 0 && started.elapsed() < DISK_FLUSH_LIMIT {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl Drop for DiskWriter {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -1047,6 +1112,7 @@ impl Vfs {
             pool,
             counters: Counters::default(),
             disk: opts.disk_cache.clone(),
+            disk_writer: opts.disk_cache.clone().and_then(DiskWriter::start),
             resynced: Mutex::new(None),
         });
         let versions = Versions::build(repo.versions()?, &opts.versions, 1);
@@ -1769,8 +1835,11 @@ impl Vfs {
         self.blocks.prefetch(f.node.content[from..to].iter().map(|b| b.id), true);
     }
 
-    /// Counters of the block path.
+    /// Counters of the block path (after blocks on their way to the disk cache are written).
     pub fn stats(&self) -> VfsStats {
+        if let Some(w) = &self.blocks.disk_writer {
+            w.flush();
+        }
         let c = &self.blocks.counters;
         VfsStats {
             cache_hits: c.cache_hits.load(Ordering::Relaxed),
