@@ -40,7 +40,8 @@ pub struct Global {
     /// `--option region=eu-west-1`; also from env BRICKBOX_OPT_<KEY>.
     #[arg(long = "option", value_name = "KEY=VALUE", global = true)]
     pub option: Vec<String>,
-    /// Parts of one upload sent at once (where the service uploads in parts).
+    /// Uploads to a remote box at once: volumes stored side by side, and the parts of one
+    /// volume where the service uploads in parts.
     #[arg(long, value_name = "N", default_value_t = 4, env = "BRICKBOX_UPLOAD_CONCURRENCY", global = true)]
     pub upload_concurrency: usize,
     /// Retries of a failed request (exponential backoff with jitter).

@@ -833,8 +833,8 @@ impl Blocks {
             .collect()
     }
 
-    /// Authenticates, decodes and checks one sealed block; with `to_disk` and a disk cache,
-    /// its sealed bytes are kept there once it opened (so they are left intact).
+    /// Authenticates, decodes and checks one sealed block where it lies; with `to_disk` and a
+    /// disk cache, a copy of its sealed bytes goes to the cache once it opened.
     fn open_one(
         &self,
         loc: &BlockLocation,
