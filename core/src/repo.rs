@@ -73,6 +73,14 @@ pub fn default_catalog_path(repo_id: &str) -> Result<PathBuf> {
     Ok(base.join(repo_id).join("catalog.sqlite"))
 }
 
+/// The keys a key file in the box gave, with that file: its name, parsed, and as read.
+struct Unlocked {
+    keys: Keys,
+    name: String,
+    file: KeyFile,
+    text: Vec<u8>,
+}
+
 fn now_rfc3339() -> String {
     crate::time::format_rfc3339(crate::time::now_ns())
 }
@@ -116,14 +124,14 @@ impl Repository {
         let key_file = KeyFile::wrap(&keys, password, now_rfc3339(), &raw)?;
         let key_name = format!("{}{}.key", objects::KEYS_DIR, hex::encode(crypto::random_bytes::<8>()));
         let key_json = serde_json::to_vec_pretty(&key_file).map_err(|e| Error::Format(e.to_string()))?;
-        backend.write(&key_name, key_json)?;
+        backend.write(&key_name, key_json.clone())?;
         backend.write(objects::CONFIG_NAME, cfg)?;
         let path = match catalog {
             Some(p) => p.to_path_buf(),
             None => default_catalog_path(&config.id)?,
         };
         let cat = Catalog::open(&path)?;
-        Self::assemble(backend, (config, raw), keys, key_name, cat, Vec::new())
+        Self::assemble(backend, (config, raw), (keys, key_name, Some(key_json)), cat, Vec::new())
     }
 
     /// Opens the repository at `location` with `password`.
@@ -156,8 +164,14 @@ impl Repository {
             }
         }
         let backend = Backend::open_with(location, opts)?;
-        let box_config = Self::read_config_raw(&backend);
-        let mut key_names = backend.list(objects::KEYS_DIR)?;
+        // The config and the list of key files, side by side (each is a round trip).
+        let (box_config, key_names) = std::thread::scope(|s| {
+            let config = s.spawn(|| Self::read_config_raw(&backend));
+            let names = backend.list(objects::KEYS_DIR);
+            let config = config.join().unwrap_or_else(|_| Err(Error::Invalid("reading the config failed".into())));
+            (config, names)
+        });
+        let mut key_names = key_names?;
         key_names.retain(|n| n.ends_with(".key"));
         key_names.sort();
         if key_names.is_empty() {
@@ -169,7 +183,7 @@ impl Repository {
         let mut damage: Vec<Damage> = Vec::new();
         let from_box = Self::unlock_from_box(&backend, &key_names, password, &mut damage)?;
         let config = match &from_box {
-            Some((_, name, kf)) => settle_config(box_config, name, kf, &mut damage)?,
+            Some(u) => settle_config(box_config, &u.name, &u.file, &mut damage)?,
             None => box_config?,
         };
         let path = match choice.path {
@@ -180,11 +194,14 @@ impl Repository {
             remove_catalog_files(&path)?;
         }
         let cat = Catalog::open(&path)?;
-        let (keys, key_name) = match from_box {
-            Some((keys, name, _)) => (keys, name),
-            None => Self::unlock_from_catalog(&cat, &key_names, password, &mut damage)?,
+        let (keys, key_name, key_text) = match from_box {
+            Some(u) => (u.keys, u.name, Some(u.text)),
+            None => {
+                let (keys, name) = Self::unlock_from_catalog(&cat, &key_names, password, &mut damage)?;
+                (keys, name, None)
+            }
         };
-        Self::assemble(backend, config, keys, key_name, cat, damage)
+        Self::assemble(backend, config, (keys, key_name, key_text), cat, damage)
     }
 
     /// Finds the key file in the box that `password` unlocks. A damaged key file must not hide
@@ -195,7 +212,7 @@ impl Repository {
         names: &[String],
         password: &[u8],
         damage: &mut Vec<Damage>,
-    ) -> Result<Option<(Keys, String, KeyFile)>> {
+    ) -> Result<Option<Unlocked>> {
         for name in names {
             let bytes = match backend.read(name) {
                 Ok(b) => b,
@@ -213,7 +230,7 @@ impl Repository {
                 }
             };
             match kf.unwrap(password) {
-                Ok(Some(keys)) => return Ok(Some((keys, name.clone(), kf))),
+                Ok(Some(keys)) => return Ok(Some(Unlocked { keys, name: name.clone(), file: kf, text: bytes })),
                 Ok(None) => {}
                 Err(e) => damage.push(Damage { object: name.clone(), block: None, problem: e.to_string() }),
             }
@@ -263,11 +280,12 @@ impl Repository {
         }
     }
 
+    /// The repository from its parts; `key_text` is the key file as read from the box, if it
+    /// was (else it is read again, to keep a copy in the catalog).
     fn assemble(
         backend: Backend,
         (config, config_text): (Config, String),
-        keys: Keys,
-        key_name: String,
+        (keys, key_name, key_text): (Keys, String, Option<Vec<u8>>),
         cat: Catalog,
         damage: Vec<Damage>,
     ) -> Result<Self> {
@@ -285,7 +303,8 @@ impl Repository {
         if cat.meta("config")?.is_none() {
             cat.set_meta("config", &config_text)?;
         }
-        let key_text = backend.read_opt(&key_name).ok().flatten().filter(|b| KeyFile::parse(b).is_ok());
+        let key_text =
+            key_text.or_else(|| backend.read_opt(&key_name).ok().flatten()).filter(|b| KeyFile::parse(b).is_ok());
         if let Some(text) = key_text {
             cat.set_meta("key_name", &key_name)?;
             cat.set_meta("key_file", &String::from_utf8_lossy(&text))?;
