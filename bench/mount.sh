@@ -29,9 +29,6 @@ PROBE="python3 $HERE/mount_probe.py"
 
 mkdir -p "$BENCH_DIR"
 BENCH_DIR=$(realpath "$BENCH_DIR")
-GEN_VERSION=$(sed -n 's/^GEN_VERSION = \([0-9]*\).*/\1/p' "$HERE/gen_tree.py")
-TREE_NAME=tree-v$GEN_VERSION-scale-$SCALE
-TREE=$BENCH_DIR/$TREE_NAME
 WORKROOT=$BENCH_DIR/mount-work
 MNT=$WORKROOT/mnt
 LOGS=$BENCH_DIR/logs
@@ -42,22 +39,11 @@ export BRICKBOX_PASSWORD=bench RESTIC_PASSWORD=bench BORG_PASSPHRASE=bench
 export BORG_DISPLAY_PASSPHRASE=no BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
 
 log() { echo "[mount-bench $(date +%H:%M:%S)] $*" >&2; }
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
 
 [[ $(id -u) == 0 ]] || log "warning: not root: the page cache cannot be dropped and mounting may need fusermount3"
-CACHE_DROP=no
-if [[ $(id -u) == 0 ]] && sync && echo 3 2>/dev/null >/proc/sys/vm/drop_caches; then CACHE_DROP=yes; fi
-drop_caches() {
-  sync
-  [[ $CACHE_DROP == yes ]] && { echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null
-  return 0
-}
-
-if [[ ! -f $TREE.done ]]; then
-  log "generating source tree (SCALE=$SCALE) in $TREE"
-  rm -rf "$TREE"
-  python3 "$HERE/gen_tree.py" "$TREE" --scale "$SCALE" || { echo "error: tree generation failed" >&2; exit 1; }
-  touch "$TREE.done"
-fi
+ensure_tree
 TREE_BYTES=$(find "$TREE" -type f -printf '%s\n' | awk '{s+=$1} END{printf "%d", s}')
 TREE_ENTRIES=$(find "$TREE" | wc -l)
 SMALL_LIST=$WORKROOT/small-files.txt
@@ -66,10 +52,7 @@ SMALL_COUNT=$(wc -l <"$SMALL_LIST")
 BIG_RANDOM=big/random.bin
 BIG_TEXT=big/text.log
 
-# now_ns; secs_since T0: wall time helpers.
-now_ns() { date +%s%N; }
-secs_since() { awk -v a="$1" -v b="$(now_ns)" 'BEGIN{printf "%.3f", (b-a)/1e9}'; }
-mbps() { awk -v b="$1" -v s="$2" 'BEGIN{ if (s>0) printf "%.0f", b/1e6/s; else print "inf" }'; }
+now() { date +%s.%N; }
 
 # Per tool: prepare (init + backup once), mount command, where the tree appears in the mount.
 prepare_brickbox() {
@@ -115,15 +98,15 @@ bench_tool() {
   log "$tool: mount ready in ${R[$tool,ready]} s (pid $pid)"
 
   local t0
-  drop_caches; t0=$(now_ns); ls -R "$root" >/dev/null 2>>"$LOG"; R[$tool,lsr]=$(secs_since "$t0")
+  drop_caches; t0=$(now); ls -R "$root" >/dev/null 2>>"$LOG"; R[$tool,lsr]=$(secs_since "$t0")
   R[$tool,entries]=$(ls -R "$root" 2>/dev/null | grep -cv -e '^$' -e ':$')
-  drop_caches; t0=$(now_ns); find "$root" -printf '%s %m %u\n' >/dev/null 2>>"$LOG"; R[$tool,stat]=$(secs_since "$t0")
+  drop_caches; t0=$(now); find "$root" -printf '%s %m %u\n' >/dev/null 2>>"$LOG"; R[$tool,stat]=$(secs_since "$t0")
   drop_caches
   read -r R[$tool,p50] R[$tool,p95] R[$tool,max] < <($PROBE random "$root/$BIG_RANDOM" 200 4096 42)
-  drop_caches; t0=$(now_ns); (cd "$root" && xargs -d '\n' -a "$SMALL_LIST" cat >/dev/null); R[$tool,small]=$(secs_since "$t0")
-  drop_caches; t0=$(now_ns); cat "$root/$BIG_RANDOM" >/dev/null; R[$tool,seq]=$(secs_since "$t0")
+  drop_caches; t0=$(now); (cd "$root" && xargs -d '\n' -a "$SMALL_LIST" cat >/dev/null); R[$tool,small]=$(secs_since "$t0")
+  drop_caches; t0=$(now); cat "$root/$BIG_RANDOM" >/dev/null; R[$tool,seq]=$(secs_since "$t0")
   R[$tool,seqmb]=$(mbps "$(stat -c %s "$root/$BIG_RANDOM")" "${R[$tool,seq]}")
-  drop_caches; t0=$(now_ns); cat "$root/$BIG_TEXT" >/dev/null; R[$tool,seqt]=$(secs_since "$t0")
+  drop_caches; t0=$(now); cat "$root/$BIG_TEXT" >/dev/null; R[$tool,seqt]=$(secs_since "$t0")
   R[$tool,seqtmb]=$(mbps "$(stat -c %s "$root/$BIG_TEXT")" "${R[$tool,seqt]}")
   R[$tool,rss]=$($PROBE hwm "$pid")
   # Check what was read: the big file's checksum through the mount.
@@ -134,7 +117,7 @@ bench_tool() {
   if [[ $tool == brickbox ]]; then
     local rdir=$WORK/restore
     rm -rf "$rdir"; mkdir -p "$rdir"
-    drop_caches; t0=$(now_ns)
+    drop_caches; t0=$(now)
     "$BRICKBOX" -r "$BOX" --db "$WORK/brickbox.db" restore --target "$rdir" >>"$LOG" 2>&1
     R[$tool,restore]=$(secs_since "$t0")
     R[$tool,restoremb]=$(mbps "$TREE_BYTES" "${R[$tool,restore]}")

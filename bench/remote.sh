@@ -37,8 +37,6 @@ REPEAT=${REPEAT:-3}
 
 mkdir -p "$BENCH_DIR/logs"
 BENCH_DIR=$(realpath "$BENCH_DIR")
-GEN_VERSION=$(sed -n 's/^GEN_VERSION = \([0-9]*\).*/\1/p' "$HERE/gen_tree.py")
-TREE=$BENCH_DIR/tree-v$GEN_VERSION-scale-$SCALE
 WORK=$BENCH_DIR/remote
 LOG=$BENCH_DIR/logs/remote.log
 RESULTS=$BENCH_DIR/remote.md
@@ -46,14 +44,13 @@ RESULTS=$BENCH_DIR/remote.md
 
 log() { echo "[remote-bench $(date +%H:%M:%S)] $*" >&2; }
 die() { echo "error: $*" >&2; exit 1; }
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
 
 [[ -x $BRICKBOX ]] || die "no brickbox binary at $BRICKBOX (cargo build --release, or set BRICKBOX)"
 command -v python3 >/dev/null || die "python3 is required"
 [[ -e /dev/fuse && $(id -u) == 0 ]] || log "not root or no /dev/fuse: the mount column will read 'n/a'"
 
-CACHE_DROP=no
-if [[ $(id -u) == 0 ]] && sync && echo 3 2>/dev/null >/proc/sys/vm/drop_caches; then CACHE_DROP=yes; fi
-drop_caches() { sync; [[ $CACHE_DROP == yes ]] && { echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null; return 0; }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { # port
@@ -68,8 +65,6 @@ cpu_ticks() {
   echo "$s"
 }
 TICKS=$(getconf CLK_TCK)
-secs_since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN{printf "%.2f", b-a}'; }
-mbps() { awk -v b="$1" -v s="$2" 'BEGIN{ if (s > 0) printf "%.0f", b/1e6/s; else print "n/a" }'; }
 
 PIDS=()
 MOUNTS=()
@@ -80,12 +75,7 @@ cleanup() {
 trap cleanup EXIT
 
 # ------------------------------------------------------------------ the tree
-if [[ ! -f $TREE.done ]]; then
-  log "generating source tree (SCALE=$SCALE) in $TREE"
-  rm -rf "$TREE"
-  python3 "$HERE/gen_tree.py" "$TREE" --scale "$SCALE" || die "tree generation failed"
-  touch "$TREE.done"
-fi
+ensure_tree
 TREE_BYTES=$(find "$TREE" -type f -printf '%s\n' | awk '{s+=$1} END{printf "%d", s}')
 # The mount read: every file of 4 MiB or more, in a fixed order.
 mapfile -t BIG < <(cd "$TREE" && find . -type f -size +4M | sort)

@@ -26,8 +26,6 @@ TOOLS=${TOOLS:-brickbox restic borg}
 
 mkdir -p "$BENCH_DIR"
 BENCH_DIR=$(realpath "$BENCH_DIR")          # tools store absolute paths
-GEN_VERSION=$(sed -n 's/^GEN_VERSION = \([0-9]*\).*/\1/p' "$HERE/gen_tree.py")
-TREE=$BENCH_DIR/tree-v$GEN_VERSION-scale-$SCALE   # pristine cached tree
 SRC=$BENCH_DIR/src          # working copy that is backed up (same path for every tool)
 LOGS=$BENCH_DIR/logs
 RESULTS=$BENCH_DIR/results.md
@@ -46,39 +44,18 @@ declare -A PHASE_NAME=(
 declare -A SECS RSS BOX_INITIAL BOX_FINAL LOCAL_STATE VERIFY VERIFY1 STATUS FAILED_AT
 
 log() { echo "[bench $(date +%H:%M:%S)] $*" >&2; }
+# TREE (the pristine cached tree), drop_caches, secs_since, mbps.
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
 
 # ---------------------------------------------------------------- prerequisites
 if [[ ! -x /usr/bin/time ]]; then
   echo "error: /usr/bin/time (GNU time) not found; install it with: apt-get install -y time" >&2
   exit 1
 fi
-if ! command -v python3 >/dev/null; then
-  echo "error: python3 is required to generate the source tree" >&2
-  exit 1
-fi
-
-# Drop the page cache so every phase starts cold (needs root; silently skipped otherwise).
-CACHE_DROP=no
-if [[ $(id -u) == 0 ]] && sync && echo 3 2>/dev/null >/proc/sys/vm/drop_caches; then
-  CACHE_DROP=yes
-fi
-drop_caches() {
-  sync
-  [[ $CACHE_DROP == yes ]] && { echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null
-  return 0
-}
-
 # -------------------------------------------------------------- source tree
-# Generated once per (generator version, SCALE) and cached; the ".done" stamp
-# sits outside the tree so an interrupted generation is redone.
-if [[ ! -f $TREE.done ]]; then
-  log "generating source tree (SCALE=$SCALE) in $TREE"
-  rm -rf "$TREE"
-  t0=$(date +%s.%N)
-  python3 "$HERE/gen_tree.py" "$TREE" --scale "$SCALE" || { echo "error: tree generation failed" >&2; exit 1; }
-  touch "$TREE.done"
-  log "generated in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s"
-fi
+# The page cache is dropped before every phase (root; skipped otherwise).
+ensure_tree
 
 # Sum of regular-file sizes (bytes) of a tree.
 tree_bytes() { find "$1" -type f -printf '%s\n' | awk '{s+=$1} END{printf "%d", s}'; }

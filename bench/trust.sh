@@ -20,8 +20,6 @@ BENCH_DIR=${BENCH_DIR:-/tmp/brickbox-bench}
 BRICKBOX=${BRICKBOX:-$REPO/target/release/brickbox}
 mkdir -p "$BENCH_DIR/logs"
 BENCH_DIR=$(realpath "$BENCH_DIR")
-GEN_VERSION=$(sed -n 's/^GEN_VERSION = \([0-9]*\).*/\1/p' "$HERE/gen_tree.py")
-TREE=$BENCH_DIR/tree-v$GEN_VERSION-scale-$SCALE
 SRC=$BENCH_DIR/trust-src
 BOX=$BENCH_DIR/work/trust/box
 DB=$BENCH_DIR/work/trust/catalog.sqlite
@@ -33,7 +31,8 @@ export BRICKBOX_PASSWORD=bench
 [[ -x /usr/bin/time ]] || { echo "error: GNU time missing: apt-get install -y time" >&2; exit 1; }
 
 log() { echo "[trust $(date +%H:%M:%S)] $*" >&2; }
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; }
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
 bb() { "$BRICKBOX" -r "$BOX" --db "$DB" "$@"; }
 
 # Runs a brickbox command with a cold cache; records seconds and peak RSS (MiB) under NAME.
@@ -55,12 +54,7 @@ timed() {
     log "$name: ${s}s, $((kb / 1024)) MiB"
 }
 
-if [[ ! -e $TREE/.done ]]; then
-    log "generating the tree (scale $SCALE)"
-    rm -rf "$TREE"
-    python3 "$HERE/gen_tree.py" "$TREE" --scale "$SCALE" >>"$LOG"
-    touch "$TREE/.done"
-fi
+ensure_tree
 rm -rf "$SRC" "$BENCH_DIR/work/trust"
 mkdir -p "$BENCH_DIR/work/trust"
 cp -a "$TREE" "$SRC"
