@@ -140,6 +140,9 @@ impl Default for BackendOptions {
     }
 }
 
+/// The content type objects are written with where the service takes one.
+const OBJECT_TYPE: &str = "application/octet-stream";
+
 /// Synchronous access to the objects of a box.
 pub struct Backend {
     rt: tokio::runtime::Runtime,
@@ -170,6 +173,9 @@ pub struct Backend {
     /// holds a connection (sftp, ftp), as a write retried on a dropped connection can only
     /// fail again; the whole upload is retried instead.
     write_op: Operator,
+    /// Whether writes name their content type (services that take one; some answer with
+    /// the type and fail without).
+    typed_writes: bool,
     /// What the operators were built from, to build more.
     layers: Layers,
     config: std::collections::BTreeMap<String, String>,
@@ -358,6 +364,7 @@ impl Backend {
             etag_md5: AtomicBool::new(loc.service == "s3"),
             retry_delay: opts.retry_delay,
             retries: opts.retries,
+            typed_writes: write_op.info().capability().write_with_content_type,
             write_op,
             // opendal's ftp service leaves a pooled control connection out of step after a
             // ranged read stops before the end of a file (the server's late "426 transfer
@@ -552,7 +559,9 @@ impl Backend {
         let body = opendal::Buffer::from(data);
         self.with_attempts(name, len, check, || async {
             pace(&self.up, len).await;
-            self.write_op.write(name, body.clone()).await.map(|_| digests.clone())
+            let w = self.write_op.write_with(name, body.clone());
+            let w = if self.typed_writes { w.content_type(OBJECT_TYPE) } else { w };
+            w.await.map(|_| digests.clone())
         })
     }
 
@@ -576,7 +585,8 @@ impl Backend {
                     return Err(opendal::Error::new(ErrorKind::ConfigInvalid, "local file unreadable"));
                 }
             };
-            let mut w = self.write_op.writer_with(name).chunk(PIECE).concurrent(self.upload_concurrency).await?;
+            let w = self.write_op.writer_with(name).chunk(PIECE).concurrent(self.upload_concurrency);
+            let mut w = if self.typed_writes { w.content_type(OBJECT_TYPE) } else { w }.await?;
             let mut buf = vec![0u8; PIECE];
             loop {
                 let n = match read_full(&mut f, &mut buf) {
