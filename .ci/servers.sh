@@ -5,6 +5,7 @@
 #   WebDAV  rclone serve webdav          (apt rclone)
 #   FTP     pyftpdlib                    (PyPI pyftpdlib)
 #   Azure   Azurite blob service         (npm azurite; needs Node.js >= 18)
+#   GCS     gcp-storage-emulator         (PyPI gcp-storage-emulator; JSON API, anonymous)
 # Idempotent: a server whose port already answers is left alone; what is missing is
 # installed (apt-get / pip) when possible. Connection details go to $BB_SERVERS_ENV
 # (default /tmp/brickbox-test-servers.env), which the tests read. A server that cannot
@@ -21,6 +22,8 @@ DAV_PORT=${BB_WEBDAV_PORT:-18080}
 FTP_PORT=${BB_FTP_PORT:-2121}
 FTP_PASV=${BB_FTP_PASV:-30000-30049}
 AZ_PORT=${BB_AZBLOB_PORT:-10000}
+GCS_PORT=${BB_GCS_PORT:-9023}
+GCS_BUCKET=brickbox-test
 S3_BUCKET=brickbox-test
 S3_KEY_ID=BBTESTKEYID0123456789
 S3_SECRET=bbS3cretK3y-never-print-me-7f3a9c
@@ -198,9 +201,31 @@ BB_AZBLOB_CONTAINER=$AZ_CONTAINER
 EOF
 }
 
+start_gcs() {
+    local dir=$STATE/gcs
+    mkdir -p "$dir"
+    if ! listening "$GCS_PORT"; then
+        if [ ! -x "$dir/pkg/bin/gcp-storage-emulator" ]; then
+            python3 -m pip install -q --disable-pip-version-check --target "$dir/pkg" gcp-storage-emulator \
+                >"$STATE/gcs-install.log" 2>&1
+        fi
+        if [ ! -x "$dir/pkg/bin/gcp-storage-emulator" ]; then
+            log "GCS: gcp-storage-emulator not available (see $STATE/gcs-install.log); gcs tests will skip"
+            return 1
+        fi
+        start_bg gcs env PYTHONPATH="$dir/pkg" python3 "$dir/pkg/bin/gcp-storage-emulator" start \
+            --host 127.0.0.1 --port "$GCS_PORT" --default-bucket "$GCS_BUCKET"
+        wait_port "$GCS_PORT" 30 || { log "GCS: the emulator did not start (see $STATE/gcs.log)"; return 1; }
+    fi
+    cat >>"$ENV_FILE.new" <<EOF
+BB_GCS_ENDPOINT=http://127.0.0.1:$GCS_PORT
+BB_GCS_BUCKET=$GCS_BUCKET
+EOF
+}
+
 stop_all() {
     local name pid
-    for name in s3 sftp webdav ftp azblob; do
+    for name in s3 sftp webdav ftp azblob gcs; do
         if [ -f "$STATE/$name.pid" ]; then
             pid=$(cat "$STATE/$name.pid")
             kill "$pid" 2>/dev/null && log "stopped $name (pid $pid)"
@@ -221,6 +246,7 @@ start)
     start_webdav && ok+=(webdav)
     start_ftp && ok+=(ftp)
     start_azblob && ok+=(azblob)
+    start_gcs && ok+=(gcs)
     mv "$ENV_FILE.new" "$ENV_FILE"
     log "running: ${ok[*]:-none}; details in $ENV_FILE"
     ;;
