@@ -214,7 +214,7 @@ start_gcs() {
             return 1
         fi
         start_bg gcs env PYTHONPATH="$dir/pkg" python3 "$dir/pkg/bin/gcp-storage-emulator" start \
-            --host 127.0.0.1 --port "$GCS_PORT" --default-bucket "$GCS_BUCKET"
+            --host 127.0.0.1 --port "$GCS_PORT" --default-bucket "$GCS_BUCKET" --in-memory --quiet
         wait_port "$GCS_PORT" 30 || { log "GCS: the emulator did not start (see $STATE/gcs.log)"; return 1; }
     fi
     cat >>"$ENV_FILE.new" <<EOF
