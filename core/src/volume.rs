@@ -287,22 +287,16 @@ pub fn open_block_within(
     raw_len: u32,
 ) -> Result<Opened> {
     let plain = crypto::open_in_place(cipher, &id.0, sealed, volume).map_err(|_| failed_authentication(volume, id))?;
-    if plain.first() == Some(&(codec::Codec::None as u8)) {
-        let data = &plain[1..];
-        if data.len() != raw_len as usize {
-            return Err(undecodable(
-                volume,
-                id,
-                Error::Format(format!("block decodes to {} bytes, expected {raw_len}", data.len())),
-            ));
-        }
-        check_content(keys, volume, id, data)?;
+    let stored = plain.first() == Some(&(codec::Codec::None as u8));
+    let mut decoded = Vec::new();
+    let data = codec::decode_borrowed(plain, raw_len as usize, &mut decoded).map_err(|e| undecodable(volume, id, e))?;
+    check_content(keys, volume, id, data)?;
+    if stored {
+        // The payload follows the nonce and the codec byte.
         let start = crypto::NONCE_LEN + 1;
-        return Ok(Opened::Stored(start..start + data.len()));
+        return Ok(Opened::Stored(start..start + raw_len as usize));
     }
-    let data = codec::decode(plain, raw_len as usize).map_err(|e| undecodable(volume, id, e))?;
-    check_content(keys, volume, id, &data)?;
-    Ok(Opened::Decoded(data))
+    Ok(Opened::Decoded(decoded))
 }
 
 thread_local! {
