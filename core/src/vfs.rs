@@ -813,10 +813,18 @@ impl Blocks {
         blocks: &[(usize, &BlockLocation, &BlockId)],
         fetched: bool,
     ) -> Vec<BlockResult> {
+        // The blocks of one buffer come from one volume: one cipher for all of them.
+        let volume = blocks.first().map_or("", |b| b.1.volume.as_str());
+        let keys = self.repo.keys();
+        let cipher = crate::objects::volume_id_from_name(volume).map(|vid| keys.volume_cipher(&vid));
         let mut opened = Vec::with_capacity(blocks.len());
         for &(at, loc, id) in blocks {
             let sealed = &mut buf[at..at + loc.length as usize];
-            opened.push(self.open_one(loc, id, sealed, fetched).map(|o| (at, o)));
+            let r = match &cipher {
+                Some(c) => self.open_one(c, loc, id, sealed, fetched),
+                None => Err(Arc::new(Error::damaged(&loc.volume, "volume name is not valid"))),
+            };
+            opened.push(r.map(|o| (at, o)));
         }
         let all_stored = opened.iter().all(|r| !matches!(r, Ok((_, Opened::Decoded(_)))));
         let shared = Bytes::from(buf);
@@ -837,6 +845,7 @@ impl Blocks {
     /// disk cache, a copy of its sealed bytes goes to the cache once it opened.
     fn open_one(
         &self,
+        cipher: &crate::crypto::Cipher,
         loc: &BlockLocation,
         id: &BlockId,
         sealed: &mut [u8],
@@ -848,12 +857,8 @@ impl Blocks {
             (Some(_), true) => Some(sealed.to_vec()),
             _ => None,
         };
-        let vid = crate::objects::volume_id_from_name(&loc.volume)
-            .ok_or_else(|| Arc::new(Error::damaged(&loc.volume, "volume name is not valid")))?;
-        let keys = self.repo.keys();
-        let opened =
-            crate::volume::open_block_within(keys, &keys.volume_cipher(&vid), &loc.volume, id, sealed, loc.raw_len)
-                .map_err(Arc::new)?;
+        let opened = crate::volume::open_block_within(self.repo.keys(), cipher, &loc.volume, id, sealed, loc.raw_len)
+            .map_err(Arc::new)?;
         if let (Some(copy), Some(disk)) = (copy, &self.disk) {
             match &self.disk_writer {
                 Some(w) => w.put(*id, copy),
