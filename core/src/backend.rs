@@ -836,8 +836,6 @@ impl Backend {
     }
 }
 
-/// Whether `e` may go away by itself: network trouble, throttling, a server error; not a
-/// missing object, a refused permission, a bad config, or a failed login.
 /// A ranged read of an object of a local box straight from its file: positional reads into
 /// a buffer of its own (no async hop, no zero-filling, no intermediate copy), and no kernel
 /// read-ahead past the range — callers ask for exactly the blocks they need, often at random
@@ -882,6 +880,8 @@ fn read_local_range(path: &Path, name: &str, offset: u64, len: u64) -> Result<Ve
     Ok(buf)
 }
 
+/// Whether `e` may go away by itself: network trouble, throttling, a server error; not a
+/// missing object, a refused permission, a bad config, or a failed login.
 fn transient(e: &opendal::Error) -> bool {
     if !matches!(e.kind(), ErrorKind::Unexpected | ErrorKind::RateLimited) {
         return false;
