@@ -118,9 +118,12 @@ bench_tool() {
     local rdir=$WORK/restore
     rm -rf "$rdir"; mkdir -p "$rdir"
     drop_caches; t0=$(now)
-    "$BRICKBOX" -r "$BOX" --db "$WORK/brickbox.db" restore --target "$rdir" >>"$LOG" 2>&1
-    R[$tool,restore]=$(secs_since "$t0")
-    R[$tool,restoremb]=$(mbps "$TREE_BYTES" "${R[$tool,restore]}")
+    if "$BRICKBOX" -r "$BOX" --db "$WORK/brickbox.db" restore --target "$rdir" >>"$LOG" 2>&1; then
+      R[$tool,restore]=$(secs_since "$t0")
+      R[$tool,restoremb]=$(mbps "$TREE_BYTES" "${R[$tool,restore]}")
+    else
+      log "$tool: restore failed, see $LOG"
+    fi
     rm -rf "$rdir"
   fi
 }
