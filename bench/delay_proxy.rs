@@ -8,11 +8,15 @@
 //! forwarded in a pipeline. Each direction holds at most WINDOW bytes in flight, like a TCP
 //! window, so one connection carries at most WINDOW / (RTT/2) bytes per second.
 //!
+//! On Linux the bytes wait in pipes and move with splice(2), so the proxy does not copy them
+//! through user space: it shares the machine with the client and the server it measures,
+//! and should take as little of it as a router would. Elsewhere they are read and written.
+//!
 //! Standard library only, so `rustc -O delay_proxy.rs` builds it in seconds (bench/remote.sh
 //! does). Prints "listening PORT" once ready; runs until killed.
 
 use std::collections::VecDeque;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -21,39 +25,62 @@ use std::time::{Duration, Instant};
 const WINDOW: usize = 4 << 20;
 const CHUNK: usize = 256 << 10;
 
+/// Bytes that arrived together and wait for their time.
+struct Held {
+    due: Instant,
+    len: usize,
+    /// `None` marks the end of the stream.
+    data: Option<chunk::Chunk>,
+}
+
 #[derive(Default)]
 struct Queue {
-    items: VecDeque<(Instant, Vec<u8>)>,
+    items: VecDeque<Held>,
     bytes: usize,
+    /// Chunks (pipes) ready to be used again.
+    spare: Vec<chunk::Chunk>,
 }
 
 /// Forwards `from` to `to`, each chunk `delay` after it arrived (plus `first` for the first).
-fn pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration, first: Duration) {
+fn pipe(from: TcpStream, to: TcpStream, delay: Duration, first: Duration) {
     let q = Arc::new((Mutex::new(Queue::default()), Condvar::new()));
     let q2 = q.clone();
     thread::spawn(move || {
         let mut extra = first;
-        let mut buf = vec![0u8; CHUNK];
         loop {
-            let n = from.read(&mut buf).unwrap_or(0);
             let (lock, cv) = &*q2;
+            let mut spare = {
+                let mut g = lock.lock().unwrap();
+                while g.bytes >= WINDOW {
+                    g = cv.wait(g).unwrap();
+                }
+                g.spare.pop()
+            };
+            let mut c = match spare.take() {
+                Some(c) => c,
+                None => match chunk::Chunk::new() {
+                    Ok(c) => c,
+                    Err(_) => return,
+                },
+            };
+            let n = c.fill(&from).unwrap_or(0);
             let mut g = lock.lock().unwrap();
-            while n > 0 && g.bytes >= WINDOW {
-                g = cv.wait(g).unwrap();
-            }
-            g.items.push_back((Instant::now() + delay + extra, buf[..n].to_vec()));
-            g.bytes += n;
+            let due = Instant::now() + delay + extra;
             extra = Duration::ZERO;
-            cv.notify_all();
             if n == 0 {
+                g.items.push_back(Held { due, len: 0, data: None });
+                cv.notify_all();
                 return;
             }
+            g.items.push_back(Held { due, len: n, data: Some(c) });
+            g.bytes += n;
+            cv.notify_all();
         }
     });
     thread::spawn(move || {
         let (lock, cv) = &*q;
         loop {
-            let (due, data) = {
+            let held = {
                 let mut g = lock.lock().unwrap();
                 loop {
                     if let Some(item) = g.items.pop_front() {
@@ -63,22 +90,130 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration, first: Duration
                 }
             };
             let now = Instant::now();
-            if due > now {
-                thread::sleep(due - now);
+            if held.due > now {
+                thread::sleep(held.due - now);
             }
-            if data.is_empty() {
+            let Some(mut c) = held.data else {
                 let _ = to.shutdown(Shutdown::Write);
                 return;
-            }
-            if to.write_all(&data).is_err() {
+            };
+            if c.drain(&to, held.len).is_err() {
                 let _ = to.shutdown(Shutdown::Both);
                 return;
             }
             let mut g = lock.lock().unwrap();
-            g.bytes -= data.len();
+            g.bytes -= held.len;
+            g.spare.push(c);
             cv.notify_all();
         }
     });
+}
+
+#[cfg(target_os = "linux")]
+mod chunk {
+    //! A chunk is a pipe: bytes are spliced from the socket into it and out of it again.
+    use std::io;
+    use std::net::TcpStream;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    extern "C" {
+        fn pipe2(fds: *mut i32, flags: i32) -> i32;
+        fn fcntl(fd: i32, cmd: i32, ...) -> i32;
+        fn splice(fd_in: i32, off_in: *mut i64, fd_out: i32, off_out: *mut i64, len: usize, flags: u32) -> isize;
+    }
+    const O_CLOEXEC: i32 = 0o2000000;
+    const F_SETPIPE_SZ: i32 = 1031;
+    const SPLICE_F_MOVE: u32 = 1;
+
+    pub struct Chunk {
+        read: OwnedFd,
+        write: OwnedFd,
+    }
+
+    impl Chunk {
+        pub fn new() -> io::Result<Chunk> {
+            let mut fds = [0i32; 2];
+            if unsafe { pipe2(fds.as_mut_ptr(), O_CLOEXEC) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+            // Best effort: a smaller pipe only makes chunks smaller.
+            unsafe { fcntl(write.as_raw_fd(), F_SETPIPE_SZ, super::CHUNK as i32) };
+            Ok(Chunk { read, write })
+        }
+
+        /// Waits for bytes on `from` and moves what came (up to the pipe's size) into the
+        /// pipe; 0 at the end of the stream.
+        pub fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
+            loop {
+                let n = unsafe {
+                    splice(
+                        from.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        self.write.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        super::CHUNK,
+                        SPLICE_F_MOVE,
+                    )
+                };
+                if n >= 0 {
+                    return Ok(n as usize);
+                }
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+
+        /// Moves the `len` bytes the pipe holds to `to`.
+        pub fn drain(&mut self, to: &TcpStream, mut len: usize) -> io::Result<()> {
+            while len > 0 {
+                let n = unsafe {
+                    splice(
+                        self.read.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        to.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        len,
+                        SPLICE_F_MOVE,
+                    )
+                };
+                if n > 0 {
+                    len -= n as usize;
+                    continue;
+                }
+                let e = if n == 0 { io::ErrorKind::WriteZero.into() } else { io::Error::last_os_error() };
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod chunk {
+    //! A chunk is a buffer the bytes are read into and written from.
+    use std::io::{self, Read, Write};
+    use std::net::TcpStream;
+
+    pub struct Chunk(Vec<u8>);
+
+    impl Chunk {
+        pub fn new() -> io::Result<Chunk> {
+            Ok(Chunk(vec![0; super::CHUNK]))
+        }
+
+        pub fn fill(&mut self, mut from: &TcpStream) -> io::Result<usize> {
+            from.read(&mut self.0)
+        }
+
+        pub fn drain(&mut self, mut to: &TcpStream, len: usize) -> io::Result<()> {
+            to.write_all(&self.0[..len])
+        }
+    }
 }
 
 fn main() {
