@@ -24,6 +24,11 @@ const LOCAL_CACHE: u64 = 24 << 20;
 /// without the delay).
 const REMOTE_CACHE: usize = 128 << 20;
 const REMOTE_READAHEAD: u64 = 32 << 20;
+/// Ranged reads on their way at once from a remote box, and the most bytes each asks for:
+/// 900 MiB read over S3 with 20 ms added took 2.94–3.04 s with 8 reads of up to 2 MiB and
+/// 2.71 s with 16 of up to 4 MiB (the same within noise without the delay).
+const REMOTE_IO_THREADS: usize = 16;
+const REMOTE_RUN: u64 = 4 << 20;
 
 #[derive(Args, Debug)]
 #[command(after_help = "\
@@ -122,8 +127,9 @@ pub fn mount(g: &Global, a: MountArgs) -> Result<u8> {
     // thread holds buffers); from a remote one it is mostly waiting, so more requests overlap.
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let local = repo.backend().is_local();
-    vfs_opts.io_threads = if local { cores.clamp(2, 4) } else { 8 };
+    vfs_opts.io_threads = if local { cores.clamp(2, 4) } else { REMOTE_IO_THREADS };
     if !local {
+        vfs_opts.max_run_bytes = REMOTE_RUN;
         // Read further ahead to cover round trips (the window is also capped at a quarter of
         // the cache).
         vfs_opts.readahead_bytes = REMOTE_READAHEAD;

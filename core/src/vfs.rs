@@ -84,8 +84,6 @@ pub const LATEST_NAME: &str = "latest";
 
 /// Largest gap between two blocks of one volume still fetched with one ranged read.
 const MAX_GAP: u64 = 256 * 1024;
-/// Largest coalesced ranged read.
-const MAX_COALESCED: u64 = 2 << 20;
 /// Least time between two re-reads of the catalog caused by failed block fetches.
 const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
 /// Open-file states (prefix sums, sequential-access tracking) kept.
@@ -214,6 +212,8 @@ pub struct VfsOptions {
     pub readahead_blocks: usize,
     /// Threads fetching blocks in the background.
     pub io_threads: usize,
+    /// Largest ranged read that neighbouring blocks of one volume are coalesced into.
+    pub max_run_bytes: u64,
     /// Least time between two checks of the box for new versions (a listing of `/versions`
     /// checks after `refresh_interval / 4`).
     pub refresh_interval: Duration,
@@ -231,6 +231,7 @@ impl Default for VfsOptions {
             readahead_bytes: 16 << 20,
             readahead_blocks: 32,
             io_threads: 8,
+            max_run_bytes: 2 << 20,
             refresh_interval: Duration::from_secs(2),
             disk_cache: None,
             versions: VersionFilter::default(),
@@ -622,6 +623,8 @@ struct Blocks {
     cache: Mutex<ByteLru<BlockId, Bytes>>,
     inflight: Mutex<HashMap<BlockId, Arc<Flight>>>,
     pool: rayon::ThreadPool,
+    /// Largest coalesced ranged read.
+    max_run: u64,
     counters: Counters,
     disk: Option<Arc<DiskCache>>,
     /// Writes fetched blocks to `disk` off the read path.
@@ -910,7 +913,7 @@ impl Blocks {
                     next.volume != first.0.volume
                         || next.offset < prev_end
                         || next.offset - prev_end > MAX_GAP
-                        || next.offset + u64::from(next.length) - first.0.offset > MAX_COALESCED
+                        || next.offset + u64::from(next.length) - first.0.offset > self.max_run
                 }
                 _ => false,
             };
@@ -1115,6 +1118,7 @@ impl Vfs {
             cache: Mutex::new(ByteLru::new(opts.cache_bytes)),
             inflight: Mutex::new(HashMap::new()),
             pool,
+            max_run: opts.max_run_bytes.max(1),
             counters: Counters::default(),
             disk: opts.disk_cache.clone(),
             disk_writer: opts.disk_cache.clone().and_then(DiskWriter::start),
