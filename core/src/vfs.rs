@@ -719,10 +719,15 @@ impl Blocks {
             // Finished or claimed by someone else between the two checks.
             None => match self.cached(id) {
                 Some(d) => Ok(d),
-                None => match lock(&self.inflight).get(id).cloned() {
-                    Some(f) => f.wait(),
-                    None => self.load_one(id),
-                },
+                None => {
+                    // Not `match lock(..)…`: the guard would live through the wait, and the
+                    // loader needs the lock to finish.
+                    let waiting = lock(&self.inflight).get(id).cloned();
+                    match waiting {
+                        Some(f) => f.wait(),
+                        None => self.load_one(id),
+                    }
+                }
             },
         }
     }
