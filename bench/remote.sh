@@ -18,6 +18,7 @@
 #   TARGETS    what to measure, in order (default "local s3 s3-delay")
 #   REPEAT     runs of everything; each figure is the best run (default 3: on a shared
 #              machine the best run is the least disturbed one)
+#   MOUNT_ARGS extra arguments for `brickbox mount` (e.g. "--disk-cache off")
 #   PIN        1: the S3 server and the proxy run on the last core, Brickbox and the reader
 #              on the others (local target too), as if the server were another machine;
 #              needs taskset and 2+ cores (default 0: all share every core)
@@ -232,7 +233,10 @@ measure() { # target
   if [[ -e /dev/fuse && $(id -u) == 0 ]]; then
     mnt=$WORK/mnt-$t
     mkdir -p "$mnt"
-    "${CLIENT_PIN[@]}" "$BRICKBOX" -r "$box" --db "$db" mount "$mnt" >>"$LOG" 2>&1 &
+    # shellcheck disable=SC2086 # MOUNT_ARGS is a list of words
+    # The disk cache (remote boxes) goes in the work area, fresh for each run.
+    XDG_CACHE_HOME=$WORK/cache-$t \
+      "${CLIENT_PIN[@]}" "$BRICKBOX" -r "$box" --db "$db" mount ${MOUNT_ARGS:-} "$mnt" >>"$LOG" 2>&1 &
     local mpid=$!
     MOUNTS+=("$mnt")
     local dir=$mnt/versions/latest/${src#/}
@@ -261,7 +265,7 @@ measure() { # target
     umount -l "$mnt" 2>/dev/null
     log "$t: mount sequential read $took s ($ok)"
   fi
-  rm -rf "$WORK/s3-data/$S3_BUCKET/$t-$rep"
+  rm -rf "$WORK/s3-data/$S3_BUCKET/$t-$rep" "$WORK/cache-$t"
 }
 
 # ------------------------------------------------------------------ run
@@ -281,7 +285,7 @@ done
   echo
   echo "- $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(free -g | awk '/Mem:/{print $2}') GiB RAM, kernel $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ)"
   echo "- load average at the start: $LOAD_START, at the end: $(cut -d' ' -f1-3 /proc/loadavg); page cache dropped before each phase: $CACHE_DROP"
-  echo "- each figure: the best of $REPEAT runs; pinning: $PIN_NOTE"
+  echo "- each figure: the best of $REPEAT runs; pinning: $PIN_NOTE${MOUNT_ARGS:+; mount arguments: $MOUNT_ARGS}"
   echo "- tree: $(awk -v b="$TREE_BYTES" 'BEGIN{printf "%.0f", b/1048576}') MiB (SCALE=$SCALE); mount read: ${#BIG[@]} files >= 4 MiB, $(awk -v b="$BIG_BYTES" 'BEGIN{printf "%.0f", b/1048576}') MiB"
   echo "- S3: ${S3_VERSION:-none} (ETag: ${S3_ETAG:-kept from upload}); delay: +$RTT_MS ms round trip (bench/delay_proxy.rs); $("$BRICKBOX" --version 2>/dev/null)"
   echo
