@@ -894,18 +894,7 @@ fn stat_changed() -> FileStat {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pseudo(seed: u64, len: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect()
-    }
+    use crate::test_data::pseudo;
 
     /// Files read side by side still get their blocks stored side by side: a reader of one
     /// file then fetches it with a few long ranged reads.

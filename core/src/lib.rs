@@ -38,6 +38,8 @@ pub mod repo;
 #[cfg(unix)]
 pub mod restore;
 pub mod retention;
+#[cfg(test)]
+mod test_data;
 pub mod time;
 pub mod tree;
 #[cfg(unix)]

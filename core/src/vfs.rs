@@ -1908,6 +1908,7 @@ fn dir_subtree(node: &Node) -> VfsResult<Option<BlockId>> {
 mod tests {
     use super::*;
     use crate::backup::{self, BackupOptions, Progress};
+    use crate::test_data::pseudo;
     use std::path::PathBuf;
     use std::sync::atomic::AtomicBool;
 
@@ -1917,18 +1918,6 @@ mod tests {
         dir: tempfile::TempDir,
         repo: Arc<Repository>,
         src: PathBuf,
-    }
-
-    fn pseudo(seed: u64, len: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect()
     }
 
     impl Fixture {
