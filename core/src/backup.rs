@@ -808,10 +808,11 @@ impl Walk<'_> {
         if self.claim(&id)? {
             let encoded = codec::encode(codec, data);
             counter.fetch_add(1, Ordering::Relaxed);
-            if self.to_packer.is_none() {
+            if self.to_packer.is_some() {
+                out.push(PackItem { id, encoded, raw_len: len, tree })?;
+            } else {
                 self.counts.dry_bytes.fetch_add(encoded.len() as u64 + 28, Ordering::Relaxed);
             }
-            out.push(PackItem { id, encoded, raw_len: len, tree })?;
         }
         Ok(BlockRef { id, len })
     }
