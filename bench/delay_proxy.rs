@@ -49,19 +49,22 @@ fn pipe(from: TcpStream, to: TcpStream, delay: Duration, first: Duration) {
         let mut extra = first;
         loop {
             let (lock, cv) = &*q2;
-            let mut spare = {
+            let spare = {
                 let mut g = lock.lock().unwrap();
                 while g.bytes >= WINDOW {
                     g = cv.wait(g).unwrap();
                 }
                 g.spare.pop()
             };
-            let mut c = match spare.take() {
-                Some(c) => c,
-                None => match chunk::Chunk::new() {
-                    Ok(c) => c,
-                    Err(_) => return,
-                },
+            // No pipe to be had ends the stream like an error does, so the writer ends too.
+            let mut c = match spare.map_or_else(chunk::Chunk::new, Ok) {
+                Ok(c) => c,
+                Err(_) => {
+                    let mut g = lock.lock().unwrap();
+                    g.items.push_back(Held { due: Instant::now(), len: 0, data: None });
+                    cv.notify_all();
+                    return;
+                }
             };
             let n = c.fill(&from).unwrap_or(0);
             let mut g = lock.lock().unwrap();
