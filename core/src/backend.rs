@@ -522,6 +522,36 @@ impl Backend {
         if let (Some(root), None) = (&self.local_root, &self.down) {
             return read_local_range(&root.join(name), name, offset, len);
         }
+        Ok(self.fetch_range(name, offset, len)?.to_vec())
+    }
+
+    /// Like [`Backend::read_range`], into `buf` (replacing what it held): a caller that reads
+    /// range after range saves allocating (and the kernel zeroing) a new buffer each time.
+    pub fn read_range_into(&self, name: &str, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<()> {
+        #[cfg(unix)]
+        if let (Some(root), None) = (&self.local_root, &self.down) {
+            return read_local_range_into(&root.join(name), name, offset, len, buf);
+        }
+        let fetched = self.fetch_range(name, offset, len)?;
+        buf.clear();
+        buf.reserve(fetched.len());
+        for piece in fetched {
+            buf.extend_from_slice(&piece);
+        }
+        Ok(())
+    }
+
+    /// Like [`Backend::read_range`], keeping the bytes in the pieces they arrived in (no copy
+    /// into one buffer): for callers that copy parts of the range elsewhere anyway.
+    pub fn read_range_pieces(&self, name: &str, offset: u64, len: u64) -> Result<Fetched> {
+        #[cfg(unix)]
+        if let (Some(root), None) = (&self.local_root, &self.down) {
+            return Ok(Fetched(opendal::Buffer::from(read_local_range(&root.join(name), name, offset, len)?)));
+        }
+        self.fetch_range(name, offset, len).map(Fetched)
+    }
+
+    fn fetch_range(&self, name: &str, offset: u64, len: u64) -> Result<opendal::Buffer> {
         let buf = self
             .run_on(true, |op| async move {
                 let b = op.read_with(name).range(offset..offset + len).await?;
@@ -541,7 +571,7 @@ impl Backend {
                 format!("object is truncated (wanted {len} bytes at {offset}, got {})", buf.len()),
             ));
         }
-        Ok(buf.to_vec())
+        Ok(buf)
     }
 
     /// Writes a whole object from memory, then verifies it: an object of at most
@@ -840,8 +870,54 @@ impl Backend {
 /// a buffer of its own (no async hop, no zero-filling, no intermediate copy), and no kernel
 /// read-ahead past the range — callers ask for exactly the blocks they need, often at random
 /// places in a volume.
+/// The bytes of a ranged read as they arrived: in one or more shared pieces, cheap to clone
+/// and to cut into parts.
+#[derive(Clone)]
+pub struct Fetched(opendal::Buffer);
+
+impl Fetched {
+    /// Number of bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The bytes in `range`, without copying.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Fetched {
+        Fetched(self.0.slice(range))
+    }
+
+    /// A copy of the bytes in one buffer.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.0.to_vec()
+    }
+
+    /// The pieces the bytes lie in, in order.
+    pub fn pieces(&self) -> impl Iterator<Item = bytes::Bytes> {
+        self.0.clone()
+    }
+}
+
+impl From<Vec<u8>> for Fetched {
+    fn from(v: Vec<u8>) -> Fetched {
+        Fetched(opendal::Buffer::from(v))
+    }
+}
+
 #[cfg(unix)]
 fn read_local_range(path: &Path, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    read_local_range_into(path, name, offset, len, &mut buf)?;
+    Ok(buf)
+}
+
+/// Like [`read_local_range`], into `buf` (replacing what it held).
+#[cfg(unix)]
+fn read_local_range_into(path: &Path, name: &str, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<()> {
     use std::os::unix::io::AsRawFd;
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -855,7 +931,8 @@ fn read_local_range(path: &Path, name: &str, offset: u64, len: u64) -> Result<Ve
     // advice, so its result does not matter.
     let _ = unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_RANDOM) };
     let len = usize::try_from(len).map_err(|_| Error::damaged(name, "range too large"))?;
-    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    buf.clear();
+    buf.reserve(len);
     while buf.len() < len {
         let done = buf.len();
         let at = libc::off_t::try_from(offset + done as u64).map_err(|_| Error::damaged(name, "offset too large"))?;
@@ -877,7 +954,7 @@ fn read_local_range(path: &Path, name: &str, offset: u64, len: u64) -> Result<Ve
             n => unsafe { buf.set_len(done + n as usize) },
         }
     }
-    Ok(buf)
+    Ok(())
 }
 
 /// Whether `e` may go away by itself: network trouble, throttling, a server error; not a

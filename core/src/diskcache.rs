@@ -27,7 +27,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -211,11 +211,17 @@ impl DiskCache {
 
     /// Stores the sealed bytes of `id` (no-op if already cached or larger than the limit).
     pub fn put(&self, id: &BlockId, sealed: &[u8]) {
-        let size = sealed.len() as u64;
+        self.put_parts(id, &[sealed]);
+    }
+
+    /// Like [`DiskCache::put`], for sealed bytes that lie in several parts (as they arrived
+    /// from the network): no copy into one buffer first.
+    pub fn put_parts(&self, id: &BlockId, parts: &[&[u8]]) {
+        let size = parts.iter().map(|p| p.len() as u64).sum::<u64>();
         if size > self.limit || self.contains(id) {
             return;
         }
-        if self.write_file(id, sealed).is_err() {
+        if self.write_file(id, parts).is_err() {
             // A full or read-only disk makes the cache useless, not the mount: carry on.
             return;
         }
@@ -233,12 +239,10 @@ impl DiskCache {
         }
     }
 
-    fn write_file(&self, id: &BlockId, sealed: &[u8]) -> std::io::Result<()> {
+    fn write_file(&self, id: &BlockId, parts: &[&[u8]]) -> std::io::Result<()> {
         let tmp = self.dir.join("tmp").join(hex::encode(crypto::random_bytes::<12>()));
         let result = (|| {
-            let mut f = File::create(&tmp)?;
-            f.write_all(sealed)?;
-            drop(f);
+            write_all_vectored(&mut File::create(&tmp)?, parts)?;
             let dest = self.path_of(id);
             match std::fs::rename(&tmp, &dest) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -371,6 +375,21 @@ impl DiskCache {
     }
 }
 
+/// Writes every byte of `parts`, in order, with as few calls as the writer allows.
+fn write_all_vectored(w: &mut impl Write, parts: &[&[u8]]) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = parts.iter().filter(|p| !p.is_empty()).map(|p| IoSlice::new(p)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match w.write_vectored(rest) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,12 +408,17 @@ mod tests {
         assert!(c.contains(&id(1)));
         assert_eq!(c.get(&id(1)).unwrap(), b"sealed one");
         assert_eq!(c.stats().blocks, 1);
+        // Parts are stored as one block, in order.
+        let long = crate::test_data::pseudo(7, 300_000);
+        let parts: Vec<&[u8]> = long.chunks(16_384).chain([&[][..]]).collect();
+        c.put_parts(&id(2), &parts);
+        assert_eq!(c.get(&id(2)).unwrap(), long);
         drop(c);
 
         let again = DiskCache::open(dir.path(), 1 << 20).unwrap();
         again.wait_scanned();
         assert!(again.contains(&id(1)));
-        assert_eq!(again.stats().bytes, 10);
+        assert_eq!(again.stats().bytes, 10 + 300_000);
         again.remove(&id(1));
         assert!(again.get(&id(1)).is_none());
         assert_eq!(again.stats().dropped, 1);

@@ -55,6 +55,7 @@ use brickbox_platform::FileKind;
 use bytes::Bytes;
 
 pub use self::filter::{VersionFilter, FILTER_SYNTAX};
+use crate::backend::Fetched;
 use crate::catalog::BlockLocation;
 use crate::crypto::BlockId;
 use crate::diskcache::DiskCache;
@@ -806,9 +807,69 @@ impl Blocks {
     /// Fetches one block from the box with one ranged read.
     fn fetch_one(&self, loc: &BlockLocation, id: &BlockId) -> BlockResult {
         self.counters.range_reads.fetch_add(1, Ordering::Relaxed);
-        let sealed =
-            self.repo.backend().read_range(&loc.volume, loc.offset, u64::from(loc.length)).map_err(Arc::new)?;
-        self.open_all(sealed, &[(0, loc, id)], true).pop().unwrap_or_else(|| Err(abandoned(id)))
+        let mut result = None;
+        self.fetch(&loc.volume, loc.offset, u64::from(loc.length), &[(0, loc, id)], |_, r| result = Some(r))
+            .map_err(Arc::new)?;
+        result.unwrap_or_else(|| Err(abandoned(id)))
+    }
+
+    /// Reads `len` bytes of `volume` at `offset` with one ranged read and opens the blocks at
+    /// the given offsets in it, handing each result to `done` with the block's index;
+    /// fetched blocks also go to the disk cache.
+    ///
+    /// A local box's bytes arrive in one buffer and are decrypted where they lie. A remote box's
+    /// arrive in many pieces: each block is copied out into a buffer of its own (the one copy
+    /// it needs) and handed on as soon as it opened, so a reader waiting for the first block
+    /// of a long run does not wait for the rest; the disk cache is written from the pieces,
+    /// not from another copy.
+    fn fetch(
+        &self,
+        volume: &str,
+        offset: u64,
+        len: u64,
+        blocks: &[(usize, &BlockLocation, &BlockId)],
+        mut done: impl FnMut(usize, BlockResult),
+    ) -> crate::error::Result<()> {
+        let backend = self.repo.backend();
+        if backend.is_local() {
+            let results = self.open_all(backend.read_range(volume, offset, len)?, blocks, true);
+            results.into_iter().enumerate().for_each(|(i, r)| done(i, r));
+            return Ok(());
+        }
+        let fetched = backend.read_range_pieces(volume, offset, len)?;
+        let cipher = self.volume_cipher(volume);
+        for (i, &(at, loc, id)) in blocks.iter().enumerate() {
+            let open = || {
+                let cipher = cipher.as_ref().map_err(Arc::clone)?;
+                let piece = fetched.slice(at..at + loc.length as usize);
+                let mut own = piece.to_vec();
+                let opened = self.open_one(cipher, loc, id, &mut own, None)?;
+                self.counters.blocks_loaded.fetch_add(1, Ordering::Relaxed);
+                self.to_disk(id, piece);
+                Ok(match opened {
+                    Opened::Stored(range) => Bytes::from(own).slice(range),
+                    Opened::Decoded(data) => Bytes::from(data),
+                })
+            };
+            done(i, open());
+        }
+        Ok(())
+    }
+
+    /// The cipher of the blocks of `volume`, or why there is none.
+    fn volume_cipher(&self, volume: &str) -> Result<crate::crypto::Cipher, Arc<Error>> {
+        crate::objects::volume_id_from_name(volume)
+            .map(|vid| self.repo.keys().volume_cipher(&vid))
+            .ok_or_else(|| Arc::new(Error::damaged(volume, "volume name is not valid")))
+    }
+
+    /// Hands the sealed bytes of a block that opened to the disk cache, if there is one.
+    fn to_disk(&self, id: &BlockId, sealed: Fetched) {
+        let Some(disk) = &self.disk else { return };
+        match &self.disk_writer {
+            Some(w) => w.put(*id, sealed),
+            None => put_fetched(disk, id, &sealed),
+        }
     }
 
     /// Opens the blocks sealed in `buf` at the given offsets (decrypting where they lie), in
@@ -823,14 +884,16 @@ impl Blocks {
     ) -> Vec<BlockResult> {
         // The blocks of one buffer come from one volume: one cipher for all of them.
         let volume = blocks.first().map_or("", |b| b.1.volume.as_str());
-        let keys = self.repo.keys();
-        let cipher = crate::objects::volume_id_from_name(volume).map(|vid| keys.volume_cipher(&vid));
+        let cipher = self.volume_cipher(volume);
         let mut opened = Vec::with_capacity(blocks.len());
         for &(at, loc, id) in blocks {
             let sealed = &mut buf[at..at + loc.length as usize];
+            // The sealed bytes are decrypted where they lie: the disk cache gets a copy, made
+            // before and handed over once the block opened.
+            let copy = (fetched && self.disk.is_some()).then(|| sealed.to_vec());
             let r = match &cipher {
-                Some(c) => self.open_one(c, loc, id, sealed, fetched),
-                None => Err(Arc::new(Error::damaged(&loc.volume, "volume name is not valid"))),
+                Ok(c) => self.open_one(c, loc, id, sealed, copy),
+                Err(e) => Err(e.clone()),
             };
             opened.push(r.map(|o| (at, o)));
         }
@@ -849,29 +912,20 @@ impl Blocks {
             .collect()
     }
 
-    /// Authenticates, decodes and checks one sealed block where it lies; with `to_disk` and a
-    /// disk cache, a copy of its sealed bytes goes to the cache once it opened.
+    /// Authenticates, decodes and checks one sealed block where it lies; `disk_copy` (its
+    /// sealed bytes) goes to the disk cache once it opened.
     fn open_one(
         &self,
         cipher: &crate::crypto::Cipher,
         loc: &BlockLocation,
         id: &BlockId,
         sealed: &mut [u8],
-        to_disk: bool,
+        disk_copy: Option<Vec<u8>>,
     ) -> Result<Opened, Arc<Error>> {
-        // The sealed bytes are decrypted where they lie: the disk cache gets a copy, once
-        // the block opened.
-        let copy = match (&self.disk, to_disk) {
-            (Some(_), true) => Some(sealed.to_vec()),
-            _ => None,
-        };
         let opened = crate::volume::open_block_within(self.repo.keys(), cipher, &loc.volume, id, sealed, loc.raw_len)
             .map_err(Arc::new)?;
-        if let (Some(copy), Some(disk)) = (copy, &self.disk) {
-            match &self.disk_writer {
-                Some(w) => w.put(*id, copy),
-                None => disk.put(id, &copy),
-            }
+        if let Some(copy) = disk_copy {
+            self.to_disk(id, Fetched::from(copy));
         }
         Ok(opened)
     }
@@ -940,81 +994,102 @@ impl Blocks {
     /// Fetches a run of neighbouring blocks with one ranged read; if that read fails, each
     /// block is tried alone so one bad block does not fail its neighbours.
     fn load_run(&self, run: Vec<(BlockLocation, Claim)>) {
-        let first = &run[0].0;
-        let last = &run[run.len() - 1].0;
+        let (locs, claims): (Vec<BlockLocation>, Vec<Claim>) = run.into_iter().unzip();
+        let ids: Vec<BlockId> = claims.iter().map(|c| c.id).collect();
+        let mut claims: Vec<Option<Claim>> = claims.into_iter().map(Some).collect();
+        let first = &locs[0];
+        let last = &locs[locs.len() - 1];
         let end = last.offset + u64::from(last.length);
         self.counters.range_reads.fetch_add(1, Ordering::Relaxed);
-        match self.repo.backend().read_range(&first.volume, first.offset, end - first.offset) {
-            Ok(bytes) => {
-                let at: Vec<_> =
-                    run.iter().map(|(loc, claim)| ((loc.offset - first.offset) as usize, loc, &claim.id)).collect();
-                let results = self.open_all(bytes, &at, true);
-                for ((_, claim), r) in run.into_iter().zip(results) {
-                    claim.finish(r);
-                }
+        let at: Vec<_> =
+            locs.iter().zip(&ids).map(|(loc, id)| ((loc.offset - first.offset) as usize, loc, id)).collect();
+        let fetched = self.fetch(&first.volume, first.offset, end - first.offset, &at, |i, r| {
+            if let Some(claim) = claims[i].take() {
+                claim.finish(r);
             }
+        });
+        if let Err(e) = fetched {
+            let mut left: Vec<(&BlockLocation, Claim)> =
+                locs.iter().zip(claims).filter_map(|(loc, c)| c.map(|c| (loc, c))).collect();
             // A lone block is not fetched again, only looked for elsewhere.
-            Err(e) if run.len() == 1 => {
-                if let Some((loc, claim)) = run.into_iter().next() {
-                    let r = self.relocate_after(Arc::new(e), &loc, &claim.id);
+            if left.len() == 1 {
+                if let Some((loc, claim)) = left.pop() {
+                    let r = self.relocate_after(Arc::new(e), loc, &claim.id);
                     claim.finish(r);
                 }
+                return;
             }
-            Err(_) => {
-                for (loc, claim) in run {
-                    let r = self.fetch_or_relocate(&loc, &claim.id);
-                    claim.finish(r);
-                }
+            for (loc, claim) in left {
+                let r = self.fetch_or_relocate(loc, &claim.id);
+                claim.finish(r);
             }
         }
     }
 }
 
-/// Blocks waiting for the disk cache at most (beyond that, fetching waits for the disk).
-const DISK_QUEUE: usize = 32;
+/// Stores sealed bytes in the disk cache from the pieces they arrived in.
+fn put_fetched(disk: &DiskCache, id: &BlockId, sealed: &Fetched) {
+    let pieces: Vec<Bytes> = sealed.pieces().collect();
+    let parts: Vec<&[u8]> = pieces.iter().map(|p| &p[..]).collect();
+    disk.put_parts(id, &parts);
+}
+
+/// Bytes of fetched blocks waiting for the disk cache at most; beyond that, fetching waits
+/// for the disk. A sequential read over S3 + 20 ms ran 10–15% faster with 64 MiB than with 32
+/// blocks (~8 MiB): the writer falls behind while the reader is busiest and catches up after.
+const DISK_QUEUE_BYTES: u64 = 64 << 20;
 /// Longest wait for queued disk-cache writes when the VFS goes away.
 const DISK_FLUSH_LIMIT: Duration = Duration::from_secs(10);
 
-/// Writes fetched blocks to the disk cache on a thread of its own, so that a read does not
-/// wait for a file to be created and renamed; a full queue makes fetching wait instead of
-/// leaving blocks out of the cache.
+/// Writes fetched blocks to the disk cache on a thread of its own, at the lowest priority, so
+/// that a read neither waits for files to be created nor competes with decoding for the CPU;
+/// a full queue makes fetching wait instead of leaving blocks out of the cache.
 struct DiskWriter {
-    tx: crossbeam_channel::Sender<(BlockId, Vec<u8>)>,
-    /// Blocks queued or being written.
-    pending: Arc<AtomicU64>,
+    tx: crossbeam_channel::Sender<(BlockId, Fetched)>,
+    /// Bytes queued or being written, and a signal when they fall.
+    pending: Arc<(Mutex<u64>, Condvar)>,
 }
 
 impl DiskWriter {
     /// `None` when no thread can be started (blocks are then written where they are fetched).
     fn start(disk: Arc<DiskCache>) -> Option<DiskWriter> {
-        let (tx, rx) = crossbeam_channel::bounded::<(BlockId, Vec<u8>)>(DISK_QUEUE);
-        let pending = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = crossbeam_channel::unbounded::<(BlockId, Fetched)>();
+        let pending = Arc::new((Mutex::new(0u64), Condvar::new()));
         let done = pending.clone();
         std::thread::Builder::new()
             .name("brickbox-disk-cache".into())
             .spawn(move || {
+                brickbox_platform::lower_thread_priority();
                 for (id, sealed) in rx {
-                    disk.put(&id, &sealed);
-                    done.fetch_sub(1, Ordering::AcqRel);
+                    put_fetched(&disk, &id, &sealed);
+                    *lock(&done.0) -= sealed.len() as u64;
+                    done.1.notify_all();
                 }
             })
             .ok()?;
         Some(DiskWriter { tx, pending })
     }
 
-    fn put(&self, id: BlockId, sealed: Vec<u8>) {
-        self.pending.fetch_add(1, Ordering::AcqRel);
+    fn put(&self, id: BlockId, sealed: Fetched) {
+        let len = sealed.len() as u64;
+        let (bytes, cv) = &*self.pending;
+        let mut queued = lock(bytes);
+        while *queued > 0 && *queued + len > DISK_QUEUE_BYTES {
+            queued = cv.wait(queued).unwrap_or_else(|e| e.into_inner());
+        }
+        *queued += len;
+        drop(queued);
         if self.tx.send((id, sealed)).is_err() {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
+            *lock(bytes) -= len;
+            cv.notify_all();
         }
     }
 
     /// Waits until every queued block is written (at most [`DISK_FLUSH_LIMIT`]).
     fn flush(&self) {
-        let started = Instant::now();
-        while self.pending.load(Ordering::Acquire) > 0 && started.elapsed() < DISK_FLUSH_LIMIT {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let (bytes, cv) = &*self.pending;
+        let queued = lock(bytes);
+        let _ = cv.wait_timeout_while(queued, DISK_FLUSH_LIMIT, |q| *q > 0);
     }
 }
 
@@ -1833,8 +1908,11 @@ impl Vfs {
         // evicted before the reader gets to them.
         let window = self.opts.readahead_bytes.min(self.opts.cache_bytes as u64 / 4);
         let window_end = f.starts[last + 1].saturating_add(window);
-        // Top up when less than half a window is already requested.
-        if from < n && f.starts[from] >= f.starts[last + 1].saturating_add(window / 2) {
+        // Top up when less than 7/8 of the window is requested: a little at a time, so that
+        // each read has most of a window's time to arrive. Topping up at half the window made
+        // reads over a 20 ms round trip wait every half window, for the first of a batch of
+        // reads that all arrived together.
+        if from < n && f.starts[from] >= f.starts[last + 1].saturating_add(window - window / 8) {
             return;
         }
         let mut to = from;

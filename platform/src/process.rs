@@ -65,9 +65,44 @@ pub fn one_heap() {
     }
 }
 
+/// Lowers the CPU priority of the calling thread to the least (background work that may wait
+/// while the machine is busy); best effort, and only on Linux, where priorities are per thread.
+pub fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: gettid takes no arguments; setpriority with PRIO_PROCESS and a thread id
+        // changes that thread's nice value only. Failure leaves the priority as it was.
+        unsafe {
+            let tid = libc::gettid();
+            let _ = libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_lowered_thread_runs_at_the_least_priority_and_others_do_not() {
+        // Field 19 of /proc/thread-self/stat is the nice value; the name (field 2) may hold
+        // spaces, so count after its closing parenthesis.
+        let nice = || {
+            let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+            let rest = &stat[stat.rfind(')').unwrap() + 1..];
+            rest.split_whitespace().nth(16).unwrap().parse::<i32>().unwrap()
+        };
+        let before = nice();
+        let lowered = std::thread::spawn(move || {
+            lower_thread_priority();
+            nice()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(lowered, 19);
+        assert_eq!(nice(), before, "only the calling thread is lowered");
+    }
 
     #[test]
     fn this_process_runs() {
