@@ -31,6 +31,8 @@ use crate::volume;
 thread_local! {
     /// Each thread's buffer for decompressed blocks, reused from block to block.
     static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    /// Each thread's buffer for the sealed blocks of a run, reused from run to run.
+    static RUN: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// How to restore.
@@ -549,8 +551,11 @@ impl Ctx<'_> {
                 let first = &run[0].0;
                 let last = &run[run.len() - 1].0;
                 let end = last.offset + u64::from(last.length);
-                let bytes = match self.repo.backend().read_range(&first.volume, first.offset, end - first.offset) {
-                    Ok(b) => Some(b),
+                let mut run_buf = RUN.take();
+                let read =
+                    self.repo.backend().read_range_into(&first.volume, first.offset, end - first.offset, &mut run_buf);
+                let bytes = match read {
+                    Ok(()) => Some(run_buf),
                     Err(e @ Error::Damaged { .. }) => {
                         for (_, id) in run.iter() {
                             for &(item, _, _) in &wanted[id] {
@@ -621,6 +626,7 @@ impl Ctx<'_> {
                     }
                 }
                 SCRATCH.set(scratch);
+                RUN.set(bytes);
                 Ok(())
             })
         })
