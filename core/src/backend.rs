@@ -866,10 +866,6 @@ impl Backend {
     }
 }
 
-/// A ranged read of an object of a local box straight from its file: positional reads into
-/// a buffer of its own (no async hop, no zero-filling, no intermediate copy), and no kernel
-/// read-ahead past the range — callers ask for exactly the blocks they need, often at random
-/// places in a volume.
 /// The bytes of a ranged read as they arrived: in one or more shared pieces, cheap to clone
 /// and to cut into parts.
 #[derive(Clone)]
@@ -908,6 +904,10 @@ impl From<Vec<u8>> for Fetched {
     }
 }
 
+/// A ranged read of an object of a local box straight from its file: positional reads into
+/// a buffer of its own (no async hop, no zero-filling, no intermediate copy), and no kernel
+/// read-ahead past the range — callers ask for exactly the blocks they need, often at random
+/// places in a volume.
 #[cfg(unix)]
 fn read_local_range(path: &Path, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
     let mut buf = Vec::new();
