@@ -866,9 +866,13 @@ impl Blocks {
     /// Hands the sealed bytes of a block that opened to the disk cache, if there is one.
     fn to_disk(&self, id: &BlockId, sealed: Fetched) {
         let Some(disk) = &self.disk else { return };
-        match &self.disk_writer {
+        // Without a writer thread (or if it ended), the block is written here.
+        let left = match &self.disk_writer {
             Some(w) => w.put(*id, sealed),
-            None => put_fetched(disk, id, &sealed),
+            None => Some(sealed),
+        };
+        if let Some(sealed) = left {
+            put_fetched(disk, id, &sealed);
         }
     }
 
@@ -1046,50 +1050,82 @@ const DISK_FLUSH_LIMIT: Duration = Duration::from_secs(10);
 /// a full queue makes fetching wait instead of leaving blocks out of the cache.
 struct DiskWriter {
     tx: crossbeam_channel::Sender<(BlockId, Fetched)>,
-    /// Bytes queued or being written, and a signal when they fall.
-    pending: Arc<(Mutex<u64>, Condvar)>,
+    /// What is queued, and a signal when it falls or the writer ends.
+    queue: Arc<(Mutex<DiskQueue>, Condvar)>,
+}
+
+/// Bytes queued for the disk-cache writer, and whether it still runs.
+struct DiskQueue {
+    bytes: u64,
+    running: bool,
+}
+
+/// Marks the writer ended when its thread ends, however it ends, so nothing waits for it.
+struct WriterEnded(Arc<(Mutex<DiskQueue>, Condvar)>);
+
+impl Drop for WriterEnded {
+    fn drop(&mut self) {
+        let (queue, cv) = &*self.0;
+        let mut q = lock(queue);
+        q.running = false;
+        q.bytes = 0;
+        cv.notify_all();
+    }
 }
 
 impl DiskWriter {
     /// `None` when no thread can be started (blocks are then written where they are fetched).
     fn start(disk: Arc<DiskCache>) -> Option<DiskWriter> {
         let (tx, rx) = crossbeam_channel::unbounded::<(BlockId, Fetched)>();
-        let pending = Arc::new((Mutex::new(0u64), Condvar::new()));
-        let done = pending.clone();
+        let queue = Arc::new((Mutex::new(DiskQueue { bytes: 0, running: true }), Condvar::new()));
+        let ended = WriterEnded(queue.clone());
         std::thread::Builder::new()
             .name("brickbox-disk-cache".into())
             .spawn(move || {
                 brickbox_platform::lower_thread_priority();
                 for (id, sealed) in rx {
                     put_fetched(&disk, &id, &sealed);
-                    *lock(&done.0) -= sealed.len() as u64;
-                    done.1.notify_all();
+                    let (queue, cv) = &*ended.0;
+                    let mut q = lock(queue);
+                    q.bytes = q.bytes.saturating_sub(sealed.len() as u64);
+                    cv.notify_all();
                 }
+                drop(ended);
             })
             .ok()?;
-        Some(DiskWriter { tx, pending })
+        Some(DiskWriter { tx, queue })
     }
 
-    fn put(&self, id: BlockId, sealed: Fetched) {
+    /// Queues `sealed` for the writer, waiting while the queue is full; gives it back if the
+    /// writer has ended.
+    fn put(&self, id: BlockId, sealed: Fetched) -> Option<Fetched> {
         let len = sealed.len() as u64;
-        let (bytes, cv) = &*self.pending;
-        let mut queued = lock(bytes);
-        while *queued > 0 && *queued + len > DISK_QUEUE_BYTES {
-            queued = cv.wait(queued).unwrap_or_else(|e| e.into_inner());
+        let (queue, cv) = &*self.queue;
+        let mut q = lock(queue);
+        while q.running && q.bytes > 0 && q.bytes + len > DISK_QUEUE_BYTES {
+            q = cv.wait(q).unwrap_or_else(|e| e.into_inner());
         }
-        *queued += len;
-        drop(queued);
-        if self.tx.send((id, sealed)).is_err() {
-            *lock(bytes) -= len;
-            cv.notify_all();
+        if !q.running {
+            return Some(sealed);
+        }
+        q.bytes += len;
+        drop(q);
+        match self.tx.send((id, sealed)) {
+            Ok(()) => None,
+            Err(crossbeam_channel::SendError((_, sealed))) => {
+                let mut q = lock(queue);
+                q.bytes = q.bytes.saturating_sub(len);
+                cv.notify_all();
+                Some(sealed)
+            }
         }
     }
 
     /// Waits until every queued block is written (at most [`DISK_FLUSH_LIMIT`]).
     fn flush(&self) {
-        let (bytes, cv) = &*self.pending;
-        let queued = lock(bytes);
-        let _ = cv.wait_timeout_while(queued, DISK_FLUSH_LIMIT, |q| *q > 0);
+        let (queue, cv) = &*self.queue;
+        let q = lock(queue);
+        let _ = cv.wait_timeout_while(q, DISK_FLUSH_LIMIT, |q| q.bytes > 0);
     }
 }
 
