@@ -31,7 +31,11 @@
 //!   never counted as good and is overwritten or ignored later. Why not a new name, as
 //!   Duplicati does: `docs/adr/0003-verified-uploads-keep-their-name.md`.
 //! - **No chunked writes where the service cannot do them**: opendal's webdav writer
-//!   takes one body, so volumes are written in one call there.
+//!   takes one body, so volumes are written in one call there. Swift too: opendal writes
+//!   a chunked Swift object as segments under the container's `.segments/` plus a
+//!   manifest (which needs the cluster's `slo` middleware), and deleting the object
+//!   deletes only the manifest, so compaction would leave the segments behind. One call
+//!   takes objects up to Swift's 5 GiB limit, far above any volume.
 //! - **Secrets** never appear in [`Backend::location`] or in error messages: the location
 //!   is shown as `scheme://user@host/path`, and every error is scrubbed of the secret
 //!   values (passwords, keys, tokens) before it leaves this module.
@@ -155,7 +159,7 @@ pub struct Backend {
     local_root: Option<PathBuf>,
     /// For a local box: a folder inside it where volumes can be built and then renamed into place.
     staging: Option<PathBuf>,
-    /// Whether the service takes a write in several calls (webdav does not).
+    /// Whether objects are written in several calls (not on webdav, which cannot, nor on swift).
     multi_write: bool,
     /// Whether the service lists recursively itself (s3 does).
     native_recursive_list: bool,
@@ -343,7 +347,7 @@ impl Backend {
         } else {
             op.clone()
         };
-        let multi_write = op.info().capability().write_can_multi;
+        let multi_write = op.info().capability().write_can_multi && loc.service != "swift";
         let native_recursive_list = op.info().capability().list_with_recursive;
         let staging = loc.local_root.as_ref().map(|r| r.join(".tmp").join("staging"));
         Ok(Self {
