@@ -6,6 +6,8 @@
 #   FTP     pyftpdlib                    (PyPI pyftpdlib)
 #   Azure   Azurite blob service         (npm azurite; needs Node.js >= 18)
 #   GCS     gcp-storage-emulator         (PyPI gcp-storage-emulator; JSON API, anonymous)
+#   Swift   OpenStack Swift, one node: proxy (tempauth) + account/container/object servers
+#           (PyPI swift; memcached from apt holds tempauth's tokens)
 # Idempotent: a server whose port already answers is left alone; what is missing is
 # installed (apt-get / pip) when possible. Connection details go to $BB_SERVERS_ENV
 # (default /tmp/brickbox-test-servers.env), which the tests read. A server that cannot
@@ -24,6 +26,12 @@ FTP_PASV=${BB_FTP_PASV:-30000-30049}
 AZ_PORT=${BB_AZBLOB_PORT:-10000}
 GCS_PORT=${BB_GCS_PORT:-9023}
 GCS_BUCKET=brickbox-test
+# Swift's proxy; the account, container and object servers listen on the three ports after it.
+SWIFT_PORT=${BB_SWIFT_PORT:-18090}
+SWIFT_MEMCACHED_PORT=${BB_SWIFT_MEMCACHED_PORT:-11311}
+SWIFT_USER=brickbox:tester
+SWIFT_KEY=bbSwiftK3y-never-print-me-3b81
+SWIFT_CONTAINER=brickbox-test
 S3_BUCKET=brickbox-test
 S3_KEY_ID=BBTESTKEYID0123456789
 S3_SECRET=bbS3cretK3y-never-print-me-7f3a9c
@@ -223,9 +231,97 @@ BB_GCS_BUCKET=$GCS_BUCKET
 EOF
 }
 
+# One Swift node as the Swift docs' "all in one" setup, shrunk: one replica, one device,
+# rings built here, tempauth for tokens. Object data needs extended attributes.
+start_swift() {
+    local dir=$STATE/swift pkg=$STATE/swift/pkg n port
+    mkdir -p "$dir/etc" "$dir/srv/d1"
+    if ! listening "$SWIFT_PORT"; then
+        command -v memcached >/dev/null 2>&1 || apt_install memcached
+        if ! command -v memcached >/dev/null 2>&1; then
+            log "Swift: memcached not available; swift tests will skip"
+            return 1
+        fi
+        if [ ! -x "$pkg/bin/swift-proxy-server" ]; then
+            python3 -m pip install -q --disable-pip-version-check --target "$pkg" swift \
+                >"$STATE/swift-install.log" 2>&1
+        fi
+        if [ ! -x "$pkg/bin/swift-proxy-server" ]; then
+            log "Swift: swift not available (see $STATE/swift-install.log); swift tests will skip"
+            return 1
+        fi
+        if ! python3 -c 'import os, sys; os.setxattr(sys.argv[1], "user.bb", b"1")' "$dir/srv/d1" 2>/dev/null; then
+            log "Swift: $dir/srv holds no extended attributes (Swift needs them); swift tests will skip"
+            return 1
+        fi
+        printf '%s\n' '[swift-hash]' 'swift_hash_path_suffix = brickbox-test' \
+            'swift_hash_path_prefix = brickbox-test' '[storage-policy:0]' 'name = default' 'default = yes' \
+            >"$dir/etc/swift.conf"
+        port=$SWIFT_PORT
+        for n in account container object; do
+            port=$((port + 1))
+            if [ ! -f "$dir/etc/$n.ring.gz" ]; then
+                (cd "$dir/etc" && swift_cmd swift-ring-builder "$n.builder" create 6 1 1 &&
+                    swift_cmd swift-ring-builder "$n.builder" add "r1z1-127.0.0.1:$port/d1" 1 &&
+                    swift_cmd swift-ring-builder "$n.builder" rebalance) >>"$STATE/swift-rings.log" 2>&1 ||
+                    { log "Swift: cannot build the $n ring (see $STATE/swift-rings.log)"; return 1; }
+            fi
+            printf '%s\n' '[DEFAULT]' "devices = $dir/srv" 'mount_check = false' 'bind_ip = 127.0.0.1' \
+                "bind_port = $port" 'workers = 0' "swift_dir = $dir/etc" 'log_level = WARNING' \
+                '[pipeline:main]' "pipeline = $n-server" "[app:$n-server]" "use = egg:swift#$n" \
+                >"$dir/etc/$n-server.conf"
+        done
+        printf '%s\n' '[DEFAULT]' 'bind_ip = 127.0.0.1' "bind_port = $SWIFT_PORT" 'workers = 0' \
+            "swift_dir = $dir/etc" 'log_level = WARNING' \
+            '[pipeline:main]' \
+            'pipeline = catch_errors gatekeeper proxy-logging cache listing_formats tempauth proxy-logging proxy-server' \
+            '[app:proxy-server]' 'use = egg:swift#proxy' 'account_autocreate = true' \
+            '[filter:catch_errors]' 'use = egg:swift#catch_errors' \
+            '[filter:gatekeeper]' 'use = egg:swift#gatekeeper' \
+            '[filter:proxy-logging]' 'use = egg:swift#proxy_logging' \
+            '[filter:listing_formats]' 'use = egg:swift#listing_formats' \
+            '[filter:cache]' 'use = egg:swift#memcache' "memcache_servers = 127.0.0.1:$SWIFT_MEMCACHED_PORT" \
+            '[filter:tempauth]' 'use = egg:swift#tempauth' "user_${SWIFT_USER/:/_} = $SWIFT_KEY .admin" \
+            >"$dir/etc/proxy-server.conf"
+        listening "$SWIFT_MEMCACHED_PORT" ||
+            start_bg swift-memcached memcached -u "$(id -un)" -l 127.0.0.1 -p "$SWIFT_MEMCACHED_PORT" -m 16
+        wait_port "$SWIFT_MEMCACHED_PORT" 15 || { log "Swift: memcached did not start"; return 1; }
+        for n in account container object proxy; do
+            start_bg "swift-$n" env PYTHONPATH="$pkg" python3 "$pkg/bin/swift-$n-server" "$dir/etc/$n-server.conf"
+        done
+        for port in $SWIFT_PORT $((SWIFT_PORT + 1)) $((SWIFT_PORT + 2)) $((SWIFT_PORT + 3)); do
+            wait_port "$port" 30 || { log "Swift: no server on port $port (see $STATE/swift-*.log)"; return 1; }
+        done
+    fi
+    # A token from tempauth (valid a day), and the container.
+    local headers token url
+    headers=$(curl -s -f --retry 5 --retry-all-errors -D - -o /dev/null \
+        -H "X-Auth-User: $SWIFT_USER" -H "X-Auth-Key: $SWIFT_KEY" "http://127.0.0.1:$SWIFT_PORT/auth/v1.0" | tr -d '\r')
+    token=$(awk -F': ' 'tolower($1) == "x-auth-token" { print $2 }' <<<"$headers")
+    url=$(awk -F': ' 'tolower($1) == "x-storage-url" { print $2 }' <<<"$headers")
+    if [ -z "$token" ] || [ -z "$url" ]; then
+        log "Swift: no token from tempauth (see $STATE/swift-proxy.log)"
+        return 1
+    fi
+    curl -s -o /dev/null -f --retry 10 --retry-all-errors --retry-delay 1 -X PUT -H "X-Auth-Token: $token" \
+        "$url/$SWIFT_CONTAINER" || { log "Swift: cannot create the test container"; return 1; }
+    cat >>"$ENV_FILE.new" <<EOF
+BB_SWIFT_ENDPOINT=$url
+BB_SWIFT_CONTAINER=$SWIFT_CONTAINER
+BB_SWIFT_TOKEN=$token
+EOF
+}
+
+# Runs one of the swift package's programs (installed with pip --target, not on PATH).
+swift_cmd() { # program args...
+    local prog=$1
+    shift
+    PYTHONPATH="$STATE/swift/pkg" python3 "$STATE/swift/pkg/bin/$prog" "$@"
+}
+
 stop_all() {
     local name pid
-    for name in s3 sftp webdav ftp azblob gcs; do
+    for name in s3 sftp webdav ftp azblob gcs swift-proxy swift-account swift-container swift-object swift-memcached; do
         if [ -f "$STATE/$name.pid" ]; then
             pid=$(cat "$STATE/$name.pid")
             kill "$pid" 2>/dev/null && log "stopped $name (pid $pid)"
@@ -247,6 +343,7 @@ start)
     start_ftp && ok+=(ftp)
     start_azblob && ok+=(azblob)
     start_gcs && ok+=(gcs)
+    start_swift && ok+=(swift)
     mv "$ENV_FILE.new" "$ENV_FILE"
     log "running: ${ok[*]:-none}; details in $ENV_FILE"
     ;;

@@ -1,7 +1,7 @@
 //! Remote boxes against real servers on 127.0.0.1: S3 (moto_server), SFTP (openssh
 //! sshd), WebDAV (rclone serve webdav), FTP (pyftpdlib), Azure Blob (Azurite) and Google
 //! Cloud Storage (gcp-storage-emulator, anonymous; its resumable uploads fail, so GCS boxes
-//! here keep volumes below one 8 MiB upload part).
+//! here keep volumes below one 8 MiB upload part) and OpenStack Swift (one node, tempauth).
 //!
 //! `.ci/servers.sh` starts them and writes their addresses and credentials to
 //! `/tmp/brickbox-test-servers.env` (or `$BB_SERVERS_ENV`). A test whose server is not
@@ -62,6 +62,7 @@ enum Proto {
     Ftp,
     Azblob,
     Gcs,
+    Swift,
 }
 
 impl Proto {
@@ -73,6 +74,7 @@ impl Proto {
             Proto::Ftp => "ftp",
             Proto::Azblob => "azblob",
             Proto::Gcs => "gcs",
+            Proto::Swift => "swift",
         }
     }
 }
@@ -213,6 +215,22 @@ fn remote(proto: Proto, name: &str) -> Option<Remote> {
                 ]),
                 vars: vec![],
                 secrets: vec![],
+            }
+        }
+        Proto::Swift => {
+            let (Some(endpoint), Some(container), Some(token)) =
+                (get("BB_SWIFT_ENDPOINT"), get("BB_SWIFT_CONTAINER"), get("BB_SWIFT_TOKEN"))
+            else {
+                return missing();
+            };
+            let host = endpoint.trim_start_matches("http://");
+            let addr = addr_of(host.split('/').next().unwrap_or(host));
+            Remote {
+                addr,
+                url: format!("swift://{container}/{name}?endpoint={endpoint}"),
+                args: vec![],
+                vars: vec![("BRICKBOX_OPT_TOKEN".into(), token.clone())],
+                secrets: vec![token],
             }
         }
     };
@@ -444,6 +462,68 @@ fn azblob_roundtrip() {
 #[test]
 fn gcs_roundtrip() {
     roundtrip(Proto::Gcs);
+}
+
+#[test]
+fn swift_roundtrip() {
+    roundtrip(Proto::Swift);
+}
+
+/// The objects (name, size) in the Swift container whose names start with `prefix`,
+/// straight from the server.
+fn swift_objects(prefix: &str) -> Vec<(String, u64)> {
+    let s = servers();
+    let (endpoint, container, token) = (&s["BB_SWIFT_ENDPOINT"], &s["BB_SWIFT_CONTAINER"], &s["BB_SWIFT_TOKEN"]);
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-f", "-H"])
+        .arg(format!("X-Auth-Token: {token}"))
+        .arg(format!("{endpoint}/{container}?format=json&prefix={prefix}"))
+        .output()
+        .expect("curl");
+    assert!(out.status.success(), "listing the Swift container failed: {out:?}");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|o| (o["name"].as_str().unwrap().to_string(), o["bytes"].as_u64().unwrap()))
+        .collect()
+}
+
+/// Volumes larger than one upload piece are stored as plain Swift objects: nothing is
+/// left under the container's `.segments/` (which deleting a volume would not remove),
+/// and compaction gives the space back.
+#[test]
+fn swift_large_volumes_leave_no_segments() {
+    let name = unique("large");
+    let Some(remote) = remote(Proto::Swift, &name) else { return };
+    let env = Env::new();
+    let s = Session::new(&env, remote);
+    let src = env.mkdir("src");
+    fs::write(src.join("big.bin"), random_bytes(21, 20 << 20)).unwrap();
+    s.ok(&args!["init"]);
+    s.json(&args!["backup", &src]);
+    let volumes = || swift_objects(&format!("{name}/data/"));
+    let first = volumes();
+    assert!(first.iter().any(|(_, len)| *len > 16 << 20), "a volume above one 8 MiB piece: {first:?}");
+
+    // The file is replaced; deleting the first version makes its volume unneeded.
+    fs::write(src.join("big.bin"), random_bytes(22, 20 << 20)).unwrap();
+    s.json(&args!["backup", &src]);
+    assert!(volumes().len() > first.len());
+    let versions = s.json(&args!["versions"]);
+    let oldest = versions.as_array().unwrap().last().unwrap()["id"].as_str().unwrap().to_string();
+    s.ok(&args!["delete", &oldest]);
+    let after = volumes();
+    for (old, _) in first.iter().filter(|(_, len)| *len > 16 << 20) {
+        assert!(!after.iter().any(|(n, _)| n == old), "compaction left {old}: {after:?}");
+    }
+
+    let t = env.path().join("restore");
+    s.ok(&args!["restore", "--target", &t]);
+    assert_same_tree(&src, &restored(&t, &src), Compare::NO_OWNERS);
+    let segments = swift_objects(&format!(".segments/{name}/"));
+    assert!(segments.is_empty(), "segments left in the container: {segments:?}");
+    s.assert_no_secrets();
 }
 
 // ---------------------------------------------------------------------------
@@ -769,6 +849,11 @@ fn gcs_survives_faults() {
     survives_faults(Proto::Gcs);
 }
 
+#[test]
+fn swift_survives_faults() {
+    survives_faults(Proto::Swift);
+}
+
 /// A stopped server and a server that accepts but never answers both give a clear error
 /// in bounded time, never a hang.
 fn dead_server_fails_fast(proto: Proto) {
@@ -837,6 +922,11 @@ fn azblob_dead_server_fails_fast() {
 #[test]
 fn gcs_dead_server_fails_fast() {
     dead_server_fails_fast(Proto::Gcs);
+}
+
+#[test]
+fn swift_dead_server_fails_fast() {
+    dead_server_fails_fast(Proto::Swift);
 }
 
 // ---------------------------------------------------------------------------
