@@ -127,6 +127,8 @@ pub fn mount(g: &Global, a: MountArgs) -> Result<u8> {
     // thread holds buffers); from a remote one it is mostly waiting, so more requests overlap.
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let local = repo.backend().is_local();
+    // Shown without secrets (the URL may hold a password).
+    let location = repo.backend().location().to_string();
     vfs_opts.io_threads = if local { cores.clamp(2, 4) } else { REMOTE_IO_THREADS };
     if !local {
         vfs_opts.max_run_bytes = REMOTE_RUN;
@@ -170,7 +172,7 @@ pub fn mount(g: &Global, a: MountArgs) -> Result<u8> {
         let of = if filter.is_empty() { String::new() } else { format!(" of {}", all_versions.len()) };
         eprintln!(
             "mounted {} ({shown}{of} version(s)) at {}; stop with Ctrl-C or 'brickbox umount {}'",
-            g.repo.as_deref().unwrap_or_default(),
+            location,
             handle.mountpoint().display(),
             a.mountpoint.display()
         );
