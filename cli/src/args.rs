@@ -21,6 +21,14 @@ pub struct Global {
     /// webdavs://, ftp://, …; see `brickbox backends`).
     #[arg(short = 'r', long = "repo", env = "BRICKBOX_REPO", global = true)]
     pub repo: Option<String>,
+    /// A file naming the repository, its password file and storage options (`key = value`
+    /// lines, e.g. `repo = s3://bucket/box`, `secret_access_key_file = s3.key`); the command
+    /// line and the environment win over it.
+    #[arg(long, value_name = "FILE", env = "BRICKBOX_REPO_CONFIG", global = true)]
+    pub repo_config: Option<PathBuf>,
+    /// Storage options read from `--repo-config`.
+    #[arg(skip)]
+    pub file_options: Vec<(String, String)>,
     /// Read the password from this file (else BRICKBOX_PASSWORD, else a prompt).
     #[arg(long, env = "BRICKBOX_PASSWORD_FILE", global = true)]
     pub password_file: Option<PathBuf>,

@@ -25,7 +25,7 @@ use crate::{CANCEL, EXIT_WARNINGS};
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<u8> {
-    let g = cli.global;
+    let g = crate::repo_config::apply(cli.global)?;
     match cli.command {
         Command::Init(a) => init(&g, a),
         Command::Backup(a) => backup_cmd(&g, a),
@@ -54,7 +54,9 @@ pub fn run(cli: Cli) -> Result<u8> {
 }
 
 fn repo_location(g: &Global) -> Result<&str> {
-    g.repo.as_deref().ok_or_else(|| anyhow!("no repository given: use -r/--repo PATH or set BRICKBOX_REPO"))
+    g.repo.as_deref().ok_or_else(|| {
+        anyhow!("no repository given: use -r/--repo PATH, set BRICKBOX_REPO, or name it in a --repo-config file")
+    })
 }
 
 fn read_secret_file(path: &Path) -> Result<Vec<u8>> {

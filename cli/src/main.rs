@@ -7,6 +7,7 @@ mod maintain;
 mod mount_cmd;
 mod progress;
 mod remote;
+mod repo_config;
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -35,6 +35,7 @@ pub fn backend_options(g: &Global, location: &str) -> Result<BackendOptions> {
     let options = g.option.iter().map(|o| location::parse_option(o)).collect::<brickbox_core::Result<Vec<_>>>()?;
     let opts = BackendOptions {
         options,
+        file_options: g.file_options.clone(),
         upload_concurrency: g.upload_concurrency.max(1),
         retries: g.retries,
         retry_delay: g.retry_delay,
@@ -42,7 +43,7 @@ pub fn backend_options(g: &Global, location: &str) -> Result<BackendOptions> {
         throttle_download: g.throttle_download,
         timeout: g.timeout.max(Duration::from_millis(100)),
     };
-    let parsed = location::parse(location, &opts.options)?;
+    let parsed = location::parse(location, &opts.file_options, &opts.options)?;
     if !g.quiet {
         for w in &parsed.warnings {
             eprintln!("warning: {w}");
@@ -101,7 +102,9 @@ pub fn backends(g: &Global) -> Result<u8> {
     println!(
         "\nOptions are opendal's config keys: --option KEY=VALUE (repeatable) or env BRICKBOX_OPT_<KEY>;\n\
          s3 also reads AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION, AWS_ENDPOINT_URL.\n\
-         Keep secrets out of URLs and command lines: prefer BRICKBOX_OPT_PASSWORD, BRICKBOX_OPT_SECRET_ACCESS_KEY…\n\
+         Keep secrets out of URLs and command lines: <key>_file=PATH reads an option from a file\n\
+         (--option secret_access_key_file=/root/s3.key, BRICKBOX_OPT_PASSWORD_FILE=…), and --repo-config FILE\n\
+         names the repository, its password file and its options in one place (see docs/backends.md).\n\
          Transfers: --upload-concurrency, --retries, --retry-delay, --timeout, --throttle-upload, --throttle-download."
     );
     Ok(0)

@@ -116,6 +116,9 @@ impl PartDigests {
 pub struct BackendOptions {
     /// opendal config keys for the service (`--option key=value`); they override the URL.
     pub options: Vec<(String, String)>,
+    /// opendal config keys from the repository's config file; environment variables
+    /// and the URL override them.
+    pub file_options: Vec<(String, String)>,
     /// Parts of one upload in flight at once, where the service uploads in parts (S3).
     pub upload_concurrency: usize,
     /// Retries of a temporarily failed request.
@@ -134,6 +137,7 @@ impl Default for BackendOptions {
     fn default() -> Self {
         Self {
             options: Vec::new(),
+            file_options: Vec::new(),
             upload_concurrency: 4,
             retries: 5,
             retry_delay: Duration::from_secs(1),
@@ -302,7 +306,7 @@ impl Backend {
 
     /// Opens a box with `opts`.
     pub fn open_with(location: &str, opts: &BackendOptions) -> Result<Self> {
-        let loc = location::parse(location, &opts.options)?;
+        let loc = location::parse(location, &opts.file_options, &opts.options)?;
         Self::from_location(loc, opts)
     }
 

@@ -21,11 +21,16 @@
 //! 2. for s3, the usual `AWS_*` environment variables (`AWS_ACCESS_KEY_ID`,
 //!    `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`/`AWS_DEFAULT_REGION`,
 //!    `AWS_ENDPOINT_URL_S3`/`AWS_ENDPOINT_URL`);
-//! 3. environment variables `BRICKBOX_OPT_<KEY>` (key upper case, e.g.
+//! 3. the repository's config file (`file_options`, read by the command line);
+//! 4. environment variables `BRICKBOX_OPT_<KEY>` (key upper case, e.g.
 //!    `BRICKBOX_OPT_SECRET_ACCESS_KEY`);
-//! 4. the URL itself (bucket, host, user, password, path);
-//! 5. the URL's query (`s3://b/p?endpoint=…&region=…`);
-//! 6. `--option key=value`.
+//! 5. the URL itself (bucket, host, user, password, path);
+//! 6. the URL's query (`s3://b/p?endpoint=…&region=…`);
+//! 7. `--option key=value`.
+//!
+//! In the config file, the environment, the URL's query and `--option`, `<key>_file=PATH`
+//! (e.g. `secret_access_key_file`) sets the option `<key>` to the contents of the file PATH
+//! (without a trailing newline), so secrets can live in files only their owner reads.
 //!
 //! Secrets (passwords, keys, tokens) never appear in [`Location::display`], and their
 //! values are listed in [`Location::secrets`] so that error messages can be scrubbed.
@@ -279,31 +284,37 @@ fn percent_encode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-/// Parses `location` with `options` (`--option key=value`) and the process environment.
-pub fn parse(location: &str, options: &[(String, String)]) -> Result<Location> {
+/// Parses `location` with the options of the repository's config file (`file_options`),
+/// `options` (`--option key=value`) and the process environment.
+pub fn parse(location: &str, file_options: &[(String, String)], options: &[(String, String)]) -> Result<Location> {
     let env: Vec<(String, String)> = std::env::vars().collect();
-    parse_with_env(location, options, &env)
+    parse_with_env(location, file_options, options, &env)
 }
 
-/// Parses `location` with `options` and the environment given as `(name, value)` pairs.
-pub fn parse_with_env(location: &str, options: &[(String, String)], env: &[(String, String)]) -> Result<Location> {
+/// Parses `location` like [`parse`], with the environment given as `(name, value)` pairs.
+pub fn parse_with_env(
+    location: &str,
+    file_options: &[(String, String)],
+    options: &[(String, String)],
+    env: &[(String, String)],
+) -> Result<Location> {
     let location = location.trim();
     if location.is_empty() {
         return Err(Error::Invalid("empty repository location".into()));
     }
-    for (k, _) in options {
+    for (k, _) in file_options.iter().chain(options) {
         if k.is_empty() || k.contains(char::is_whitespace) {
             return Err(Error::Invalid(format!("invalid option key '{k}': use --option key=value")));
         }
     }
     let Some((scheme, rest)) = location.split_once("://") else {
-        return local(PathBuf::from(location), options);
+        return local(PathBuf::from(location), file_options, options);
     };
     let scheme = scheme.to_ascii_lowercase();
     if scheme == "file" {
         // file:///abs/path; also accept file://relative.
         let path = percent_decode(rest);
-        return local(PathBuf::from(path), options);
+        return local(PathBuf::from(path), file_options, options);
     }
     let Some(info) = schemes().iter().find(|s| s.url_schemes.contains(&scheme.as_str())) else {
         let known: Vec<&str> = schemes().iter().flat_map(|s| s.url_schemes.iter().copied()).collect();
@@ -339,16 +350,20 @@ pub fn parse_with_env(location: &str, options: &[(String, String)], env: &[(Stri
             }
         }
     }
-    // 3. BRICKBOX_OPT_<KEY>.
+    // 3. The repository's config file.
+    for (k, v) in file_options {
+        b.set_given(&k.to_ascii_lowercase(), v, "the repository config file")?;
+    }
+    // 4. BRICKBOX_OPT_<KEY>.
     for (name, value) in env {
         if let Some(key) = name.strip_prefix("BRICKBOX_OPT_") {
             if !key.is_empty() {
-                b.set(&key.to_ascii_lowercase(), value);
+                b.set_given(&key.to_ascii_lowercase(), value, name)?;
             }
         }
     }
 
-    // 4. The URL.
+    // 5. The URL.
     let (authority, path_and_query) = match rest.find(['/', '?']) {
         Some(i) => rest.split_at(i),
         None => (rest, ""),
@@ -472,7 +487,7 @@ pub fn parse_with_env(location: &str, options: &[(String, String)], env: &[(Stri
         other => return Err(Error::Invalid(format!("service {other} has no URL mapping"))),
     }
 
-    // 5. The URL's query.
+    // 6. The URL's query.
     if let Some(q) = query {
         for (k, v) in url::form_urlencoded::parse(q.as_bytes()) {
             let k = k.to_ascii_lowercase();
@@ -482,12 +497,12 @@ pub fn parse_with_env(location: &str, options: &[(String, String)], env: &[(Stri
                     k.to_ascii_uppercase()
                 ));
             }
-            b.set(&k, &v);
+            b.set_given(&k, &v, "the URL")?;
         }
     }
-    // 6. --option.
+    // 7. --option.
     for (k, v) in options {
-        b.set(&k.to_ascii_lowercase(), v);
+        b.set_given(&k.to_ascii_lowercase(), v, "--option")?;
     }
 
     if info.service == "azblob" && !b.config.contains_key("endpoint") {
@@ -547,9 +562,43 @@ impl Parts {
     fn set(&mut self, key: &str, value: &str) {
         self.config.insert(key.to_string(), value.to_string());
     }
+
+    /// Sets an option the user gave (in `source`): `<key>_file=PATH` sets `<key>` to the
+    /// contents of PATH.
+    fn set_given(&mut self, key: &str, value: &str, source: &str) -> Result<()> {
+        match secret_file_key(self.service, key) {
+            Some(base) => {
+                let text = read_option_file(key, value, source)?;
+                self.set(base, &text);
+            }
+            None => self.set(key, value),
+        }
+        Ok(())
+    }
 }
 
-fn local(path: PathBuf, options: &[(String, String)]) -> Result<Location> {
+/// For `<key>_file`, where `<key>` is an option of `service` and `<key>_file` is not: `<key>`.
+fn secret_file_key<'k>(service: &str, key: &'k str) -> Option<&'k str> {
+    let base = key.strip_suffix("_file")?;
+    (known_key(service, base) && !known_key(service, key)).then_some(base)
+}
+
+/// The value of option `<key>_file`: the contents of the file it names, without the
+/// trailing newline. Errors name the option and the file, never the contents.
+fn read_option_file(key: &str, path: &str, source: &str) -> Result<String> {
+    let bad = |why: String| Error::Invalid(format!("option {key} (from {source}): {why}"));
+    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read {path}: {e}")))?;
+    let mut text = String::from_utf8(bytes).map_err(|_| bad(format!("{path} is not UTF-8 text")))?;
+    while text.ends_with(['\n', '\r']) {
+        text.pop();
+    }
+    if text.is_empty() {
+        return Err(bad(format!("{path} is empty")));
+    }
+    Ok(text)
+}
+
+fn local(path: PathBuf, file_options: &[(String, String)], options: &[(String, String)]) -> Result<Location> {
     if path.as_os_str().is_empty() {
         return Err(Error::Invalid("empty repository path".into()));
     }
@@ -563,7 +612,7 @@ fn local(path: PathBuf, options: &[(String, String)]) -> Result<Location> {
     config.insert("root".to_string(), root.clone());
     config.insert("atomic_write_dir".to_string(), format!("{}/.tmp", root.trim_end_matches('/')));
     let mut warnings = Vec::new();
-    for (k, v) in options {
+    for (k, v) in file_options.iter().chain(options) {
         let k = k.to_ascii_lowercase();
         if !known_key("fs", &k) {
             warnings.push(format!("'{k}' is not a known option of the fs service; passed to it anyway"));
@@ -706,7 +755,7 @@ mod tests {
     fn p(loc: &str, opts: &[(&str, &str)], env: &[(&str, &str)]) -> Location {
         let opts: Vec<(String, String)> = opts.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        parse_with_env(loc, &opts, &env).unwrap()
+        parse_with_env(loc, &[], &opts, &env).unwrap()
     }
 
     fn get<'a>(l: &'a Location, k: &str) -> Option<&'a str> {
@@ -772,7 +821,7 @@ mod tests {
         assert_eq!(l.display, "sftp://alice@example.org:2222/srv/box");
         let l = p("sftp://host/~/box", &[], &[]);
         assert_eq!(get(&l, "root"), Some("box"));
-        assert!(parse_with_env("sftp://a:pw@host/x", &[], &[]).is_err());
+        assert!(parse_with_env("sftp://a:pw@host/x", &[], &[], &[]).is_err());
     }
 
     #[test]
@@ -800,10 +849,10 @@ mod tests {
 
     #[test]
     fn unknown_and_disabled_schemes() {
-        let e = parse_with_env("nope://x", &[], &[]).unwrap_err().to_string();
+        let e = parse_with_env("nope://x", &[], &[], &[]).unwrap_err().to_string();
         assert!(e.contains("unknown repository scheme"), "{e}");
         if !cfg!(feature = "cloud") {
-            let e = parse_with_env("gcs://b/p", &[], &[]).unwrap_err().to_string();
+            let e = parse_with_env("gcs://b/p", &[], &[], &[]).unwrap_err().to_string();
             assert!(e.contains("--features cloud"), "{e}");
         }
     }
@@ -824,5 +873,68 @@ mod tests {
         let e = parse_option("=topsecret").unwrap_err().to_string();
         assert!(!e.contains("topsecret"), "{e}");
         assert_eq!(parse_option("Region=eu").unwrap(), ("region".into(), "eu".into()));
+    }
+
+    fn pairs(kv: &[(&str, &str)]) -> Vec<(String, String)> {
+        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn config_file_options_sit_below_env_and_command_line() {
+        let file = pairs(&[("region", "from-file"), ("endpoint", "http://file"), ("access_key_id", "file-id")]);
+        let env = pairs(&[("BRICKBOX_OPT_ENDPOINT", "http://env"), ("BRICKBOX_OPT_ACCESS_KEY_ID", "env-id")]);
+        let l = parse_with_env("s3://b/p", &file, &pairs(&[("access_key_id", "cli-id")]), &env).unwrap();
+        assert_eq!(get(&l, "region"), Some("from-file"));
+        assert_eq!(get(&l, "endpoint"), Some("http://env"));
+        assert_eq!(get(&l, "access_key_id"), Some("cli-id"));
+        // The local service takes them too.
+        let l = parse_with_env("/srv/box", &pairs(&[("atomic_write_dir", "/srv/tmp")]), &[], &[]).unwrap();
+        assert_eq!(get(&l, "atomic_write_dir"), Some("/srv/tmp"));
+    }
+
+    #[test]
+    fn secrets_come_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("s3-secret");
+        std::fs::write(&key, "k3y-from-file\n").unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t0ken-from-file").unwrap();
+        let key_path = key.to_str().unwrap();
+        for (file, env, cli) in [
+            (pairs(&[("secret_access_key_file", key_path)]), vec![], vec![]),
+            (vec![], pairs(&[("BRICKBOX_OPT_SECRET_ACCESS_KEY_FILE", key_path)]), vec![]),
+            (vec![], vec![], pairs(&[("secret_access_key_file", key_path)])),
+        ] {
+            let l = parse_with_env("s3://b/p", &file, &cli, &env).unwrap();
+            assert_eq!(get(&l, "secret_access_key"), Some("k3y-from-file"));
+            assert!(!l.config.contains_key("secret_access_key_file"));
+            assert!(l.secrets.contains(&"k3y-from-file".to_string()));
+            assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        }
+        // In the URL's query too; a later source still wins.
+        let url = format!("webdav://u@h/dav?token_file={}", token.display());
+        let l = parse_with_env(&url, &[], &[], &[]).unwrap();
+        assert_eq!(get(&l, "token"), Some("t0ken-from-file"));
+        assert!(l.secrets.contains(&"t0ken-from-file".to_string()));
+        let l = parse_with_env(&url, &[], &pairs(&[("token", "cli-token")]), &[]).unwrap();
+        assert_eq!(get(&l, "token"), Some("cli-token"));
+        // Not for keys of other services, nor where `<key>_file` is itself an option.
+        let l = parse_with_env("s3://b/p", &[], &pairs(&[("password_file", "/x")]), &[]).unwrap();
+        assert_eq!(get(&l, "password_file"), Some("/x"));
+        assert!(l.warnings.iter().any(|w| w.contains("password_file")));
+    }
+
+    #[test]
+    fn unreadable_secret_files_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let cli = pairs(&[("password_file", missing.to_str().unwrap())]);
+        let e = parse_with_env("webdav://u@h/x", &[], &cli, &[]).unwrap_err().to_string();
+        assert!(e.contains("password_file") && e.contains("--option") && e.contains("nope"), "{e}");
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let env = pairs(&[("BRICKBOX_OPT_PASSWORD_FILE", empty.to_str().unwrap())]);
+        let e = parse_with_env("ftp://u@h/x", &[], &[], &env).unwrap_err().to_string();
+        assert!(e.contains("is empty") && e.contains("BRICKBOX_OPT_PASSWORD_FILE"), "{e}");
     }
 }

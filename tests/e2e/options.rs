@@ -473,3 +473,44 @@ fn block_size_is_chosen_at_init_and_kept_by_the_box() {
     env.restore(&[], &t);
     assert!(same_content(&src.join("data.bin"), &restored(&t, &src).join("data.bin")));
 }
+
+/// `--repo-config FILE` (or BRICKBOX_REPO_CONFIG) names the box and the password file;
+/// paths in it are relative to it; `-r` wins over it; bad lines are named by number.
+#[test]
+fn repo_config_file_names_the_box_and_its_password() {
+    let env = Env::new();
+    let src = env.mkdir("src");
+    fs::write(src.join("a.txt"), b"alpha").unwrap();
+    let conf_dir = env.mkdir("conf");
+    fs::write(conf_dir.join("box.password"), format!("{}\n", env.password)).unwrap();
+    let conf = conf_dir.join("office.conf");
+    fs::write(&conf, "# the office box\nrepo = office-box\nrepo_password_file = \"box.password\"\n").unwrap();
+    let cmd_db = |db: &Path, args: &[std::ffi::OsString]| {
+        let mut c = env.bare_cmd();
+        c.env_remove("BRICKBOX_PASSWORD").arg("--db").arg(db).args(args);
+        c
+    };
+    let cmd = |args: &[std::ffi::OsString]| cmd_db(&env.db, args);
+    run_cmd(cmd(&args!["--repo-config", &conf, "init"])).expect_code(0);
+    assert!(conf_dir.join("office-box/config").exists(), "the box is beside the config file");
+    run_cmd(cmd(&args!["--repo-config", &conf, "backup", &src])).expect_code(0);
+    let mut c = cmd(&args!["versions", "--json"]);
+    c.env("BRICKBOX_REPO_CONFIG", &conf);
+    assert_eq!(run_cmd(c).json().as_array().unwrap().len(), 1);
+
+    // -r wins over the file's repo (and the file's password file still serves).
+    let other = env.path().join("other-box");
+    let other_db = env.path().join("other.sqlite");
+    run_cmd(cmd_db(&other_db, &args!["--repo-config", &conf, "-r", &other, "init"])).expect_code(0);
+    assert!(other.join("config").exists());
+
+    // A bad line: the file and line are named, the line's text is not echoed.
+    fs::write(&conf, "repo = office-box\nsecret_access_key hunter2-never-printed\n").unwrap();
+    let r = run_cmd(cmd(&args!["--repo-config", &conf, "versions"]));
+    r.expect_code(1);
+    assert!(r.stderr.contains("office.conf:2: expected 'key = value'"), "{}", r.stderr);
+    assert!(!r.stderr.contains("hunter2"), "{}", r.stderr);
+    let r = run_cmd(cmd(&args!["--repo-config", &conf_dir.join("missing.conf"), "versions"]));
+    r.expect_code(1);
+    assert!(r.stderr.contains("cannot read the repository config file"), "{}", r.stderr);
+}

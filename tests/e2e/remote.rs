@@ -1098,6 +1098,75 @@ fn s3_credentials_from_options_and_env() {
 }
 
 /// `--throttle-upload` and `--throttle-download` hold the transfers to their rate.
+/// Storage secrets from files: `<key>_file` in a `--repo-config` file, in
+/// `BRICKBOX_OPT_<KEY>_FILE` and in `--option`; the server checks the password, so a wrong
+/// one in the file fails. Never printed, and a config file others may read that holds a
+/// secret itself gets a warning.
+#[test]
+fn webdav_secrets_from_files_and_a_repo_config() {
+    let Some(r) = remote(Proto::Webdav, &unique("conf")) else { return };
+    let dav_password = r.secrets[0].clone();
+    let env = Env::new();
+    let src = env.mkdir("src");
+    fs::write(src.join("a.txt"), b"alpha").unwrap();
+    let dir = env.mkdir("conf");
+    fs::write(dir.join("dav.secret"), format!("{dav_password}\n")).unwrap();
+    fs::write(dir.join("repo.password"), &env.password).unwrap();
+    let conf = dir.join("box.conf");
+    fs::write(&conf, format!("repo = {}\nrepo_password_file = repo.password\npassword_file = dav.secret\n", r.url))
+        .unwrap();
+    let mut outputs = Vec::new();
+    let mut run = |vars: &[(&str, &str)], args: &[OsString]| {
+        let mut c = env.bare_cmd();
+        c.env_remove("BRICKBOX_PASSWORD").env_remove("BRICKBOX_OPT_PASSWORD").env("BRICKBOX_DB", &env.db);
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        c.args(args).args(["--retries", "1", "--retry-delay", "100ms"]);
+        let out = run_cmd(c);
+        outputs.push(format!("{}\n{}", out.stdout, out.stderr));
+        out
+    };
+    run(&[], &args!["--repo-config", &conf, "init"]).expect_code(0);
+    run(&[], &args!["--repo-config", &conf, "backup", &src]).expect_code(0);
+
+    // The same secret file through the environment and through --option.
+    let secret_path = dir.join("dav.secret");
+    let secret_path = secret_path.to_str().unwrap();
+    let by_env = run(
+        &[("BRICKBOX_OPT_PASSWORD_FILE", secret_path), ("BRICKBOX_PASSWORD", &env.password)],
+        &args!["-r", &r.url, "versions", "--json"],
+    );
+    assert_eq!(by_env.expect_code(0).json().as_array().unwrap().len(), 1);
+    let by_option = run(
+        &[("BRICKBOX_PASSWORD", &env.password)],
+        &args!["-r", &r.url, "--option", format!("password_file={secret_path}"), "versions", "--json"],
+    );
+    assert_eq!(by_option.expect_code(0).json().as_array().unwrap().len(), 1);
+
+    // The password really comes from the file: a wrong one is refused by the server.
+    fs::write(dir.join("dav.secret"), "not-the-password\n").unwrap();
+    let fresh = env.path().join("fresh.sqlite");
+    let wrong = run(&[("BRICKBOX_DB", fresh.to_str().unwrap())], &args!["--repo-config", &conf, "versions"]);
+    wrong.expect_code(1);
+    assert!(wrong.stderr.contains("storage error"), "{}", wrong.stderr);
+
+    // A secret written in a config file that others may read.
+    fs::write(&conf, format!("repo = {}\nrepo_password_file = repo.password\npassword = {dav_password}\n", r.url))
+        .unwrap();
+    fs::set_permissions(&conf, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let warned = run(&[], &args!["--repo-config", &conf, "versions"]);
+    warned.expect_code(0);
+    assert!(warned.stderr.contains("holds the secret 'password' and other users may read it"), "{}", warned.stderr);
+    fs::set_permissions(&conf, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let quiet = run(&[], &args!["--repo-config", &conf, "versions"]);
+    assert!(!quiet.expect_code(0).stderr.contains("other users"), "{}", quiet.stderr);
+
+    for out in &outputs {
+        assert!(!out.contains(&dav_password), "a secret was printed:\n{out}");
+    }
+}
+
 #[test]
 fn s3_throttles_transfers() {
     let Some(r) = remote(Proto::S3, &unique("throttle")) else { return };
