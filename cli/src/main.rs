@@ -34,6 +34,9 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {}", describe(&e));
+            if let Some(h) = e.chain().find_map(|c| c.downcast_ref::<brickbox_core::Error>()).and_then(|e| e.hint()) {
+                eprintln!("hint: {h}");
+            }
             ExitCode::from(1)
         }
     }

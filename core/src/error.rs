@@ -86,6 +86,59 @@ impl Error {
     pub fn damaged(object: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::Damaged { object: object.into(), reason: reason.into() }
     }
+
+    /// What the user can do about a storage error whose cause is recognisable (refused
+    /// credentials, no credentials, an unknown SSH host key, nothing listening, a host
+    /// name that does not resolve, no answer in time).
+    pub fn hint(&self) -> Option<&'static str> {
+        let Error::Backend { source, .. } = self else { return None };
+        storage_hint(source.kind(), &source.to_string())
+    }
+}
+
+fn storage_hint(kind: opendal::ErrorKind, text: &str) -> Option<&'static str> {
+    let t = text.to_ascii_lowercase();
+    let has = |words: &[&str]| words.iter().any(|w| t.contains(w));
+    if has(&["host key is known", "host key verification failed", "remote host identification has changed"]) {
+        return Some(
+            "the SSH server's host key is not the one in ~/.ssh/known_hosts (or not there at all): check it and add \
+             it (ssh-keyscan -p PORT HOST >> ~/.ssh/known_hosts), or pass --option known_hosts_strategy=add",
+        );
+    }
+    if has(&["failed to load signing credential"]) {
+        return Some(
+            "no credentials for the service: set them with --option, BRICKBOX_OPT_<KEY> (or AWS_ACCESS_KEY_ID and \
+             AWS_SECRET_ACCESS_KEY for s3) or a --repo-config file; 'brickbox backends' lists the keys",
+        );
+    }
+    if kind == opendal::ErrorKind::PermissionDenied
+        || has(&[
+            "unauthorized",
+            "authentication failed",
+            "[530]",
+            "accessdenied",
+            "access denied",
+            "invalidaccesskeyid",
+            "signaturedoesnotmatch",
+            "authorizationfailure",
+            "permission denied (publickey",
+        ])
+    {
+        return Some(
+            "the server refused the credentials or the access: check the user, password, key or token given \
+             (--option, BRICKBOX_OPT_<KEY>, --repo-config) and what that account may do",
+        );
+    }
+    if has(&["connection refused"]) {
+        return Some("nothing answers at that address: is the server running, and are the host and port right?");
+    }
+    if has(&["dns error", "failed to lookup address", "name or service not known", "no such host"]) {
+        return Some("the host name does not resolve: check it in the URL or the endpoint option");
+    }
+    if has(&["timed out", "timeout"]) {
+        return Some("the server did not answer in time: check the network, or allow more with --timeout");
+    }
+    None
 }
 
 /// Adds a path to I/O errors.
@@ -97,5 +150,35 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for std::io::Result<T> {
     fn at(self, path: impl Into<PathBuf>) -> Result<T> {
         self.map_err(|e| Error::io(path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opendal::ErrorKind;
+
+    fn hint(kind: ErrorKind, text: &str) -> Option<&'static str> {
+        Error::Backend { object: "x".into(), source: opendal::Error::new(kind, text) }.hint()
+    }
+
+    #[test]
+    fn storage_errors_get_hints_by_cause() {
+        // Texts as the services report them (seen against the test servers).
+        let refused = hint(ErrorKind::Unexpected, "ftp error: Invalid response: [530] 530 Authentication failed.");
+        assert!(refused.is_some_and(|h| h.contains("refused the credentials")));
+        assert_eq!(hint(ErrorKind::PermissionDenied, "This server could not verify that you are authorized"), refused);
+        assert_eq!(hint(ErrorKind::Unexpected, "Unauthorized"), refused);
+        let no_creds = hint(ErrorKind::Unexpected, "signing http request: failed to load signing credential");
+        assert!(no_creds.is_some_and(|h| h.contains("no credentials")));
+        let host_key = hint(
+            ErrorKind::Unexpected,
+            "ssh error: No ED25519 host key is known for [127.0.0.1]:2222 and you have requested strict checking.",
+        );
+        assert!(host_key.is_some_and(|h| h.contains("known_hosts_strategy")));
+        let down = hint(ErrorKind::Unexpected, "tcp connect error: Connection refused (os error 111)");
+        assert!(down.is_some_and(|h| h.contains("server running")));
+        assert_eq!(hint(ErrorKind::NotFound, "not found"), None);
+        assert_eq!(Error::WrongPassword.hint(), None);
     }
 }

@@ -876,6 +876,7 @@ fn dead_server_fails_fast(proto: Proto) {
         assert_eq!(r.code, 1, "stopped server: {cmd:?}: {r:?}");
         assert!(took < Duration::from_secs(60), "stopped server: {cmd:?} took {took:?}");
         assert!(r.stderr.contains("storage error"), "{r:?}");
+        assert!(r.stderr.contains("hint: nothing answers at that address"), "{r:?}");
         eprintln!("{}: stopped server -> {:?} after {took:.1?}", proto.name(), r.stderr.trim());
     }
 
@@ -1150,6 +1151,7 @@ fn webdav_secrets_from_files_and_a_repo_config() {
     let wrong = run(&[("BRICKBOX_DB", fresh.to_str().unwrap())], &args!["--repo-config", &conf, "versions"]);
     wrong.expect_code(1);
     assert!(wrong.stderr.contains("storage error"), "{}", wrong.stderr);
+    assert!(wrong.stderr.contains("hint: the server refused the credentials"), "{}", wrong.stderr);
 
     // A secret written in a config file that others may read.
     fs::write(&conf, format!("repo = {}\nrepo_password_file = repo.password\npassword = {dav_password}\n", r.url))
