@@ -8,6 +8,7 @@
 #   GCS     gcp-storage-emulator         (PyPI gcp-storage-emulator; JSON API, anonymous)
 #   Swift   OpenStack Swift, one node: proxy (tempauth) + account/container/object servers
 #           (PyPI swift; memcached from apt holds tempauth's tokens)
+#   Keystone OpenStack Keystone v3 (PyPI keystone) and a second Swift proxy that takes its tokens
 # Idempotent: a server whose port already answers is left alone; what is missing is
 # installed (apt-get / pip) when possible. Connection details go to $BB_SERVERS_ENV
 # (default /tmp/brickbox-test-servers.env), which the tests read. A server that cannot
@@ -32,6 +33,13 @@ SWIFT_MEMCACHED_PORT=${BB_SWIFT_MEMCACHED_PORT:-11311}
 SWIFT_USER=brickbox:tester
 SWIFT_KEY=bbSwiftK3y-never-print-me-3b81
 SWIFT_CONTAINER=brickbox-test
+KS_PORT=${BB_KEYSTONE_PORT:-18095}
+# The Swift proxy that takes Keystone's tokens.
+SWIFT_KS_PORT=${BB_SWIFT_KEYSTONE_PORT:-18094}
+KS_ADMIN_PASSWORD=bbKsAdmin-never-print-me-90c1
+KS_USER=bbuser
+KS_PASSWORD=bbKsUser-never-print-me-4d2e
+KS_PROJECT=brickbox
 S3_BUCKET=brickbox-test
 S3_KEY_ID=BBTESTKEYID0123456789
 S3_SECRET=bbS3cretK3y-never-print-me-7f3a9c
@@ -309,6 +317,9 @@ start_swift() {
 BB_SWIFT_ENDPOINT=$url
 BB_SWIFT_CONTAINER=$SWIFT_CONTAINER
 BB_SWIFT_TOKEN=$token
+BB_SWIFT_AUTH_V1=http://127.0.0.1:$SWIFT_PORT/auth/v1.0
+BB_SWIFT_USER=$SWIFT_USER
+BB_SWIFT_KEY=$SWIFT_KEY
 EOF
 }
 
@@ -319,9 +330,88 @@ swift_cmd() { # program args...
     PYTHONPATH="$STATE/swift/pkg" python3 "$STATE/swift/pkg/bin/$prog" "$@"
 }
 
+# Keystone (v3, SQLite, fernet tokens) and a second proxy of the Swift node above that
+# takes Keystone's tokens (keystonemiddleware's authtoken + Swift's keystoneauth), for the
+# login of swift boxes with a user, a password and a project.
+start_keystone() {
+    local dir=$STATE/keystone pkg=$STATE/keystone/pkg conf=$STATE/keystone/keystone.conf
+    mkdir -p "$dir"
+    if [ ! -f "$STATE/swift/etc/object.ring.gz" ]; then
+        log "Keystone: needs the Swift node; swift login tests will skip"
+        return 1
+    fi
+    if ! listening "$KS_PORT"; then
+        if [ ! -x "$pkg/bin/keystone-manage" ]; then
+            python3 -m pip install -q --disable-pip-version-check --target "$pkg" keystone keystonemiddleware \
+                >"$STATE/keystone-install.log" 2>&1
+        fi
+        if [ ! -x "$pkg/bin/keystone-manage" ]; then
+            log "Keystone: not available (see $STATE/keystone-install.log); swift login tests will skip"
+            return 1
+        fi
+        printf '%s\n' '[DEFAULT]' "log_file = $STATE/keystone-server.log" \
+            '[database]' "connection = sqlite:///$dir/keystone.db" \
+            '[token]' 'provider = fernet' \
+            '[fernet_tokens]' "key_repository = $dir/fernet-keys" \
+            '[fernet_receipts]' "key_repository = $dir/fernet-keys" \
+            '[credential]' "key_repository = $dir/credential-keys" >"$conf"
+        local user
+        user=$(id -un)
+        {
+            keystone_manage db_sync &&
+                keystone_manage fernet_setup --keystone-user "$user" --keystone-group "$(id -gn)" &&
+                keystone_manage credential_setup --keystone-user "$user" --keystone-group "$(id -gn)" &&
+                keystone_manage bootstrap --bootstrap-password "$KS_ADMIN_PASSWORD" \
+                    --bootstrap-admin-url "http://127.0.0.1:$KS_PORT/v3" \
+                    --bootstrap-public-url "http://127.0.0.1:$KS_PORT/v3" --bootstrap-region-id RegionOne
+        } >"$STATE/keystone-setup.log" 2>&1 || { log "Keystone: setup failed (see $STATE/keystone-setup.log)"; return 1; }
+        start_bg keystone env OS_KEYSTONE_CONFIG_FILES="$conf" KS_PORT="$KS_PORT" PYTHONPATH="$pkg" \
+            python3 "$(dirname "$0")/keystone_serve.py"
+        wait_port "$KS_PORT" 60 || { log "Keystone: did not start (see $STATE/keystone.log)"; return 1; }
+    fi
+    if ! listening "$SWIFT_KS_PORT"; then
+        printf '%s\n' '[DEFAULT]' 'bind_ip = 127.0.0.1' "bind_port = $SWIFT_KS_PORT" 'workers = 0' \
+            "swift_dir = $STATE/swift/etc" 'log_level = WARNING' \
+            '[pipeline:main]' \
+            'pipeline = catch_errors gatekeeper proxy-logging cache listing_formats authtoken keystoneauth proxy-logging proxy-server' \
+            '[app:proxy-server]' 'use = egg:swift#proxy' 'account_autocreate = true' \
+            '[filter:catch_errors]' 'use = egg:swift#catch_errors' \
+            '[filter:gatekeeper]' 'use = egg:swift#gatekeeper' \
+            '[filter:proxy-logging]' 'use = egg:swift#proxy_logging' \
+            '[filter:listing_formats]' 'use = egg:swift#listing_formats' \
+            '[filter:cache]' 'use = egg:swift#memcache' "memcache_servers = 127.0.0.1:$SWIFT_MEMCACHED_PORT" \
+            '[filter:authtoken]' 'paste.filter_factory = keystonemiddleware.auth_token:filter_factory' \
+            "www_authenticate_uri = http://127.0.0.1:$KS_PORT" "auth_url = http://127.0.0.1:$KS_PORT" \
+            'auth_type = password' 'interface = public' 'project_domain_id = default' 'user_domain_id = default' \
+            'project_name = admin' 'username = admin' "password = $KS_ADMIN_PASSWORD" 'delay_auth_decision = True' \
+            '[filter:keystoneauth]' 'use = egg:swift#keystoneauth' 'operator_roles = admin, member' \
+            >"$dir/proxy-server.conf"
+        # Keystone's packages first (keystonemiddleware and its libraries), then Swift's.
+        start_bg swift-keystone-proxy env PYTHONPATH="$pkg:$STATE/swift/pkg" \
+            python3 "$STATE/swift/pkg/bin/swift-proxy-server" "$dir/proxy-server.conf"
+        wait_port "$SWIFT_KS_PORT" 30 || { log "Keystone: the Swift proxy did not start (see $STATE/swift-keystone-proxy.log)"; return 1; }
+    fi
+    python3 "$(dirname "$0")/keystone_setup.py" "http://127.0.0.1:$KS_PORT" "$KS_ADMIN_PASSWORD" "$KS_USER" \
+        "$KS_PASSWORD" "$KS_PROJECT" "http://127.0.0.1:$SWIFT_KS_PORT" "$SWIFT_CONTAINER" \
+        >"$STATE/keystone-users.log" 2>&1 || { log "Keystone: cannot set up the test user (see $STATE/keystone-users.log)"; return 1; }
+    cat >>"$ENV_FILE.new" <<EOF
+BB_KEYSTONE_AUTH_URL=http://127.0.0.1:$KS_PORT/v3
+BB_KEYSTONE_USER=$KS_USER
+BB_KEYSTONE_PASSWORD=$KS_PASSWORD
+BB_KEYSTONE_PROJECT=$KS_PROJECT
+BB_KEYSTONE_CONTAINER=$SWIFT_CONTAINER
+EOF
+}
+
+# Runs keystone-manage (installed with pip --target, not on PATH) with the test config.
+keystone_manage() { # args...
+    PYTHONPATH="$STATE/keystone/pkg" python3 "$STATE/keystone/pkg/bin/keystone-manage" \
+        --config-file "$STATE/keystone/keystone.conf" "$@"
+}
+
 stop_all() {
     local name pid
-    for name in s3 sftp webdav ftp azblob gcs swift-proxy swift-account swift-container swift-object swift-memcached; do
+    for name in s3 sftp webdav ftp azblob gcs swift-proxy swift-account swift-container swift-object swift-memcached keystone swift-keystone-proxy; do
         if [ -f "$STATE/$name.pid" ]; then
             pid=$(cat "$STATE/$name.pid")
             kill "$pid" 2>/dev/null && log "stopped $name (pid $pid)"
@@ -344,6 +434,7 @@ start)
     start_azblob && ok+=(azblob)
     start_gcs && ok+=(gcs)
     start_swift && ok+=(swift)
+    start_keystone && ok+=(keystone)
     mv "$ENV_FILE.new" "$ENV_FILE"
     log "running: ${ok[*]:-none}; details in $ENV_FILE"
     ;;

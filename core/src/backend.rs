@@ -320,6 +320,11 @@ impl Backend {
             .build()
             .at(&loc.display)?;
         let mut config = loc.config.clone();
+        let mut secrets = loc.secrets.clone();
+        if loc.service == "swift" {
+            crate::swiftauth::login_if_asked(&mut config, opts.timeout, &loc.display)?;
+            secrets.extend(config.get("token").cloned());
+        }
         if loc.service == "s3" && !config.contains_key("region") {
             // opendal needs a region: ask AWS for the bucket's, or take the usual default
             // of S3-compatible servers.
@@ -343,11 +348,11 @@ impl Backend {
         };
         let op = layers
             .build(loc.service, &config)
-            .map_err(|e| Error::Backend { object: loc.display.clone(), source: scrub(e, &loc.secrets) })?;
+            .map_err(|e| Error::Backend { object: loc.display.clone(), source: scrub(e, &secrets) })?;
         let write_op = if matches!(loc.service, "sftp" | "ftp") {
             layers
                 .build_once(loc.service, &config)
-                .map_err(|e| Error::Backend { object: loc.display.clone(), source: scrub(e, &loc.secrets) })?
+                .map_err(|e| Error::Backend { object: loc.display.clone(), source: scrub(e, &secrets) })?
         } else {
             op.clone()
         };
@@ -359,7 +364,7 @@ impl Backend {
             op,
             service: loc.service,
             location: loc.display,
-            secrets: loc.secrets,
+            secrets,
             local_root: loc.local_root,
             staging,
             multi_write,

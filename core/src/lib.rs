@@ -38,6 +38,7 @@ pub mod repo;
 #[cfg(unix)]
 pub mod restore;
 pub mod retention;
+pub mod swiftauth;
 #[cfg(test)]
 mod test_data;
 pub mod time;

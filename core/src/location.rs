@@ -20,7 +20,9 @@
 //!    asked for with `disable_config_load=false`);
 //! 2. for s3, the usual `AWS_*` environment variables (`AWS_ACCESS_KEY_ID`,
 //!    `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`/`AWS_DEFAULT_REGION`,
-//!    `AWS_ENDPOINT_URL_S3`/`AWS_ENDPOINT_URL`);
+//!    `AWS_ENDPOINT_URL_S3`/`AWS_ENDPOINT_URL`); for swift, OpenStack's `OS_AUTH_URL`,
+//!    `OS_USERNAME`, `OS_PASSWORD`, `OS_PROJECT_NAME`, `OS_USER_DOMAIN_NAME`, `OS_REGION_NAME`,
+//!    `OS_STORAGE_URL`, `OS_AUTH_TOKEN` … and v1's `ST_AUTH`, `ST_USER`, `ST_KEY`;
 //! 3. the repository's config file (`file_options`, read by the command line);
 //! 4. environment variables `BRICKBOX_OPT_<KEY>` (key upper case, e.g.
 //!    `BRICKBOX_OPT_SECRET_ACCESS_KEY`);
@@ -191,10 +193,16 @@ pub fn schemes() -> &'static [Scheme] {
             service: "swift",
             enabled: CLOUD,
             feature: "cloud",
-            example: "swift://container/prefix?endpoint=https://host/v1/AUTH_account",
+            example: "swift://container/prefix?auth_url=https://keystone:5000/v3",
             options: &[
-                ("endpoint", "account URL, e.g. https://host/v1/AUTH_account (required)"),
-                ("token", "auth token (secret)"),
+                ("auth_url", "log in here: Keystone v3 (…/v3) or v1 (…/auth/v1.0); or give endpoint and token"),
+                ("user", "user to log in as"),
+                ("password", "password or v1 key (secret)"),
+                ("project_name", "Keystone project (or project_id)"),
+                ("user_domain_name", "Keystone domain of the user (default Default)"),
+                ("region", "Keystone region of the object store"),
+                ("endpoint", "storage URL, e.g. https://host/v1/AUTH_account (without auth_url)"),
+                ("token", "auth token (secret; without auth_url)"),
             ],
         },
         Scheme {
@@ -344,6 +352,31 @@ pub fn parse_with_env(
             ("AWS_REGION", "region"),
             ("AWS_ENDPOINT_URL", "endpoint"),
             ("AWS_ENDPOINT_URL_S3", "endpoint"),
+        ] {
+            if let Some(v) = get(var) {
+                b.set(key, &v);
+            }
+        }
+    }
+    // 2. OpenStack's variables for swift.
+    if info.service == "swift" {
+        let get = |n: &str| env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone()).filter(|v| !v.is_empty());
+        for (var, key) in [
+            ("ST_AUTH", "auth_url"),
+            ("ST_USER", "user"),
+            ("ST_KEY", "password"),
+            ("OS_AUTH_URL", "auth_url"),
+            ("OS_USERNAME", "user"),
+            ("OS_PASSWORD", "password"),
+            ("OS_TENANT_NAME", "project_name"),
+            ("OS_PROJECT_NAME", "project_name"),
+            ("OS_TENANT_ID", "project_id"),
+            ("OS_PROJECT_ID", "project_id"),
+            ("OS_USER_DOMAIN_NAME", "user_domain_name"),
+            ("OS_PROJECT_DOMAIN_NAME", "project_domain_name"),
+            ("OS_REGION_NAME", "region"),
+            ("OS_STORAGE_URL", "endpoint"),
+            ("OS_AUTH_TOKEN", "token"),
         ] {
             if let Some(v) = get(var) {
                 b.set(key, &v);
@@ -706,7 +739,23 @@ pub fn known_key(service: &str, key: &str) -> bool {
             "token",
         ],
         "b2" => &["root", "application_key_id", "application_key", "bucket", "bucket_id"],
-        "swift" => &["endpoint", "container", "root", "token", "temp_url_key", "temp_url_hash_algorithm"],
+        "swift" => &[
+            "endpoint",
+            "container",
+            "root",
+            "token",
+            "temp_url_key",
+            "temp_url_hash_algorithm",
+            // Brickbox's own: see crate::swiftauth.
+            "auth_url",
+            "user",
+            "password",
+            "project_name",
+            "project_id",
+            "user_domain_name",
+            "project_domain_name",
+            "region",
+        ],
         "gdrive" | "dropbox" => &["root", "access_token", "refresh_token", "client_id", "client_secret"],
         "onedrive" => &["root", "access_token", "refresh_token", "client_id", "client_secret", "enable_versioning"],
         _ => &[],

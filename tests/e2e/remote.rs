@@ -1,7 +1,8 @@
 //! Remote boxes against real servers on 127.0.0.1: S3 (moto_server), SFTP (openssh
 //! sshd), WebDAV (rclone serve webdav), FTP (pyftpdlib), Azure Blob (Azurite) and Google
 //! Cloud Storage (gcp-storage-emulator, anonymous; its resumable uploads fail, so GCS boxes
-//! here keep volumes below one 8 MiB upload part) and OpenStack Swift (one node, tempauth).
+//! here keep volumes below one 8 MiB upload part) and OpenStack Swift (one node; tempauth,
+//! and a second proxy that takes the tokens of a Keystone v3).
 //!
 //! `.ci/servers.sh` starts them and writes their addresses and credentials to
 //! `/tmp/brickbox-test-servers.env` (or `$BB_SERVERS_ENV`). A test whose server is not
@@ -467,6 +468,132 @@ fn gcs_roundtrip() {
 #[test]
 fn swift_roundtrip() {
     roundtrip(Proto::Swift);
+}
+
+/// A swift box reached by logging in (v1, tempauth): with OpenStack's `ST_*` variables,
+/// and with `auth_url`/`user` options and the password from a file; a wrong password is a
+/// clear error. The password and the token never show.
+#[test]
+fn swift_logs_in_with_user_and_password() {
+    let Some(r) = remote(Proto::Swift, &unique("login")) else { return };
+    let s = servers();
+    let (Some(auth), Some(user), Some(key)) =
+        (s.get("BB_SWIFT_AUTH_V1"), s.get("BB_SWIFT_USER"), s.get("BB_SWIFT_KEY"))
+    else {
+        eprintln!("SKIP swift login test: no v1 auth URL configured");
+        return;
+    };
+    let env = Env::new();
+    let src = env.mkdir("src");
+    fs::write(src.join("a.txt"), b"alpha").unwrap();
+    let url = r.url.split_once('?').map_or(r.url.as_str(), |(u, _)| u).to_string();
+    // OpenStack's variables, no token, no endpoint.
+    let mut with_env = r.clone();
+    with_env.url = url.clone();
+    with_env.vars =
+        vec![("ST_AUTH".into(), auth.clone()), ("ST_USER".into(), user.clone()), ("ST_KEY".into(), key.clone())];
+    with_env.secrets = vec![key.clone(), r.secrets[0].clone()];
+    let s1 = Session::new(&env, with_env.clone());
+    s1.ok(&args!["init"]);
+    s1.json(&args!["backup", &src]);
+    // Options, the password in a file.
+    let pw_file = env.path().join("swift.key");
+    fs::write(&pw_file, format!("{key}\n")).unwrap();
+    let mut with_options = with_env.clone();
+    with_options.url = format!("{url}?auth_url={auth}");
+    with_options.vars.clear();
+    with_options.args = args_s(&["--option", &format!("user={user}"), "--option"]);
+    with_options.args.push(format!("password_file={}", pw_file.display()));
+    let mut s2 = Session::new(&env, with_options);
+    s2.db = env.path().join("fresh.sqlite");
+    let t = env.path().join("restore");
+    s2.ok(&args!["restore", "--target", &t]);
+    assert_same_tree(&src, &restored(&t, &src), Compare::NO_OWNERS);
+    // A wrong password.
+    let mut wrong = with_env;
+    wrong.vars[2].1 = "not-the-key".into();
+    let s3 = Session::new(&env, wrong);
+    let out = s3.run(&args!["versions"]);
+    out.expect_code(1);
+    assert!(out.stderr.contains("Swift login at") && out.stderr.contains("401"), "{}", out.stderr);
+    s1.assert_no_secrets();
+    s2.assert_no_secrets();
+    s3.assert_no_secrets();
+}
+
+/// A swift box reached through Keystone v3 with OpenStack's `OS_*` variables: the storage
+/// URL comes from the catalog, Swift checks the token with Keystone. Backup, a restore
+/// with a fresh catalog and the mount work; a wrong password, a missing project and an
+/// unknown region are clear errors; secrets never show.
+#[test]
+fn swift_logs_in_to_keystone() {
+    let s = servers();
+    let (Some(auth), Some(user), Some(pw), Some(project), Some(container)) = (
+        s.get("BB_KEYSTONE_AUTH_URL"),
+        s.get("BB_KEYSTONE_USER"),
+        s.get("BB_KEYSTONE_PASSWORD"),
+        s.get("BB_KEYSTONE_PROJECT"),
+        s.get("BB_KEYSTONE_CONTAINER"),
+    ) else {
+        eprintln!("SKIP keystone test: no Keystone configured (run .ci/servers.sh to start one)");
+        return;
+    };
+    let addr = addr_of(auth.trim_start_matches("http://").split('/').next().unwrap());
+    if !reachable(addr) {
+        eprintln!("SKIP keystone test: {addr} is not reachable");
+        return;
+    }
+    let vars = |password: &str, region: &str| -> Vec<(String, String)> {
+        [
+            ("OS_AUTH_URL", auth.as_str()),
+            ("OS_USERNAME", user.as_str()),
+            ("OS_PASSWORD", password),
+            ("OS_PROJECT_NAME", project.as_str()),
+            ("OS_USER_DOMAIN_NAME", "Default"),
+            ("OS_PROJECT_DOMAIN_NAME", "Default"),
+            ("OS_REGION_NAME", region),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    };
+    let r = Remote {
+        addr,
+        url: format!("swift://{container}/{}", unique("keystone")),
+        args: vec![],
+        vars: vars(pw, "RegionOne"),
+        secrets: vec![pw.clone()],
+    };
+    let env = Env::new();
+    let src = env.mkdir("src");
+    make_tree(&src);
+    let s1 = Session::new(&env, r.clone());
+    let init = s1.json(&args!["init"]);
+    assert_eq!(init["location"].as_str().unwrap(), r.url, "{init}");
+    s1.json(&args!["backup", &src, "--volume-size", "1MiB"]);
+    let mut s2 = Session::new(&env, r.clone());
+    s2.db = env.path().join("fresh.sqlite");
+    let t = env.path().join("restore");
+    s2.ok(&args!["restore", "--target", &t]);
+    assert_same_tree(&src, &restored(&t, &src), Compare::NO_OWNERS);
+    check_mount(&s1, &src);
+
+    for (vars, want) in [
+        (vars("not-the-password", "RegionOne"), "401 Unauthorized: the user or password was refused"),
+        (vars(pw, "Mars"), "no object-store in region Mars (it has: RegionOne)"),
+        (vars(pw, "RegionOne").into_iter().filter(|(k, _)| k != "OS_PROJECT_NAME").collect(), "needs a project"),
+    ] {
+        let mut bad = r.clone();
+        bad.vars = vars;
+        let mut s3 = Session::new(&env, bad);
+        s3.db = env.path().join("other.sqlite");
+        let out = s3.run(&args!["versions"]);
+        out.expect_code(1);
+        assert!(out.stderr.contains("Swift login at") && out.stderr.contains(want), "{}", out.stderr);
+        s3.assert_no_secrets();
+    }
+    s1.assert_no_secrets();
+    s2.assert_no_secrets();
 }
 
 /// The objects (name, size) in the Swift container whose names start with `prefix`,
