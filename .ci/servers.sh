@@ -32,6 +32,9 @@ SWIFT_PORT=${BB_SWIFT_PORT:-18090}
 SWIFT_MEMCACHED_PORT=${BB_SWIFT_MEMCACHED_PORT:-11311}
 SWIFT_USER=brickbox:tester
 SWIFT_KEY=bbSwiftK3y-never-print-me-3b81
+# A second tempauth proxy whose tokens last 3 seconds, for the renewal of run-out tokens.
+SWIFT_SHORT_PORT=${BB_SWIFT_SHORT_PORT:-18096}
+SWIFT_SHORT_USER=brickbox:short
 SWIFT_CONTAINER=brickbox-test
 KS_PORT=${BB_KEYSTONE_PORT:-18095}
 # The Swift proxy that takes Keystone's tokens.
@@ -291,13 +294,17 @@ start_swift() {
             '[filter:cache]' 'use = egg:swift#memcache' "memcache_servers = 127.0.0.1:$SWIFT_MEMCACHED_PORT" \
             '[filter:tempauth]' 'use = egg:swift#tempauth' "user_${SWIFT_USER/:/_} = $SWIFT_KEY .admin" \
             >"$dir/etc/proxy-server.conf"
+        sed -e "s/^bind_port = .*/bind_port = $SWIFT_SHORT_PORT/" \
+            -e "s/^user_.*/user_${SWIFT_SHORT_USER/:/_} = $SWIFT_KEY .admin\ntoken_life = 3/" \
+            "$dir/etc/proxy-server.conf" >"$dir/etc/proxy-short.conf"
         listening "$SWIFT_MEMCACHED_PORT" ||
             start_bg swift-memcached memcached -u "$(id -un)" -l 127.0.0.1 -p "$SWIFT_MEMCACHED_PORT" -m 16
         wait_port "$SWIFT_MEMCACHED_PORT" 15 || { log "Swift: memcached did not start"; return 1; }
         for n in account container object proxy; do
             start_bg "swift-$n" env PYTHONPATH="$pkg" python3 "$pkg/bin/swift-$n-server" "$dir/etc/$n-server.conf"
         done
-        for port in $SWIFT_PORT $((SWIFT_PORT + 1)) $((SWIFT_PORT + 2)) $((SWIFT_PORT + 3)); do
+        start_bg swift-short-proxy env PYTHONPATH="$pkg" python3 "$pkg/bin/swift-proxy-server" "$dir/etc/proxy-short.conf"
+        for port in $SWIFT_PORT $((SWIFT_PORT + 1)) $((SWIFT_PORT + 2)) $((SWIFT_PORT + 3)) $SWIFT_SHORT_PORT; do
             wait_port "$port" 30 || { log "Swift: no server on port $port (see $STATE/swift-*.log)"; return 1; }
         done
     fi
@@ -320,6 +327,8 @@ BB_SWIFT_TOKEN=$token
 BB_SWIFT_AUTH_V1=http://127.0.0.1:$SWIFT_PORT/auth/v1.0
 BB_SWIFT_USER=$SWIFT_USER
 BB_SWIFT_KEY=$SWIFT_KEY
+BB_SWIFT_AUTH_SHORT=http://127.0.0.1:$SWIFT_SHORT_PORT/auth/v1.0
+BB_SWIFT_SHORT_USER=$SWIFT_SHORT_USER
 EOF
 }
 
@@ -411,7 +420,7 @@ keystone_manage() { # args...
 
 stop_all() {
     local name pid
-    for name in s3 sftp webdav ftp azblob gcs swift-proxy swift-account swift-container swift-object swift-memcached keystone swift-keystone-proxy; do
+    for name in s3 sftp webdav ftp azblob gcs swift-proxy swift-account swift-container swift-object swift-short-proxy swift-memcached keystone swift-keystone-proxy; do
         if [ -f "$STATE/$name.pid" ]; then
             pid=$(cat "$STATE/$name.pid")
             kill "$pid" 2>/dev/null && log "stopped $name (pid $pid)"

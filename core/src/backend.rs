@@ -42,7 +42,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use opendal::layers::{ConcurrentLimitLayer, RetryEvent, RetryInterceptor, RetryLayer, TimeoutLayer};
@@ -154,11 +154,13 @@ const OBJECT_TYPE: &str = "application/octet-stream";
 /// Synchronous access to the objects of a box.
 pub struct Backend {
     rt: tokio::runtime::Runtime,
-    op: Operator,
+    /// The operators; replaced when a Swift login is renewed.
+    ops: RwLock<Arc<Ops>>,
     service: &'static str,
     /// Where the box is, for messages (no secrets).
     location: String,
-    secrets: Vec<String>,
+    /// Values scrubbed from messages (renewed Swift tokens are added).
+    secrets: RwLock<Vec<String>>,
     /// For a local box: its absolute path.
     local_root: Option<PathBuf>,
     /// For a local box: a folder inside it where volumes can be built and then renamed into place.
@@ -177,19 +179,32 @@ pub struct Backend {
     etag_md5: AtomicBool,
     retry_delay: Duration,
     retries: usize,
+    /// Whether writes name their content type (services that take one; some answer with
+    /// the type and fail without).
+    typed_writes: bool,
+    /// What the operators are built with, to build more.
+    layers: Layers,
+    /// Ranged reads get an operator (so a connection) of their own (ftp).
+    fresh_ranged: bool,
+    /// How to log in again where the box is a Swift box reached by logging in.
+    login: Option<crate::swiftauth::Login>,
+    /// When the token was last renewed.
+    renewed: Mutex<Option<Instant>>,
+}
+
+/// The operators of a box and the config they are built from.
+struct Ops {
+    op: Operator,
     /// Writes go through this one: without the retry layer where the service's writer
     /// holds a connection (sftp, ftp), as a write retried on a dropped connection can only
     /// fail again; the whole upload is retried instead.
     write_op: Operator,
-    /// Whether writes name their content type (services that take one; some answer with
-    /// the type and fail without).
-    typed_writes: bool,
-    /// What the operators were built from, to build more.
-    layers: Layers,
     config: std::collections::BTreeMap<String, String>,
-    /// Ranged reads get an operator (so a connection) of their own (ftp).
-    fresh_ranged: bool,
 }
+
+/// A refused Swift token is renewed at most this often (a refusal right after a renewal is
+/// a refused permission, not a token that ran out).
+const MIN_RENEWAL_GAP: Duration = Duration::from_secs(10);
 
 /// The layers every operator gets.
 struct Layers {
@@ -201,6 +216,13 @@ struct Layers {
 }
 
 impl Layers {
+    /// The operators for `service` with `config`.
+    fn build_ops(&self, service: &str, config: std::collections::BTreeMap<String, String>) -> opendal::Result<Ops> {
+        let op = self.build(service, &config)?;
+        let write_op = if matches!(service, "sftp" | "ftp") { self.build_once(service, &config)? } else { op.clone() };
+        Ok(Ops { op, write_op, config })
+    }
+
     /// The operator for `service` with a short timeout and nothing else, to probe.
     fn build_probe(
         &self,
@@ -321,10 +343,13 @@ impl Backend {
             .at(&loc.display)?;
         let mut config = loc.config.clone();
         let mut secrets = loc.secrets.clone();
-        if loc.service == "swift" {
-            crate::swiftauth::login_if_asked(&mut config, opts.timeout, &loc.display)?;
+        let login = if loc.service == "swift" {
+            let login = crate::swiftauth::login_if_asked(&mut config, opts.timeout, &loc.display)?;
             secrets.extend(config.get("token").cloned());
-        }
+            login
+        } else {
+            None
+        };
         if loc.service == "s3" && !config.contains_key("region") {
             // opendal needs a region: ask AWS for the bucket's, or take the usual default
             // of S3-compatible servers.
@@ -346,25 +371,20 @@ impl Backend {
             retry_delay: opts.retry_delay,
             retried: retried.clone(),
         };
-        let op = layers
-            .build(loc.service, &config)
+        let ops = layers
+            .build_ops(loc.service, config)
             .map_err(|e| Error::Backend { object: loc.display.clone(), source: scrub(e, &secrets) })?;
-        let write_op = if matches!(loc.service, "sftp" | "ftp") {
-            layers
-                .build_once(loc.service, &config)
-                .map_err(|e| Error::Backend { object: loc.display.clone(), source: scrub(e, &secrets) })?
-        } else {
-            op.clone()
-        };
+        let op = &ops.op;
         let multi_write = op.info().capability().write_can_multi && loc.service != "swift";
         let native_recursive_list = op.info().capability().list_with_recursive;
+        let typed_writes = ops.write_op.info().capability().write_with_content_type;
         let staging = loc.local_root.as_ref().map(|r| r.join(".tmp").join("staging"));
         Ok(Self {
             rt,
-            op,
+            ops: RwLock::new(Arc::new(ops)),
             service: loc.service,
             location: loc.display,
-            secrets,
+            secrets: RwLock::new(secrets),
             local_root: loc.local_root,
             staging,
             multi_write,
@@ -377,16 +397,53 @@ impl Backend {
             etag_md5: AtomicBool::new(loc.service == "s3"),
             retry_delay: opts.retry_delay,
             retries: opts.retries,
-            typed_writes: write_op.info().capability().write_with_content_type,
-            write_op,
+            typed_writes,
             // opendal's ftp service leaves a pooled control connection out of step after a
             // ranged read stops before the end of a file (the server's late "426 transfer
             // aborted" is read as the answer to the next command, and every answer after it
             // is off by one). Ranged reads get a connection of their own.
             fresh_ranged: loc.service == "ftp",
             layers,
-            config,
+            login,
+            renewed: Mutex::new(None),
         })
+    }
+
+    /// The current operators.
+    fn ops(&self) -> Arc<Ops> {
+        match self.ops.read() {
+            Ok(o) => o.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// After `e` from an operation begun at `started`: whether the operation may be tried
+    /// again with a new Swift token, because the server refused the old one. Logs in again
+    /// unless that was done since `started` (then the new token is tried) or less than
+    /// [`MIN_RENEWAL_GAP`] ago (then the refusal stands).
+    fn renewed_login(&self, started: Instant, e: &opendal::Error) -> bool {
+        let Some(login) = &self.login else { return false };
+        if e.kind() != ErrorKind::PermissionDenied {
+            return false;
+        }
+        let Ok(mut last) = self.renewed.lock() else { return false };
+        match *last {
+            Some(t) if t > started => return true,
+            Some(t) if t.elapsed() < MIN_RENEWAL_GAP => return false,
+            _ => {}
+        }
+        let Ok((token, _)) = login.token() else { return false };
+        let mut config = self.ops().config.clone();
+        config.insert("token".into(), token.clone());
+        let Ok(ops) = self.layers.build_ops(self.service, config) else { return false };
+        if let Ok(mut s) = self.secrets.write() {
+            s.push(token);
+        }
+        if let Ok(mut o) = self.ops.write() {
+            *o = Arc::new(ops);
+        }
+        *last = Some(Instant::now());
+        true
     }
 
     /// Runs an idempotent operation. opendal's retry layer retries what the service marks
@@ -413,10 +470,13 @@ impl Backend {
     {
         let mut delay = self.retry_delay;
         let mut left = self.retries;
+        let mut renewed = false;
         loop {
             let before = self.retried.load(Ordering::Relaxed);
-            let op = if ranged { self.ranged_op() } else { self.op.clone() };
+            let started = Instant::now();
+            let op = if ranged { self.ranged_op() } else { self.ops().op.clone() };
             match self.rt.block_on(f(op)) {
+                Err(e) if !renewed && self.renewed_login(started, &e) => renewed = true,
                 Err(e)
                     if left > 0
                         && transient(&e)
@@ -434,10 +494,11 @@ impl Backend {
 
     /// The operator for one ranged read.
     fn ranged_op(&self) -> Operator {
+        let ops = self.ops();
         if self.fresh_ranged {
-            self.layers.build(self.service, &self.config).unwrap_or_else(|_| self.op.clone())
+            self.layers.build(self.service, &ops.config).unwrap_or_else(|_| ops.op.clone())
         } else {
-            self.op.clone()
+            ops.op.clone()
         }
     }
 
@@ -446,7 +507,7 @@ impl Backend {
     /// out. Any answer, even an error, means it is there.
     fn gone(&self, name: &str) -> bool {
         (0..2).all(|_| {
-            let Ok(op) = self.layers.build_probe(self.service, &self.config) else { return false };
+            let Ok(op) = self.layers.build_probe(self.service, &self.ops().config) else { return false };
             match self.rt.block_on(op.stat(name)) {
                 Ok(_) => false,
                 Err(e) => unreachable(&e),
@@ -492,7 +553,7 @@ impl Backend {
             if local.starts_with(staging) {
                 if let Some(rel) = local.strip_prefix(root).ok().and_then(|r| r.to_str()) {
                     let len = std::fs::metadata(local).at(local)?.len();
-                    self.rt.block_on(self.op.rename(rel, name)).map_err(|e| self.err(name, e))?;
+                    self.rt.block_on(self.ops().op.rename(rel, name)).map_err(|e| self.err(name, e))?;
                     return self.check_size(name, len);
                 }
             }
@@ -508,7 +569,7 @@ impl Backend {
     fn err(&self, object: &str, source: opendal::Error) -> Error {
         Error::Backend {
             object: format!("{}/{object}", self.location.trim_end_matches('/')),
-            source: scrub(source, &self.secrets),
+            source: scrub(source, &self.secrets.read().unwrap_or_else(|poisoned| poisoned.into_inner())),
         }
     }
 
@@ -602,7 +663,8 @@ impl Backend {
         let body = opendal::Buffer::from(data);
         self.with_attempts(name, len, check, || async {
             pace(&self.up, len).await;
-            let w = self.write_op.write_with(name, body.clone());
+            let ops = self.ops();
+            let w = ops.write_op.write_with(name, body.clone());
             let w = if self.typed_writes { w.content_type(OBJECT_TYPE) } else { w };
             w.await.map(|_| digests.clone())
         })
@@ -628,7 +690,8 @@ impl Backend {
                     return Err(opendal::Error::new(ErrorKind::ConfigInvalid, "local file unreadable"));
                 }
             };
-            let w = self.write_op.writer_with(name).chunk(PIECE).concurrent(self.upload_concurrency);
+            let ops = self.ops();
+            let w = ops.write_op.writer_with(name).chunk(PIECE).concurrent(self.upload_concurrency);
             let mut w = if self.typed_writes { w.content_type(OBJECT_TYPE) } else { w }.await?;
             let mut buf = vec![0u8; PIECE];
             loop {
@@ -691,13 +754,20 @@ impl Backend {
         let attempts = (self.retries + 1).max(UPLOAD_ATTEMPTS);
         let mut delay = self.retry_delay;
         let mut attempt = 0;
+        let mut renewed = false;
         loop {
             attempt += 1;
+            let started = Instant::now();
             let (err, again) = match self.rt.block_on(upload()) {
                 Ok(digests) => match self.verify_upload(name, len, &check, digests.as_ref()) {
                     Ok(()) => return Ok(()),
                     Err(e) => e,
                 },
+                Err(e) if !renewed && self.renewed_login(started, &e) => {
+                    renewed = true;
+                    attempt -= 1;
+                    continue;
+                }
                 Err(e) => {
                     let again = transient(&e) && !self.gone(name);
                     (self.err(name, e), again)

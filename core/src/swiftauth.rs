@@ -8,8 +8,8 @@
 //!   password method scoped to a project; the token is `X-Subject-Token` and the storage URL
 //!   the `object-store` endpoint of the catalog (public interface, `region` if given).
 //!
-//! The token is asked for once when the box is opened; a run that outlives it fails with
-//! the server's 401 and the next run logs in again.
+//! The token is asked for when the box is opened, and again when the server refuses it
+//! (it ran out: Keystone's last an hour by default).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -31,31 +31,59 @@ pub const LOGIN_KEYS: &[&str] = &[
     "region",
 ];
 
-/// Logs in where `config` has an `auth_url` and no `token`, then sets `token` (and
-/// `endpoint`, unless given) and removes the login options. `shown` names the box in errors.
-pub fn login_if_asked(config: &mut BTreeMap<String, String>, timeout: Duration, shown: &str) -> Result<()> {
-    let login: BTreeMap<String, String> =
-        LOGIN_KEYS.iter().filter_map(|k| config.remove(*k).map(|v| (k.to_string(), v))).collect();
-    let Some(auth_url) = login.get("auth_url") else { return Ok(()) };
-    if config.contains_key("token") {
-        return Ok(());
+/// How to log in to a Swift box: the login options and where they are shown in errors.
+#[derive(Clone)]
+pub struct Login {
+    options: BTreeMap<String, String>,
+    timeout: Duration,
+    shown: String,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Login").field("auth_url", &self.options.get("auth_url")).finish_non_exhaustive()
     }
-    let get = |k: &str| login.get(k).map(String::as_str).filter(|v| !v.is_empty());
-    let (Some(user), Some(password)) = (get("user"), get("password")) else {
-        return Err(Error::Invalid(format!(
-            "{shown}: logging in at {auth_url} needs a user and a password (--option user=… and \
-             BRICKBOX_OPT_PASSWORD, OS_USERNAME/OS_PASSWORD or ST_USER/ST_KEY)"
-        )));
-    };
-    let fail = |why: String| Error::Invalid(format!("{shown}: Swift login at {auth_url} failed: {why}"));
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(15))
-        .timeout(timeout)
-        .user_agent(concat!("brickbox/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| fail(e.to_string()))?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| fail(e.to_string()))?;
-    let (token, storage_url) = if is_keystone_v3(auth_url) {
+}
+
+/// Logs in where `config` has an `auth_url` and no `token`, then sets `token` (and
+/// `endpoint`, unless given) and removes the login options. `shown` names the box in
+/// errors. Returns the login, to renew the token when it runs out.
+pub fn login_if_asked(config: &mut BTreeMap<String, String>, timeout: Duration, shown: &str) -> Result<Option<Login>> {
+    let options: BTreeMap<String, String> =
+        LOGIN_KEYS.iter().filter_map(|k| config.remove(*k).map(|v| (k.to_string(), v))).collect();
+    if !options.contains_key("auth_url") || config.contains_key("token") {
+        return Ok(None);
+    }
+    let login = Login { options, timeout, shown: shown.to_string() };
+    let (token, storage_url) = login.token()?;
+    config.insert("token".into(), token);
+    config.entry("endpoint".into()).or_insert(storage_url);
+    Ok(Some(login))
+}
+
+impl Login {
+    /// A new token and the storage URL.
+    pub fn token(&self) -> Result<(String, String)> {
+        let auth_url = self.options.get("auth_url").map(String::as_str).unwrap_or_default();
+        let shown = &self.shown;
+        let get = |k: &str| self.options.get(k).map(String::as_str).filter(|v| !v.is_empty());
+        let (Some(user), Some(password)) = (get("user"), get("password")) else {
+            return Err(Error::Invalid(format!(
+                "{shown}: logging in at {auth_url} needs a user and a password (--option user=… and \
+                 BRICKBOX_OPT_PASSWORD, OS_USERNAME/OS_PASSWORD or ST_USER/ST_KEY)"
+            )));
+        };
+        let fail = |why: String| Error::Invalid(format!("{shown}: Swift login at {auth_url} failed: {why}"));
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(15))
+            .timeout(self.timeout)
+            .user_agent(concat!("brickbox/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| fail(e.to_string()))?;
+        if !is_keystone_v3(auth_url) {
+            return rt.block_on(v1(&client, auth_url, user, password)).map_err(fail);
+        }
         let scope = match (get("project_id"), get("project_name")) {
             (Some(id), _) => json!({ "project": { "id": id } }),
             (None, Some(name)) => json!({ "project": {
@@ -76,13 +104,8 @@ pub fn login_if_asked(config: &mut BTreeMap<String, String>, timeout: Duration, 
             } } },
             "scope": scope,
         } });
-        rt.block_on(keystone_v3(&client, auth_url, body, get("region"))).map_err(fail)?
-    } else {
-        rt.block_on(v1(&client, auth_url, user, password)).map_err(fail)?
-    };
-    config.insert("token".into(), token);
-    config.entry("endpoint".into()).or_insert(storage_url);
-    Ok(())
+        rt.block_on(keystone_v3(&client, auth_url, body, get("region"))).map_err(fail)
+    }
 }
 
 fn is_keystone_v3(auth_url: &str) -> bool {

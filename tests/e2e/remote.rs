@@ -521,6 +521,66 @@ fn swift_logs_in_with_user_and_password() {
     s3.assert_no_secrets();
 }
 
+/// A token that runs out is renewed: through a proxy whose tokens last 3 seconds, a backup
+/// and a mount outlive several of them, and the mount still reads after one ran out.
+#[test]
+fn swift_token_that_runs_out_is_renewed() {
+    let Some(r) = remote(Proto::Swift, &unique("renew")) else { return };
+    let s = servers();
+    let (Some(auth), Some(user), Some(key)) =
+        (s.get("BB_SWIFT_AUTH_SHORT"), s.get("BB_SWIFT_SHORT_USER"), s.get("BB_SWIFT_KEY"))
+    else {
+        eprintln!("SKIP swift renewal test: no short-token proxy configured");
+        return;
+    };
+    if !is_root() || !Path::new("/dev/fuse").exists() {
+        eprintln!("SKIP swift renewal test: the mount needs /dev/fuse and root");
+        return;
+    }
+    let env = Env::new();
+    let src = env.mkdir("src");
+    make_tree(&src);
+    let mut short = r.clone();
+    short.url = r.url.split_once('?').map_or(r.url.as_str(), |(u, _)| u).to_string();
+    short.vars =
+        vec![("ST_AUTH".into(), auth.clone()), ("ST_USER".into(), user.clone()), ("ST_KEY".into(), key.clone())];
+    short.secrets = vec![key.clone()];
+    let sess = Session::new(&env, short);
+    sess.ok(&args!["init"]);
+    sess.json(&args!["backup", &src, "--volume-size", "1MiB"]);
+
+    let dir = env.mkdir("mnt");
+    let log = env.path().join("mount.stderr");
+    let mut c = sess.command(&args!["mount", &dir]);
+    c.stdout(std::process::Stdio::null()).stderr(fs::File::create(&log).unwrap());
+    let mut child = c.spawn().unwrap();
+    let latest = dir.join("versions/latest").join(src.strip_prefix("/").unwrap());
+    let start = Instant::now();
+    while !latest.join("notes.txt").exists() {
+        assert!(child.try_wait().unwrap().is_none(), "mount exited: {}", fs::read_to_string(&log).unwrap());
+        assert!(start.elapsed() < Duration::from_secs(60), "mount not ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let first = fs::read(latest.join("notes.txt"));
+    // The mount's token runs out; the next reads need blocks not read yet.
+    std::thread::sleep(Duration::from_secs(4));
+    let later = fs::read(latest.join("photo.jpg"));
+    let deep = fs::read(latest.join("docs/deep/er/data.bin"));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let canon = fs::canonicalize(&dir).unwrap();
+    let c = std::ffi::CString::new(canon.to_str().unwrap()).unwrap();
+    // SAFETY: a valid path; detaching a mount this test made (if it is still there).
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    let log_text = fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(first.unwrap(), fs::read(src.join("notes.txt")).unwrap());
+    assert_eq!(later.expect(&log_text), fs::read(src.join("photo.jpg")).unwrap());
+    assert_eq!(deep.expect(&log_text), fs::read(src.join("docs/deep/er/data.bin")).unwrap());
+    assert!(!log_text.contains(key.as_str()), "{log_text}");
+    sess.assert_no_secrets();
+}
+
 /// A swift box reached through Keystone v3 with OpenStack's `OS_*` variables: the storage
 /// URL comes from the catalog, Swift checks the token with Keystone. Backup, a restore
 /// with a fresh catalog and the mount work; a wrong password, a missing project and an
