@@ -12,7 +12,8 @@
 //!   stalled connection becomes a retried error instead of a hang.
 //! - **Bounded concurrency** (opendal `ConcurrentLimitLayer`): at most
 //!   `upload_concurrency + 8` requests in flight; the parts of one multipart upload (S3)
-//!   go up `upload_concurrency` at a time.
+//!   go up at most `upload_concurrency` at a time, uploads side by side sharing
+//!   `upload_concurrency + 8` parts.
 //! - **Throttling**: `throttle_upload` / `throttle_download` (bytes/s) pace the transfers
 //!   of this backend; bandwidth is reserved per piece (≤ 8 MiB), so the average rate never
 //!   exceeds the limit.
@@ -174,6 +175,8 @@ pub struct Backend {
     down: Option<Pacer>,
     retried: Arc<AtomicU64>,
     reuploads: AtomicU64,
+    /// Uploads in parts running now (they share the parts in flight, see [`Self::write_file`]).
+    uploads_in_parts: AtomicU64,
     /// Whether uploads are checked against MD5 ETags (s3, until an ETag turns out not to
     /// be an MD5).
     etag_md5: AtomicBool,
@@ -205,6 +208,26 @@ struct Ops {
 /// A refused Swift token is renewed at most this often (a refusal right after a renewal is
 /// a refused permission, not a token that ran out).
 const MIN_RENEWAL_GAP: Duration = Duration::from_secs(10);
+
+/// One of the uploads counted in a shared counter, for as long as it lives.
+struct Running<'a> {
+    counter: &'a AtomicU64,
+    /// How many run, this one included, when it started.
+    count: u64,
+}
+
+impl<'a> Running<'a> {
+    fn start(counter: &'a AtomicU64) -> Running<'a> {
+        let count = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        Running { counter, count }
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// The layers every operator gets.
 struct Layers {
@@ -394,6 +417,7 @@ impl Backend {
             down: Pacer::new(opts.throttle_download),
             retried,
             reuploads: AtomicU64::new(0),
+            uploads_in_parts: AtomicU64::new(0),
             etag_md5: AtomicBool::new(loc.service == "s3"),
             retry_delay: opts.retry_delay,
             retries: opts.retries,
@@ -681,6 +705,12 @@ impl Backend {
         }
         let local_err = std::cell::RefCell::new(None);
         let hash = self.etag_is_md5();
+        // Every part in flight holds its 8 MiB. Uploads side by side share the requests the
+        // box allows (upload_concurrency + 8), so each gets its share of parts, and memory
+        // grows with upload_concurrency, not with its square.
+        let running = Running::start(&self.uploads_in_parts);
+        let share = (self.upload_concurrency as u64 + 8) / running.count;
+        let parts = (share as usize).clamp(1, self.upload_concurrency);
         let res = self.with_attempts(name, len, Check::Stat, || async {
             let mut digests = PartDigests::default();
             let mut f = match std::fs::File::open(local) {
@@ -691,7 +721,7 @@ impl Backend {
                 }
             };
             let ops = self.ops();
-            let w = ops.write_op.writer_with(name).chunk(PIECE).concurrent(self.upload_concurrency);
+            let w = ops.write_op.writer_with(name).chunk(PIECE).concurrent(parts);
             let mut w = if self.typed_writes { w.content_type(OBJECT_TYPE) } else { w }.await?;
             let mut buf = vec![0u8; PIECE];
             loop {
