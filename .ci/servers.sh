@@ -282,21 +282,12 @@ start_swift() {
                 '[pipeline:main]' "pipeline = $n-server" "[app:$n-server]" "use = egg:swift#$n" \
                 >"$dir/etc/$n-server.conf"
         done
-        printf '%s\n' '[DEFAULT]' 'bind_ip = 127.0.0.1' "bind_port = $SWIFT_PORT" 'workers = 0' \
-            "swift_dir = $dir/etc" 'log_level = WARNING' \
-            '[pipeline:main]' \
-            'pipeline = catch_errors gatekeeper proxy-logging cache listing_formats tempauth proxy-logging proxy-server' \
-            '[app:proxy-server]' 'use = egg:swift#proxy' 'account_autocreate = true' \
-            '[filter:catch_errors]' 'use = egg:swift#catch_errors' \
-            '[filter:gatekeeper]' 'use = egg:swift#gatekeeper' \
-            '[filter:proxy-logging]' 'use = egg:swift#proxy_logging' \
-            '[filter:listing_formats]' 'use = egg:swift#listing_formats' \
-            '[filter:cache]' 'use = egg:swift#memcache' "memcache_servers = 127.0.0.1:$SWIFT_MEMCACHED_PORT" \
+        swift_proxy_conf "$SWIFT_PORT" tempauth \
             '[filter:tempauth]' 'use = egg:swift#tempauth' "user_${SWIFT_USER/:/_} = $SWIFT_KEY .admin" \
             >"$dir/etc/proxy-server.conf"
-        sed -e "s/^bind_port = .*/bind_port = $SWIFT_SHORT_PORT/" \
-            -e "s/^user_.*/user_${SWIFT_SHORT_USER/:/_} = $SWIFT_KEY .admin\ntoken_life = 3/" \
-            "$dir/etc/proxy-server.conf" >"$dir/etc/proxy-short.conf"
+        swift_proxy_conf "$SWIFT_SHORT_PORT" tempauth \
+            '[filter:tempauth]' 'use = egg:swift#tempauth' "user_${SWIFT_SHORT_USER/:/_} = $SWIFT_KEY .admin" \
+            'token_life = 3' >"$dir/etc/proxy-short.conf"
         listening "$SWIFT_MEMCACHED_PORT" ||
             start_bg swift-memcached memcached -u "$(id -un)" -l 127.0.0.1 -p "$SWIFT_MEMCACHED_PORT" -m 16
         wait_port "$SWIFT_MEMCACHED_PORT" 15 || { log "Swift: memcached did not start"; return 1; }
@@ -330,6 +321,23 @@ BB_SWIFT_KEY=$SWIFT_KEY
 BB_SWIFT_AUTH_SHORT=http://127.0.0.1:$SWIFT_SHORT_PORT/auth/v1.0
 BB_SWIFT_SHORT_USER=$SWIFT_SHORT_USER
 EOF
+}
+
+# The config of a Swift proxy on 127.0.0.1:PORT with the auth middleware AUTH ("tempauth",
+# "authtoken keystoneauth"), whose sections follow as lines.
+swift_proxy_conf() { # port auth lines...
+    local port=$1 auth=$2
+    shift 2
+    printf '%s\n' '[DEFAULT]' 'bind_ip = 127.0.0.1' "bind_port = $port" 'workers = 0' \
+        "swift_dir = $STATE/swift/etc" 'log_level = WARNING' \
+        '[pipeline:main]' "pipeline = catch_errors gatekeeper proxy-logging cache listing_formats $auth proxy-logging proxy-server" \
+        '[app:proxy-server]' 'use = egg:swift#proxy' 'account_autocreate = true' \
+        '[filter:catch_errors]' 'use = egg:swift#catch_errors' \
+        '[filter:gatekeeper]' 'use = egg:swift#gatekeeper' \
+        '[filter:proxy-logging]' 'use = egg:swift#proxy_logging' \
+        '[filter:listing_formats]' 'use = egg:swift#listing_formats' \
+        '[filter:cache]' 'use = egg:swift#memcache' "memcache_servers = 127.0.0.1:$SWIFT_MEMCACHED_PORT" \
+        "$@"
 }
 
 # Runs one of the swift package's programs (installed with pip --target, not on PATH).
@@ -379,16 +387,7 @@ start_keystone() {
         wait_port "$KS_PORT" 60 || { log "Keystone: did not start (see $STATE/keystone.log)"; return 1; }
     fi
     if ! listening "$SWIFT_KS_PORT"; then
-        printf '%s\n' '[DEFAULT]' 'bind_ip = 127.0.0.1' "bind_port = $SWIFT_KS_PORT" 'workers = 0' \
-            "swift_dir = $STATE/swift/etc" 'log_level = WARNING' \
-            '[pipeline:main]' \
-            'pipeline = catch_errors gatekeeper proxy-logging cache listing_formats authtoken keystoneauth proxy-logging proxy-server' \
-            '[app:proxy-server]' 'use = egg:swift#proxy' 'account_autocreate = true' \
-            '[filter:catch_errors]' 'use = egg:swift#catch_errors' \
-            '[filter:gatekeeper]' 'use = egg:swift#gatekeeper' \
-            '[filter:proxy-logging]' 'use = egg:swift#proxy_logging' \
-            '[filter:listing_formats]' 'use = egg:swift#listing_formats' \
-            '[filter:cache]' 'use = egg:swift#memcache' "memcache_servers = 127.0.0.1:$SWIFT_MEMCACHED_PORT" \
+        swift_proxy_conf "$SWIFT_KS_PORT" "authtoken keystoneauth" \
             '[filter:authtoken]' 'paste.filter_factory = keystonemiddleware.auth_token:filter_factory' \
             "www_authenticate_uri = http://127.0.0.1:$KS_PORT" "auth_url = http://127.0.0.1:$KS_PORT" \
             'auth_type = password' 'interface = public' 'project_domain_id = default' 'user_domain_id = default' \

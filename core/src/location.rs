@@ -340,11 +340,12 @@ pub fn parse_with_env(
     }
     let mut b = Parts { service: info.service, ..Parts::default() };
 
-    // 1. Defaults. 2. AWS_* for s3.
+    // 1. Defaults. 2. The service's usual variables (AWS_* for s3, OpenStack's for swift).
     if info.service == "s3" {
         b.set("disable_config_load", "true");
-        let get = |n: &str| env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone()).filter(|v| !v.is_empty());
-        for (var, key) in [
+    }
+    let usual: &[(&str, &str)] = match info.service {
+        "s3" => &[
             ("AWS_ACCESS_KEY_ID", "access_key_id"),
             ("AWS_SECRET_ACCESS_KEY", "secret_access_key"),
             ("AWS_SESSION_TOKEN", "session_token"),
@@ -352,16 +353,8 @@ pub fn parse_with_env(
             ("AWS_REGION", "region"),
             ("AWS_ENDPOINT_URL", "endpoint"),
             ("AWS_ENDPOINT_URL_S3", "endpoint"),
-        ] {
-            if let Some(v) = get(var) {
-                b.set(key, &v);
-            }
-        }
-    }
-    // 2. OpenStack's variables for swift.
-    if info.service == "swift" {
-        let get = |n: &str| env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone()).filter(|v| !v.is_empty());
-        for (var, key) in [
+        ],
+        "swift" => &[
             ("ST_AUTH", "auth_url"),
             ("ST_USER", "user"),
             ("ST_KEY", "password"),
@@ -377,10 +370,12 @@ pub fn parse_with_env(
             ("OS_REGION_NAME", "region"),
             ("OS_STORAGE_URL", "endpoint"),
             ("OS_AUTH_TOKEN", "token"),
-        ] {
-            if let Some(v) = get(var) {
-                b.set(key, &v);
-            }
+        ],
+        _ => &[],
+    };
+    for (var, key) in usual {
+        if let Some((_, v)) = env.iter().find(|(k, v)| k == var && !v.is_empty()) {
+            b.set(key, v);
         }
     }
     // 3. The repository's config file.
@@ -739,28 +734,13 @@ pub fn known_key(service: &str, key: &str) -> bool {
             "token",
         ],
         "b2" => &["root", "application_key_id", "application_key", "bucket", "bucket_id"],
-        "swift" => &[
-            "endpoint",
-            "container",
-            "root",
-            "token",
-            "temp_url_key",
-            "temp_url_hash_algorithm",
-            // Brickbox's own: see crate::swiftauth.
-            "auth_url",
-            "user",
-            "password",
-            "project_name",
-            "project_id",
-            "user_domain_name",
-            "project_domain_name",
-            "region",
-        ],
+        "swift" => &["endpoint", "container", "root", "token", "temp_url_key", "temp_url_hash_algorithm"],
         "gdrive" | "dropbox" => &["root", "access_token", "refresh_token", "client_id", "client_secret"],
         "onedrive" => &["root", "access_token", "refresh_token", "client_id", "client_secret", "enable_versioning"],
         _ => &[],
     };
-    keys.contains(&key)
+    // The swift login's options are Brickbox's own (see crate::swiftauth).
+    keys.contains(&key) || (service == "swift" && crate::swiftauth::LOGIN_KEYS.contains(&key))
 }
 
 fn percent_decode(s: &str) -> String {

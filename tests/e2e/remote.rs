@@ -49,6 +49,12 @@ fn addr_of(host_port: &str) -> SocketAddr {
     host_port.to_socket_addrs().ok().and_then(|mut a| a.next()).unwrap_or_else(|| panic!("bad address {host_port}"))
 }
 
+/// The address of the server of `http://host:port/path…`.
+fn addr_of_url(url: &str) -> SocketAddr {
+    let rest = url.trim_start_matches("http://");
+    addr_of(rest.split('/').next().unwrap_or(rest))
+}
+
 /// A unique name for one test's box.
 fn unique(tag: &str) -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
@@ -118,7 +124,7 @@ fn remote(proto: Proto, name: &str) -> Option<Remote> {
             ) else {
                 return missing();
             };
-            let addr = addr_of(endpoint.trim_start_matches("http://").trim_end_matches('/'));
+            let addr = addr_of_url(&endpoint);
             Remote {
                 addr,
                 url: format!("s3://{bucket}/{name}?endpoint={endpoint}&region=us-east-1"),
@@ -187,8 +193,7 @@ fn remote(proto: Proto, name: &str) -> Option<Remote> {
             else {
                 return missing();
             };
-            let host = endpoint.trim_start_matches("http://");
-            let addr = addr_of(host.split('/').next().unwrap_or(host));
+            let addr = addr_of_url(&endpoint);
             Remote {
                 addr,
                 url: format!("azblob://{container}/{name}?endpoint={endpoint}&account_name={account}"),
@@ -201,7 +206,7 @@ fn remote(proto: Proto, name: &str) -> Option<Remote> {
             let (Some(endpoint), Some(bucket)) = (get("BB_GCS_ENDPOINT"), get("BB_GCS_BUCKET")) else {
                 return missing();
             };
-            let addr = addr_of(endpoint.trim_start_matches("http://").trim_end_matches('/'));
+            let addr = addr_of_url(&endpoint);
             Remote {
                 addr,
                 url: format!("gcs://{bucket}/{name}?endpoint={endpoint}"),
@@ -224,8 +229,7 @@ fn remote(proto: Proto, name: &str) -> Option<Remote> {
             else {
                 return missing();
             };
-            let host = endpoint.trim_start_matches("http://");
-            let addr = addr_of(host.split('/').next().unwrap_or(host));
+            let addr = addr_of_url(&endpoint);
             Remote {
                 addr,
                 url: format!("swift://{container}/{name}?endpoint={endpoint}"),
@@ -598,7 +602,7 @@ fn swift_logs_in_to_keystone() {
         eprintln!("SKIP keystone test: no Keystone configured (run .ci/servers.sh to start one)");
         return;
     };
-    let addr = addr_of(auth.trim_start_matches("http://").split('/').next().unwrap());
+    let addr = addr_of_url(auth);
     if !reachable(addr) {
         eprintln!("SKIP keystone test: {addr} is not reachable");
         return;
