@@ -91,12 +91,20 @@ impl Error {
     /// credentials, no credentials, an unknown SSH host key, nothing listening, a host
     /// name that does not resolve, no answer in time).
     pub fn hint(&self) -> Option<&'static str> {
-        let Error::Backend { source, .. } = self else { return None };
-        storage_hint(source.kind(), &source.to_string())
+        let Error::Backend { object, source } = self else { return None };
+        // A box on a local disk is shown as a path, a remote one as a URL.
+        let local = !object.contains("://");
+        storage_hint(local, source.kind(), &source.to_string())
     }
 }
 
-fn storage_hint(kind: opendal::ErrorKind, text: &str) -> Option<&'static str> {
+fn storage_hint(local: bool, kind: opendal::ErrorKind, text: &str) -> Option<&'static str> {
+    if local {
+        return (kind == opendal::ErrorKind::PermissionDenied).then_some(
+            "Brickbox may not read or write there: check the owner, permissions and attributes (chattr) of the \
+             box's folder, and that its disk is not mounted read-only",
+        );
+    }
     let t = text.to_ascii_lowercase();
     let has = |words: &[&str]| words.iter().any(|w| t.contains(w));
     if has(&["host key is known", "host key verification failed", "remote host identification has changed"]) {
@@ -159,7 +167,7 @@ mod tests {
     use opendal::ErrorKind;
 
     fn hint(kind: ErrorKind, text: &str) -> Option<&'static str> {
-        Error::Backend { object: "x".into(), source: opendal::Error::new(kind, text) }.hint()
+        Error::Backend { object: "s3://bucket/box/x".into(), source: opendal::Error::new(kind, text) }.hint()
     }
 
     #[test]
@@ -179,6 +187,12 @@ mod tests {
         let down = hint(ErrorKind::Unexpected, "tcp connect error: Connection refused (os error 111)");
         assert!(down.is_some_and(|h| h.contains("server running")));
         assert_eq!(hint(ErrorKind::NotFound, "not found"), None);
+        // A local box: its folder, not credentials.
+        let local = Error::Backend {
+            object: "/mnt/usb/box/locks/x.lock".into(),
+            source: opendal::Error::new(ErrorKind::PermissionDenied, "permission denied: Operation not permitted"),
+        };
+        assert!(local.hint().is_some_and(|h| h.contains("permissions") && !h.contains("password")));
         assert_eq!(Error::WrongPassword.hint(), None);
     }
 }
