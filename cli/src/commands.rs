@@ -60,11 +60,8 @@ fn repo_location(g: &Global) -> Result<&str> {
 }
 
 fn read_secret_file(path: &Path) -> Result<Vec<u8>> {
-    let mut s = std::fs::read(path).with_context(|| format!("cannot read password file {}", path.display()))?;
-    while s.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
-        s.pop();
-    }
-    Ok(s)
+    brickbox_core::location::read_secret_file(path)
+        .with_context(|| format!("cannot read password file {}", path.display()))
 }
 
 /// The password: --password-file, BRICKBOX_PASSWORD, or a prompt on a terminal.

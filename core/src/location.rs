@@ -605,6 +605,16 @@ impl Parts {
     }
 }
 
+/// The contents of a file holding a secret (a password, a key), without the line ending(s)
+/// an editor leaves at its end.
+pub fn read_secret_file(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    let mut s = std::fs::read(path)?;
+    while s.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
+        s.pop();
+    }
+    Ok(s)
+}
+
 /// For `<key>_file`, where `<key>` is an option of `service` and `<key>_file` is not: `<key>`.
 fn secret_file_key<'k>(service: &str, key: &'k str) -> Option<&'k str> {
     let base = key.strip_suffix("_file")?;
@@ -615,11 +625,8 @@ fn secret_file_key<'k>(service: &str, key: &'k str) -> Option<&'k str> {
 /// trailing newline. Errors name the option and the file, never the contents.
 fn read_option_file(key: &str, path: &str, source: &str) -> Result<String> {
     let bad = |why: String| Error::Invalid(format!("option {key} (from {source}): {why}"));
-    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read {path}: {e}")))?;
-    let mut text = String::from_utf8(bytes).map_err(|_| bad(format!("{path} is not UTF-8 text")))?;
-    while text.ends_with(['\n', '\r']) {
-        text.pop();
-    }
+    let bytes = read_secret_file(std::path::Path::new(path)).map_err(|e| bad(format!("cannot read {path}: {e}")))?;
+    let text = String::from_utf8(bytes).map_err(|_| bad(format!("{path} is not UTF-8 text")))?;
     if text.is_empty() {
         return Err(bad(format!("{path} is empty")));
     }
