@@ -91,12 +91,7 @@ pub fn backends(g: &Global) -> Result<u8> {
         println!("\nNot in this build:");
         for s in off {
             let schemes = s.url_schemes.iter().map(|u| format!("{u}://")).collect::<Vec<_>>().join(" ");
-            let how = if s.feature == "cloud" {
-                "build with --features cloud".to_string()
-            } else {
-                format!("needs {}", s.feature)
-            };
-            println!("  {schemes:<21} {how}");
+            println!("  {schemes:<21} {}", s.how_to_enable());
         }
     }
     println!(

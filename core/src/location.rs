@@ -59,6 +59,18 @@ pub struct Scheme {
     pub options: &'static [(&'static str, &'static str)],
 }
 
+impl Scheme {
+    /// What it takes to include the service: `build with --features X`, or what the
+    /// platform lacks.
+    pub fn how_to_enable(&self) -> String {
+        if self.feature.contains(' ') {
+            format!("needs {}", self.feature)
+        } else {
+            format!("build with --features {}", self.feature)
+        }
+    }
+}
+
 /// Config keys whose values are secrets: never printed, scrubbed from messages.
 pub const SECRET_KEYS: &[&str] = &[
     "password",
@@ -75,6 +87,10 @@ pub const SECRET_KEYS: &[&str] = &[
     "encryption_key",
     "server_side_encryption_customer_key",
     "temp_url_key",
+    "secret_key",
+    "access_key_secret",
+    "security_token",
+    "delegation",
 ];
 
 /// Whether the value of config key `key` is a secret.
@@ -229,6 +245,146 @@ pub fn schemes() -> &'static [Scheme] {
             example: "dropbox://Backups/box",
             options: OAUTH_OPTIONS,
         },
+        // More services, each behind its own feature (see core/Cargo.toml).
+        Scheme {
+            url_schemes: &["cos"],
+            service: "cos",
+            enabled: cfg!(feature = "services-cos"),
+            feature: "services-cos",
+            example: "cos://bucket-appid/prefix?endpoint=https://cos.ap-guangzhou.myqcloud.com",
+            options: &[
+                ("endpoint", "regional endpoint (required)"),
+                ("secret_id", "SecretId"),
+                ("secret_key", "SecretKey (secret)"),
+            ],
+        },
+        Scheme {
+            url_schemes: &["oss"],
+            service: "oss",
+            enabled: cfg!(feature = "services-oss"),
+            feature: "services-oss",
+            example: "oss://bucket/prefix?endpoint=https://oss-cn-hangzhou.aliyuncs.com",
+            options: &[
+                ("endpoint", "regional endpoint (required)"),
+                ("access_key_id", "AccessKey id"),
+                ("access_key_secret", "AccessKey secret (secret)"),
+            ],
+        },
+        Scheme {
+            url_schemes: &["obs"],
+            service: "obs",
+            enabled: cfg!(feature = "services-obs"),
+            feature: "services-obs",
+            example: "obs://bucket/prefix?endpoint=https://obs.cn-north-4.myhuaweicloud.com",
+            options: &[
+                ("endpoint", "regional endpoint (required)"),
+                ("access_key_id", "access key id"),
+                ("secret_access_key", "secret key (secret)"),
+            ],
+        },
+        Scheme {
+            url_schemes: &["tos"],
+            service: "tos",
+            enabled: cfg!(feature = "services-tos"),
+            feature: "services-tos",
+            example: "tos://bucket/prefix?region=cn-beijing",
+            options: &[
+                ("region", "region (e.g. cn-beijing)"),
+                ("endpoint", "default from the region"),
+                ("access_key_id", "access key id"),
+                ("secret_access_key", "secret key (secret)"),
+            ],
+        },
+        Scheme {
+            url_schemes: &["upyun"],
+            service: "upyun",
+            enabled: cfg!(feature = "services-upyun"),
+            feature: "services-upyun",
+            example: "upyun://operator@bucket/prefix",
+            options: &[
+                ("operator", "operator name (or operator@ in the URL)"),
+                ("password", "operator password (secret)"),
+            ],
+        },
+        Scheme {
+            url_schemes: &["azdls"],
+            service: "azdls",
+            enabled: cfg!(feature = "services-azdls"),
+            feature: "services-azdls",
+            example: "azdls://filesystem/prefix?account_name=NAME",
+            options: &[
+                ("account_name", "storage account"),
+                ("account_key", "account key (secret)"),
+                ("sas_token", "SAS token instead of a key (secret)"),
+                ("endpoint", "default https://<account_name>.dfs.core.windows.net"),
+            ],
+        },
+        Scheme {
+            url_schemes: &["azfile"],
+            service: "azfile",
+            enabled: cfg!(feature = "services-azfile"),
+            feature: "services-azfile",
+            example: "azfile://share/prefix?account_name=NAME",
+            options: &[
+                ("account_name", "storage account"),
+                ("account_key", "account key (secret)"),
+                ("sas_token", "SAS token instead of a key (secret)"),
+                ("endpoint", "default https://<account_name>.file.core.windows.net"),
+            ],
+        },
+        Scheme {
+            url_schemes: &["webhdfs"],
+            service: "webhdfs",
+            enabled: cfg!(feature = "services-webhdfs"),
+            feature: "services-webhdfs",
+            example: "webhdfs://user@namenode:9870/backups/box",
+            options: &[("user_name", "HDFS user (or user@ in the URL)"), ("delegation", "delegation token (secret)")],
+        },
+        Scheme {
+            url_schemes: &["koofr"],
+            service: "koofr",
+            enabled: cfg!(feature = "services-koofr"),
+            feature: "services-koofr",
+            example: "koofr://me@example.com@app.koofr.net/Backups/box",
+            options: &[("email", "account email (or email@ in the URL)"), ("password", "app password (secret)")],
+        },
+        Scheme {
+            url_schemes: &["pcloud"],
+            service: "pcloud",
+            enabled: cfg!(feature = "services-pcloud"),
+            feature: "services-pcloud",
+            example: "pcloud://user@api.pcloud.com/Backups/box (eapi.pcloud.com in Europe)",
+            options: &[("username", "login name (or user@ in the URL)"), ("password", "password (secret)")],
+        },
+        Scheme {
+            url_schemes: &["seafile"],
+            service: "seafile",
+            enabled: cfg!(feature = "services-seafile"),
+            feature: "services-seafile",
+            example: "seafile://user@seafile.example.com/LIBRARY/box",
+            options: &[("username", "login name (or user@ in the URL)"), ("password", "password (secret)")],
+        },
+        Scheme {
+            url_schemes: &["yandex-disk"],
+            service: "yandex-disk",
+            enabled: cfg!(feature = "services-yandex-disk"),
+            feature: "services-yandex-disk",
+            example: "yandex-disk://Backups/box",
+            options: &[("access_token", "OAuth access token (secret)")],
+        },
+        Scheme {
+            url_schemes: &["aliyun-drive"],
+            service: "aliyun-drive",
+            enabled: cfg!(feature = "services-aliyun-drive"),
+            feature: "services-aliyun-drive",
+            example: "aliyun-drive://Backups/box",
+            options: &[
+                ("refresh_token", "OAuth refresh token (secret)"),
+                ("client_id", "OAuth client id"),
+                ("client_secret", "OAuth client secret (secret)"),
+                ("drive_type", "default, backup or resource"),
+            ],
+        },
     ];
     ALL
 }
@@ -333,9 +489,9 @@ pub fn parse_with_env(
     };
     if !info.enabled {
         return Err(Error::Invalid(format!(
-            "repository scheme '{scheme}://' ({} service) is not included in this build; build with {} ('brickbox backends' lists what is)",
+            "repository scheme '{scheme}://' ({} service) is not included in this build; {} ('brickbox backends' lists what is)",
             info.service,
-            if info.feature == "cloud" { "--features cloud" } else { info.feature }
+            info.how_to_enable()
         )));
     }
     let mut b = Parts { service: info.service, ..Parts::default() };
@@ -425,27 +581,38 @@ pub fn parse_with_env(
     let trimmed = path.trim_end_matches('/');
     let root = if trimmed.is_empty() { "/".to_string() } else { trimmed.to_string() };
     match info.service {
-        "s3" | "gcs" | "b2" | "azblob" | "swift" => {
+        svc if name_key(svc).is_some() => {
+            let name_key = name_key(svc).unwrap_or("bucket");
             if hostport.is_empty() {
-                return Err(Error::Invalid(format!(
-                    "{scheme}:// needs a {} name: {scheme}://NAME/prefix",
-                    if matches!(info.service, "azblob" | "swift") { "container" } else { "bucket" }
-                )));
+                let what = match name_key {
+                    "share_name" => "share",
+                    other => other,
+                };
+                return Err(Error::Invalid(format!("{scheme}:// needs a {what} name: {scheme}://NAME/prefix")));
             }
-            let name_key = if matches!(info.service, "azblob" | "swift") { "container" } else { "bucket" };
             b.set(name_key, &hostport);
             b.set("root", &root);
-            if info.service == "s3" {
-                if let Some(u) = &user {
-                    b.set("access_key_id", u);
+            // Services whose login may sit in the URL: s3 (key id and secret), upyun (operator).
+            let url_login = match svc {
+                "s3" => Some(("access_key_id", "secret_access_key")),
+                "upyun" => Some(("operator", "password")),
+                _ => None,
+            };
+            match url_login {
+                Some((ukey, pkey)) => {
+                    if let Some(u) = &user {
+                        b.set(ukey, u);
+                    }
+                    if let Some(p) = &password {
+                        b.set(pkey, p);
+                    }
                 }
-                if let Some(p) = &password {
-                    b.set("secret_access_key", p);
+                None if user.is_some() || password.is_some() => {
+                    return Err(Error::Invalid(format!(
+                        "{scheme}:// takes no user in the URL; pass credentials with --option or BRICKBOX_OPT_<KEY>"
+                    )));
                 }
-            } else if user.is_some() || password.is_some() {
-                return Err(Error::Invalid(format!(
-                    "{scheme}:// takes no user in the URL; pass credentials with --option or BRICKBOX_OPT_<KEY>"
-                )));
+                None => {}
             }
             b.display = format!("{scheme}://{hostport}{}", display_path(&root));
         }
@@ -478,29 +645,53 @@ pub fn parse_with_env(
             }
             b.display = format!("sftp://{at}{hostport}{}", display_path(&root));
         }
-        "webdav" | "ftp" => {
+        "webdav" | "ftp" | "webhdfs" | "koofr" | "pcloud" | "seafile" => {
             if hostport.is_empty() {
                 return Err(Error::Invalid(format!("{scheme}:// needs a host: {scheme}://user@host:port/path")));
             }
             let http = match scheme.as_str() {
-                "webdav" => "http",
-                "webdavs" => "https",
+                "webdav" | "webhdfs" => "http",
+                "webdavs" | "koofr" | "pcloud" | "seafile" => "https",
                 other => other,
             };
             b.set("endpoint", &format!("{http}://{hostport}"));
-            let (ukey, pkey) = if info.service == "webdav" { ("username", "password") } else { ("user", "password") };
+            let (ukey, pkey) = match info.service {
+                "webdav" | "pcloud" | "seafile" => ("username", Some("password")),
+                "koofr" => ("email", Some("password")),
+                "webhdfs" => ("user_name", None),
+                _ => ("user", Some("password")),
+            };
             if let Some(u) = &user {
                 b.set(ukey, u);
             }
-            if let Some(p) = &password {
-                b.set(pkey, p);
+            match (pkey, &password) {
+                (Some(pkey), Some(p)) => b.set(pkey, p),
+                (None, Some(_)) => {
+                    return Err(Error::Invalid(format!(
+                        "{scheme}:// takes no password in the URL; pass a delegation token with --option or BRICKBOX_OPT_DELEGATION"
+                    )));
+                }
+                _ => {}
             }
-            b.set("root", &root);
+            if info.service == "seafile" {
+                // The first folder of the path is the library.
+                let rest = root.trim_start_matches('/');
+                let (library, inside) = rest.split_once('/').unwrap_or((rest, ""));
+                if library.is_empty() {
+                    return Err(Error::Invalid(format!(
+                        "{scheme}:// needs a library: {scheme}://user@host/LIBRARY/path"
+                    )));
+                }
+                b.set("repo_name", library);
+                b.set("root", &format!("/{inside}"));
+            } else {
+                b.set("root", &root);
+            }
             let shown_user = user.or_else(|| b.config.get(ukey).cloned());
             let at = shown_user.as_deref().map(|u| format!("{u}@")).unwrap_or_default();
             b.display = format!("{scheme}://{at}{hostport}{}", display_path(&root));
         }
-        "gdrive" | "onedrive" | "dropbox" => {
+        "gdrive" | "onedrive" | "dropbox" | "yandex-disk" | "aliyun-drive" => {
             if user.is_some() || password.is_some() {
                 return Err(Error::Invalid(format!(
                     "{scheme}:// takes no user in the URL; pass tokens with --option or BRICKBOX_OPT_<KEY>"
@@ -533,9 +724,15 @@ pub fn parse_with_env(
         b.set_given(&k.to_ascii_lowercase(), v, "--option")?;
     }
 
-    if info.service == "azblob" && !b.config.contains_key("endpoint") {
+    let azure_host = match info.service {
+        "azblob" => Some("blob"),
+        "azdls" => Some("dfs"),
+        "azfile" => Some("file"),
+        _ => None,
+    };
+    if let Some(kind) = azure_host.filter(|_| !b.config.contains_key("endpoint")) {
         if let Some(acct) = b.config.get("account_name").cloned() {
-            b.set("endpoint", &format!("https://{acct}.blob.core.windows.net"));
+            b.set("endpoint", &format!("https://{acct}.{kind}.core.windows.net"));
         }
     }
     if info.service == "s3" {
@@ -559,6 +756,17 @@ pub fn parse_with_env(
     }
     let Parts { service, config, display, secrets, warnings } = b;
     Ok(Location { service, config, display, secrets, warnings, local_root: None })
+}
+
+/// The config key that names the bucket (or container, share…) of services that have one.
+fn name_key(service: &str) -> Option<&'static str> {
+    match service {
+        "s3" | "gcs" | "b2" | "cos" | "oss" | "obs" | "tos" | "upyun" => Some("bucket"),
+        "azblob" | "swift" => Some("container"),
+        "azdls" => Some("filesystem"),
+        "azfile" => Some("share_name"),
+        _ => None,
+    }
 }
 
 fn password_key(service: &str) -> &'static str {
@@ -744,6 +952,73 @@ pub fn known_key(service: &str, key: &str) -> bool {
         "swift" => &["endpoint", "container", "root", "token", "temp_url_key", "temp_url_hash_algorithm"],
         "gdrive" | "dropbox" => &["root", "access_token", "refresh_token", "client_id", "client_secret"],
         "onedrive" => &["root", "access_token", "refresh_token", "client_id", "client_secret", "enable_versioning"],
+        "cos" => &[
+            "root",
+            "endpoint",
+            "secret_id",
+            "secret_key",
+            "security_token",
+            "bucket",
+            "enable_versioning",
+            "disable_config_load",
+        ],
+        "oss" => &[
+            "root",
+            "endpoint",
+            "presign_endpoint",
+            "bucket",
+            "addressing_style",
+            "presign_addressing_style",
+            "enable_versioning",
+            "server_side_encryption",
+            "server_side_encryption_key_id",
+            "skip_signature",
+            "allow_anonymous",
+            "access_key_id",
+            "access_key_secret",
+            "security_token",
+            "batch_max_operations",
+            "delete_max_size",
+            "role_arn",
+            "role_session_name",
+            "oidc_provider_arn",
+            "oidc_token_file",
+            "sts_endpoint",
+            "external_id",
+        ],
+        "obs" => &["root", "endpoint", "access_key_id", "secret_access_key", "bucket", "enable_versioning"],
+        "tos" => &[
+            "root",
+            "bucket",
+            "endpoint",
+            "region",
+            "access_key_id",
+            "secret_access_key",
+            "security_token",
+            "disable_config_load",
+            "skip_signature",
+        ],
+        "upyun" => &["root", "bucket", "operator", "password"],
+        "azdls" => &[
+            "root",
+            "filesystem",
+            "endpoint",
+            "account_name",
+            "account_key",
+            "client_secret",
+            "tenant_id",
+            "client_id",
+            "sas_token",
+            "authority_host",
+            "enable_hns",
+        ],
+        "azfile" => &["root", "endpoint", "share_name", "account_name", "account_key", "sas_token"],
+        "webhdfs" => &["root", "endpoint", "user_name", "delegation", "disable_list_batch", "atomic_write_dir"],
+        "koofr" => &["root", "endpoint", "email", "password"],
+        "pcloud" => &["root", "endpoint", "username", "password"],
+        "seafile" => &["root", "endpoint", "username", "password", "repo_name"],
+        "yandex-disk" => &["root", "access_token"],
+        "aliyun-drive" => &["root", "access_token", "client_id", "client_secret", "refresh_token", "drive_type"],
         _ => &[],
     };
     // The swift login's options are Brickbox's own (see crate::swiftauth).
@@ -891,6 +1166,68 @@ mod tests {
             let e = parse_with_env("gcs://b/p", &[], &[], &[]).unwrap_err().to_string();
             assert!(e.contains("--features cloud"), "{e}");
         }
+        if !cfg!(feature = "services-seafile") {
+            let e = parse_with_env("seafile://u@h/lib/box", &[], &[], &[]).unwrap_err().to_string();
+            assert!(e.contains("not included in this build; build with --features services-seafile"), "{e}");
+        }
+    }
+
+    /// The services behind their own features: URLs map to the config keys their opendal
+    /// service reads.
+    #[cfg(feature = "more-services")]
+    #[test]
+    fn more_services_urls() {
+        let l = p("cos://bk-125/a/b?endpoint=https://cos.example.com", &[("secret_key", "cos-sk")], &[]);
+        assert_eq!((get(&l, "bucket"), get(&l, "root")), (Some("bk-125"), Some("/a/b")));
+        assert!(l.secrets.contains(&"cos-sk".to_string()));
+        let l = p("oss://bk/p", &[("access_key_secret", "oss-sk")], &[]);
+        assert_eq!(get(&l, "bucket"), Some("bk"));
+        assert!(l.secrets.contains(&"oss-sk".to_string()) && l.warnings.is_empty(), "{:?}", l.warnings);
+        let l = p("upyun://op:pw9@bk/p", &[], &[]);
+        assert_eq!(
+            (get(&l, "operator"), get(&l, "password"), get(&l, "bucket")),
+            (Some("op"), Some("pw9"), Some("bk"))
+        );
+        assert_eq!(l.display, "upyun://bk/p");
+        let l = p("azdls://fs1/p", &[("account_name", "acct")], &[]);
+        assert_eq!(
+            (get(&l, "filesystem"), get(&l, "endpoint")),
+            (Some("fs1"), Some("https://acct.dfs.core.windows.net"))
+        );
+        let l = p("azfile://share1/p", &[("account_name", "acct")], &[]);
+        assert_eq!(
+            (get(&l, "share_name"), get(&l, "endpoint")),
+            (Some("share1"), Some("https://acct.file.core.windows.net"))
+        );
+        let e = parse_with_env("azfile:///p", &[], &[], &[]).unwrap_err().to_string();
+        assert!(e.contains("needs a share name"), "{e}");
+        let l = p("webhdfs://hdfs@nn:9870/backups/box", &[], &[]);
+        assert_eq!(
+            (get(&l, "endpoint"), get(&l, "user_name"), get(&l, "root")),
+            (Some("http://nn:9870"), Some("hdfs"), Some("/backups/box"))
+        );
+        let e = parse_with_env("webhdfs://u:pw@nn/b", &[], &[], &[]).unwrap_err().to_string();
+        assert!(e.contains("no password") && !e.contains("pw@"), "{e}");
+        let l = p("koofr://me@example.com@app.koofr.net/Backups/box", &[("password", "kpw")], &[]);
+        assert_eq!(
+            (get(&l, "endpoint"), get(&l, "email"), get(&l, "root")),
+            (Some("https://app.koofr.net"), Some("me@example.com"), Some("/Backups/box"))
+        );
+        let l = p("pcloud://u@eapi.pcloud.com/B", &[], &[]);
+        assert_eq!((get(&l, "endpoint"), get(&l, "username")), (Some("https://eapi.pcloud.com"), Some("u")));
+        let l = p("seafile://u@sf.example.com/My%20Library/backups/box", &[], &[]);
+        assert_eq!(
+            (get(&l, "repo_name"), get(&l, "root"), l.display.as_str()),
+            (Some("My Library"), Some("/backups/box"), "seafile://u@sf.example.com/My Library/backups/box")
+        );
+        let e = parse_with_env("seafile://u@h/", &[], &[], &[]).unwrap_err().to_string();
+        assert!(e.contains("needs a library"), "{e}");
+        let l = p("yandex-disk://Backups/box", &[("access_token", "ytok")], &[]);
+        assert_eq!(get(&l, "root"), Some("/Backups/box"));
+        assert!(l.secrets.contains(&"ytok".to_string()));
+        let l = p("aliyun-drive://B/box", &[("drive_type", "backup")], &[]);
+        assert_eq!(get(&l, "root"), Some("/B/box"));
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
     }
 
     #[test]
