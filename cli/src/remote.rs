@@ -81,7 +81,11 @@ pub fn backends(g: &Global) -> Result<u8> {
     println!("  path                  a local folder: /mnt/usb/box, ./box");
     for s in all.iter().filter(|s| s.enabled) {
         let schemes = s.url_schemes.iter().map(|u| format!("{u}://")).collect::<Vec<_>>().join(" ");
-        println!("  {schemes:<21} {} (opendal service {})", s.example, s.service);
+        let through = match s.service {
+            "rclone" => "rclone, then opendal's webdav".to_string(),
+            service => format!("opendal service {service}"),
+        };
+        println!("  {schemes:<21} {} ({through})", s.example);
         for (k, d) in s.options {
             println!("      {k:<26} {d}");
         }
@@ -97,7 +101,8 @@ pub fn backends(g: &Global) -> Result<u8> {
     println!(
         "\nOptions are opendal's config keys: --option KEY=VALUE (repeatable) or env BRICKBOX_OPT_<KEY>;\n\
          s3 also reads AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION, AWS_ENDPOINT_URL;\n\
-         swift logs in with OpenStack's OS_AUTH_URL, OS_USERNAME, OS_PASSWORD, OS_PROJECT_NAME… (or ST_AUTH, ST_USER, ST_KEY).\n\
+         swift logs in with OpenStack's OS_AUTH_URL, OS_USERNAME, OS_PASSWORD, OS_PROJECT_NAME… (or ST_AUTH, ST_USER, ST_KEY);\n\
+         rclone:// runs `rclone serve webdav` for the remote on 127.0.0.1 while the box is open.\n\
          Keep secrets out of URLs and command lines: <key>_file=PATH reads an option from a file\n\
          (--option secret_access_key_file=/root/s3.key, BRICKBOX_OPT_PASSWORD_FILE=…), and --repo-config FILE\n\
          names the repository, its password file and its options in one place (see docs/backends.md).\n\

@@ -193,6 +193,8 @@ pub struct Backend {
     login: Option<crate::swiftauth::Login>,
     /// When the token was last renewed.
     renewed: Mutex<Option<Instant>>,
+    /// The rclone serving an `rclone://` box (stopped when the box is closed).
+    rclone: Option<crate::rclone::Server>,
 }
 
 /// The operators of a box and the config they are built from.
@@ -367,8 +369,31 @@ impl Backend {
     }
 
     /// Opens a parsed location.
-    pub fn from_location(loc: Location, opts: &BackendOptions) -> Result<Self> {
+    pub fn from_location(mut loc: Location, opts: &BackendOptions) -> Result<Self> {
         init_opendal();
+        // An rclone box is a WebDAV box on the rclone this starts.
+        let rclone = match loc.service {
+            "rclone" => {
+                let remote = loc.config.get("remote").cloned().unwrap_or_default();
+                let binary = loc.config.get("rclone_binary").map_or("rclone", String::as_str);
+                let config = loc.config.get("rclone_config").map(String::as_str);
+                let server =
+                    crate::rclone::Server::start(&remote, binary, config, opts.timeout, &loc.display, &loc.secrets)?;
+                loc.secrets.push(server.password().to_string());
+                loc.config = [
+                    ("endpoint", server.endpoint()),
+                    ("username", crate::rclone::USER.to_string()),
+                    ("password", server.password().to_string()),
+                    ("root", "/".to_string()),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+                loc.service = "webdav";
+                Some(server)
+            }
+            _ => None,
+        };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("brickbox-io")
@@ -455,6 +480,7 @@ impl Backend {
             layers,
             login,
             renewed: Mutex::new(None),
+            rclone,
         })
     }
 
@@ -616,9 +642,11 @@ impl Backend {
     }
 
     fn err(&self, object: &str, source: opendal::Error) -> Error {
+        let secrets = self.secrets.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let stopped = self.rclone.as_ref().and_then(crate::rclone::Server::stopped);
         Error::Backend {
             object: format!("{}/{object}", self.location.trim_end_matches('/')),
-            source: scrub(source, &self.secrets.read().unwrap_or_else(|poisoned| poisoned.into_inner())),
+            source: scrub_noted(source, &secrets, stopped.as_deref()),
         }
     }
 
@@ -1150,6 +1178,11 @@ fn jitter(d: Duration) -> Duration {
 /// once, with every secret value replaced by `***`; same kind and retry status, no source
 /// (opendal's own chain repeats itself at every level).
 fn scrub(e: opendal::Error, secrets: &[String]) -> opendal::Error {
+    scrub_noted(e, secrets, None)
+}
+
+/// [`scrub`], with `note` (what else went wrong) after the message.
+fn scrub_noted(e: opendal::Error, secrets: &[String], note: Option<&str>) -> opendal::Error {
     let display = e.to_string();
     // "Kind (status) at operation, context: {…} => message…": keep the operation's name.
     let operation = display
@@ -1169,6 +1202,7 @@ fn scrub(e: opendal::Error, secrets: &[String]) -> opendal::Error {
         }
         src = s.source();
     }
+    parts.extend(note.map(str::to_string));
     let out = opendal::Error::new(e.kind(), location::redact(&parts.join(": "), secrets)).with_operation(operation);
     if e.is_temporary() {
         out.set_temporary()

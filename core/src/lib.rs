@@ -32,6 +32,7 @@ pub mod objects;
 pub mod pack;
 #[cfg(unix)]
 pub mod purge;
+pub mod rclone;
 #[cfg(unix)]
 pub mod repair;
 pub mod repo;

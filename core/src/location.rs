@@ -245,6 +245,17 @@ pub fn schemes() -> &'static [Scheme] {
             example: "dropbox://Backups/box",
             options: OAUTH_OPTIONS,
         },
+        Scheme {
+            url_schemes: &["rclone"],
+            service: "rclone",
+            enabled: true,
+            feature: "",
+            example: "rclone://REMOTE:path/box (a remote of rclone's config, or any rclone path; needs rclone)",
+            options: &[
+                ("rclone_binary", "the rclone program (default: rclone in PATH)"),
+                ("rclone_config", "rclone's config file (default: rclone's own)"),
+            ],
+        },
         // More services, each behind its own feature (see core/Cargo.toml).
         Scheme {
             url_schemes: &["cos"],
@@ -691,6 +702,21 @@ pub fn parse_with_env(
             let at = shown_user.as_deref().map(|u| format!("{u}@")).unwrap_or_default();
             b.display = format!("{scheme}://{at}{hostport}{}", display_path(&root));
         }
+        "rclone" => {
+            // Everything up to the query is rclone's: `name:path`, `:backend,params:path`, a
+            // local path.
+            let remote = percent_decode(rest.split('?').next().unwrap_or_default());
+            if remote.is_empty() {
+                return Err(Error::Invalid(
+                    "rclone:// needs a remote: rclone://REMOTE:path (a remote of 'rclone config', or a path rclone takes)"
+                        .into(),
+                ));
+            }
+            let (shown, secrets) = rclone_remote_shown(&remote);
+            b.secrets.extend(secrets);
+            b.display = format!("rclone://{shown}");
+            b.set("remote", &remote);
+        }
         "gdrive" | "onedrive" | "dropbox" | "yandex-disk" | "aliyun-drive" => {
             if user.is_some() || password.is_some() {
                 return Err(Error::Invalid(format!(
@@ -756,6 +782,52 @@ pub fn parse_with_env(
     }
     let Parts { service, config, display, secrets, warnings } = b;
     Ok(Location { service, config, display, secrets, warnings, local_root: None })
+}
+
+/// An rclone remote for messages, and the secrets it holds: the parameters of a connection
+/// string (`:s3,access_key_id=…,secret_access_key=…:bucket/box`) are left out of the
+/// message, and the values of those named like secrets are scrubbed from every message.
+fn rclone_remote_shown(remote: &str) -> (String, Vec<String>) {
+    // `name,params:path`, or `:backend,params:path` on the fly.
+    let (lead, body) = match remote.strip_prefix(':') {
+        Some(rest) => (":", rest),
+        None => ("", remote),
+    };
+    let Some((name, path)) = split_unquoted(body, ':').filter(|(name, _)| !name.contains(['/', '\\'])) else {
+        return (remote.to_string(), Vec::new());
+    };
+    let Some((base, params)) = split_unquoted(name, ',') else {
+        return (remote.to_string(), Vec::new());
+    };
+    let mut secrets = Vec::new();
+    let mut rest = Some(params);
+    while let Some(part) = rest {
+        let (param, more) = split_unquoted(part, ',').map_or((part, None), |(p, m)| (p, Some(m)));
+        rest = more;
+        let Some((k, v)) = param.split_once('=') else { continue };
+        let k = k.trim().to_ascii_lowercase();
+        let v = v.trim().trim_matches(['"', '\'']);
+        let secret =
+            ["pass", "secret", "token"].iter().any(|w| k.contains(w)) || k.ends_with("key") || k.ends_with("pem");
+        if secret && !v.is_empty() {
+            secrets.push(v.to_string());
+        }
+    }
+    (format!("{lead}{base},…:{path}"), secrets)
+}
+
+/// `s` split at the first `sep` outside single or double quotes.
+fn split_unquoted(s: &str, sep: char) -> Option<(&str, &str)> {
+    let mut quote = None;
+    for (i, c) in s.char_indices() {
+        match (quote, c) {
+            (None, '\'' | '"') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, c) if c == sep => return Some((&s[..i], &s[i + c.len_utf8()..])),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// The config key that names the bucket (or container, share…) of services that have one.
@@ -1019,6 +1091,7 @@ pub fn known_key(service: &str, key: &str) -> bool {
         "seafile" => &["root", "endpoint", "username", "password", "repo_name"],
         "yandex-disk" => &["root", "access_token"],
         "aliyun-drive" => &["root", "access_token", "client_id", "client_secret", "refresh_token", "drive_type"],
+        "rclone" => crate::rclone::OPTIONS,
         _ => &[],
     };
     // The swift login's options are Brickbox's own (see crate::swiftauth).
@@ -1170,6 +1243,27 @@ mod tests {
             let e = parse_with_env("seafile://u@h/lib/box", &[], &[], &[]).unwrap_err().to_string();
             assert!(e.contains("not included in this build; build with --features services-seafile"), "{e}");
         }
+    }
+
+    #[test]
+    fn rclone_remotes() {
+        let l = p("rclone://gdrive:Backups/box", &[("rclone_config", "/etc/rclone.conf")], &[]);
+        assert_eq!((l.service, get(&l, "remote")), ("rclone", Some("gdrive:Backups/box")));
+        assert_eq!(l.display, "rclone://gdrive:Backups/box");
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        // A local path, a Windows-like path: given to rclone as they are.
+        assert_eq!(get(&p("rclone:///srv/box", &[], &[]), "remote"), Some("/srv/box"));
+        assert_eq!(p("rclone://C:\\box", &[], &[]).display, "rclone://C:\\box");
+        // Connection strings: parameters left out of messages, secret ones scrubbed.
+        let l = p("rclone://:s3,provider=Minio,access_key_id=AK1,secret_access_key=SK123:bucket/box", &[], &[]);
+        assert_eq!(l.display, "rclone://:s3,…:bucket/box");
+        assert_eq!(l.secrets, vec!["SK123".to_string()]);
+        assert_eq!(get(&l, "remote"), Some(":s3,provider=Minio,access_key_id=AK1,secret_access_key=SK123:bucket/box"));
+        let l = p("rclone://nas,pass='pw%3Aa':box?rclone_binary=/opt/rclone", &[], &[]);
+        assert_eq!((l.display.as_str(), get(&l, "rclone_binary")), ("rclone://nas,…:box", Some("/opt/rclone")));
+        assert_eq!(l.secrets, vec!["pw:a".to_string()]);
+        let e = parse_with_env("rclone://", &[], &[], &[]).unwrap_err().to_string();
+        assert!(e.contains("needs a remote"), "{e}");
     }
 
     /// The services behind their own features: URLs map to the config keys their opendal

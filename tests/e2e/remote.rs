@@ -2,7 +2,8 @@
 //! sshd), WebDAV (rclone serve webdav), FTP (pyftpdlib), Azure Blob (Azurite) and Google
 //! Cloud Storage (gcp-storage-emulator, anonymous; its resumable uploads fail, so GCS boxes
 //! here keep volumes below one 8 MiB upload part) and OpenStack Swift (one node; tempauth,
-//! and a second proxy that takes the tokens of a Keystone v3).
+//! and a second proxy that takes the tokens of a Keystone v3); `rclone://` boxes through
+//! rclone (apt rclone) to the SFTP server.
 //!
 //! `.ci/servers.sh` starts them and writes their addresses and credentials to
 //! `/tmp/brickbox-test-servers.env` (or `$BB_SERVERS_ENV`). A test whose server is not
@@ -70,6 +71,7 @@ enum Proto {
     Azblob,
     Gcs,
     Swift,
+    Rclone,
 }
 
 impl Proto {
@@ -82,6 +84,7 @@ impl Proto {
             Proto::Azblob => "azblob",
             Proto::Gcs => "gcs",
             Proto::Swift => "swift",
+            Proto::Rclone => "rclone",
         }
     }
 }
@@ -236,6 +239,32 @@ fn remote(proto: Proto, name: &str) -> Option<Remote> {
                 args: vec![],
                 vars: vec![("BRICKBOX_OPT_TOKEN".into(), token.clone())],
                 secrets: vec![token],
+            }
+        }
+        Proto::Rclone => {
+            // rclone's sftp backend to the SFTP server, the remote defined by rclone's
+            // environment variables (Brickbox's environment is rclone's).
+            let (Some(host), Some(port), Some(user), Some(key), Some(root)) = (
+                get("BB_SFTP_HOST"),
+                get("BB_SFTP_PORT"),
+                get("BB_SFTP_USER"),
+                get("BB_SFTP_KEY"),
+                get("BB_SFTP_ROOT"),
+            ) else {
+                return missing();
+            };
+            if !have_rclone() {
+                return missing();
+            }
+            Remote {
+                addr: addr_of(&format!("{host}:{port}")),
+                url: format!("rclone://bbsftp:{root}/{name}"),
+                args: vec![],
+                vars: [("TYPE", "sftp"), ("HOST", &host), ("PORT", &port), ("USER", &user), ("KEY_FILE", &key)]
+                    .iter()
+                    .map(|(k, v)| (format!("RCLONE_CONFIG_BBSFTP_{k}"), v.to_string()))
+                    .collect(),
+                secrets: vec![],
             }
         }
     };
@@ -477,6 +506,112 @@ fn swift_roundtrip() {
 /// A swift box reached by logging in (v1, tempauth): with OpenStack's `ST_*` variables,
 /// and with `auth_url`/`user` options and the password from a file; a wrong password is a
 /// clear error. The password and the token never show.
+#[test]
+fn rclone_roundtrip() {
+    roundtrip(Proto::Rclone);
+}
+
+fn have_rclone() -> bool {
+    std::process::Command::new("rclone")
+        .arg("version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The pids of running `rclone serve` processes whose command line holds `needle`.
+fn rclone_servers(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let cmdline = fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("serve webdav") && cmdline.contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// `rclone://` boxes whose rclone cannot start fail with rclone's reason, and no rclone is
+/// left running: not after a command, not after Brickbox is killed while a mount is open.
+#[test]
+fn rclone_failures_are_clear_and_leave_no_server() {
+    if !have_rclone() {
+        eprintln!("SKIP rclone test: no rclone in PATH (apt-get install rclone)");
+        return;
+    }
+    let env = Env::new();
+    let tag = unique("rcl");
+    let dir = env.mkdir(&tag);
+    let conf = env.path().join("rclone.conf");
+    fs::write(&conf, "[mine]\ntype = local\n").unwrap();
+    let at = |url: String| Remote { addr: addr_of("127.0.0.1:1"), url, args: vec![], vars: vec![], secrets: vec![] };
+
+    // An unknown remote: rclone's own words, exit 1.
+    let s = Session::new(&env, at(format!("rclone://nosuch-{tag}:box")));
+    let r = s.run(&args!["init"]);
+    r.expect_code(1);
+    assert!(r.stderr.contains("rclone did not start serving the remote"), "{}", r.stderr);
+    assert!(r.stderr.contains("didn't find section in config file"), "{}", r.stderr);
+
+    // No rclone: what to install or name.
+    let mut s = Session::new(&env, at(format!("rclone://mine:{}", dir.display())));
+    s.extra.extend(args_s(&["--option", "rclone_binary=/nonexistent/rclone"]));
+    let r = s.run(&args!["init"]);
+    r.expect_code(1);
+    assert!(r.stderr.contains("install rclone"), "{}", r.stderr);
+
+    // A secret in an on-the-fly remote is neither shown nor logged back.
+    let secret = format!("Sekrit{tag}");
+    let mut s = Session::new(&env, at(format!("rclone://:sftp,host=127.0.0.1,port=1,pass={secret}:box")));
+    s.remote.secrets.push(secret);
+    s.extra.extend(args_s(&["--timeout", "5s"]));
+    let r = s.run(&args!["init"]);
+    r.expect_code(1);
+    assert!(r.stderr.contains("rclone://:sftp,…:box"), "{}", r.stderr);
+    s.assert_no_secrets();
+
+    // A box in rclone's config file: works, and each command stops its rclone.
+    let mut s = Session::new(&env, at(format!("rclone://mine:{}/box", dir.display())));
+    s.extra.extend(args_s(&["--option", &format!("rclone_config={}", conf.display())]));
+    s.ok(&args!["init"]);
+    let src = env.mkdir("src");
+    make_tree(&src);
+    s.ok(&args!["backup", &src]);
+    assert!(dir.join("box/config").exists());
+    assert!(rclone_servers(&tag).is_empty(), "rclone left running: {:?}", rclone_servers(&tag));
+
+    // Brickbox killed while its mount is open: its rclone goes too.
+    if !Path::new("/dev/fuse").exists() || !is_root() {
+        eprintln!("SKIP mount part of the rclone test: needs /dev/fuse and root");
+        return;
+    }
+    let mnt = env.mkdir("mnt");
+    let mut c = s.command(&args!["mount", &mnt]);
+    c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    let mut child = c.spawn().unwrap();
+    let start = Instant::now();
+    while !mnt.join("versions/latest").exists() {
+        assert!(child.try_wait().unwrap().is_none(), "mount exited early");
+        assert!(start.elapsed() < Duration::from_secs(60), "mount not ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(rclone_servers(&tag).len(), 1, "one rclone serves the mount");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let start = Instant::now();
+    while !rclone_servers(&tag).is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(10), "rclone outlived Brickbox: {:?}", rclone_servers(&tag));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let canon = fs::canonicalize(&mnt).unwrap();
+    let c = std::ffi::CString::new(canon.to_str().unwrap()).unwrap();
+    // SAFETY: a valid path; detaching the mount the killed process left.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+}
+
 #[test]
 fn swift_logs_in_with_user_and_password() {
     let Some(r) = remote(Proto::Swift, &unique("login")) else { return };

@@ -1,0 +1,227 @@
+//! Boxes on anything rclone reaches: `rclone://REMOTE:path` starts `rclone serve webdav`
+//! for that remote on 127.0.0.1, behind a user and a one-time password that only this
+//! process knows, and the box talks WebDAV to it. rclone runs for as long as the box is
+//! open and is stopped when it is closed.
+//!
+//! rclone serves with its VFS cache off, so an upload is answered only once rclone has
+//! stored it on the remote: a volume never counts as stored while it is still on its way.
+
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+/// The user the box logs in to rclone's server as.
+pub const USER: &str = "brickbox";
+
+/// Options of `rclone://` boxes (besides the remote, which is the URL).
+pub const OPTIONS: &[&str] = &["remote", "rclone_binary", "rclone_config"];
+
+/// A running `rclone serve webdav`.
+pub struct Server {
+    child: Mutex<Child>,
+    port: u16,
+    password: String,
+    /// Values scrubbed from what rclone logged (the password, secrets of the remote).
+    secrets: Vec<String>,
+    log: PathBuf,
+    /// Holds the log file.
+    _dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("port", &self.port).finish_non_exhaustive()
+    }
+}
+
+/// How long to wait for rclone to listen, at least.
+const MIN_START_WAIT: Duration = Duration::from_secs(30);
+
+impl Server {
+    /// Starts rclone serving `remote` (`name:path`, or a local path). `binary` is the rclone
+    /// program, `config` rclone's config file if not its default; `shown` names the box in
+    /// errors, which never hold `secrets`; `wait` is how long rclone may take to listen (at
+    /// least 30 s).
+    pub fn start(
+        remote: &str,
+        binary: &str,
+        config: Option<&str>,
+        wait: Duration,
+        shown: &str,
+        secrets: &[String],
+    ) -> Result<Server> {
+        let password = random_password();
+        let mut secrets = secrets.to_vec();
+        secrets.push(password.clone());
+        let mut failure = String::new();
+        // The port is picked here and handed to rclone; if another program takes it in
+        // between, rclone cannot listen, and another port is tried.
+        for _ in 0..3 {
+            let dir = tempfile::Builder::new()
+                .prefix("brickbox-rclone-")
+                .tempdir()
+                .map_err(|e| Error::io(std::env::temp_dir(), e))?;
+            let log = dir.path().join("rclone.log");
+            let port =
+                free_port().map_err(|e| Error::Invalid(format!("{shown}: no free local port for rclone: {e}")))?;
+            let child = spawn(remote, binary, config, port, &password, &log, shown)?;
+            let server = Server {
+                child: Mutex::new(child),
+                port,
+                password: password.clone(),
+                secrets: secrets.clone(),
+                log,
+                _dir: dir,
+            };
+            match server.wait_listening(wait.max(MIN_START_WAIT)) {
+                Ok(()) => return Ok(server),
+                Err(why) => {
+                    let port_taken = why.contains("address already in use");
+                    failure = why;
+                    if !port_taken {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(Error::Invalid(format!("{shown}: rclone did not start serving the remote: {failure}")))
+    }
+
+    /// The WebDAV endpoint rclone serves.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The one-time password of the server.
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    /// Why rclone is not running any more, if it is not: its exit and the end of its log.
+    pub fn stopped(&self) -> Option<String> {
+        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        match child.try_wait() {
+            Ok(Some(status)) => Some(format!("rclone stopped ({status}): {}", self.log_tail())),
+            _ => None,
+        }
+    }
+
+    /// Waits until rclone listens; `Err` says why it will not.
+    fn wait_listening(&self, wait: Duration) -> std::result::Result<(), String> {
+        let start = Instant::now();
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        loop {
+            if let Some(why) = self.stopped() {
+                return Err(why);
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if start.elapsed() > wait {
+                return Err(format!("it was not listening after {} s: {}", wait.as_secs(), self.log_tail()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last lines rclone logged, on one line.
+    fn log_tail(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut text);
+        }
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
+        if tail.is_empty() {
+            "(it logged nothing)".to_string()
+        } else {
+            crate::location::redact(&tail, &self.secrets)
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let child = self.child.get_mut().unwrap_or_else(|p| p.into_inner());
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        #[cfg(unix)]
+        {
+            // SIGTERM lets rclone finish cleanly; it is killed if it has not after 5 s.
+            if let Ok(pid) = i32::try_from(child.id()) {
+                // SAFETY: signalling a child this process started and has not reaped.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(5) {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+}
+
+fn spawn(
+    remote: &str,
+    binary: &str,
+    config: Option<&str>,
+    port: u16,
+    password: &str,
+    log: &std::path::Path,
+    shown: &str,
+) -> Result<Child> {
+    let log_file = std::fs::File::create(log).map_err(|e| Error::io(log, e))?;
+    let mut cmd = Command::new(binary);
+    cmd.args(["serve", "webdav", remote, "--addr", &format!("127.0.0.1:{port}"), "--vfs-cache-mode", "off"]);
+    if let Some(config) = config {
+        cmd.args(["--config", config]);
+    }
+    // The credentials go by environment, not on the command line others can read.
+    cmd.env("RCLONE_USER", USER).env("RCLONE_PASS", password);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log_file);
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        // Not in the terminal's process group: Ctrl-C reaches Brickbox, which finishes
+        // what it must over the box before it stops rclone.
+        cmd.process_group(0);
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        // rclone gets SIGTERM if the thread that started it goes away without stopping it
+        // (Brickbox killed), so no server is left behind.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+    }
+    cmd.spawn().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::Invalid(format!(
+                "{shown}: rclone:// boxes need rclone, and '{binary}' was not found: install rclone (Debian package rclone, or rclone.org) or name it with --option rclone_binary=PATH"
+            ))
+        } else {
+            Error::Invalid(format!("{shown}: cannot run rclone ('{binary}'): {e}"))
+        }
+    })
+}
+
+/// A password for rclone's server: 128 random bits in hex.
+fn random_password() -> String {
+    hex::encode(crate::crypto::random_bytes::<16>())
+}
