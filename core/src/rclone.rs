@@ -210,6 +210,12 @@ fn spawn(
             });
         }
     }
+    #[cfg(windows)]
+    {
+        use std::os::windows::process::CommandExt;
+        // CREATE_NEW_PROCESS_GROUP: Ctrl-C in the console reaches Brickbox, not rclone.
+        cmd.creation_flags(0x0000_0200);
+    }
     cmd.spawn().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             Error::Invalid(format!(
