@@ -324,8 +324,6 @@ async fn pace(p: &Option<Pacer>, bytes: u64) {
     }
 }
 
-/// Installs the process-wide HTTP transport once: reqwest over rustls with the ring
-/// provider (no aws-lc, no cmake), with a connect timeout so that a dead server fails fast.
 /// The operator of `service` with `config` (opendal's config keys), without layers.
 fn bare_operator(service: &str, config: &std::collections::BTreeMap<String, String>) -> opendal::Result<Operator> {
     // opendal's koofr takes its email from a URI path when built by scheme name, so it is
@@ -337,6 +335,8 @@ fn bare_operator(service: &str, config: &std::collections::BTreeMap<String, Stri
     Operator::via_iter(service, config.clone())
 }
 
+/// Installs the process-wide HTTP transport once: reqwest over rustls with the ring
+/// provider (no aws-lc, no cmake), with a connect timeout so that a dead server fails fast.
 fn init_opendal() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
