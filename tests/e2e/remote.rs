@@ -137,7 +137,7 @@ fn remote(proto: Proto, name: &str) -> Option<Remote> {
                 secrets: vec![secret],
             }
         }
-        Proto::Sftp => {
+        Proto::Sftp | Proto::Rclone => {
             let (Some(host), Some(port), Some(user), Some(key), Some(root)) = (
                 get("BB_SFTP_HOST"),
                 get("BB_SFTP_PORT"),
@@ -148,17 +148,35 @@ fn remote(proto: Proto, name: &str) -> Option<Remote> {
                 return missing();
             };
             let addr = addr_of(&format!("{host}:{port}"));
-            Remote {
-                addr,
-                url: format!("sftp://{user}@{host}:{port}{root}/{name}"),
-                args: vec![
-                    "--option".into(),
-                    format!("key={key}"),
-                    "--option".into(),
-                    "known_hosts_strategy=accept".into(),
-                ],
-                vars: vec![],
-                secrets: vec![],
+            if proto == Proto::Rclone {
+                if !have_rclone() {
+                    return missing();
+                }
+                // rclone's sftp backend to the SFTP server, the remote defined by rclone's
+                // environment variables (Brickbox's environment is rclone's).
+                Remote {
+                    addr,
+                    url: format!("rclone://bbsftp:{root}/{name}"),
+                    args: vec![],
+                    vars: [("TYPE", "sftp"), ("HOST", &host), ("PORT", &port), ("USER", &user), ("KEY_FILE", &key)]
+                        .iter()
+                        .map(|(k, v)| (format!("RCLONE_CONFIG_BBSFTP_{k}"), v.to_string()))
+                        .collect(),
+                    secrets: vec![],
+                }
+            } else {
+                Remote {
+                    addr,
+                    url: format!("sftp://{user}@{host}:{port}{root}/{name}"),
+                    args: vec![
+                        "--option".into(),
+                        format!("key={key}"),
+                        "--option".into(),
+                        "known_hosts_strategy=accept".into(),
+                    ],
+                    vars: vec![],
+                    secrets: vec![],
+                }
             }
         }
         Proto::Webdav => {
@@ -239,32 +257,6 @@ fn remote(proto: Proto, name: &str) -> Option<Remote> {
                 args: vec![],
                 vars: vec![("BRICKBOX_OPT_TOKEN".into(), token.clone())],
                 secrets: vec![token],
-            }
-        }
-        Proto::Rclone => {
-            // rclone's sftp backend to the SFTP server, the remote defined by rclone's
-            // environment variables (Brickbox's environment is rclone's).
-            let (Some(host), Some(port), Some(user), Some(key), Some(root)) = (
-                get("BB_SFTP_HOST"),
-                get("BB_SFTP_PORT"),
-                get("BB_SFTP_USER"),
-                get("BB_SFTP_KEY"),
-                get("BB_SFTP_ROOT"),
-            ) else {
-                return missing();
-            };
-            if !have_rclone() {
-                return missing();
-            }
-            Remote {
-                addr: addr_of(&format!("{host}:{port}")),
-                url: format!("rclone://bbsftp:{root}/{name}"),
-                args: vec![],
-                vars: [("TYPE", "sftp"), ("HOST", &host), ("PORT", &port), ("USER", &user), ("KEY_FILE", &key)]
-                    .iter()
-                    .map(|(k, v)| (format!("RCLONE_CONFIG_BBSFTP_{k}"), v.to_string()))
-                    .collect(),
-                secrets: vec![],
             }
         }
     };
