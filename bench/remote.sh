@@ -15,7 +15,9 @@
 #              first HEAD/GET (default: through rclone's hasher overlay, MD5 kept from upload,
 #              as S3 does)
 #   RCLONE     rclone binary to use (default: the first rclone >= 1.65 in PATH)
-#   TARGETS    what to measure, in order (default "local s3 s3-delay")
+#   TARGETS    what to measure, in order (default "local s3 s3-delay"); also "rclone": a
+#              local folder as an rclone:// box (Brickbox's own rclone serve webdav; what
+#              the bridge costs; the rclone child's CPU is not in the CPU table)
 #   REPEAT     runs of everything; each figure is the best run (default 3: on a shared
 #              machine the best run is the least disturbed one)
 #   MOUNT_ARGS extra arguments for `brickbox mount` (e.g. "--disk-cache off")
@@ -203,6 +205,7 @@ measure() { # target
     local) box=$WORK/local-box; rm -rf "$box" ;;
     s3) box="s3://$S3_BUCKET/$t-$rep?endpoint=http://127.0.0.1:$S3_PORT" ;;
     s3-delay) box="s3://$S3_BUCKET/$t-$rep?endpoint=http://127.0.0.1:$DELAY_PORT" ;;
+    rclone) box="rclone://$WORK/rclone-box"; rm -rf "$WORK/rclone-box" ;;
   esac
   export AWS_ACCESS_KEY_ID=$S3_KEY AWS_SECRET_ACCESS_KEY=$S3_SECRET
   run_bb -r "$box" --db "$db" init || { log "$t: init failed"; return; }
@@ -265,7 +268,7 @@ measure() { # target
     umount -l "$mnt" 2>/dev/null
     log "$t: mount sequential read $took s ($ok)"
   fi
-  rm -rf "$WORK/s3-data/$S3_BUCKET/$t-$rep" "$WORK/cache-$t"
+  rm -rf "$WORK/s3-data/$S3_BUCKET/$t-$rep" "$WORK/cache-$t" "$WORK/rclone-box"
 }
 
 # ------------------------------------------------------------------ run
