@@ -107,6 +107,11 @@ fn storage_hint(local: bool, kind: opendal::ErrorKind, text: &str) -> Option<&'s
     }
     let t = text.to_ascii_lowercase();
     let has = |words: &[&str]| words.iter().any(|w| t.contains(w));
+    if has(&["rclone stopped ("]) {
+        return Some(
+            "the rclone serving this box stopped (its last words are above); the box is as the last finished              step left it, and the next run starts rclone again",
+        );
+    }
     if has(&["host key is known", "host key verification failed", "remote host identification has changed"]) {
         return Some(
             "the SSH server's host key is not the one in ~/.ssh/known_hosts (or not there at all): check it and add \
@@ -186,6 +191,9 @@ mod tests {
         assert!(host_key.is_some_and(|h| h.contains("known_hosts_strategy")));
         let down = hint(ErrorKind::Unexpected, "tcp connect error: Connection refused (os error 111)");
         assert!(down.is_some_and(|h| h.contains("server running")));
+        let rclone =
+            hint(ErrorKind::Unexpected, "tcp connect error: Connection refused: rclone stopped (exit status: 2): …");
+        assert!(rclone.is_some_and(|h| h.contains("next run starts rclone again")));
         assert_eq!(hint(ErrorKind::NotFound, "not found"), None);
         // A local box: its folder, not credentials.
         let local = Error::Backend {
