@@ -191,10 +191,11 @@ pub struct Backend {
     fresh_ranged: bool,
     /// How to log in again where the box is a Swift box reached by logging in.
     login: Option<crate::swiftauth::Login>,
-    /// When the token was last renewed.
+    /// When access was last renewed (a Swift token, an rclone started again).
     renewed: Mutex<Option<Instant>>,
-    /// The rclone serving an `rclone://` box (stopped when the box is closed).
-    rclone: Option<crate::rclone::Server>,
+    /// The rclone serving an `rclone://` box (stopped when the box is closed, started
+    /// again if it stopped before).
+    rclone: Option<Mutex<crate::rclone::Server>>,
 }
 
 /// The operators of a box and the config they are built from.
@@ -390,7 +391,7 @@ impl Backend {
                 .map(|(k, v)| (k.to_string(), v))
                 .collect();
                 loc.service = "webdav";
-                Some(server)
+                Some(Mutex::new(server))
             }
             _ => None,
         };
@@ -493,12 +494,14 @@ impl Backend {
     }
 
     /// After `e` from an operation begun at `started`: whether the operation may be tried
-    /// again with a new Swift token, because the server refused the old one. Logs in again
-    /// unless that was done since `started` (then the new token is tried) or less than
-    /// [`MIN_RENEWAL_GAP`] ago (then the refusal stands).
-    fn renewed_login(&self, started: Instant, e: &opendal::Error) -> bool {
-        let Some(login) = &self.login else { return false };
-        if e.kind() != ErrorKind::PermissionDenied {
+    /// again with renewed access: a new Swift token, because the server refused the old
+    /// one, or a new rclone, because the one serving an `rclone://` box stopped. Renews
+    /// unless that was done since `started` (then the new access is tried) or less than
+    /// [`MIN_RENEWAL_GAP`] ago (then the failure stands).
+    fn renewed_access(&self, started: Instant, e: &opendal::Error) -> bool {
+        let swift_refused = self.login.is_some() && e.kind() == ErrorKind::PermissionDenied;
+        let rclone_stopped = self.rclone.as_ref().is_some_and(|r| r.lock().is_ok_and(|r| r.stopped().is_some()));
+        if !swift_refused && !rclone_stopped {
             return false;
         }
         let Ok(mut last) = self.renewed.lock() else { return false };
@@ -507,12 +510,29 @@ impl Backend {
             Some(t) if t.elapsed() < MIN_RENEWAL_GAP => return false,
             _ => {}
         }
-        let Ok((token, _)) = login.token() else { return false };
         let mut config = self.ops().config.clone();
-        config.insert("token".into(), token.clone());
+        let secret = match (&self.login, &self.rclone) {
+            (Some(login), _) if swift_refused => {
+                let Ok((token, _)) = login.token() else { return false };
+                config.insert("token".into(), token.clone());
+                token
+            }
+            (_, Some(rclone)) if rclone_stopped => {
+                let Ok(mut server) = rclone.lock() else { return false };
+                if server.restart().is_err() {
+                    // Not again before the gap: each try may take a while.
+                    *last = Some(Instant::now());
+                    return false;
+                }
+                config.insert("endpoint".into(), server.endpoint());
+                config.insert("password".into(), server.password().to_string());
+                server.password().to_string()
+            }
+            _ => return false,
+        };
         let Ok(ops) = self.layers.build_ops(self.service, config) else { return false };
         if let Ok(mut s) = self.secrets.write() {
-            s.push(token);
+            s.push(secret);
         }
         if let Ok(mut o) = self.ops.write() {
             *o = Arc::new(ops);
@@ -551,7 +571,7 @@ impl Backend {
             let started = Instant::now();
             let op = if ranged { self.ranged_op() } else { self.ops().op.clone() };
             match self.rt.block_on(f(op)) {
-                Err(e) if !renewed && self.renewed_login(started, &e) => renewed = true,
+                Err(e) if !renewed && self.renewed_access(started, &e) => renewed = true,
                 Err(e)
                     if left > 0
                         && transient(&e)
@@ -643,7 +663,7 @@ impl Backend {
 
     fn err(&self, object: &str, source: opendal::Error) -> Error {
         let secrets = self.secrets.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let stopped = self.rclone.as_ref().and_then(crate::rclone::Server::stopped);
+        let stopped = self.rclone.as_ref().and_then(|r| r.lock().ok()?.stopped());
         Error::Backend {
             object: format!("{}/{object}", self.location.trim_end_matches('/')),
             source: scrub_noted(source, &secrets, stopped.as_deref()),
@@ -846,7 +866,7 @@ impl Backend {
                     Ok(()) => return Ok(()),
                     Err(e) => e,
                 },
-                Err(e) if !renewed && self.renewed_login(started, &e) => {
+                Err(e) if !renewed && self.renewed_access(started, &e) => {
                     renewed = true;
                     attempt -= 1;
                     continue;

@@ -21,8 +21,21 @@ pub const USER: &str = "brickbox";
 /// Options of `rclone://` boxes (besides the remote, which is the URL).
 pub const OPTIONS: &[&str] = &["remote", "rclone_binary", "rclone_config"];
 
+/// What to start rclone with.
+#[derive(Clone)]
+struct Spec {
+    remote: String,
+    binary: String,
+    config: Option<String>,
+    wait: Duration,
+    shown: String,
+    /// The remote's secrets (not the server's password).
+    secrets: Vec<String>,
+}
+
 /// A running `rclone serve webdav`.
 pub struct Server {
+    spec: Spec,
     child: Mutex<Child>,
     port: u16,
     password: String,
@@ -55,8 +68,28 @@ impl Server {
         shown: &str,
         secrets: &[String],
     ) -> Result<Server> {
+        let spec = Spec {
+            remote: remote.to_string(),
+            binary: binary.to_string(),
+            config: config.map(str::to_string),
+            wait,
+            shown: shown.to_string(),
+            secrets: secrets.to_vec(),
+        };
+        Self::start_spec(spec)
+    }
+
+    /// Starts rclone again after it stopped: on a new port, with a new password.
+    pub fn restart(&mut self) -> Result<()> {
+        *self = Self::start_spec(self.spec.clone())?;
+        Ok(())
+    }
+
+    fn start_spec(spec: Spec) -> Result<Server> {
+        let Spec { remote, binary, config, wait, shown, .. } = &spec;
+        let (wait, shown) = (*wait, shown.as_str());
         let password = random_password();
-        let mut secrets = secrets.to_vec();
+        let mut secrets = spec.secrets.clone();
         secrets.push(password.clone());
         let mut failure = String::new();
         // The port is picked here and handed to rclone; if another program takes it in
@@ -69,8 +102,9 @@ impl Server {
             let log = dir.path().join("rclone.log");
             let port =
                 free_port().map_err(|e| Error::Invalid(format!("{shown}: no free local port for rclone: {e}")))?;
-            let child = spawn(remote, binary, config, port, &password, &log, shown)?;
+            let child = spawn(remote, binary, config.as_deref(), port, &password, &log, shown)?;
             let server = Server {
+                spec: spec.clone(),
                 child: Mutex::new(child),
                 port,
                 password: password.clone(),

@@ -604,6 +604,69 @@ fn rclone_failures_are_clear_and_leave_no_server() {
     unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
 }
 
+/// A mount of an `rclone://` box outlives its rclone: when rclone stops, the next read
+/// starts a new one and goes on.
+#[test]
+fn rclone_that_stops_is_started_again() {
+    if !have_rclone() || !Path::new("/dev/fuse").exists() || !is_root() {
+        eprintln!("SKIP rclone restart test: needs rclone, /dev/fuse and root");
+        return;
+    }
+    let env = Env::new();
+    let tag = unique("rcr");
+    let dir = env.mkdir(&tag);
+    let remote = Remote {
+        addr: addr_of("127.0.0.1:1"),
+        url: format!("rclone://{}/box", dir.display()),
+        args: vec![],
+        vars: vec![],
+        secrets: vec![],
+    };
+    let s = Session::new(&env, remote);
+    s.ok(&args!["init"]);
+    let src = env.mkdir("src");
+    make_tree(&src);
+    s.ok(&args!["backup", &src]);
+
+    let mnt = env.mkdir("mnt");
+    let log = env.path().join("mount.stderr");
+    let mut c = s.command(&args!["mount", &mnt]);
+    c.env("XDG_CACHE_HOME", env.path().join("cache"));
+    c.stdout(std::process::Stdio::null()).stderr(fs::File::create(&log).unwrap());
+    let mut child = c.spawn().unwrap();
+    let latest = mnt.join("versions/latest").join(src.strip_prefix("/").unwrap());
+    let start = Instant::now();
+    while !latest.join("notes.txt").exists() {
+        assert!(child.try_wait().unwrap().is_none(), "mount exited early: {}", fs::read_to_string(&log).unwrap());
+        assert!(start.elapsed() < Duration::from_secs(60), "mount not ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(fs::read(latest.join("notes.txt")).unwrap(), fs::read(src.join("notes.txt")).unwrap());
+    let first = rclone_servers(&tag);
+    assert_eq!(first.len(), 1, "{first:?}");
+    // SAFETY: killing the rclone this test's mount started.
+    unsafe { libc::kill(first[0] as i32, libc::SIGKILL) };
+    let start = Instant::now();
+    while rclone_servers(&tag) == first {
+        assert!(start.elapsed() < Duration::from_secs(10), "rclone did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Not read before, so fetched from the box: through a new rclone.
+    let got = fs::read(latest.join("photo.jpg"));
+    let again = rclone_servers(&tag);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let canon = fs::canonicalize(&mnt).unwrap();
+    let c = std::ffi::CString::new(canon.to_str().unwrap()).unwrap();
+    // SAFETY: a valid path; detaching the mount if the mount process left it.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    let log = fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(got.unwrap_or_else(|e| panic!("{e}: {log}")), fs::read(src.join("photo.jpg")).unwrap());
+    assert!(again.len() == 1 && again != first, "a new rclone serves the box: {first:?} -> {again:?}");
+    assert!(rclone_servers(&tag).is_empty(), "rclone left running after the mount");
+}
+
 #[test]
 fn swift_logs_in_with_user_and_password() {
     let Some(r) = remote(Proto::Swift, &unique("login")) else { return };
