@@ -37,6 +37,8 @@ struct Spec {
 pub struct Server {
     spec: Spec,
     child: Mutex<Child>,
+    /// The thread rclone was started from (dropped after the child is stopped).
+    _keeper: Keeper,
     port: u16,
     password: String,
     /// Values scrubbed from what rclone logged (the password, secrets of the remote).
@@ -102,10 +104,11 @@ impl Server {
             let log = dir.path().join("rclone.log");
             let port =
                 free_port().map_err(|e| Error::Invalid(format!("{shown}: no free local port for rclone: {e}")))?;
-            let child = spawn(remote, binary, config.as_deref(), port, &password, &log, shown)?;
+            let (child, keeper) = spawn(remote, binary, config.as_deref(), port, &password, &log, shown)?;
             let server = Server {
                 spec: spec.clone(),
                 child: Mutex::new(child),
+                _keeper: keeper,
                 port,
                 password: password.clone(),
                 secrets: secrets.clone(),
@@ -205,6 +208,39 @@ impl Drop for Server {
     }
 }
 
+/// The thread that started rclone, kept until rclone is stopped. On Linux rclone gets
+/// SIGTERM when the thread that started it ends (`PR_SET_PDEATHSIG`): started from a thread
+/// of its own, rclone ends with Brickbox, not with whichever worker thread happened to
+/// start it (a restart may come from any thread).
+struct Keeper {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Keeper {
+    /// Runs `cmd` on a new thread that stays until the keeper is dropped.
+    fn spawn(mut cmd: Command) -> std::io::Result<(Child, Keeper)> {
+        let (child_tx, child_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new().name("brickbox-rclone".into()).spawn(move || {
+            let _ = child_tx.send(cmd.spawn());
+            // Until the keeper is dropped (a message or a closed channel).
+            let _ = stop_rx.recv();
+        })?;
+        let child = child_rx.recv().map_err(|_| std::io::Error::other("the thread starting rclone ended"))??;
+        Ok((child, Keeper { stop: Some(stop_tx), thread: Some(thread) }))
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
 }
@@ -217,7 +253,7 @@ fn spawn(
     password: &str,
     log: &std::path::Path,
     shown: &str,
-) -> Result<Child> {
+) -> Result<(Child, Keeper)> {
     let log_file = std::fs::File::create(log).map_err(|e| Error::io(log, e))?;
     let mut cmd = Command::new(binary);
     cmd.args(["serve", "webdav", remote, "--addr", &format!("127.0.0.1:{port}"), "--vfs-cache-mode", "off"]);
@@ -235,8 +271,8 @@ fn spawn(
         cmd.process_group(0);
         #[cfg(target_os = "linux")]
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        // rclone gets SIGTERM if the thread that started it goes away without stopping it
-        // (Brickbox killed), so no server is left behind.
+        // rclone gets SIGTERM if the thread that started it (a [`Keeper`]) goes away
+        // without stopping it (Brickbox killed), so no server is left behind.
         unsafe {
             cmd.pre_exec(|| {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
@@ -250,7 +286,7 @@ fn spawn(
         // CREATE_NEW_PROCESS_GROUP: Ctrl-C in the console reaches Brickbox, not rclone.
         cmd.creation_flags(0x0000_0200);
     }
-    cmd.spawn().map_err(|e| {
+    Keeper::spawn(cmd).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             Error::Invalid(format!(
                 "{shown}: rclone:// boxes need rclone, and '{binary}' was not found: install rclone (Debian package rclone, or rclone.org) or name it with --option rclone_binary=PATH"
