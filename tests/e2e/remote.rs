@@ -416,6 +416,43 @@ fn roundtrip(proto: Proto) {
     fresh.assert_no_secrets();
 }
 
+/// Starts `brickbox mount` of the session's box at `mnt` (its stderr in `log`, `vars` added
+/// to its environment) and waits until `src`'s `notes.txt` shows in the newest version;
+/// returns the process and that version's copy of `src`.
+fn start_mount(
+    s: &Session,
+    mnt: &Path,
+    log: &Path,
+    src: &Path,
+    vars: &[(&str, PathBuf)],
+) -> (std::process::Child, PathBuf) {
+    let mut c = s.command(&args!["mount", mnt]);
+    c.envs(vars.iter().map(|(k, v)| (*k, v)));
+    c.stdout(std::process::Stdio::null()).stderr(fs::File::create(log).unwrap());
+    let mut child = c.spawn().unwrap();
+    let latest = mnt.join("versions/latest").join(src.strip_prefix("/").unwrap());
+    let start = Instant::now();
+    while !latest.join("notes.txt").exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("mount exited early ({status}): {}", fs::read_to_string(log).unwrap_or_default());
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "mount not ready: {}", fs::read_to_string(log).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, latest)
+}
+
+/// Detaches the mount at `mnt` if one is still there.
+fn detach(mnt: &Path) {
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let canon = fs::canonicalize(mnt).unwrap();
+    if mounts.lines().any(|l| l.split(' ').nth(4) == canon.to_str()) {
+        let c = std::ffi::CString::new(canon.to_str().unwrap()).unwrap();
+        // SAFETY: a valid path; detaching a mount a test made.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
 /// Mounts the box, reads the newest version through the mount and compares it with
 /// `src`; skipped where FUSE cannot be used.
 fn check_mount(s: &Session, src: &Path) {
@@ -425,18 +462,7 @@ fn check_mount(s: &Session, src: &Path) {
     }
     let dir = s.env.mkdir("mnt");
     let log = s.env.path().join("mount.stderr");
-    let mut c = s.command(&args!["mount", &dir]);
-    c.stdout(std::process::Stdio::null()).stderr(fs::File::create(&log).unwrap());
-    let mut child = c.spawn().unwrap();
-    let latest = dir.join("versions/latest").join(src.strip_prefix("/").unwrap());
-    let start = Instant::now();
-    while !latest.join("notes.txt").exists() {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("mount exited early ({status}): {}", fs::read_to_string(&log).unwrap_or_default());
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "mount not ready: {}", fs::read_to_string(&log).unwrap());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (mut child, latest) = start_mount(s, &dir, &log, src, &[]);
     assert_same_tree(src, &latest, Compare::NO_OWNERS);
     // Reading again gives the same bytes (now from the caches).
     assert_eq!(fs::read(latest.join("photo.jpg")).unwrap(), fs::read(src.join("photo.jpg")).unwrap());
@@ -450,13 +476,7 @@ fn check_mount(s: &Session, src: &Path) {
         let _ = child.kill();
         let _ = child.wait();
     }
-    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let canon = fs::canonicalize(&dir).unwrap();
-    if mounts.lines().any(|l| l.split(' ').nth(4) == canon.to_str()) {
-        let c = std::ffi::CString::new(canon.to_str().unwrap()).unwrap();
-        // SAFETY: a valid path; detaching a mount this test made.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-    }
+    detach(&dir);
     s.outputs.lock().unwrap().push(fs::read_to_string(&log).unwrap_or_default());
 }
 
@@ -598,10 +618,7 @@ fn rclone_failures_are_clear_and_leave_no_server() {
         assert!(start.elapsed() < Duration::from_secs(10), "rclone outlived Brickbox: {:?}", rclone_servers(&tag));
         std::thread::sleep(Duration::from_millis(50));
     }
-    let canon = fs::canonicalize(&mnt).unwrap();
-    let c = std::ffi::CString::new(canon.to_str().unwrap()).unwrap();
-    // SAFETY: a valid path; detaching the mount the killed process left.
-    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    detach(&mnt);
 }
 
 /// A mount of an `rclone://` box outlives its rclone: when rclone stops, the next read
@@ -630,17 +647,7 @@ fn rclone_that_stops_is_started_again() {
 
     let mnt = env.mkdir("mnt");
     let log = env.path().join("mount.stderr");
-    let mut c = s.command(&args!["mount", &mnt]);
-    c.env("XDG_CACHE_HOME", env.path().join("cache"));
-    c.stdout(std::process::Stdio::null()).stderr(fs::File::create(&log).unwrap());
-    let mut child = c.spawn().unwrap();
-    let latest = mnt.join("versions/latest").join(src.strip_prefix("/").unwrap());
-    let start = Instant::now();
-    while !latest.join("notes.txt").exists() {
-        assert!(child.try_wait().unwrap().is_none(), "mount exited early: {}", fs::read_to_string(&log).unwrap());
-        assert!(start.elapsed() < Duration::from_secs(60), "mount not ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (mut child, latest) = start_mount(&s, &mnt, &log, &src, &[("XDG_CACHE_HOME", env.path().join("cache"))]);
     assert_eq!(fs::read(latest.join("notes.txt")).unwrap(), fs::read(src.join("notes.txt")).unwrap());
     let first = rclone_servers(&tag);
     assert_eq!(first.len(), 1, "{first:?}");
@@ -657,10 +664,7 @@ fn rclone_that_stops_is_started_again() {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
-    let canon = fs::canonicalize(&mnt).unwrap();
-    let c = std::ffi::CString::new(canon.to_str().unwrap()).unwrap();
-    // SAFETY: a valid path; detaching the mount if the mount process left it.
-    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    detach(&mnt);
     let log = fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(got.unwrap_or_else(|e| panic!("{e}: {log}")), fs::read(src.join("photo.jpg")).unwrap());
     assert!(again.len() == 1 && again != first, "a new rclone serves the box: {first:?} -> {again:?}");
@@ -745,16 +749,7 @@ fn swift_token_that_runs_out_is_renewed() {
 
     let dir = env.mkdir("mnt");
     let log = env.path().join("mount.stderr");
-    let mut c = sess.command(&args!["mount", &dir]);
-    c.stdout(std::process::Stdio::null()).stderr(fs::File::create(&log).unwrap());
-    let mut child = c.spawn().unwrap();
-    let latest = dir.join("versions/latest").join(src.strip_prefix("/").unwrap());
-    let start = Instant::now();
-    while !latest.join("notes.txt").exists() {
-        assert!(child.try_wait().unwrap().is_none(), "mount exited: {}", fs::read_to_string(&log).unwrap());
-        assert!(start.elapsed() < Duration::from_secs(60), "mount not ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (mut child, latest) = start_mount(&sess, &dir, &log, &src, &[]);
     let first = fs::read(latest.join("notes.txt"));
     // The mount's token runs out; the next reads need blocks not read yet.
     std::thread::sleep(Duration::from_secs(4));
@@ -763,10 +758,7 @@ fn swift_token_that_runs_out_is_renewed() {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
-    let canon = fs::canonicalize(&dir).unwrap();
-    let c = std::ffi::CString::new(canon.to_str().unwrap()).unwrap();
-    // SAFETY: a valid path; detaching a mount this test made (if it is still there).
-    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    detach(&dir);
     let log_text = fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(first.unwrap(), fs::read(src.join("notes.txt")).unwrap());
     assert_eq!(later.expect(&log_text), fs::read(src.join("photo.jpg")).unwrap());
