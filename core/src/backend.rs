@@ -434,8 +434,7 @@ impl Backend {
         let ops = layers
             .build_ops(loc.service, config)
             .map_err(|e| Error::Backend { object: loc.display.clone(), source: scrub(e, &secrets) })?;
-        let op = &ops.op;
-        let cap = op.info().capability();
+        let cap = ops.op.info().capability();
         let lacks: Vec<&str> =
             [("read", cap.read), ("write", cap.write), ("stat", cap.stat), ("list", cap.list), ("delete", cap.delete)]
                 .into_iter()
@@ -449,8 +448,8 @@ impl Backend {
                 lacks.join(" or ")
             )));
         }
-        let multi_write = op.info().capability().write_can_multi && loc.service != "swift";
-        let native_recursive_list = op.info().capability().list_with_recursive;
+        let multi_write = cap.write_can_multi && loc.service != "swift";
+        let native_recursive_list = cap.list_with_recursive;
         let typed_writes = ops.write_op.info().capability().write_with_content_type;
         let staging = loc.local_root.as_ref().map(|r| r.join(".tmp").join("staging"));
         Ok(Self {
