@@ -117,6 +117,9 @@ pub enum Command {
     Passwd(PasswdArgs),
     /// List the storage schemes this build supports and their main options.
     Backends,
+    /// Copy the whole box to another location (e.g. from a disk to object storage), object by
+    /// object; run it again to resume a copy or to bring the copy up to date.
+    CopyBox(crate::remote::CopyBoxArgs),
     /// Mount the versions as a read-only file system (until Ctrl-C or 'brickbox umount').
     Mount(crate::mount_cmd::MountArgs),
     /// Unmount a mounted repository.

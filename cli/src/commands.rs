@@ -48,6 +48,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Config => config(&g),
         Command::Passwd(a) => passwd(&g, a),
         Command::Backends => crate::remote::backends(&g),
+        Command::CopyBox(a) => crate::remote::copy_box(&g, a),
         Command::Mount(a) => crate::mount_cmd::mount(&g, a),
         Command::Umount(a) => crate::mount_cmd::umount(&g, a),
     }

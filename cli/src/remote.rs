@@ -1,14 +1,20 @@
-//! Storage backends on the command line: the options every command takes and the
-//! `backends` command.
+//! Storage backends on the command line: the options every command takes, the `backends`
+//! command, and `copy-box` (a box copied to another location).
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
-use brickbox_core::backend::BackendOptions;
+use anyhow::{Context, Result};
+use brickbox_core::backend::{Backend, BackendOptions};
+use brickbox_core::boxcopy::{self, CopyProgress};
 use brickbox_core::location;
+use clap::Args;
 use serde_json::json;
 
 use crate::args::Global;
+use crate::format::human;
+use crate::{CANCEL, EXIT_WARNINGS};
 
 /// Parses durations like `500ms`, `2s`, `1.5s`, `3m`, `1h`, or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -32,17 +38,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// The backend options from the command line; prints the warnings about `location`
 /// (e.g. a password in the URL) on stderr unless `--quiet`.
 pub fn backend_options(g: &Global, location: &str) -> Result<BackendOptions> {
-    let options = g.option.iter().map(|o| location::parse_option(o)).collect::<brickbox_core::Result<Vec<_>>>()?;
-    let opts = BackendOptions {
-        options,
-        file_options: g.file_options.clone(),
-        upload_concurrency: g.upload_concurrency.max(1),
-        retries: g.retries,
-        retry_delay: g.retry_delay,
-        throttle_upload: g.throttle_upload,
-        throttle_download: g.throttle_download,
-        timeout: g.timeout.max(Duration::from_millis(100)),
-    };
+    let mut opts = backend_transfer_options(g);
+    opts.options = g.option.iter().map(|o| location::parse_option(o)).collect::<brickbox_core::Result<Vec<_>>>()?;
+    opts.file_options = g.file_options.clone();
     let parsed = location::parse(location, &opts.file_options, &opts.options)?;
     if !g.quiet {
         for w in &parsed.warnings {
@@ -50,6 +48,128 @@ pub fn backend_options(g: &Global, location: &str) -> Result<BackendOptions> {
         }
     }
     Ok(opts)
+}
+
+/// Arguments of `copy-box`.
+#[derive(Args, Debug)]
+pub struct CopyBoxArgs {
+    /// Where to copy the box: a local path or a URL, like -r (an empty location, or an earlier
+    /// copy of this box to resume or bring up to date).
+    #[arg(value_name = "DESTINATION")]
+    pub destination: String,
+    /// Option of the destination's storage service, as its opendal config key (repeatable);
+    /// also from env BRICKBOX_TO_OPT_<KEY>. --option and BRICKBOX_OPT_* are the source's.
+    #[arg(long = "to-option", value_name = "KEY=VALUE")]
+    pub to_option: Vec<String>,
+}
+
+/// The destination of `copy-box`, opened with its own options (`--to-option`,
+/// `BRICKBOX_TO_OPT_<KEY>`, the service's usual variables) and the global transfer flags.
+fn open_destination(g: &Global, a: &CopyBoxArgs) -> Result<Backend> {
+    let mut opts = backend_transfer_options(g);
+    opts.options = a.to_option.iter().map(|o| location::parse_option(o)).collect::<brickbox_core::Result<Vec<_>>>()?;
+    // The source's BRICKBOX_OPT_* are not the destination's; BRICKBOX_TO_OPT_* are, read as
+    // BRICKBOX_OPT_* by the parser.
+    let env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| !k.starts_with("BRICKBOX_OPT_"))
+        .map(|(k, v)| match k.strip_prefix("BRICKBOX_TO_OPT_") {
+            Some(key) => (format!("BRICKBOX_OPT_{key}"), v),
+            None => (k, v),
+        })
+        .collect();
+    let parsed = location::parse_with_env(&a.destination, &[], &opts.options, &env)
+        .with_context(|| "cannot use the destination of copy-box".to_string())?;
+    if !g.quiet {
+        for w in &parsed.warnings {
+            eprintln!("warning: destination: {w}");
+        }
+    }
+    Backend::from_location(parsed, &opts).context("cannot open the destination of copy-box")
+}
+
+/// `brickbox copy-box DESTINATION`.
+pub fn copy_box(g: &Global, a: CopyBoxArgs) -> Result<u8> {
+    let repo = crate::commands::open(g)?;
+    let dest = Arc::new(open_destination(g, &a)?);
+    let progress = Arc::new(CopyProgress::default());
+    let bar = crate::progress::wanted(g.json, g.quiet).then(|| {
+        let p = progress.clone();
+        let total = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let t = total.clone();
+        crate::progress::Bar::start(
+            move || {
+                t.store(p.total_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+                (p.objects.load(Ordering::Relaxed), p.bytes.load(Ordering::Relaxed))
+            },
+            total,
+            "copied",
+        )
+    });
+    let shown = dest.location().to_string();
+    let r = boxcopy::copy_box(&repo, dest, &progress, &CANCEL);
+    drop(bar);
+    let r = r.map_err(|e| {
+        let at_destination = matches!(&e, brickbox_core::Error::Backend { object, .. } if object.starts_with(&shown));
+        let e = anyhow::Error::from(e);
+        if at_destination {
+            e.context(format!(
+                "cannot copy the box to {shown} (the destination's options: --to-option KEY=VALUE or \
+                 BRICKBOX_TO_OPT_<KEY>; --option and BRICKBOX_OPT_* are the source's)"
+            ))
+        } else {
+            e
+        }
+    })?;
+    let code = if r.damaged.is_empty() { 0 } else { EXIT_WARNINGS };
+    if g.json {
+        crate::commands::print_json(&serde_json::to_value(&r)?)?;
+        return Ok(code);
+    }
+    for d in &r.damaged {
+        eprintln!("warning: {} is damaged in the box ({}); copied as it was", d.object, d.problem);
+    }
+    if !r.damaged.is_empty() {
+        eprintln!(
+            "hint: 'brickbox verify --read-data' shows what the damage affects and 'brickbox repair' mends what it \
+             can; run copy-box again afterwards"
+        );
+    }
+    if !r.no_longer_in_box.is_empty() && !g.quiet {
+        eprintln!(
+            "note: {} object(s) at the destination are no longer in the box (removed by forget or compact since an \
+             earlier copy); left as they are",
+            r.no_longer_in_box.len()
+        );
+    }
+    if !g.quiet {
+        println!(
+            "copied {} object(s) ({}) to {}; {} of the box's {} were there already",
+            r.copied,
+            human(r.copied_bytes),
+            r.destination,
+            r.already_there,
+            r.objects
+        );
+        println!(
+            "the copy is the same box (same password, versions and catalog): use it with 'brickbox -r {} …'",
+            r.destination
+        );
+    }
+    Ok(code)
+}
+
+/// The transfer flags (concurrency, retries, timeouts, throttling), without storage options.
+fn backend_transfer_options(g: &Global) -> BackendOptions {
+    BackendOptions {
+        options: Vec::new(),
+        file_options: Vec::new(),
+        upload_concurrency: g.upload_concurrency.max(1),
+        retries: g.retries,
+        retry_delay: g.retry_delay,
+        throttle_upload: g.throttle_upload,
+        throttle_download: g.throttle_download,
+        timeout: g.timeout.max(Duration::from_millis(100)),
+    }
 }
 
 /// `brickbox backends`: the schemes this build supports and their main options.
@@ -106,7 +226,9 @@ pub fn backends(g: &Global) -> Result<u8> {
          Keep secrets out of URLs and command lines: <key>_file=PATH reads an option from a file\n\
          (--option secret_access_key_file=/root/s3.key, BRICKBOX_OPT_PASSWORD_FILE=…), and --repo-config FILE\n\
          names the repository, its password file and its options in one place (see docs/backends.md).\n\
-         Transfers: --upload-concurrency, --retries, --retry-delay, --timeout, --throttle-upload, --throttle-download."
+         Transfers: --upload-concurrency, --retries, --retry-delay, --timeout, --throttle-upload, --throttle-download.\n\
+         To move a box elsewhere: brickbox -r BOX copy-box DESTINATION (its options: --to-option KEY=VALUE,\n\
+         BRICKBOX_TO_OPT_<KEY>)."
     );
     Ok(0)
 }

@@ -12,6 +12,7 @@ pub mod backend;
 #[cfg(unix)]
 pub mod backup;
 pub mod boxcheck;
+pub mod boxcopy;
 #[cfg(unix)]
 pub mod broken;
 #[cfg(unix)]

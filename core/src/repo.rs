@@ -426,6 +426,11 @@ impl Repository {
         self.lock_wait = wait;
     }
 
+    /// How long [`Self::lock`] waits for conflicting locks.
+    pub fn lock_wait(&self) -> Duration {
+        self.lock_wait
+    }
+
     /// The repository's config.
     pub fn config(&self) -> &Config {
         &self.config

@@ -2,6 +2,7 @@
 
 mod campaign;
 mod common;
+mod copybox;
 mod dedup;
 mod errors;
 mod incremental;

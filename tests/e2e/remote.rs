@@ -30,7 +30,7 @@ use crate::common::*;
 // Servers and boxes
 
 /// The connection details written by `.ci/servers.sh`.
-fn servers() -> HashMap<String, String> {
+pub(crate) fn servers() -> HashMap<String, String> {
     let path = std::env::var("BB_SERVERS_ENV").unwrap_or_else(|_| "/tmp/brickbox-test-servers.env".into());
     let Ok(text) = fs::read_to_string(&path) else {
         return HashMap::new();
@@ -57,13 +57,13 @@ fn addr_of_url(url: &str) -> SocketAddr {
 }
 
 /// A unique name for one test's box.
-fn unique(tag: &str) -> String {
+pub(crate) fn unique(tag: &str) -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     format!("{tag}-{}-{}", std::process::id(), nanos % 1_000_000_000_000)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Proto {
+pub(crate) enum Proto {
     S3,
     Sftp,
     Webdav,
@@ -75,7 +75,7 @@ enum Proto {
 }
 
 impl Proto {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Proto::S3 => "s3",
             Proto::Sftp => "sftp",
@@ -91,22 +91,22 @@ impl Proto {
 
 /// How to reach one box on one server.
 #[derive(Clone, Debug)]
-struct Remote {
+pub(crate) struct Remote {
     /// The server's address.
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// The `-r` URL.
-    url: String,
+    pub(crate) url: String,
     /// Extra command-line arguments (`--option …`).
-    args: Vec<String>,
+    pub(crate) args: Vec<String>,
     /// Extra environment variables.
-    vars: Vec<(String, String)>,
+    pub(crate) vars: Vec<(String, String)>,
     /// Values that must never appear in any output.
-    secrets: Vec<String>,
+    pub(crate) secrets: Vec<String>,
 }
 
 /// The box `name` on the server for `proto`, reached through `via` (a proxy) if given;
 /// `None` (after printing why) when the server is not available.
-fn remote(proto: Proto, name: &str) -> Option<Remote> {
+pub(crate) fn remote(proto: Proto, name: &str) -> Option<Remote> {
     let s = servers();
     let get = |k: &str| s.get(k).cloned();
     let missing = || {
@@ -281,17 +281,17 @@ impl Remote {
 }
 
 /// Runs brickbox commands against one remote box, remembering every output.
-struct Session<'a> {
+pub(crate) struct Session<'a> {
     env: &'a Env,
-    remote: Remote,
+    pub(crate) remote: Remote,
     /// The catalog.
-    db: PathBuf,
-    extra: Vec<String>,
+    pub(crate) db: PathBuf,
+    pub(crate) extra: Vec<String>,
     outputs: Mutex<Vec<String>>,
 }
 
 impl<'a> Session<'a> {
-    fn new(env: &'a Env, remote: Remote) -> Self {
+    pub(crate) fn new(env: &'a Env, remote: Remote) -> Self {
         Session {
             env,
             remote,
@@ -301,7 +301,7 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn command(&self, args: &[OsString]) -> std::process::Command {
+    pub(crate) fn command(&self, args: &[OsString]) -> std::process::Command {
         let mut c = self.env.bare_cmd();
         for (k, _) in std::env::vars() {
             if k.starts_with("BRICKBOX_OPT_") || k.starts_with("AWS_") {
@@ -316,21 +316,21 @@ impl<'a> Session<'a> {
         c
     }
 
-    fn run(&self, args: &[OsString]) -> Run {
+    pub(crate) fn run(&self, args: &[OsString]) -> Run {
         let r = run_cmd(self.command(args));
         self.outputs.lock().unwrap().push(format!("{}\n{}", r.stdout, r.stderr));
         r
     }
 
     #[track_caller]
-    fn ok(&self, args: &[OsString]) -> Run {
+    pub(crate) fn ok(&self, args: &[OsString]) -> Run {
         let r = self.run(args);
         r.expect_code(0);
         r
     }
 
     #[track_caller]
-    fn json(&self, args: &[OsString]) -> serde_json::Value {
+    pub(crate) fn json(&self, args: &[OsString]) -> serde_json::Value {
         let mut a = args.to_vec();
         a.push("--json".into());
         self.ok(&a).json()
@@ -338,7 +338,7 @@ impl<'a> Session<'a> {
 
     /// Asserts that no output so far contained a secret.
     #[track_caller]
-    fn assert_no_secrets(&self) {
+    pub(crate) fn assert_no_secrets(&self) {
         for out in self.outputs.lock().unwrap().iter() {
             for s in &self.remote.secrets {
                 assert!(!out.contains(s.as_str()), "a secret was printed:\n{out}");
@@ -348,7 +348,7 @@ impl<'a> Session<'a> {
 }
 
 /// A small tree: text, incompressible data, an empty file, a nested folder, a symlink.
-fn make_tree(src: &Path) {
+pub(crate) fn make_tree(src: &Path) {
     fs::create_dir_all(src.join("docs/deep/er")).unwrap();
     fs::write(src.join("notes.txt"), text_bytes(1, 150_000)).unwrap();
     fs::write(src.join("photo.jpg"), random_bytes(2, 1_300_000)).unwrap();
