@@ -11,14 +11,16 @@
 #   Keystone OpenStack Keystone v3 (PyPI keystone) and a second Swift proxy that takes its tokens
 # Idempotent: a server whose port already answers is left alone; what is missing is
 # installed (apt-get / pip) when possible. Connection details go to $BB_SERVERS_ENV
-# (default /tmp/brickbox-test-servers.env), which the tests read. A server that cannot
-# be installed or started is left out of that file and its tests skip with a message.
+# (default: the state dir's name + .env, /tmp/brickbox-test-servers.env), which the tests
+# read (they look for it the same way). A server that cannot be installed or started is left
+# out of that file and its tests skip with a message. Two server sets on one machine need
+# their own state dirs and their own ports (BB_S3_PORT, BB_SFTP_PORT, …).
 #
 # Usage: .ci/servers.sh [start|stop|env]
 set -uo pipefail
 
 STATE=${BB_SERVERS_DIR:-/tmp/brickbox-test-servers}
-ENV_FILE=${BB_SERVERS_ENV:-/tmp/brickbox-test-servers.env}
+ENV_FILE=${BB_SERVERS_ENV:-$STATE.env}
 S3_PORT=${BB_S3_PORT:-15000}
 SFTP_PORT=${BB_SFTP_PORT:-2222}
 DAV_PORT=${BB_WEBDAV_PORT:-18080}

@@ -6,7 +6,8 @@
 //! rclone (apt rclone) to the SFTP server.
 //!
 //! `.ci/servers.sh` starts them and writes their addresses and credentials to
-//! `/tmp/brickbox-test-servers.env` (or `$BB_SERVERS_ENV`). A test whose server is not
+//! `/tmp/brickbox-test-servers.env` (or `$BB_SERVERS_ENV`, or `$BB_SERVERS_DIR.env` for a state
+//! dir of their own). A test whose server is not
 //! configured or not reachable prints `SKIP …` and passes, so `cargo test` on a machine
 //! without the servers still passes; CI starts them first.
 //!
@@ -31,7 +32,8 @@ use crate::common::*;
 
 /// The connection details written by `.ci/servers.sh`.
 pub(crate) fn servers() -> HashMap<String, String> {
-    let path = std::env::var("BB_SERVERS_ENV").unwrap_or_else(|_| "/tmp/brickbox-test-servers.env".into());
+    let state = std::env::var("BB_SERVERS_DIR").unwrap_or_else(|_| "/tmp/brickbox-test-servers".into());
+    let path = std::env::var("BB_SERVERS_ENV").unwrap_or_else(|_| format!("{state}.env"));
     let Ok(text) = fs::read_to_string(&path) else {
         return HashMap::new();
     };
