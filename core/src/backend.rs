@@ -427,7 +427,10 @@ impl Backend {
         let layers = Layers {
             timeout: opts.timeout,
             concurrency: concurrency + 8,
-            retries: opts.retries,
+            // The requests of an rclone box are retried by Brickbox alone (`run_on`,
+            // `with_attempts`), which first asks whether rclone stopped: a new rclone is then
+            // started at once, not after the retry layer's backoff on the dead address.
+            retries: if rclone.is_some() { 0 } else { opts.retries },
             retry_delay: opts.retry_delay,
             retried: retried.clone(),
         };

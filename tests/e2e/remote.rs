@@ -641,12 +641,14 @@ fn rclone_that_stops_is_started_again() {
         vars: vec![],
         secrets: vec![],
     };
-    let s = Session::new(&env, remote);
+    let mut s = Session::new(&env, remote);
     s.ok(&args!["init"]);
     let src = env.mkdir("src");
     make_tree(&src);
     s.ok(&args!["backup", &src]);
 
+    // A long retry delay: retrying the dead address first (2 + 4 + 8 + 16 + 30 s) would show.
+    s.extra = args_s(&["--retry-delay", "2s"]);
     let mnt = env.mkdir("mnt");
     let log = env.path().join("mount.stderr");
     let (mut child, latest) = start_mount(&s, &mnt, &log, &src, &[("XDG_CACHE_HOME", env.path().join("cache"))]);
@@ -660,8 +662,10 @@ fn rclone_that_stops_is_started_again() {
         assert!(start.elapsed() < Duration::from_secs(10), "rclone did not stop");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Not read before, so fetched from the box: through a new rclone.
+    // Not read before, so fetched from the box: through a new rclone, started at once.
+    let reading = Instant::now();
     let got = fs::read(latest.join("photo.jpg"));
+    let took = reading.elapsed();
     let again = rclone_servers(&tag);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -670,6 +674,7 @@ fn rclone_that_stops_is_started_again() {
     let log = fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(got.unwrap_or_else(|e| panic!("{e}: {log}")), fs::read(src.join("photo.jpg")).unwrap());
     assert!(again.len() == 1 && again != first, "a new rclone serves the box: {first:?} -> {again:?}");
+    assert!(took < Duration::from_secs(20), "rclone was started again only after retries: {took:?}");
     assert!(rclone_servers(&tag).is_empty(), "rclone left running after the mount");
 }
 
