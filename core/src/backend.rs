@@ -211,6 +211,8 @@ struct Ops {
 /// A refused Swift token is renewed at most this often (a refusal right after a renewal is
 /// a refused permission, not a token that ran out).
 const MIN_RENEWAL_GAP: Duration = Duration::from_secs(10);
+/// How long an rclone that cannot be reached may take to be seen to have ended.
+const RCLONE_EXIT_WAIT: Duration = Duration::from_secs(1);
 
 /// One of the uploads counted in a shared counter, for as long as it lives.
 struct Running<'a> {
@@ -502,11 +504,18 @@ impl Backend {
     /// [`MIN_RENEWAL_GAP`] ago (then the failure stands).
     fn renewed_access(&self, started: Instant, e: &opendal::Error) -> bool {
         let swift_refused = self.login.is_some() && e.kind() == ErrorKind::PermissionDenied;
-        let rclone_stopped = self.rclone.as_ref().is_some_and(|r| r.lock().is_ok_and(|r| r.stopped().is_some()));
+        // Waits while another thread starts a new rclone; this operation's failure may have
+        // been that the old one stopped, though the new one runs by now.
+        let exit_wait = if connection_failed(e) { RCLONE_EXIT_WAIT } else { Duration::ZERO };
+        let rclone_stopped =
+            self.rclone.as_ref().is_some_and(|r| r.lock().is_ok_and(|r| r.stopped_within(exit_wait).is_some()));
+        let Ok(mut last) = self.renewed.lock() else { return false };
+        if self.rclone.is_some() && last.is_some_and(|t| t > started) {
+            return true;
+        }
         if !swift_refused && !rclone_stopped {
             return false;
         }
-        let Ok(mut last) = self.renewed.lock() else { return false };
         match *last {
             Some(t) if t > started => return true,
             Some(t) if t.elapsed() < MIN_RENEWAL_GAP => return false,
@@ -1171,6 +1180,13 @@ fn transient(e: &opendal::Error) -> bool {
         "No such file or directory (os error 2)", // e.g. a missing ssh key file
     ];
     !FINAL.iter().any(|f| text.contains(f))
+}
+
+/// Whether `e` says that the connection to the server failed (none could be made, or it
+/// broke off), not that the server answered with an error.
+fn connection_failed(e: &opendal::Error) -> bool {
+    let text = chain_text(e);
+    unreachable(e) || ["send http request", "read data from http response"].iter().any(|m| text.contains(m))
 }
 
 /// Whether `e` says that the server could not be reached at all.

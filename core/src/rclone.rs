@@ -141,10 +141,21 @@ impl Server {
 
     /// Why rclone is not running any more, if it is not: its exit and the end of its log.
     pub fn stopped(&self) -> Option<String> {
+        self.stopped_within(Duration::ZERO)
+    }
+
+    /// Like [`Server::stopped`], waiting up to `wait` for rclone to end: a process that is
+    /// being killed closes its sockets (refusing connections) a moment before it can be
+    /// seen to have ended.
+    pub fn stopped_within(&self, wait: Duration) -> Option<String> {
+        let start = Instant::now();
         let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
-        match child.try_wait() {
-            Ok(Some(status)) => Some(format!("rclone stopped ({status}): {}", self.log_tail())),
-            _ => None,
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return Some(format!("rclone stopped ({status}): {}", self.log_tail())),
+                Ok(None) if start.elapsed() < wait => std::thread::sleep(Duration::from_millis(10)),
+                _ => return None,
+            }
         }
     }
 
