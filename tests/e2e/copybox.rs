@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use crate::remote::{make_tree, remote, unique, Proto, Remote, Session};
+use crate::remote::{make_tree, remote, unique, Mode, Proto, Proxy, Remote, Session};
 
 /// `copy-box DEST` on the local box of `env`, the destination's options given the way
 /// copy-box takes them: each `--option` of `dest` as `--to-option`, each `BRICKBOX_OPT_*` as
@@ -30,7 +30,10 @@ fn copy_cmd(env: &Env, dest: &Remote, extra: &[&str]) -> Command {
             None => c.env(k, v),
         };
     }
-    c.args(["--retry-delay", "200ms"]).args(extra);
+    if !extra.contains(&"--retry-delay") {
+        c.args(["--retry-delay", "200ms"]);
+    }
+    c.args(extra);
     c
 }
 
@@ -133,6 +136,41 @@ fn copy_box_to_sftp() {
 #[test]
 fn copy_box_to_webdav() {
     copy_to(Proto::Webdav);
+}
+
+/// A copy to S3 through a proxy that breaks about 10% of the requests, and one through a
+/// proxy that damages an upload in transit: both complete, and the copies read back intact.
+#[test]
+fn copy_box_survives_faults_and_damage_in_transit() {
+    if remote(Proto::S3, "probe").is_none() {
+        return;
+    }
+    let (env, src) = local_box_with_versions();
+    for i in 0..4 {
+        fs::write(src.join(format!("more{i}.bin")), random_bytes(30 + i, 400_000)).unwrap();
+    }
+    env.backup(&args![&src, "--volume-size", "512KiB"]);
+    let objects = box_files(&env.repo).len() as u64;
+    let flaky = ["--retries", "8", "--retry-delay", "100ms", "--timeout", "20s", "--json"];
+
+    for (mode, tag) in [(Mode::Faulty { percent: 10, setup: 1 }, "faulty"), (Mode::Corrupt, "corrupt")] {
+        let Some(dest) = remote(Proto::S3, &unique(tag)) else { return };
+        let mut proxy = Proxy::start(dest.addr, mode);
+        let r = run_cmd(copy_cmd(&env, &dest.via(proxy.addr), &flaky));
+        r.expect_code(0);
+        assert_eq!(r.json()["copied"], objects, "{tag}: {}", r.stdout);
+        assert!(proxy.faults() > 0, "{tag}: the proxy injected no fault");
+        proxy.stop();
+
+        let mut there = Session::new(&env, dest);
+        there.db = env.path().join(format!("{tag}.sqlite"));
+        let v = there.json(&args!["verify", "--read-data"]);
+        assert_eq!(v["problems"].as_array().unwrap().len(), 0, "{tag}: {v}");
+        let t = env.path().join(format!("restored-{tag}"));
+        there.ok(&args!["restore", "--target", &t]);
+        assert_same_tree(&src, &restored(&t, &src), Compare::NO_OWNERS);
+        there.assert_no_secrets();
+    }
 }
 
 /// Ctrl-C in the middle of a copy leaves no box at the destination (no config), and the next

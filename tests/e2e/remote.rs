@@ -271,7 +271,7 @@ pub(crate) fn remote(proto: Proto, name: &str) -> Option<Remote> {
 
 impl Remote {
     /// The same box, reached through `addr` (a proxy) instead of the server.
-    fn via(&self, addr: SocketAddr) -> Remote {
+    pub(crate) fn via(&self, addr: SocketAddr) -> Remote {
         let mut r = self.clone();
         let from = self.addr.to_string();
         let to = addr.to_string();
@@ -911,7 +911,7 @@ fn swift_large_volumes_leave_no_segments() {
 // Fault injection: a TCP proxy between Brickbox and the server
 
 #[derive(Clone, Copy)]
-enum Mode {
+pub(crate) enum Mode {
     /// Forward, but fail about `percent`% of requests: drop the connection before the
     /// request, cut it in the middle of the request (an upload dropped mid-way), or stall
     /// it for seconds; and cut some responses in the middle. The exchanges that set up a
@@ -924,8 +924,8 @@ enum Mode {
     Corrupt,
 }
 
-struct Proxy {
-    addr: SocketAddr,
+pub(crate) struct Proxy {
+    pub(crate) addr: SocketAddr,
     stop: Arc<AtomicBool>,
     faults: Arc<AtomicU64>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
@@ -933,7 +933,7 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn start(upstream: SocketAddr, mode: Mode) -> Proxy {
+    pub(crate) fn start(upstream: SocketAddr, mode: Mode) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -973,12 +973,12 @@ impl Proxy {
         Proxy { addr, stop, faults, conns, accept: Some(accept) }
     }
 
-    fn faults(&self) -> u64 {
+    pub(crate) fn faults(&self) -> u64 {
         self.faults.load(Ordering::SeqCst)
     }
 
     /// Stops listening and closes every connection.
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = TcpStream::connect(self.addr); // wakes the accept loop
         if let Some(h) = self.accept.take() {
@@ -1196,7 +1196,7 @@ fn survives_faults(proto: Proto) {
     s2.assert_no_secrets();
 }
 
-fn args_s(a: &[&str]) -> Vec<String> {
+pub(crate) fn args_s(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
 }
 
