@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use brickbox_core::backend::{Backend, BackendOptions};
-use brickbox_core::boxcopy::{self, CopyProgress};
+use brickbox_core::boxcopy::{self, CopyOptions, CopyProgress};
 use brickbox_core::location;
 use clap::Args;
 use serde_json::json;
@@ -61,6 +61,9 @@ pub struct CopyBoxArgs {
     /// also from env BRICKBOX_TO_OPT_<KEY>. --option and BRICKBOX_OPT_* are the source's.
     #[arg(long = "to-option", value_name = "KEY=VALUE")]
     pub to_option: Vec<String>,
+    /// Only say what would be copied; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// The destination of `copy-box`, opened with its own options (`--to-option`,
@@ -106,7 +109,8 @@ pub fn copy_box(g: &Global, a: CopyBoxArgs) -> Result<u8> {
         )
     });
     let shown = dest.location().to_string();
-    let r = boxcopy::copy_box(&repo, dest, &progress, &CANCEL);
+    let opts = CopyOptions { dry_run: a.dry_run };
+    let r = boxcopy::copy_box(&repo, dest, &opts, &progress, &CANCEL);
     drop(bar);
     let r = r.map_err(|e| {
         let at_destination = matches!(&e, brickbox_core::Error::Backend { object, .. } if object.starts_with(&shown));
@@ -141,6 +145,19 @@ pub fn copy_box(g: &Global, a: CopyBoxArgs) -> Result<u8> {
             r.no_longer_in_box.len()
         );
     }
+    if r.dry_run {
+        if !g.quiet {
+            println!(
+                "would copy {} object(s) ({}) to {}; {} of the box's {} are there already",
+                r.copied,
+                human(r.copied_bytes),
+                r.destination,
+                r.already_there,
+                r.objects
+            );
+        }
+        return Ok(code);
+    }
     if !g.quiet {
         println!(
             "copied {} object(s) ({}) to {}; {} of the box's {} were there already",
@@ -151,7 +168,7 @@ pub fn copy_box(g: &Global, a: CopyBoxArgs) -> Result<u8> {
             r.objects
         );
         println!(
-            "the copy is the same box (same password, versions and catalog): use it with 'brickbox -r {} …'",
+            "the copy is the same box (same password and versions): use it with 'brickbox -r {} …'",
             r.destination
         );
     }

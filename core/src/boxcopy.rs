@@ -33,11 +33,20 @@ use crate::repo::Repository;
 /// copied alone.
 const BYTES_IN_FLIGHT: u64 = 256 << 20;
 
+/// How to copy.
+#[derive(Clone, Debug, Default)]
+pub struct CopyOptions {
+    /// Only list both sides and report what would be copied; write nothing.
+    pub dry_run: bool,
+}
+
 /// What a copy did.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct CopyReport {
     /// Where the box was copied to (no secrets).
     pub destination: String,
+    /// Whether nothing was written (`--dry-run`): `copied` and `copied_bytes` say what would be.
+    pub dry_run: bool,
     /// Objects of the box (config included).
     pub objects: u64,
     /// Objects written by this run.
@@ -87,13 +96,15 @@ struct Item {
 pub fn copy_box(
     repo: &Repository,
     dest: Arc<Backend>,
+    opts: &CopyOptions,
     progress: &CopyProgress,
     cancel: &AtomicBool,
 ) -> Result<CopyReport> {
     let src = repo.backend();
     let _src_lock = repo.read_lock("copy-box")?;
     let config = source_config(repo)?;
-    let mut report = CopyReport { destination: dest.location().to_string(), ..CopyReport::default() };
+    let mut report =
+        CopyReport { destination: dest.location().to_string(), dry_run: opts.dry_run, ..CopyReport::default() };
 
     let dest_config = dest.read_opt(CONFIG_NAME)?;
     if let Some(there) = &dest_config {
@@ -129,7 +140,6 @@ pub fn copy_box(
         )));
     }
     report.no_longer_in_box = foreign;
-    let _dest_lock = LockGuard::acquire(dest.clone(), repo.keys(), LockKind::Append, "copy-box", repo.lock_wait())?;
 
     // What the destination already holds with the right size is not sent again.
     for phase in &mut phases {
@@ -151,8 +161,16 @@ pub fn copy_box(
         *phase = todo;
     }
     report.objects += 1; // config
-    let total: u64 = phases.iter().flatten().map(|i| i.size).sum::<u64>() + config.len() as u64;
+    let config_len = if dest_config.is_none() { config.len() as u64 } else { 0 };
+    let total: u64 = phases.iter().flatten().map(|i| i.size).sum::<u64>() + config_len;
     progress.total_bytes.store(total, Ordering::Relaxed);
+    if opts.dry_run {
+        report.copied = phases.iter().map(|p| p.len() as u64).sum::<u64>() + u64::from(dest_config.is_none());
+        report.copied_bytes = total;
+        report.already_there += u64::from(dest_config.is_some());
+        return Ok(report);
+    }
+    let _dest_lock = LockGuard::acquire(dest.clone(), repo.keys(), LockKind::Append, "copy-box", repo.lock_wait())?;
 
     let volumes: HashMap<String, VolumeInfo> =
         repo.catalog()?.volumes()?.into_iter().map(|v| (v.name.clone(), v)).collect();

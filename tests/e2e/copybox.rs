@@ -201,6 +201,14 @@ fn copy_box_resumes_after_ctrl_c() {
     let copied_before = box_files(&dest).len() as u64;
     assert!(copied_before > 0 && copied_before < objects, "{copied_before} of {objects}");
 
+    // A dry run says what is left and writes nothing.
+    let plan = env.json(&args!["copy-box", &dest, "--dry-run"]);
+    assert_eq!(plan["dry_run"], true, "{plan}");
+    assert_eq!(plan["copied"], objects - copied_before, "{plan}");
+    assert_eq!(plan["already_there"], copied_before, "{plan}");
+    assert_eq!(box_files(&dest).len() as u64, copied_before);
+    assert!(!dest.join("config").exists() && objects_under(&dest.join("locks")) == 0);
+
     let r = env.json(&args!["copy-box", &dest]);
     assert_eq!(r["objects"], objects, "{r}");
     assert_eq!(r["already_there"], copied_before, "only what was missing is sent: {r}");
