@@ -25,9 +25,10 @@
 #              on the others (local target too), as if the server were another machine;
 #              needs taskset and 2+ cores (default 0: all share every core)
 #
-# For each target: init, backup of the tree, full restore (checked with diff -r), and a
+# For each target: init, backup of the tree, full restore (checked with diff -r), a
 # sequential read through `brickbox mount` of the tree's large files (each file read
-# once with a 1 MiB buffer, page cache dropped first). The added latency comes from
+# once with a 1 MiB buffer, page cache dropped first), and `copy-box` of the local box to
+# the target (moving a box to object storage; local: to another folder). The added latency comes from
 # bench/delay_proxy.rs (tc netem needs the sch_netem kernel module, often missing in
 # containers and VMs). Output: a markdown table on stdout and in $BENCH_DIR/remote.md;
 # command output in $BENCH_DIR/logs/remote.log. See bench/README.md.
@@ -269,6 +270,24 @@ measure() { # target
     log "$t: mount sequential read $took s ($ok)"
   fi
   rm -rf "$WORK/s3-data/$S3_BUCKET/$t-$rep" "$WORK/cache-$t" "$WORK/rclone-box"
+
+  # copy-box of this run's local box to the target (the local target: to another folder).
+  if [[ -e $WORK/local-box/config ]]; then
+    local dest
+    case $t in
+      local) dest=$WORK/copy-box ;;
+      rclone) dest="rclone://$WORK/copy-box" ;;
+      *) dest=${box/"/$t-$rep?"/"/$t-$rep-copy?"} ;;
+    esac
+    rm -rf "$WORK/copy-box"
+    drop_caches
+    if timed_bb "$t" copy -r "$WORK/local-box" --db "$WORK/local.sqlite" copy-box "$dest"; then
+      log "$t: copy-box $LAST_TOOK s"
+    else
+      log "$t: copy-box failed"
+    fi
+    rm -rf "$WORK/copy-box" "$WORK/s3-data/$S3_BUCKET/$t-$rep-copy"
+  fi
 }
 
 # ------------------------------------------------------------------ run
@@ -294,9 +313,11 @@ done
   echo
   printf '| MB/s |'; for t in $TARGETS; do printf ' %s |' "$t"; done; echo
   printf '|---|'; for t in $TARGETS; do printf -- '---|'; done; echo
-  for phase in backup restore mount; do
+  box_bytes=$(du -sb "$WORK/local-box" 2>/dev/null | cut -f1)
+  for phase in backup restore mount copy; do
     bytes=$TREE_BYTES
     [[ $phase == mount ]] && bytes=$BIG_BYTES
+    [[ $phase == copy ]] && bytes=${box_bytes:-0}
     printf '| %s |' "$phase"
     for t in $TARGETS; do
       s=${R[$t,$phase]:-}
@@ -313,14 +334,15 @@ done
   done
   printf '| restore check |'; for t in $TARGETS; do printf ' %s |' "${R[$t,check]:-n/a}"; done; echo
   echo
-  echo "MB/s = 10^6 bytes of source (backup, restore) or of the files read (mount) per second of wall time."
+  echo "MB/s = 10^6 bytes of source (backup, restore), of the files read (mount) or of the local box"
+  echo "(copy: \`copy-box\` of the local box to the target; local: to another folder) per second of wall time."
   echo
   echo "Where the CPU went in those runs (seconds; wall = the run's time, so wall × $(nproc) cores is all"
   echo "there was): Brickbox / S3 server + delaying proxy."
   echo
   printf '| CPU s |'; for t in $TARGETS; do printf ' %s |' "$t"; done; echo
   printf '|---|'; for t in $TARGETS; do printf -- '---|'; done; echo
-  for phase in backup restore mount; do
+  for phase in backup restore mount copy; do
     printf '| %s |' "$phase"
     for t in $TARGETS; do
       printf ' wall %s: %s / %s |' "${R[$t,$phase]:-n/a}" "${R[$t,$phase,cpu]:-n/a}" "${R[$t,$phase,srv]:-n/a}"

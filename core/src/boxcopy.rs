@@ -32,6 +32,9 @@ use crate::repo::Repository;
 /// Bytes of objects held in memory at once (read, not yet written); one larger object is
 /// copied alone.
 const BYTES_IN_FLIGHT: u64 = 256 << 20;
+/// Small objects copied at once beyond `--upload-concurrency`: the backend lets
+/// `upload_concurrency + 8` requests through (see [`crate::backend`]).
+const SMALL_OBJECTS_EXTRA: usize = 8;
 
 /// How to copy.
 #[derive(Clone, Debug, Default)]
@@ -175,8 +178,12 @@ pub fn copy_box(
     let volumes: HashMap<String, VolumeInfo> =
         repo.catalog()?.volumes()?.into_iter().map(|v| (v.name.clone(), v)).collect();
     let copier = Copier { repo, dest: &dest, volumes, progress, cancel, damaged: Mutex::new(Vec::new()) };
-    for phase in &phases {
-        copier.run(phase)?;
+    // Volumes go --upload-concurrency at a time, like a backup's; the small objects after
+    // them (indexes, manifests, keys: a request and a read-back each) as many at a time as
+    // the box takes requests.
+    for (i, phase) in phases.iter().enumerate() {
+        let workers = dest.upload_concurrency() + if i == 0 { 0 } else { SMALL_OBJECTS_EXTRA };
+        copier.run(phase, workers)?;
     }
     if dest_config.is_none() {
         copier.check_cancel()?;
@@ -277,13 +284,14 @@ impl Copier<'_> {
         Ok(())
     }
 
-    /// Copies `items`; the first error stops the others (each finishes the object it holds).
-    fn run(&self, items: &[Item]) -> Result<()> {
+    /// Copies `items`, `workers` at a time; the first error stops the others (each finishes
+    /// the object it holds).
+    fn run(&self, items: &[Item], workers: usize) -> Result<()> {
         let next = AtomicUsize::new(0);
         let failed: Mutex<Option<Error>> = Mutex::new(None);
         let stop = AtomicBool::new(false);
         let budget = Budget { used: Mutex::new(0), freed: Condvar::new() };
-        let workers = self.dest.upload_concurrency().clamp(1, items.len().max(1));
+        let workers = workers.clamp(1, items.len().max(1));
         std::thread::scope(|s| {
             for _ in 0..workers {
                 s.spawn(|| {
