@@ -145,6 +145,13 @@ pub fn copy_box(g: &Global, a: CopyBoxArgs) -> Result<u8> {
             r.no_longer_in_box.len()
         );
     }
+    if !r.keys_removed.is_empty() && !g.quiet {
+        eprintln!(
+            "note: {} {} key file(s) of an earlier password from the destination (the box's password was changed)",
+            if r.dry_run { "would remove" } else { "removed" },
+            r.keys_removed.len()
+        );
+    }
     if r.dry_run {
         if !g.quiet {
             println!(

@@ -15,6 +15,9 @@
 //! before it counts. An object that fails its check is copied all the same, as it is — the
 //! intact blocks of a damaged volume can still be restored — and reported, so that the source
 //! can be repaired.
+//!
+//! Objects the box no longer has are left at the destination, except key files: after a
+//! password change the old password must not open the copy.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -63,6 +66,9 @@ pub struct CopyReport {
     /// Objects the destination holds that the box no longer has (removed by `forget` or
     /// `compact` since an earlier copy); left where they are.
     pub no_longer_in_box: Vec<String>,
+    /// Key files the box no longer has (its password was changed since an earlier copy),
+    /// removed from the destination so that the old password does not open the copy.
+    pub keys_removed: Vec<String>,
 }
 
 /// An object of the source box that failed its check.
@@ -142,7 +148,10 @@ pub fn copy_box(
             foreign[0]
         )));
     }
-    report.no_longer_in_box = foreign;
+    // A password changed since an earlier copy: the old key file goes from the copy too.
+    let (keys, others): (Vec<String>, Vec<String>) = foreign.into_iter().partition(|n| n.starts_with(KEYS_DIR));
+    report.no_longer_in_box = others;
+    report.keys_removed = keys;
 
     // What the destination already holds with the right size is not sent again.
     for phase in &mut phases {
@@ -173,7 +182,9 @@ pub fn copy_box(
         report.already_there += u64::from(dest_config.is_some());
         return Ok(report);
     }
-    let _dest_lock = LockGuard::acquire(dest.clone(), repo.keys(), LockKind::Append, "copy-box", repo.lock_wait())?;
+    // Removing key files needs the lock a password change takes.
+    let kind = if report.keys_removed.is_empty() { LockKind::Append } else { LockKind::Exclusive };
+    let _dest_lock = LockGuard::acquire(dest.clone(), repo.keys(), kind, "copy-box", repo.lock_wait())?;
 
     let volumes: HashMap<String, VolumeInfo> =
         repo.catalog()?.volumes()?.into_iter().map(|v| (v.name.clone(), v)).collect();
@@ -193,6 +204,11 @@ pub fn copy_box(
         progress.bytes.fetch_add(len, Ordering::Relaxed);
     } else {
         report.already_there += 1;
+    }
+    // Only now: the box's own key files are all at the destination.
+    for name in &report.keys_removed {
+        copier.check_cancel()?;
+        dest.delete(name)?;
     }
     report.copied = progress.objects.load(Ordering::Relaxed);
     report.copied_bytes = progress.bytes.load(Ordering::Relaxed);

@@ -215,10 +215,28 @@ fn copy_box_resumes_after_ctrl_c() {
     assert_eq!(r["copied"], objects - copied_before, "{r}");
     assert_eq!(box_files(&dest), box_files(&env.repo));
     let t = env.path().join("restored");
-    let mut c = env.bare_cmd();
-    c.arg("-r").arg(&dest).arg("--db").arg(env.path().join("copy.sqlite")).args(["restore", "--target"]).arg(&t);
-    run_cmd(c).expect_code(0);
+    let copy_cmd = |password: &str, args: &[&str]| {
+        let mut c = env.bare_cmd();
+        c.env("BRICKBOX_PASSWORD", password).arg("-r").arg(&dest).arg("--db").arg(env.path().join("copy.sqlite"));
+        c.args(args);
+        run_cmd(c)
+    };
+    copy_cmd(&env.password, &["restore", "--target", t.to_str().unwrap()]).expect_code(0);
     assert_same_tree(&src, &restored(&t, &src), Compare::NO_OWNERS);
+
+    // The password changes: copied again, the copy opens with the new one only.
+    let mut c = env.cmd(&args!["passwd"]);
+    c.env("BRICKBOX_NEW_PASSWORD", "a new password");
+    run_cmd(c).expect_code(0);
+    let mut c = env.cmd(&args!["copy-box", &dest, "--json"]);
+    c.env("BRICKBOX_PASSWORD", "a new password");
+    let r = run_cmd(c);
+    r.expect_code(0);
+    assert_eq!(r.json()["keys_removed"].as_array().unwrap().len(), 1, "{}", r.stdout);
+    assert_eq!(box_files(&dest), box_files(&env.repo));
+    assert_eq!(copy_cmd("a new password", &["versions"]).code, 0);
+    let old = copy_cmd(&env.password, &["versions"]);
+    assert_ne!(old.code, 0, "the old password still opens the copy");
 }
 
 fn objects_under(dir: &Path) -> usize {
