@@ -64,6 +64,11 @@ pub struct CopyBoxArgs {
     /// Only say what would be copied; write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Also remove from the destination the versions, indexes and volumes the box no longer
+    /// has (removed by forget, compact or purge since an earlier copy): a mirror. Only for a
+    /// destination nothing else writes to: what was stored there directly would go too.
+    #[arg(long)]
+    pub delete: bool,
 }
 
 /// The destination of `copy-box`, opened with its own options (`--to-option`,
@@ -109,11 +114,18 @@ pub fn copy_box(g: &Global, a: CopyBoxArgs) -> Result<u8> {
         )
     });
     let shown = dest.location().to_string();
-    let opts = CopyOptions { dry_run: a.dry_run };
+    let opts = CopyOptions { dry_run: a.dry_run, delete: a.delete };
     let r = boxcopy::copy_box(&repo, dest, &opts, &progress, &CANCEL);
     drop(bar);
+    if r.is_err() {
+        // Found before the copy stopped; a rerun does not read them again.
+        for d in progress.damaged.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            eprintln!("warning: {} is damaged in the box ({}); copied as it was", d.object, d.problem);
+        }
+    }
     let r = r.map_err(|e| {
-        let at_destination = matches!(&e, brickbox_core::Error::Backend { object, .. } if object.starts_with(&shown));
+        let at_destination = matches!(&e, brickbox_core::Error::Backend { object, .. }
+            if object.starts_with(&format!("{}/", shown.trim_end_matches('/'))));
         let e = anyhow::Error::from(e);
         if at_destination {
             e.context(format!(
@@ -135,21 +147,21 @@ pub fn copy_box(g: &Global, a: CopyBoxArgs) -> Result<u8> {
     if !r.damaged.is_empty() {
         eprintln!(
             "hint: 'brickbox verify --read-data' shows what the damage affects and 'brickbox repair' mends what it \
-             can; run copy-box again afterwards"
+             can; then copy to a fresh location (an object repaired under its own name is not sent again)"
         );
     }
     if !r.no_longer_in_box.is_empty() && !g.quiet {
         eprintln!(
-            "note: {} object(s) at the destination are no longer in the box (removed by forget or compact since an \
-             earlier copy); left as they are",
+            "note: {} object(s) at the destination are no longer in the box (removed by forget, compact or purge \
+             since an earlier copy); left as they are ('--delete' removes them)",
             r.no_longer_in_box.len()
         );
     }
-    if !r.keys_removed.is_empty() && !g.quiet {
+    if !r.removed.is_empty() && !g.quiet {
         eprintln!(
-            "note: {} {} key file(s) of an earlier password from the destination (the box's password was changed)",
+            "note: {} {} object(s) the box no longer has from the destination",
             if r.dry_run { "would remove" } else { "removed" },
-            r.keys_removed.len()
+            r.removed.len()
         );
     }
     if r.dry_run {

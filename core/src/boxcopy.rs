@@ -4,8 +4,8 @@
 //!
 //! Objects are written in the box's own write order (FORMAT.md section 16.2): volumes, then
 //! their indexes, then version manifests, then key files, and `config` last. The destination is
-//! therefore a consistent box state at every moment, and no box at all until the copy is
-//! complete. A copy that stopped (Ctrl-C, a dropped connection) is taken up again by running it
+//! therefore a consistent box state at every moment, and opens as a box only once everything
+//! else is there (key files and `config` come last). A copy that stopped (Ctrl-C, a dropped connection) is taken up again by running it
 //! again: objects the destination holds with the right size are not sent twice, since objects
 //! are immutable under their random names. For the same reason a copy run again after later
 //! backups sends only their new objects.
@@ -16,8 +16,10 @@
 //! intact blocks of a damaged volume can still be restored — and reported, so that the source
 //! can be repaired.
 //!
-//! Objects the box no longer has are left at the destination, except key files: after a
-//! password change the old password must not open the copy.
+//! Objects the box no longer has are left at the destination (a destination that is also
+//! written to directly must not lose what was stored there), except key files: after a
+//! password change the old password must not open the copy. With `delete` they are all
+//! removed, manifests first, as a compaction would.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -44,6 +46,9 @@ const SMALL_OBJECTS_EXTRA: usize = 8;
 pub struct CopyOptions {
     /// Only list both sides and report what would be copied; write nothing.
     pub dry_run: bool,
+    /// Also remove from the destination the manifests, indexes and volumes the box no longer
+    /// has (a mirror); only for a destination no one but copy-box writes to.
+    pub delete: bool,
 }
 
 /// What a copy did.
@@ -64,11 +69,12 @@ pub struct CopyReport {
     /// Objects that failed their check when read; copied as they were.
     pub damaged: Vec<DamagedObject>,
     /// Objects the destination holds that the box no longer has (removed by `forget` or
-    /// `compact` since an earlier copy); left where they are.
+    /// `compact` since an earlier copy), left where they are (without `delete`).
     pub no_longer_in_box: Vec<String>,
-    /// Key files the box no longer has (its password was changed since an earlier copy),
-    /// removed from the destination so that the old password does not open the copy.
-    pub keys_removed: Vec<String>,
+    /// Objects removed from the destination: key files the box no longer has (its password
+    /// was changed since an earlier copy, and the old one must not open the copy), and with
+    /// `delete` every object it no longer has.
+    pub removed: Vec<String>,
 }
 
 /// An object of the source box that failed its check.
@@ -89,6 +95,8 @@ pub struct CopyProgress {
     pub bytes: AtomicU64,
     /// Bytes this run has to write (known once both boxes are listed).
     pub total_bytes: AtomicU64,
+    /// Objects found damaged so far (also when the copy then stops with an error).
+    pub damaged: Mutex<Vec<DamagedObject>>,
 }
 
 /// One object to copy.
@@ -138,20 +146,28 @@ pub fn copy_box(
         phases.push(listed.into_iter().map(|(name, size)| Item { name, size }).collect());
     }
     phases.reverse();
-    let mut foreign: Vec<String> = dest_names.keys().filter(|n| !src_names.contains(*n)).cloned().collect();
-    foreign.sort();
-    if dest_config.is_none() && !foreign.is_empty() {
+    // Objects the box no longer has: at an earlier (maybe unfinished) copy of this box, left
+    // by a compaction, forget or password change since. An unfinished copy is known by the
+    // objects it shares with the box (random names of 64 or 128 bits); a destination with
+    // only other objects is someone else's.
+    let mut stale: Vec<String> = dest_names.keys().filter(|n| !src_names.contains(*n)).cloned().collect();
+    let shares = dest_names.keys().any(|n| src_names.contains(n));
+    if dest_config.is_none() && !shares && !stale.is_empty() {
+        stale.sort();
         return Err(Error::Invalid(format!(
             "{} is not empty: it holds {} object(s) that are no part of this box (first: {}): copy to an empty location",
             dest.location(),
-            foreign.len(),
-            foreign[0]
+            stale.len(),
+            stale[0]
         )));
     }
+    // Removed in the reverse of the write order: no manifest outlives what it needs.
+    stale.sort_by_key(|n| (removal_rank(n), n.clone()));
     // A password changed since an earlier copy: the old key file goes from the copy too.
-    let (keys, others): (Vec<String>, Vec<String>) = foreign.into_iter().partition(|n| n.starts_with(KEYS_DIR));
-    report.no_longer_in_box = others;
-    report.keys_removed = keys;
+    let (removed, kept): (Vec<String>, Vec<String>) =
+        stale.into_iter().partition(|n| opts.delete || n.starts_with(KEYS_DIR));
+    report.removed = removed;
+    report.no_longer_in_box = kept;
 
     // What the destination already holds with the right size is not sent again.
     for phase in &mut phases {
@@ -182,19 +198,20 @@ pub fn copy_box(
         report.already_there += u64::from(dest_config.is_some());
         return Ok(report);
     }
-    // Removing key files needs the lock a password change takes.
-    let kind = if report.keys_removed.is_empty() { LockKind::Append } else { LockKind::Exclusive };
-    let _dest_lock = LockGuard::acquire(dest.clone(), repo.keys(), kind, "copy-box", repo.lock_wait())?;
+    // Removing objects needs the lock a compaction or password change takes.
+    let kind = if report.removed.is_empty() { LockKind::Append } else { LockKind::Exclusive };
+    let dest_lock = LockGuard::acquire(dest.clone(), repo.keys(), kind, "copy-box", repo.lock_wait())?;
 
     let volumes: HashMap<String, VolumeInfo> =
         repo.catalog()?.volumes()?.into_iter().map(|v| (v.name.clone(), v)).collect();
-    let copier = Copier { repo, dest: &dest, volumes, progress, cancel, damaged: Mutex::new(Vec::new()) };
+    let copier = Copier { repo, dest: &dest, volumes, progress, cancel };
     // Volumes go --upload-concurrency at a time, like a backup's; the small objects after
     // them (indexes, manifests, keys: a request and a read-back each) as many at a time as
     // the box takes requests.
     for (i, phase) in phases.iter().enumerate() {
         let workers = dest.upload_concurrency() + if i == 0 { 0 } else { SMALL_OBJECTS_EXTRA };
         copier.run(phase, workers)?;
+        dest_lock.check()?;
     }
     if dest_config.is_none() {
         copier.check_cancel()?;
@@ -205,16 +222,22 @@ pub fn copy_box(
     } else {
         report.already_there += 1;
     }
-    // Only now: the box's own key files are all at the destination.
-    for name in &report.keys_removed {
+    // Only now: everything the box has, its own key files too, is at the destination.
+    for name in &report.removed {
         copier.check_cancel()?;
+        dest_lock.check()?;
         dest.delete(name)?;
     }
     report.copied = progress.objects.load(Ordering::Relaxed);
     report.copied_bytes = progress.bytes.load(Ordering::Relaxed);
-    report.damaged = copier.damaged.into_inner().unwrap_or_else(|e| e.into_inner());
+    report.damaged = progress.damaged.lock().unwrap_or_else(|e| e.into_inner()).clone();
     report.damaged.sort_by(|a, b| a.object.cmp(&b.object));
     Ok(report)
+}
+
+/// Where an object goes in the order of removal: manifests, indexes, volumes, key files.
+fn removal_rank(name: &str) -> u8 {
+    [VERSIONS_DIR, INDEX_DIR, DATA_DIR].iter().position(|d| name.starts_with(d)).unwrap_or(3) as u8
 }
 
 /// The source's `config` object as stored; it must be the config the box was opened with.
@@ -265,7 +288,6 @@ struct Copier<'a> {
     volumes: HashMap<String, VolumeInfo>,
     progress: &'a CopyProgress,
     cancel: &'a AtomicBool,
-    damaged: Mutex<Vec<DamagedObject>>,
 }
 
 /// Bytes read and not yet written, bounded by [`BYTES_IN_FLIGHT`].
@@ -337,7 +359,7 @@ impl Copier<'_> {
         let bytes = self.repo.backend().read(&item.name)?;
         if let Some(problem) = self.problem_with(&item.name, &bytes) {
             let d = DamagedObject { object: item.name.clone(), problem };
-            self.damaged.lock().unwrap_or_else(|e| e.into_inner()).push(d);
+            self.progress.damaged.lock().unwrap_or_else(|e| e.into_inner()).push(d);
         }
         let len = bytes.len() as u64;
         self.dest.write(&item.name, bytes)?;

@@ -3,6 +3,7 @@
 //! Ctrl-C, brought up to date after later backups, and refused where the destination is not
 //! its own.
 
+use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -232,11 +233,39 @@ fn copy_box_resumes_after_ctrl_c() {
     c.env("BRICKBOX_PASSWORD", "a new password");
     let r = run_cmd(c);
     r.expect_code(0);
-    assert_eq!(r.json()["keys_removed"].as_array().unwrap().len(), 1, "{}", r.stdout);
+    assert_eq!(r.json()["removed"].as_array().unwrap().len(), 1, "{}", r.stdout);
     assert_eq!(box_files(&dest), box_files(&env.repo));
     assert_eq!(copy_cmd("a new password", &["versions"]).code, 0);
     let old = copy_cmd(&env.password, &["versions"]);
     assert_ne!(old.code, 0, "the old password still opens the copy");
+
+    // An unfinished copy (no config) whose box forgot versions and compacted since: taken up
+    // all the same; what the box no longer has stays, unless --delete.
+    fs::remove_file(dest.join("config")).unwrap();
+    let as_new = |args: &[OsString]| {
+        let mut c = env.cmd(args);
+        c.env("BRICKBOX_PASSWORD", "a new password");
+        let r = run_cmd(c);
+        r.expect_code(0);
+        r
+    };
+    as_new(&args!["forget", "--keep-last", "1"]);
+    let r = as_new(&args!["copy-box", &dest, "--json"]).json();
+    let left = r["no_longer_in_box"].as_array().unwrap().len();
+    assert!(left >= 2, "the two forgotten manifests at least: {r}");
+    assert!(dest.join("config").exists());
+    let r = as_new(&args!["copy-box", &dest, "--delete", "--json"]).json();
+    assert_eq!(r["removed"].as_array().unwrap().len(), left, "{r}");
+    assert_eq!(r["copied"], 0, "{r}");
+    assert_eq!(box_files(&dest), box_files(&env.repo));
+    // (A catalog that knew the removed versions reports their manifests missing, as when
+    // another client forgets versions; a fresh one reads the mirror as it is.)
+    let mut c = env.bare_cmd();
+    c.env("BRICKBOX_PASSWORD", "a new password").arg("-r").arg(&dest).arg("--db").arg(env.path().join("fresh.sqlite"));
+    c.args(["verify", "--read-data", "--json"]);
+    let v = run_cmd(c).json();
+    assert_eq!(v["problems"].as_array().unwrap().len(), 0, "{v}");
+    assert_eq!(v["versions"], 1, "{v}");
 }
 
 fn objects_under(dir: &Path) -> usize {
