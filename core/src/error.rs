@@ -109,7 +109,8 @@ fn storage_hint(local: bool, kind: opendal::ErrorKind, text: &str) -> Option<&'s
     let has = |words: &[&str]| words.iter().any(|w| t.contains(w));
     if has(&["rclone stopped ("]) {
         return Some(
-            "the rclone serving this box stopped (its last words are above); the box is as the last finished              step left it, and the next run starts rclone again",
+            "the rclone serving this box stopped (its last words are above); the box is as the last finished \
+             step left it, and the next run starts rclone again",
         );
     }
     if has(&["host key is known", "host key verification failed", "remote host identification has changed"]) {
@@ -202,5 +203,9 @@ mod tests {
         };
         assert!(local.hint().is_some_and(|h| h.contains("permissions") && !h.contains("password")));
         assert_eq!(Error::WrongPassword.hint(), None);
+        // Written over several source lines, each hint reads as one sentence.
+        for h in [refused, no_creds, host_key, down, rclone, local.hint()].into_iter().flatten() {
+            assert!(!h.contains("  "), "a hint with a run of spaces: {h}");
+        }
     }
 }
