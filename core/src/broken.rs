@@ -169,7 +169,9 @@ pub fn purge_broken_files(
     }
     let _lock = if dry_run { None } else { Some(repo.lock(LockKind::Exclusive, "purge-broken-files")?) };
     repo.sync_catalog()?;
-    for d in repo.catalog()?.damage()? {
+    // Taken before the loop: a guard in a `for` head is held through the loop.
+    let damage = repo.catalog()?.damage()?;
+    for d in damage {
         if d.object.starts_with(objects::VERSIONS_DIR) {
             if !dry_run {
                 repo.backend().delete(&d.object)?;
@@ -210,7 +212,8 @@ pub fn purge_broken_files(
     crate::forget::remove_versions(repo, &unreadable.iter().collect::<Vec<_>>())?;
     report.deleted = unreadable.into_iter().map(|v| v.id).collect();
     // Missing manifests that repair could not store again: forget them too.
-    for m in repo.catalog()?.missing_versions()? {
+    let missing = repo.catalog()?.missing_versions()?;
+    for m in missing {
         repo.catalog()?.remove_version(&m.id)?;
         report.deleted.push(m.id);
     }

@@ -92,7 +92,10 @@ pub fn repair(repo: &Repository, opts: &RepairOptions, cancel: &AtomicBool) -> R
     let data: HashSet<String> = repo.backend().list(objects::DATA_DIR)?.into_iter().collect();
     // A volume a backup found damaged (wrong size) had its blocks dropped from the catalog:
     // forget it, so that it is read again below like a volume without an index.
-    for (name, _, was_missing) in repo.catalog()?.volume_states()? {
+    // (Each list is taken before its loop: a guard in a `for` head would be held through the
+    // loop, and the body locks the catalog again.)
+    let states = repo.catalog()?.volume_states()?;
+    for (name, _, was_missing) in states {
         if was_missing && data.contains(&name) && !opts.dry_run {
             repo.catalog()?.forget_missing_volume(&name)?;
         }
@@ -153,7 +156,8 @@ pub fn repair(repo: &Repository, opts: &RepairOptions, cancel: &AtomicBool) -> R
 
     // 2. Damage inside volumes.
     if opts.read_data {
-        for v in repo.catalog()?.volumes()? {
+        let indexed = repo.catalog()?.volumes()?;
+        for v in indexed {
             stop()?;
             if !data.contains(&v.name) {
                 continue;

@@ -296,6 +296,21 @@ fn verify_finds_damage_and_repair_recovers_it_from_local_files() {
     assert!(env.run(&args!["list-broken-files"]).code == 0);
     let got = restore_version(&env, "latest", &src, "r");
     assert_same_tree(&src, &got, Compare::NO_OWNERS);
+
+    // A bit flipped inside a block, which only reading the data finds: `repair --read-data`
+    // alone finds it and mends it from the unchanged source.
+    let vol = volumes(&env).into_iter().max_by_key(|v| fs::metadata(v).unwrap().len()).unwrap();
+    let mut bytes = fs::read(&vol).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    fs::write(&vol, &bytes).unwrap();
+    let r = env.run(&args!["repair", "--read-data", "--json"]);
+    let rep = r.json();
+    assert_eq!(r.code, 0, "{rep:#}\n{}", r.stderr);
+    assert!(rep["blocks_recovered"].as_u64().unwrap() > 0, "{rep:#}");
+    assert_clean(&env);
+    let got = restore_version(&env, "latest", &src, "r2");
+    assert_same_tree(&src, &got, Compare::NO_OWNERS);
 }
 
 #[test]
@@ -343,6 +358,16 @@ fn purge_broken_files_leaves_a_clean_box_when_data_is_lost() {
     assert_clean(&env);
     let got = restore_version(&env, "latest", &src, "r2");
     assert_same_tree(&src, &got, Compare::NO_OWNERS);
+
+    // A manifest no catalog knows that does not open: reported, and removed.
+    let junk = env.repo.join("versions/00000000000000aa.dlist");
+    fs::write(&junk, b"not a manifest").unwrap();
+    let (code, report) = verify_all(&env);
+    assert_eq!(code, 1, "{report:#}");
+    assert!(report.to_string().contains("00000000000000aa.dlist"), "{report:#}");
+    env.ok(&args!["purge-broken-files"]);
+    assert!(!junk.exists());
+    assert_clean(&env);
 }
 
 #[test]
