@@ -146,6 +146,9 @@ pub fn copy_box(
         phases.push(listed.into_iter().map(|(name, size)| Item { name, size }).collect());
     }
     phases.reverse();
+    // Volumes a backup beside the copy stored since the box was opened are checked against
+    // their indexes too: the catalog learns every index stored by now.
+    repo.sync_catalog()?;
     // Objects the box no longer has: at an earlier (maybe unfinished) copy of this box, left
     // by a compaction, forget or password change since. An unfinished copy is known by the
     // objects it shares with the box (random names of 64 or 128 bits); a destination with
@@ -270,6 +273,7 @@ fn is_box_object(name: &str) -> bool {
     hex_stem(DATA_DIR, ".dblock.zip", 32)
         || hex_stem(INDEX_DIR, ".dindex", 32)
         || hex_stem(VERSIONS_DIR, ".dlist", 16)
+        || hex_stem(VERSIONS_DIR, ".forgotten", 16)
         || hex_stem(KEYS_DIR, ".key", 16)
 }
 
@@ -385,6 +389,8 @@ impl Copier<'_> {
         }
         let opened = if name.starts_with(INDEX_DIR) {
             objects::open_index(keys, name, bytes).map(|_| ())
+        } else if name.ends_with(".forgotten") {
+            objects::open_forget_record(keys, name, bytes).map(|_| ())
         } else if name.starts_with(VERSIONS_DIR) {
             objects::open_manifest(keys, name, bytes).map(|_| ())
         } else {
@@ -405,6 +411,7 @@ mod tests {
         assert!(is_box_object(&format!("index/{}.dindex", "1f".repeat(16))));
         assert!(is_box_object(&format!("versions/{}.dlist", "2e".repeat(8))));
         assert!(is_box_object(&format!("keys/{}.key", "3d".repeat(8))));
+        assert!(is_box_object(&format!("versions/{}.forgotten", "4c".repeat(8))));
         for other in [
             "config",
             "locks/0123456789abcdef.lock",
@@ -413,6 +420,7 @@ mod tests {
             "data/ABCDEF0123456789ABCDEF0123456789.dblock.zip",
             "index/0123.dindex",
             "versions/0123456789abcdef0.dlist",
+            "versions/0123.forgotten",
             "keys/sub/0123456789abcdef.key",
         ] {
             assert!(!is_box_object(other), "{other}");

@@ -209,13 +209,12 @@ pub fn purge_broken_files(
         rw.removed.new_version = Some(new.id);
         report.rewritten.push(rw.removed);
     }
-    crate::forget::remove_versions(repo, &unreadable.iter().collect::<Vec<_>>())?;
+    crate::forget::remove_versions(repo, &unreadable.iter().collect::<Vec<_>>(), "purge-broken-files", None)?;
     report.deleted = unreadable.into_iter().map(|v| v.id).collect();
-    // Missing manifests that repair could not store again: forget them too.
+    // Missing manifests that repair could not store again: forget them too (with a record,
+    // so that other catalogs stop reporting them).
     let missing = repo.catalog()?.missing_versions()?;
-    for m in missing {
-        repo.catalog()?.remove_version(&m.id)?;
-        report.deleted.push(m.id);
-    }
+    crate::forget::remove_versions(repo, &missing.iter().collect::<Vec<_>>(), "purge-broken-files", None)?;
+    report.deleted.extend(missing.into_iter().map(|m| m.id));
     Ok(report)
 }

@@ -140,17 +140,11 @@ pub fn compact_locked(
     Ok(report)
 }
 
-/// The versions whose blocks must stay: those in the box and those whose manifests went
-/// missing (repair may store them again).
-fn all_versions(repo: &Repository) -> Result<Vec<crate::objects::Manifest>> {
-    let mut v = repo.versions()?;
-    v.extend(repo.catalog()?.missing_versions()?);
-    Ok(v)
-}
-
-/// Decides what to do with each volume; also returns the blocks the versions use.
+/// Decides what to do with each volume; also returns the blocks the versions use (those in
+/// the box and, as far as they are still there, those whose manifests went missing: repair
+/// may store them again).
 fn plan(repo: &Repository, opts: &CompactOptions, cancel: &AtomicBool) -> Result<(Vec<VolumePlan>, HashSet<BlockId>)> {
-    let usage = usage::used_blocks(repo, &all_versions(repo)?, cancel)?;
+    let mut usage = usage::used_blocks(repo, &repo.versions()?, cancel)?;
     if let Some((id, e, version, path)) = usage.unreadable.first() {
         return Err(Error::Invalid(format!(
             "cannot compact: the directory tree {} (version {version}, {}) cannot be read ({e}), so it is unknown \
@@ -173,6 +167,10 @@ fn plan(repo: &Repository, opts: &CompactOptions, cancel: &AtomicBool) -> Result
              volume whose index is lost); run 'brickbox repair' first"
         )));
     }
+    // What is already gone of a missing version does not hold compaction up.
+    let missing_versions = repo.catalog()?.missing_versions()?;
+    let missing = usage::used_blocks(repo, &missing_versions, cancel)?;
+    usage.blocks.extend(missing.blocks.into_iter().filter(|b| catalog_blocks.contains(b)));
     let per_volume: BTreeMap<String, VolumeUse> = usage::volume_usage(repo, &usage.blocks)?.into_iter().collect();
     let listed: HashSet<String> = repo.backend().list(objects::DATA_DIR)?.into_iter().collect();
     let sizes: BTreeMap<String, u64> = repo.catalog()?.volumes()?.into_iter().map(|v| (v.name, v.size)).collect();

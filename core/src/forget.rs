@@ -104,7 +104,7 @@ pub fn forget(
     decisions.sort_by(|a, b| (a.version.time_ns, &a.version.id).cmp(&(b.version.time_ns, &b.version.id)));
     if !dry_run {
         let gone: Vec<&Manifest> = decisions.iter().filter(|d| d.keep.is_empty()).map(|d| &d.version).collect();
-        remove_versions(repo, &gone)?;
+        remove_versions(repo, &gone, "forget", None)?;
     }
     Ok((decisions, lock))
 }
@@ -115,16 +115,36 @@ pub fn delete(repo: &Repository, versions: &[Manifest], dry_run: bool) -> Result
         return Ok(None);
     }
     let lock = repo.lock(LockKind::Exclusive, "delete")?;
-    remove_versions(repo, &versions.iter().collect::<Vec<_>>())?;
+    remove_versions(repo, &versions.iter().collect::<Vec<_>>(), "delete", None)?;
     Ok(Some(lock))
 }
 
-/// Removes manifests from the catalog, then from the box. (A crash between the two leaves the
-/// manifest in the box, and the version simply comes back: nothing is lost.)
-pub fn remove_versions(repo: &Repository, versions: &[&Manifest]) -> Result<()> {
+/// Removes manifests from the catalog, then from the box, and leaves a forget record for each
+/// (see [`objects::ForgetRecord`]) so that other catalogs of the box forget the version too.
+/// `command` names the operation; `replaced_by` the version that takes the place of the
+/// removed ones (purge).
+///
+/// A crash before the manifest is deleted leaves it in the box, and the version simply comes
+/// back: nothing is lost. A crash before the record is written leaves other catalogs
+/// reporting the manifest missing, as they did before records existed.
+pub fn remove_versions(
+    repo: &Repository,
+    versions: &[&Manifest],
+    command: &str,
+    replaced_by: Option<&str>,
+) -> Result<()> {
     for v in versions {
         repo.catalog()?.remove_version(&v.id)?;
         repo.backend().delete(&objects::manifest_name(&v.id))?;
+        let record = objects::ForgetRecord {
+            id: v.id.clone(),
+            time_ns: crate::time::now_ns(),
+            host: brickbox_platform::host_name(),
+            command: command.to_string(),
+            replaced_by: replaced_by.map(str::to_string),
+        };
+        let (name, sealed) = objects::seal_forget_record(repo.keys(), &record)?;
+        repo.backend().write(&name, sealed)?;
     }
     Ok(())
 }

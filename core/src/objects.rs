@@ -8,6 +8,7 @@
 //! data/<volume>.dblock.zip    zip of stored entries, one sealed block each
 //! index/<volume>.dindex       sealed: ids, offsets and lengths of the blocks of one volume
 //! versions/<id>.dlist         sealed: one backup version (root tree, statistics); written last
+//! versions/<id>.forgotten     sealed: that version was forgotten on purpose (after its manifest went)
 //! locks/<id>.lock             sealed: who is using the box, until when (see `crate::lock`)
 //! ```
 
@@ -45,6 +46,8 @@ pub enum ObjectKind {
     Manifest = 2,
     /// A lock.
     Lock = 3,
+    /// A forget record: a version's manifest was deleted on purpose.
+    Forgotten = 4,
 }
 
 /// Content-defined chunking parameters, fixed per repository.
@@ -149,7 +152,7 @@ impl ObjectKind {
         match self {
             ObjectKind::Index => 512 << 20,
             ObjectKind::Manifest => 16 << 20,
-            ObjectKind::Lock => 1 << 20,
+            ObjectKind::Lock | ObjectKind::Forgotten => 1 << 20,
         }
     }
 }
@@ -226,6 +229,30 @@ pub fn index_name(volume_id: &[u8; 16]) -> String {
 /// Object name of a version manifest.
 pub fn manifest_name(version_id: &str) -> String {
     format!("{VERSIONS_DIR}{version_id}.dlist")
+}
+
+/// Object name of the record that a version was forgotten on purpose.
+pub fn forgotten_name(version_id: &str) -> String {
+    format!("{VERSIONS_DIR}{version_id}.forgotten")
+}
+
+/// Seals a forget record under its name.
+pub fn seal_forget_record(keys: &Keys, record: &ForgetRecord) -> Result<(String, Vec<u8>)> {
+    let name = forgotten_name(&record.id);
+    let json = serde_json::to_vec(record).map_err(|e| Error::Format(e.to_string()))?;
+    let sealed = seal_object(keys, ObjectKind::Forgotten, &name, &json);
+    Ok((name, sealed))
+}
+
+/// Opens and parses a forget record stored under `name`.
+pub fn open_forget_record(keys: &Keys, name: &str, bytes: &[u8]) -> Result<ForgetRecord> {
+    let payload = open_object(keys, ObjectKind::Forgotten, name, bytes)?;
+    let r: ForgetRecord =
+        serde_json::from_slice(&payload).map_err(|e| Error::damaged(name, format!("bad forget record: {e}")))?;
+    if forgotten_name(&r.id) != name {
+        return Err(Error::damaged(name, "forget record names another version"));
+    }
+    Ok(r)
 }
 
 /// Volume id from a `data/<hex>.dblock.zip` or `index/<hex>.dindex` name.
@@ -347,6 +374,24 @@ pub struct Manifest {
     pub parent: Option<String>,
 }
 
+/// The record, left in the box, that a version's manifest was deleted on purpose (by
+/// `forget`, `delete`, `purge` or `purge-broken-files`), so that other catalogs of the box
+/// forget the version too instead of reporting its manifest lost.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ForgetRecord {
+    /// The version forgotten.
+    pub id: String,
+    /// When, ns since the epoch (UTC).
+    pub time_ns: i64,
+    /// Host that forgot it.
+    pub host: String,
+    /// The operation: `forget`, `delete`, `purge` or `purge-broken-files`.
+    pub command: String,
+    /// The version that replaced it (`purge`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced_by: Option<String>,
+}
+
 impl Manifest {
     /// The root tree id.
     pub fn root_id(&self) -> Result<BlockId> {
@@ -423,6 +468,31 @@ mod tests {
             let got = open_object(&keys, ObjectKind::Lock, name, &seal_plain(&keys, ObjectKind::Lock, name, &plain));
             assert_eq!(got.unwrap().len(), ObjectKind::Lock.max_payload());
         }
+    }
+
+    #[test]
+    fn forget_records_open_only_under_their_own_name_and_with_their_key() {
+        let keys = Keys::from_master([9; 32]);
+        let record = ForgetRecord {
+            id: "0123456789abcdef".into(),
+            time_ns: 1_732_000_000_000_000_000,
+            host: "laptop".into(),
+            command: "purge".into(),
+            replaced_by: Some("fedcba9876543210".into()),
+        };
+        let (name, sealed) = seal_forget_record(&keys, &record).unwrap();
+        assert_eq!(name, "versions/0123456789abcdef.forgotten");
+        assert_eq!(open_forget_record(&keys, &name, &sealed).unwrap(), record);
+        // Moved to another version's name, under another key, or read as a manifest: refused.
+        assert!(open_forget_record(&keys, "versions/0000000000000000.forgotten", &sealed).is_err());
+        assert!(open_forget_record(&Keys::from_master([8; 32]), &name, &sealed).is_err());
+        assert!(open_manifest(&keys, &name, &sealed).is_err());
+        // A record sealed under its name but naming another version is damaged too.
+        let other = ForgetRecord { id: "0000000000000000".into(), ..record };
+        let json = serde_json::to_vec(&other).unwrap();
+        let sealed = seal_object(&keys, ObjectKind::Forgotten, &name, &json);
+        let e = open_forget_record(&keys, &name, &sealed).unwrap_err().to_string();
+        assert!(e.contains("names another version"), "{e}");
     }
 
     #[test]

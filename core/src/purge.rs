@@ -185,7 +185,7 @@ pub fn replace_manifest(repo: &Repository, old: &Manifest, rw: &Rewrite) -> Resu
     let json = serde_json::to_vec(&m).map_err(|e| Error::Format(e.to_string()))?;
     repo.backend().write(&name, objects::seal_object(repo.keys(), ObjectKind::Manifest, &name, &json))?;
     repo.catalog()?.add_version(&m, &[])?;
-    crate::forget::remove_versions(repo, &[old])?;
+    crate::forget::remove_versions(repo, &[old], "purge", Some(&m.id))?;
     Ok(m)
 }
 

@@ -335,7 +335,8 @@ impl Repository {
     /// An index or manifest that cannot be read is recorded as damage (for verify and repair)
     /// and skipped, so one bad object never keeps the rest of the box from being used. A
     /// manifest that disappeared without this catalog deleting it is marked missing, not
-    /// forgotten: verify reports it and repair can store it again.
+    /// forgotten: verify reports it and repair can store it again — unless the box holds a
+    /// forget record for it (another catalog's `forget`, `delete` or purge removed it).
     pub fn sync_catalog(&self) -> Result<()> {
         let listed: HashSet<String> =
             self.backend.list(objects::INDEX_DIR)?.into_iter().filter(|n| n.ends_with(".dindex")).collect();
@@ -357,24 +358,45 @@ impl Repository {
                 }
             }
         }
-        let manifests: HashSet<String> =
-            self.backend.list(objects::VERSIONS_DIR)?.into_iter().filter(|n| n.ends_with(".dlist")).collect();
+        let listed: Vec<String> = self.backend.list(objects::VERSIONS_DIR)?;
+        let manifests: HashSet<&str> = listed.iter().filter(|n| n.ends_with(".dlist")).map(String::as_str).collect();
+        let records: HashSet<&str> = listed.iter().filter(|n| n.ends_with(".forgotten")).map(String::as_str).collect();
         let known: Vec<Manifest> = self.catalog()?.versions()?;
         let known_names: HashSet<String> = known.iter().map(|m| objects::manifest_name(&m.id)).collect();
         for name in &manifests {
-            if !known_names.contains(name) {
+            if !known_names.contains(*name) {
                 match self.read_manifest(name) {
                     Ok(m) => self.catalog()?.add_version(&m, &[])?,
                     Err(e) => self.note_damage(name, e)?,
                 }
             }
         }
-        for m in known {
-            if !manifests.contains(&objects::manifest_name(&m.id)) {
+        // Gone since the last look, or gone earlier: a record may have come since.
+        let mut vanished: Vec<Manifest> =
+            known.into_iter().filter(|m| !manifests.contains(objects::manifest_name(&m.id).as_str())).collect();
+        vanished.extend(self.catalog()?.missing_versions()?);
+        for m in vanished {
+            if self.forgotten_on_purpose(&m.id, &records)? {
+                self.catalog()?.remove_version(&m.id)?;
+            } else {
                 self.catalog()?.mark_version_missing(&m.id)?;
             }
         }
         Ok(())
+    }
+
+    /// Whether the box holds a valid forget record for version `id` (another client, or this
+    /// one with another catalog, forgot it). A record that cannot be opened is recorded as
+    /// damage and not believed.
+    fn forgotten_on_purpose(&self, id: &str, records: &HashSet<&str>) -> Result<bool> {
+        let name = objects::forgotten_name(id);
+        if !records.contains(name.as_str()) {
+            return Ok(false);
+        }
+        match self.read_forget_record(&name) {
+            Ok(_) => Ok(true),
+            Err(e) => self.note_damage(&name, e).map(|()| false),
+        }
     }
 
     /// Records a damaged object met while reading the box; other errors are returned.
@@ -390,6 +412,11 @@ impl Repository {
     /// Reads and opens a volume index object.
     pub fn read_index(&self, name: &str) -> Result<VolumeIndex> {
         objects::open_index(&self.keys, name, &self.backend.read(name)?)
+    }
+
+    /// Reads and opens a forget record (`versions/<id>.forgotten`).
+    pub fn read_forget_record(&self, name: &str) -> Result<objects::ForgetRecord> {
+        objects::open_forget_record(&self.keys, name, &self.backend.read(name)?)
     }
 
     /// Reads and opens a version manifest object.

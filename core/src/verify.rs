@@ -21,6 +21,9 @@ use crate::objects::{self, Manifest};
 use crate::repo::Repository;
 use crate::usage;
 
+/// What to do about a forget record that cannot be opened.
+const BAD_RECORD_FIX: &str = "this forget record is not believed, so its version counts as missing; 'brickbox repair' \
+                              removes it (and stores the manifest again if this catalog knows the version)";
 /// Which volumes to download and check block by block.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Selection {
@@ -299,6 +302,8 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
                 "'brickbox repair' writes back the copy this catalog keeps"
             } else if d.object.starts_with(objects::INDEX_DIR) {
                 "'brickbox repair' rebuilds it from its volume"
+            } else if d.object.ends_with(".forgotten") {
+                BAD_RECORD_FIX
             } else {
                 "'brickbox repair' stores it again if this catalog knows the version, else \
                  'brickbox purge-broken-files' removes it"
@@ -359,9 +364,15 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
         for name in &manifests {
             stop()?;
             report.metadata_objects += 1;
-            if let Err(e) = repo.read_manifest(name) {
+            let opened = if name.ends_with(".forgotten") {
+                repo.read_forget_record(name).map(|_| ())
+            } else {
+                repo.read_manifest(name).map(|_| ())
+            };
+            if let Err(e) = opened {
                 if !f.problems.iter().any(|p| &p.object == name) {
-                    f.add(name, e.to_string());
+                    let fix = if name.ends_with(".forgotten") { format!("; {BAD_RECORD_FIX}") } else { String::new() };
+                    f.add(name, format!("{e}{fix}"));
                 }
                 let d = Damage { object: name.clone(), block: None, problem: e.to_string() };
                 repo.catalog()?.record_damage(&d)?;

@@ -155,6 +155,107 @@ fn delete_and_purge_rewrite_history() {
     assert_eq!(r.code, 1, "{}", r.stderr);
 }
 
+/// Ids of the versions a catalog sees, oldest first.
+fn version_ids(env: &Env, db: &Path) -> Vec<String> {
+    let r = env.run_with_db(db, &args!["versions", "--json"]);
+    r.expect_code(0);
+    let mut ids: Vec<String> =
+        r.json().as_array().unwrap().iter().map(|v| v["id"].as_str().unwrap().to_string()).collect();
+    ids.reverse();
+    ids
+}
+
+#[test]
+fn a_second_catalog_forgets_what_another_forgot_and_still_reports_what_was_lost() {
+    // Two machines back up into one box, each with its own catalog; one of them applies the
+    // retention rules, deletes and purges. The other must follow, not report those versions
+    // lost nor bring them back, while a manifest lost for real is still reported and repaired.
+    let env = Env::with_box();
+    let src = make_source(&env, 256 * KIB);
+    let other = env.path().join("other.sqlite");
+    env.backup(&args![&src]);
+    write_random(&src.join("a.bin"), 7, 256 * KIB);
+    env.run_with_db(&other, &args!["backup", &src]).expect_code(0);
+    write_random(&src.join("a.bin"), 8, 256 * KIB);
+    env.backup(&args![&src]);
+    let all = version_ids(&env, &other);
+    assert_eq!(all.len(), 3);
+
+    // The first machine keeps the newest version only, and compacts.
+    let out = env.json(&args!["forget", "--keep-last", "1"]);
+    assert!(out["compact"]["volumes_deleted"].as_u64().unwrap() >= 1, "{out:#}");
+    let records: Vec<PathBuf> = objects(&env.repo, "versions")
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "forgotten"))
+        .collect();
+    assert_eq!(records.len(), 2, "one forget record per forgotten version: {records:?}");
+
+    // The other catalog sees one version, verifies the box clean, compacts and repairs nothing.
+    assert_eq!(version_ids(&env, &other), vec![all[2].clone()]);
+    let r = env.run_with_db(&other, &args!["verify", "--all", "--json"]);
+    r.expect_code(0);
+    assert!(r.json()["problems"].as_array().unwrap().is_empty(), "{}", r.stdout);
+    env.run_with_db(&other, &args!["compact"]).expect_code(0);
+    let r = env.run_with_db(&other, &args!["repair", "--json"]);
+    r.expect_code(0);
+    assert_eq!(r.json()["manifests_restored"], 0, "{}", r.stdout);
+    assert_eq!(version_ids(&env, &other), vec![all[2].clone()]);
+
+    // A purge replaces the version: the other catalog follows it to the new one.
+    env.json(&args!["purge", src.join("docs/notes.txt")]);
+    let now = version_ids(&env, &env.db);
+    assert_eq!(now.len(), 1);
+    assert_ne!(now[0], all[2]);
+    assert_eq!(version_ids(&env, &other), now);
+    env.run_with_db(&other, &args!["verify", "--json"]).expect_code(0);
+
+    // A manifest lost without a record is still reported, and repair stores it again.
+    env.backup(&args![&src]);
+    let ids = version_ids(&env, &other);
+    let lost = ids.last().unwrap().clone();
+    fs::remove_file(env.repo.join(format!("versions/{lost}.dlist"))).unwrap();
+    let r = env.run_with_db(&other, &args!["verify", "--json"]);
+    assert_ne!(r.code, 0, "{}", r.stdout);
+    assert!(r.stdout.contains(&format!("versions/{lost}.dlist")), "{}", r.stdout);
+    // A record that does not open is not believed either.
+    fs::write(env.repo.join(format!("versions/{lost}.forgotten")), b"not a record").unwrap();
+    let r = env.run_with_db(&other, &args!["verify", "--json"]);
+    assert_ne!(r.code, 0, "{}", r.stdout);
+    assert!(r.stdout.contains(&format!("versions/{lost}.forgotten")), "{}", r.stdout);
+    let r = env.run_with_db(&other, &args!["repair", "--json"]);
+    r.expect_code(0);
+    assert_eq!(r.json()["manifests_restored"], 1, "{}", r.stdout);
+    assert!(!env.repo.join(format!("versions/{lost}.forgotten")).exists());
+    assert_eq!(version_ids(&env, &other), ids);
+    assert_clean(&env);
+    let got = restore_version(&env, "latest", &src, "r");
+    assert!(same_content(&got.join("a.bin"), &src.join("a.bin")));
+}
+
+#[test]
+fn compaction_is_not_held_up_by_what_is_gone_of_a_missing_version() {
+    let env = Env::with_box();
+    let src = make_source(&env, 256 * KIB);
+    let other = env.path().join("other.sqlite");
+    env.backup(&args![&src]);
+    write_random(&src.join("a.bin"), 9, 256 * KIB);
+    env.backup(&args![&src]);
+    let ids = version_ids(&env, &other);
+    assert_eq!(ids.len(), 2);
+    // Forgotten and compacted away by a writer that leaves no forget record (one older than
+    // records): to the other catalog the manifest is missing, and its trees are gone.
+    env.json(&args!["forget", "--keep-last", "1"]);
+    for p in objects(&env.repo, "versions").into_iter().filter(|p| p.extension().is_some_and(|e| e == "forgotten")) {
+        fs::remove_file(p).unwrap();
+    }
+    let r = env.run_with_db(&other, &args!["verify", "--json"]);
+    assert_ne!(r.code, 0, "{}", r.stdout);
+    assert!(r.stdout.contains(&format!("versions/{}.dlist", ids[0])), "{}", r.stdout);
+    // What is left of it is kept; what is gone does not stop the compaction.
+    env.run_with_db(&other, &args!["compact"]).expect_code(0);
+    assert_clean(&env);
+}
+
 /// Starts a backup that holds its lock, and stops it (SIGSTOP) once the lock is in the box.
 fn held_backup(env: &Env, src: &Path) -> Child {
     let mut c = env.cmd(&args!["backup", src, "--volume-size", "256KiB"]);
