@@ -121,7 +121,8 @@ fn warn_about_head_damage(g: &Global, repo: &Repository) -> Result<()> {
     if g.quiet {
         return Ok(());
     }
-    for d in repo.catalog()?.damage()? {
+    let damage = repo.catalog()?.damage()?;
+    for d in damage {
         if d.object == "config" || d.object.starts_with("keys/") {
             eprintln!(
                 "warning: {} in the box is damaged or missing ({}); opened with a copy (kept in the key files \

@@ -1,4 +1,6 @@
 //! The `brickbox` command line.
+// A lock guard held through a loop or a match deadlocks when the body locks it again.
+#![warn(clippy::significant_drop_in_scrutinee)]
 
 mod args;
 mod commands;

@@ -31,7 +31,7 @@ use crate::backend::Backend;
 use crate::catalog::VolumeInfo;
 use crate::error::{Error, Result};
 use crate::lock::{LockGuard, LockKind};
-use crate::objects::{self, Config, CONFIG_NAME, DATA_DIR, INDEX_DIR, KEYS_DIR, VERSIONS_DIR};
+use crate::objects::{self, Config, CONFIG_NAME, DATA_DIR, FORGOTTEN_DIR, INDEX_DIR, KEYS_DIR, VERSIONS_DIR};
 use crate::repo::Repository;
 
 /// Bytes of objects held in memory at once (read, not yet written); one larger object is
@@ -139,7 +139,14 @@ pub fn copy_box(
     let mut phases: Vec<Vec<Item>> = Vec::new();
     let mut dest_names: HashMap<String, u64> = HashMap::new();
     let mut src_names: HashSet<String> = HashSet::new();
-    for dir in [KEYS_DIR, VERSIONS_DIR, INDEX_DIR, DATA_DIR] {
+    // Forget records only go to a mirror: where the manifests stay, a record would let a
+    // manifest deleted at the copy go unnoticed.
+    let dirs: &[&str] = if opts.delete {
+        &[KEYS_DIR, VERSIONS_DIR, FORGOTTEN_DIR, INDEX_DIR, DATA_DIR]
+    } else {
+        &[KEYS_DIR, VERSIONS_DIR, INDEX_DIR, DATA_DIR]
+    };
+    for dir in dirs.iter().copied() {
         let listed: Vec<(String, u64)> = src.list_sized(dir)?.into_iter().filter(|(n, _)| is_box_object(n)).collect();
         src_names.extend(listed.iter().map(|(n, _)| n.clone()));
         dest_names.extend(dest.list_sized(dir)?.into_iter().filter(|(n, _)| is_box_object(n)));
@@ -238,8 +245,12 @@ pub fn copy_box(
     Ok(report)
 }
 
-/// Where an object goes in the order of removal: manifests, indexes, volumes, key files.
+/// Where an object goes in the order of removal: manifests (and forget records), indexes,
+/// volumes, key files.
 fn removal_rank(name: &str) -> u8 {
+    if name.starts_with(FORGOTTEN_DIR) {
+        return 0;
+    }
     [VERSIONS_DIR, INDEX_DIR, DATA_DIR].iter().position(|d| name.starts_with(d)).unwrap_or(3) as u8
 }
 
@@ -273,7 +284,7 @@ fn is_box_object(name: &str) -> bool {
     hex_stem(DATA_DIR, ".dblock.zip", 32)
         || hex_stem(INDEX_DIR, ".dindex", 32)
         || hex_stem(VERSIONS_DIR, ".dlist", 16)
-        || hex_stem(VERSIONS_DIR, ".forgotten", 16)
+        || hex_stem(FORGOTTEN_DIR, ".forgotten", 16)
         || hex_stem(KEYS_DIR, ".key", 16)
 }
 
@@ -389,7 +400,7 @@ impl Copier<'_> {
         }
         let opened = if name.starts_with(INDEX_DIR) {
             objects::open_index(keys, name, bytes).map(|_| ())
-        } else if name.ends_with(".forgotten") {
+        } else if name.starts_with(FORGOTTEN_DIR) {
             objects::open_forget_record(keys, name, bytes).map(|_| ())
         } else if name.starts_with(VERSIONS_DIR) {
             objects::open_manifest(keys, name, bytes).map(|_| ())
@@ -411,7 +422,7 @@ mod tests {
         assert!(is_box_object(&format!("index/{}.dindex", "1f".repeat(16))));
         assert!(is_box_object(&format!("versions/{}.dlist", "2e".repeat(8))));
         assert!(is_box_object(&format!("keys/{}.key", "3d".repeat(8))));
-        assert!(is_box_object(&format!("versions/{}.forgotten", "4c".repeat(8))));
+        assert!(is_box_object(&format!("forgotten/{}.forgotten", "4c".repeat(8))));
         for other in [
             "config",
             "locks/0123456789abcdef.lock",
@@ -420,7 +431,8 @@ mod tests {
             "data/ABCDEF0123456789ABCDEF0123456789.dblock.zip",
             "index/0123.dindex",
             "versions/0123456789abcdef0.dlist",
-            "versions/0123.forgotten",
+            "forgotten/0123.forgotten",
+            "versions/0123456789abcdef.forgotten",
             "keys/sub/0123456789abcdef.key",
         ] {
             assert!(!is_box_object(other), "{other}");

@@ -38,7 +38,8 @@ fn unreadable_blocks(repo: &Repository) -> Result<HashSet<BlockId>> {
     let listed: HashSet<String> = repo.backend().list(objects::DATA_DIR)?.into_iter().collect();
     let mut gone_vols: HashSet<String> = HashSet::new();
     let mut bad = HashSet::new();
-    for d in repo.catalog()?.damage()? {
+    let damage = repo.catalog()?.damage()?;
+    for d in damage {
         match d.block {
             Some(b) => {
                 bad.insert(b);
@@ -49,7 +50,8 @@ fn unreadable_blocks(repo: &Repository) -> Result<HashSet<BlockId>> {
             None => {}
         }
     }
-    for v in repo.catalog()?.volumes()? {
+    let volumes = repo.catalog()?.volumes()?;
+    for v in volumes {
         if !listed.contains(&v.name) {
             gone_vols.insert(v.name);
         }

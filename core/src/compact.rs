@@ -167,9 +167,18 @@ fn plan(repo: &Repository, opts: &CompactOptions, cancel: &AtomicBool) -> Result
              volume whose index is lost); run 'brickbox repair' first"
         )));
     }
-    // What is already gone of a missing version does not hold compaction up.
+    // What is already gone (damaged or missing) of a missing version does not hold
+    // compaction up; a tree that could not be read for another reason (the storage did not
+    // answer) does: its blocks might be dropped.
     let missing_versions = repo.catalog()?.missing_versions()?;
     let missing = usage::used_blocks(repo, &missing_versions, cancel)?;
+    if let Some((id, e, version, _)) = missing.unreadable.iter().find(|(_, e, ..)| !crate::purge::is_damage(e)) {
+        return Err(Error::Invalid(format!(
+            "cannot compact: the directory tree {} of version {version} (its manifest is missing) cannot be read \
+             ({e}); try again",
+            id.to_hex()
+        )));
+    }
     usage.blocks.extend(missing.blocks.into_iter().filter(|b| catalog_blocks.contains(b)));
     let per_volume: BTreeMap<String, VolumeUse> = usage::volume_usage(repo, &usage.blocks)?.into_iter().collect();
     let listed: HashSet<String> = repo.backend().list(objects::DATA_DIR)?.into_iter().collect();

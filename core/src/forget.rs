@@ -119,14 +119,14 @@ pub fn delete(repo: &Repository, versions: &[Manifest], dry_run: bool) -> Result
     Ok(Some(lock))
 }
 
-/// Removes manifests from the catalog, then from the box, and leaves a forget record for each
-/// (see [`objects::ForgetRecord`]) so that other catalogs of the box forget the version too.
-/// `command` names the operation; `replaced_by` the version that takes the place of the
-/// removed ones (purge).
+/// Removes versions: for each, a forget record (see [`objects::ForgetRecord`]) so that
+/// other catalogs of the box forget the version too, then its manifest, then its row in the
+/// catalog. `command` names the operation; `replaced_by` the version that takes the place of
+/// the removed ones (purge).
 ///
-/// A crash before the manifest is deleted leaves it in the box, and the version simply comes
-/// back: nothing is lost. A crash before the record is written leaves other catalogs
-/// reporting the manifest missing, as they did before records existed.
+/// A crash before the manifest is deleted leaves it in the box beside its record; a
+/// manifest there wins over a record, so the version simply comes back (nothing is lost) and
+/// a later forget removes it again.
 pub fn remove_versions(
     repo: &Repository,
     versions: &[&Manifest],
@@ -134,8 +134,6 @@ pub fn remove_versions(
     replaced_by: Option<&str>,
 ) -> Result<()> {
     for v in versions {
-        repo.catalog()?.remove_version(&v.id)?;
-        repo.backend().delete(&objects::manifest_name(&v.id))?;
         let record = objects::ForgetRecord {
             id: v.id.clone(),
             time_ns: crate::time::now_ns(),
@@ -145,6 +143,8 @@ pub fn remove_versions(
         };
         let (name, sealed) = objects::seal_forget_record(repo.keys(), &record)?;
         repo.backend().write(&name, sealed)?;
+        repo.backend().delete(&objects::manifest_name(&v.id))?;
+        repo.catalog()?.remove_version(&v.id)?;
     }
     Ok(())
 }

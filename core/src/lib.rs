@@ -7,6 +7,8 @@
 //! `forget`, `purge`, `broken`, `usage`) still use unix-only APIs (byte paths through
 //! `OsStrExt`, positioned I/O through `FileExt`, inode numbers) and are built on unix only;
 //! the rest (repository, catalog, backends, VFS) also builds for Windows.
+// A lock guard held through a loop or a match deadlocks when the body locks it again.
+#![warn(clippy::significant_drop_in_scrutinee)]
 
 pub mod backend;
 #[cfg(unix)]

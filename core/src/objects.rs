@@ -8,8 +8,8 @@
 //! data/<volume>.dblock.zip    zip of stored entries, one sealed block each
 //! index/<volume>.dindex       sealed: ids, offsets and lengths of the blocks of one volume
 //! versions/<id>.dlist         sealed: one backup version (root tree, statistics); written last
-//! versions/<id>.forgotten     sealed: that version was forgotten on purpose (after its manifest went)
 //! locks/<id>.lock             sealed: who is using the box, until when (see `crate::lock`)
+//! forgotten/<id>.forgotten    sealed: that version was forgotten on purpose (its manifest goes next)
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -34,6 +34,8 @@ pub const INDEX_DIR: &str = "index/";
 pub const VERSIONS_DIR: &str = "versions/";
 /// Folder of lock objects.
 pub const LOCKS_DIR: &str = "locks/";
+/// Folder of forget records (see [`ForgetRecord`]).
+pub const FORGOTTEN_DIR: &str = "forgotten/";
 
 const SEALED_MAGIC: &[u8; 4] = b"BBO1";
 
@@ -233,7 +235,7 @@ pub fn manifest_name(version_id: &str) -> String {
 
 /// Object name of the record that a version was forgotten on purpose.
 pub fn forgotten_name(version_id: &str) -> String {
-    format!("{VERSIONS_DIR}{version_id}.forgotten")
+    format!("{FORGOTTEN_DIR}{version_id}.forgotten")
 }
 
 /// Seals a forget record under its name.
@@ -374,9 +376,10 @@ pub struct Manifest {
     pub parent: Option<String>,
 }
 
-/// The record, left in the box, that a version's manifest was deleted on purpose (by
-/// `forget`, `delete`, `purge` or `purge-broken-files`), so that other catalogs of the box
-/// forget the version too instead of reporting its manifest lost.
+/// The record, left in the box, that a version's manifest is deleted on purpose (by
+/// `forget`, `delete`, `purge` or `purge-broken-files`; written just before the manifest is
+/// deleted), so that other catalogs of the box forget the version too instead of reporting
+/// its manifest lost. Kept in a folder of its own, which earlier builds never list.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ForgetRecord {
     /// The version forgotten.
@@ -481,10 +484,10 @@ mod tests {
             replaced_by: Some("fedcba9876543210".into()),
         };
         let (name, sealed) = seal_forget_record(&keys, &record).unwrap();
-        assert_eq!(name, "versions/0123456789abcdef.forgotten");
+        assert_eq!(name, "forgotten/0123456789abcdef.forgotten");
         assert_eq!(open_forget_record(&keys, &name, &sealed).unwrap(), record);
         // Moved to another version's name, under another key, or read as a manifest: refused.
-        assert!(open_forget_record(&keys, "versions/0000000000000000.forgotten", &sealed).is_err());
+        assert!(open_forget_record(&keys, "forgotten/0000000000000000.forgotten", &sealed).is_err());
         assert!(open_forget_record(&Keys::from_master([8; 32]), &name, &sealed).is_err());
         assert!(open_manifest(&keys, &name, &sealed).is_err());
         // A record sealed under its name but naming another version is damaged too.

@@ -352,15 +352,21 @@ fn recover_from_sources(
 /// Stores again the manifests that are missing or damaged, from the catalog's copies.
 fn restore_manifests(repo: &Repository, dry_run: bool, r: &mut RepairReport) -> Result<()> {
     // A forget record that cannot be opened is not believed (its version counts as missing
-    // and is stored again below if this catalog knows it); it goes.
+    // and is stored again below if this catalog knows it); it goes, if it still does not open.
     let damage = repo.catalog()?.damage()?;
-    for d in damage {
-        if d.object.starts_with(objects::VERSIONS_DIR) && d.object.ends_with(".forgotten") {
-            r.actions.push(format!("{}: forget record that cannot be opened removed", d.object));
-            if !dry_run {
-                repo.backend().delete(&d.object)?;
-                repo.catalog()?.clear_damage(&d.object)?;
+    for d in damage.into_iter().filter(|d| d.object.starts_with(objects::FORGOTTEN_DIR)) {
+        match repo.backend().read_opt(&d.object)? {
+            Some(bytes) if objects::open_forget_record(repo.keys(), &d.object, &bytes).is_ok() => {}
+            Some(_) => {
+                r.actions.push(format!("{}: forget record that cannot be opened removed", d.object));
+                if !dry_run {
+                    repo.backend().delete(&d.object)?;
+                }
             }
+            None => {}
+        }
+        if !dry_run {
+            repo.catalog()?.clear_damage(&d.object)?;
         }
     }
     let mut wanted: Vec<Manifest> = repo.catalog()?.missing_versions()?;

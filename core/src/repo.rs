@@ -358,13 +358,12 @@ impl Repository {
                 }
             }
         }
-        let listed: Vec<String> = self.backend.list(objects::VERSIONS_DIR)?;
-        let manifests: HashSet<&str> = listed.iter().filter(|n| n.ends_with(".dlist")).map(String::as_str).collect();
-        let records: HashSet<&str> = listed.iter().filter(|n| n.ends_with(".forgotten")).map(String::as_str).collect();
+        let manifests: HashSet<String> =
+            self.backend.list(objects::VERSIONS_DIR)?.into_iter().filter(|n| n.ends_with(".dlist")).collect();
         let known: Vec<Manifest> = self.catalog()?.versions()?;
         let known_names: HashSet<String> = known.iter().map(|m| objects::manifest_name(&m.id)).collect();
         for name in &manifests {
-            if !known_names.contains(*name) {
+            if !known_names.contains(name) {
                 match self.read_manifest(name) {
                     Ok(m) => self.catalog()?.add_version(&m, &[])?,
                     Err(e) => self.note_damage(name, e)?,
@@ -375,6 +374,10 @@ impl Repository {
         let mut vanished: Vec<Manifest> =
             known.into_iter().filter(|m| !manifests.contains(objects::manifest_name(&m.id).as_str())).collect();
         vanished.extend(self.catalog()?.missing_versions()?);
+        if vanished.is_empty() {
+            return Ok(());
+        }
+        let records: HashSet<String> = self.backend.list(objects::FORGOTTEN_DIR)?.into_iter().collect();
         for m in vanished {
             if self.forgotten_on_purpose(&m.id, &records)? {
                 self.catalog()?.remove_version(&m.id)?;
@@ -388,13 +391,16 @@ impl Repository {
     /// Whether the box holds a valid forget record for version `id` (another client, or this
     /// one with another catalog, forgot it). A record that cannot be opened is recorded as
     /// damage and not believed.
-    fn forgotten_on_purpose(&self, id: &str, records: &HashSet<&str>) -> Result<bool> {
+    fn forgotten_on_purpose(&self, id: &str, records: &HashSet<String>) -> Result<bool> {
         let name = objects::forgotten_name(id);
-        if !records.contains(name.as_str()) {
+        if !records.contains(&name) {
             return Ok(false);
         }
         match self.read_forget_record(&name) {
-            Ok(_) => Ok(true),
+            Ok(_) => {
+                self.catalog()?.clear_damage(&name)?;
+                Ok(true)
+            }
             Err(e) => self.note_damage(&name, e).map(|()| false),
         }
     }
@@ -414,7 +420,7 @@ impl Repository {
         objects::open_index(&self.keys, name, &self.backend.read(name)?)
     }
 
-    /// Reads and opens a forget record (`versions/<id>.forgotten`).
+    /// Reads and opens a forget record (`forgotten/<id>.forgotten`).
     pub fn read_forget_record(&self, name: &str) -> Result<objects::ForgetRecord> {
         objects::open_forget_record(&self.keys, name, &self.backend.read(name)?)
     }

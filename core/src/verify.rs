@@ -22,8 +22,9 @@ use crate::repo::Repository;
 use crate::usage;
 
 /// What to do about a forget record that cannot be opened.
-const BAD_RECORD_FIX: &str = "this forget record is not believed, so its version counts as missing; 'brickbox repair' \
-                              removes it (and stores the manifest again if this catalog knows the version)";
+const BAD_RECORD_FIX: &str = "this forget record is not believed (a version it names that this catalog knew counts as \
+                              missing); 'brickbox repair' removes it, and stores the manifest again if this catalog \
+                              knows the version";
 /// Which volumes to download and check block by block.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Selection {
@@ -294,15 +295,17 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
 
     // 2. Damage met while opening the box (config, key files) or reading indexes and
     // manifests, and manifests that went missing.
-    for d in repo.catalog()?.damage()? {
+    let damage = repo.catalog()?.damage()?;
+    for d in damage {
         let is_meta = d.object.starts_with(objects::INDEX_DIR) || d.object.starts_with(objects::VERSIONS_DIR);
         let is_head = d.object == objects::CONFIG_NAME || d.object.starts_with(objects::KEYS_DIR);
-        if is_head || (is_meta && (indexes.contains(&d.object) || manifests.contains(&d.object))) {
+        let is_record = d.object.starts_with(objects::FORGOTTEN_DIR);
+        if is_head || is_record || (is_meta && (indexes.contains(&d.object) || manifests.contains(&d.object))) {
             let fix = if is_head {
                 "'brickbox repair' writes back the copy this catalog keeps"
             } else if d.object.starts_with(objects::INDEX_DIR) {
                 "'brickbox repair' rebuilds it from its volume"
-            } else if d.object.ends_with(".forgotten") {
+            } else if is_record {
                 BAD_RECORD_FIX
             } else {
                 "'brickbox repair' stores it again if this catalog knows the version, else \
@@ -327,12 +330,13 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
             }
         }
     }
-    for m in repo.catalog()?.missing_versions()? {
+    let missing = repo.catalog()?.missing_versions()?;
+    for m in missing {
         f.add(
             objects::manifest_name(&m.id),
             format!(
                 "the manifest of version {} ({}) is missing from the box; 'brickbox repair' stores it again \
-                 from the catalog, 'brickbox delete {}' forgets it",
+                 from the catalog (then 'brickbox delete {}' removes it if it should go)",
                 m.id,
                 crate::time::format_rfc3339(m.time_ns),
                 m.id
@@ -364,15 +368,9 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
         for name in &manifests {
             stop()?;
             report.metadata_objects += 1;
-            let opened = if name.ends_with(".forgotten") {
-                repo.read_forget_record(name).map(|_| ())
-            } else {
-                repo.read_manifest(name).map(|_| ())
-            };
-            if let Err(e) = opened {
+            if let Err(e) = repo.read_manifest(name) {
                 if !f.problems.iter().any(|p| &p.object == name) {
-                    let fix = if name.ends_with(".forgotten") { format!("; {BAD_RECORD_FIX}") } else { String::new() };
-                    f.add(name, format!("{e}{fix}"));
+                    f.add(name, e.to_string());
                 }
                 let d = Damage { object: name.clone(), block: None, problem: e.to_string() };
                 repo.catalog()?.record_damage(&d)?;
@@ -457,7 +455,8 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
     }
     // Damage recorded by an earlier check of a volume not read this time still stands.
     let earlier_from = f.problems.len();
-    for d in repo.catalog()?.damage()? {
+    let damage = repo.catalog()?.damage()?;
+    for d in damage {
         if known.contains(d.object.as_str()) && !f.problems.iter().any(|p| p.object == d.object) {
             let p = f.add(&d.object, format!("{} (found by an earlier check; not read this time)", d.problem));
             if let Some(b) = d.block {

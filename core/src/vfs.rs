@@ -1306,7 +1306,8 @@ impl Vfs {
 
     /// A directory tree, decoded, from memory, the disk cache or the box.
     fn tree(&self, id: &BlockId) -> VfsResult<Arc<Tree>> {
-        if let Some(t) = lock(&self.trees).get(id) {
+        let cached = lock(&self.trees).get(id);
+        if let Some(t) = cached {
             return Ok(t);
         }
         let bytes = self.blocks.get(id).map_err(VfsError::Block)?;

@@ -7,6 +7,8 @@
 //! Backup data is immutable: attributes, entries and the page cache are kept by the kernel for a
 //! long time, except for the few entries that change while mounted (`/`, `/versions`,
 //! `/versions/latest`, `/history` directories), which are cached for one second.
+// A lock guard held through a loop or a match deadlocks when the body locks it again.
+#![warn(clippy::significant_drop_in_scrutinee)]
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;

@@ -184,10 +184,7 @@ fn a_second_catalog_forgets_what_another_forgot_and_still_reports_what_was_lost(
     // The first machine keeps the newest version only, and compacts.
     let out = env.json(&args!["forget", "--keep-last", "1"]);
     assert!(out["compact"]["volumes_deleted"].as_u64().unwrap() >= 1, "{out:#}");
-    let records: Vec<PathBuf> = objects(&env.repo, "versions")
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "forgotten"))
-        .collect();
+    let records = objects(&env.repo, "forgotten");
     assert_eq!(records.len(), 2, "one forget record per forgotten version: {records:?}");
 
     // The other catalog sees one version, verifies the box clean, compacts and repairs nothing.
@@ -209,6 +206,21 @@ fn a_second_catalog_forgets_what_another_forgot_and_still_reports_what_was_lost(
     assert_eq!(version_ids(&env, &other), now);
     env.run_with_db(&other, &args!["verify", "--json"]).expect_code(0);
 
+    // A catalog that marked a version missing before its record was there (as after a
+    // forget by an earlier build) forgets it once the record is there.
+    env.backup(&args![&src]);
+    let newest = version_ids(&env, &other).pop().unwrap();
+    env.json(&args!["delete", "latest"]);
+    let record = env.repo.join(format!("forgotten/{newest}.forgotten"));
+    let aside = env.path().join("record");
+    fs::rename(&record, &aside).unwrap();
+    let r = env.run_with_db(&other, &args!["verify", "--json"]);
+    assert_ne!(r.code, 0, "{}", r.stdout);
+    assert!(r.stdout.contains(&format!("versions/{newest}.dlist")), "{}", r.stdout);
+    fs::rename(&aside, &record).unwrap();
+    assert_eq!(version_ids(&env, &other), now);
+    env.run_with_db(&other, &args!["verify", "--json"]).expect_code(0);
+
     // A manifest lost without a record is still reported, and repair stores it again.
     env.backup(&args![&src]);
     let ids = version_ids(&env, &other);
@@ -218,14 +230,14 @@ fn a_second_catalog_forgets_what_another_forgot_and_still_reports_what_was_lost(
     assert_ne!(r.code, 0, "{}", r.stdout);
     assert!(r.stdout.contains(&format!("versions/{lost}.dlist")), "{}", r.stdout);
     // A record that does not open is not believed either.
-    fs::write(env.repo.join(format!("versions/{lost}.forgotten")), b"not a record").unwrap();
+    fs::write(env.repo.join(format!("forgotten/{lost}.forgotten")), b"not a record").unwrap();
     let r = env.run_with_db(&other, &args!["verify", "--json"]);
     assert_ne!(r.code, 0, "{}", r.stdout);
-    assert!(r.stdout.contains(&format!("versions/{lost}.forgotten")), "{}", r.stdout);
+    assert!(r.stdout.contains(&format!("forgotten/{lost}.forgotten")), "{}", r.stdout);
     let r = env.run_with_db(&other, &args!["repair", "--json"]);
     r.expect_code(0);
     assert_eq!(r.json()["manifests_restored"], 1, "{}", r.stdout);
-    assert!(!env.repo.join(format!("versions/{lost}.forgotten")).exists());
+    assert!(!env.repo.join(format!("forgotten/{lost}.forgotten")).exists());
     assert_eq!(version_ids(&env, &other), ids);
     assert_clean(&env);
     let got = restore_version(&env, "latest", &src, "r");
@@ -245,7 +257,7 @@ fn compaction_is_not_held_up_by_what_is_gone_of_a_missing_version() {
     // Forgotten and compacted away by a writer that leaves no forget record (one older than
     // records): to the other catalog the manifest is missing, and its trees are gone.
     env.json(&args!["forget", "--keep-last", "1"]);
-    for p in objects(&env.repo, "versions").into_iter().filter(|p| p.extension().is_some_and(|e| e == "forgotten")) {
+    for p in objects(&env.repo, "forgotten") {
         fs::remove_file(p).unwrap();
     }
     let r = env.run_with_db(&other, &args!["verify", "--json"]);
