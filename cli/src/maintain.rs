@@ -343,11 +343,17 @@ fn print_compaction(r: Option<&CompactReport>) {
     );
 }
 
-fn resolve(repo: &Repository, specs: &[String]) -> Result<Vec<Manifest>> {
+/// The versions `specs` name; with `missing`, also versions whose manifest is missing from
+/// the box, by their full id (as verify names them).
+fn resolve(repo: &Repository, specs: &[String], missing: bool) -> Result<Vec<Manifest>> {
     let vs = repo.versions()?;
+    let gone = if missing { repo.catalog()?.missing_versions()? } else { Vec::new() };
     let mut out: Vec<Manifest> = Vec::new();
     for s in specs {
-        let v = browse::resolve_version(&vs, &version_arg(std::ffi::OsStr::new(s))?)?;
+        let v = match gone.iter().find(|m| m.id == *s) {
+            Some(m) => m,
+            None => browse::resolve_version(&vs, &version_arg(std::ffi::OsStr::new(s))?)?,
+        };
         if !out.iter().any(|o| o.id == v.id) {
             out.push(v.clone());
         }
@@ -357,7 +363,7 @@ fn resolve(repo: &Repository, specs: &[String]) -> Result<Vec<Manifest>> {
 
 pub fn delete(g: &Global, a: DeleteArgs) -> Result<u8> {
     let repo = open(g)?;
-    let chosen = resolve(&repo, &a.versions)?;
+    let chosen = resolve(&repo, &a.versions, true)?;
     let lock = forget::delete(&repo, &chosen, a.dry_run)?;
     let compacted = after_removal(&repo, lock.as_ref(), &a.compact, a.dry_run || a.no_compact)?;
     if g.json {
@@ -377,7 +383,7 @@ pub fn delete(g: &Global, a: DeleteArgs) -> Result<u8> {
 pub fn purge(g: &Global, a: PurgeArgs) -> Result<u8> {
     let paths: Vec<PathBuf> = a.paths.iter().map(|p| box_path(p)).collect::<Result<_>>()?;
     let repo = open(g)?;
-    let chosen = if a.versions.is_empty() { None } else { Some(resolve(&repo, &a.versions)?) };
+    let chosen = if a.versions.is_empty() { None } else { Some(resolve(&repo, &a.versions, false)?) };
     let removed = purge::purge(&repo, &paths, chosen.as_deref(), a.compact.volume_size, a.dry_run)?;
     let compacted = if a.dry_run || a.no_compact || removed.is_empty() {
         None

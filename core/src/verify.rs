@@ -336,7 +336,7 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
             objects::manifest_name(&m.id),
             format!(
                 "the manifest of version {} ({}) is missing from the box; 'brickbox repair' stores it again \
-                 from the catalog (then 'brickbox delete {}' removes it if it should go)",
+                 from the catalog, 'brickbox delete {}' forgets it",
                 m.id,
                 crate::time::format_rfc3339(m.time_ns),
                 m.id

@@ -242,6 +242,16 @@ fn a_second_catalog_forgets_what_another_forgot_and_still_reports_what_was_lost(
     assert_clean(&env);
     let got = restore_version(&env, "latest", &src, "r");
     assert!(same_content(&got.join("a.bin"), &src.join("a.bin")));
+
+    // A lost manifest that should go anyway: `delete ID` forgets it, with a record, so
+    // both catalogs agree and verify clean.
+    fs::remove_file(env.repo.join(format!("versions/{lost}.dlist"))).unwrap();
+    env.run_with_db(&other, &args!["delete", &lost, "--no-compact"]).expect_code(0);
+    let rest: Vec<String> = ids.iter().filter(|i| **i != lost).cloned().collect();
+    assert_eq!(version_ids(&env, &other), rest);
+    assert_eq!(version_ids(&env, &env.db), rest);
+    env.run_with_db(&other, &args!["verify", "--json"]).expect_code(0);
+    assert_clean(&env);
 }
 
 #[test]
