@@ -208,9 +208,12 @@ struct Ops {
     config: std::collections::BTreeMap<String, String>,
 }
 
-/// A refused Swift token is renewed at most this often (a refusal right after a renewal is
-/// a refused permission, not a token that ran out).
-const MIN_RENEWAL_GAP: Duration = Duration::from_secs(10);
+/// A refused Swift token is renewed at most this often: a refusal right after a renewal is a
+/// refused permission, not a token that ran out (tokens live for hours; a test server's for
+/// 3 s, so this stays well below that).
+const SWIFT_RENEWAL_GAP: Duration = Duration::from_secs(2);
+/// An rclone that stopped is started again at most this often (each start takes a while).
+const RCLONE_RESTART_GAP: Duration = Duration::from_secs(10);
 /// How long an rclone that cannot be reached may take to be seen to have ended.
 const RCLONE_EXIT_WAIT: Duration = Duration::from_secs(1);
 
@@ -501,7 +504,7 @@ impl Backend {
     /// again with renewed access: a new Swift token, because the server refused the old
     /// one, or a new rclone, because the one serving an `rclone://` box stopped. Renews
     /// unless that was done since `started` (then the new access is tried) or less than
-    /// [`MIN_RENEWAL_GAP`] ago (then the failure stands).
+    /// [`SWIFT_RENEWAL_GAP`] / [`RCLONE_RESTART_GAP`] ago (then the failure stands).
     fn renewed_access(&self, started: Instant, e: &opendal::Error) -> bool {
         let swift_refused = self.login.is_some() && e.kind() == ErrorKind::PermissionDenied;
         // Waits while another thread starts a new rclone; this operation's failure may have
@@ -516,9 +519,10 @@ impl Backend {
         if !swift_refused && !rclone_stopped {
             return false;
         }
+        let gap = if rclone_stopped { RCLONE_RESTART_GAP } else { SWIFT_RENEWAL_GAP };
         match *last {
             Some(t) if t > started => return true,
-            Some(t) if t.elapsed() < MIN_RENEWAL_GAP => return false,
+            Some(t) if t.elapsed() < gap => return false,
             _ => {}
         }
         let mut config = self.ops().config.clone();
