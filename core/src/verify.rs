@@ -25,6 +25,7 @@ use crate::usage;
 const BAD_RECORD_FIX: &str = "this forget record is not believed (a version it names that this catalog knew counts as \
                               missing); 'brickbox repair' removes it, and stores the manifest again if this catalog \
                               knows the version";
+
 /// Which volumes to download and check block by block.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Selection {
