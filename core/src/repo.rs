@@ -421,7 +421,7 @@ impl Repository {
     }
 
     /// Reads and opens a forget record (`forgotten/<id>.forgotten`).
-    pub fn read_forget_record(&self, name: &str) -> Result<objects::ForgetRecord> {
+    fn read_forget_record(&self, name: &str) -> Result<objects::ForgetRecord> {
         objects::open_forget_record(&self.keys, name, &self.backend.read(name)?)
     }
 
