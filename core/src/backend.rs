@@ -17,12 +17,14 @@
 //! - **Throttling**: `throttle_upload` / `throttle_download` (bytes/s) pace the transfers
 //!   of this backend; bandwidth is reserved per piece (≤ 8 MiB), so the average rate never
 //!   exceeds the limit.
-//! - **Verified uploads**: after an object is written, what the box holds is checked:
-//!   small objects (config, keys, indexes, manifests: up to [`READ_BACK_MAX`]) are read
-//!   back and compared byte for byte; volumes are `stat`ed and their size compared, and
-//!   on S3 their ETag compared with the MD5 of what was sent (per part after a multipart
-//!   upload; if an ETag turns out not to be an MD5, as with KMS encryption, one download
-//!   tells a damaged upload from such a box, and ETags are not checked again). A failed
+//! - **Verified uploads**: after an object is written, what the box holds is checked.
+//!   On S3 the upload's answer carries the ETag of what was stored: when it is the MD5 of
+//!   what was sent (per part after a multipart upload), that settles it, with no request
+//!   more. Otherwise small objects (config, keys, indexes, manifests: up to
+//!   [`READ_BACK_MAX`]) are read back and compared byte for byte; volumes are `stat`ed and
+//!   their size compared, and on S3 their ETag compared with the MD5 of what was sent (if
+//!   an ETag turns out not to be an MD5, as with KMS encryption, one download tells a
+//!   damaged upload from such a box, and ETags are not checked again). A failed
 //!   or unverified upload is written again **under the same name** (up to
 //!   [`UPLOAD_ATTEMPTS`] times or `retries + 1`). That is safe because objects are
 //!   immutable and named by random ids (volumes, indexes, manifests): nothing refers to an
@@ -58,10 +60,11 @@ pub const UPLOAD_ATTEMPTS: usize = 3;
 /// Size of the pieces in which files are streamed (and multipart parts).
 const PIECE: usize = 8 << 20;
 
-/// Objects up to this size are verified by reading them back after an upload.
+/// Objects up to this size are verified by reading them back after an upload (unless the
+/// upload's answer already confirmed them: an MD5 ETag of what was sent).
 pub const READ_BACK_MAX: u64 = 1 << 20;
 
-/// How an upload is verified.
+/// How an upload is verified when its answer did not confirm it.
 enum Check<'a> {
     /// Read the object back and compare it with these bytes.
     ReadBack(&'a [u8]),
@@ -109,6 +112,25 @@ impl PartDigests {
             }
             _ => None,
         }
+    }
+}
+
+/// What one upload attempt reports for its check: the MD5s of what was sent (where the
+/// service reports MD5 ETags) and the ETag the service answered the upload with.
+struct Sent {
+    digests: Option<PartDigests>,
+    etag: Option<String>,
+}
+
+impl Sent {
+    fn new(digests: Option<PartDigests>, answer: &opendal::Metadata) -> Self {
+        Self { digests, etag: answer.etag().map(str::to_string) }
+    }
+
+    /// Whether the service answered the upload with the MD5 ETag of exactly what was sent
+    /// (S3 computes it from the bytes it stored): then nothing needs to be asked again.
+    fn confirmed(&self) -> bool {
+        matches!((&self.digests, &self.etag), (Some(d), Some(etag)) if d.matches_etag(etag) == Some(true))
     }
 }
 
@@ -770,17 +792,15 @@ impl Backend {
         Ok(buf)
     }
 
-    /// Writes a whole object from memory, then verifies it: an object of at most
+    /// Writes a whole object from memory, then verifies it: by the MD5 ETag the upload was
+    /// answered with where the service gives one (S3), else an object of at most
     /// [`READ_BACK_MAX`] bytes (config, keys, indexes, manifests) is read back and compared
-    /// byte for byte; a larger one is checked like [`Self::write_file`]. A failed or
+    /// byte for byte and a larger one is checked like [`Self::write_file`]. A failed or
     /// unverified upload is written again under the same name.
     pub fn write(&self, name: &str, data: Vec<u8>) -> Result<()> {
         let len = data.len() as u64;
-        let (sent, digests) = if len <= READ_BACK_MAX {
-            (Some(data.clone()), None)
-        } else {
-            (None, self.etag_is_md5().then(|| PartDigests::of(&data)))
-        };
+        let digests = self.etag_is_md5().then(|| PartDigests::of(&data));
+        let sent = (len <= READ_BACK_MAX).then(|| data.clone());
         let check = sent.as_deref().map_or(Check::Stat, Check::ReadBack);
         let body = opendal::Buffer::from(data);
         self.with_attempts(name, len, check, || async {
@@ -788,7 +808,7 @@ impl Backend {
             let ops = self.ops();
             let w = ops.write_op.write_with(name, body.clone());
             let w = if self.typed_writes { w.content_type(OBJECT_TYPE) } else { w };
-            w.await.map(|_| digests.clone())
+            w.await.map(|answer| Sent::new(digests.clone(), &answer))
         })
     }
 
@@ -846,8 +866,8 @@ impl Backend {
                     break;
                 }
             }
-            w.close().await?;
-            Ok((hash && len > 0).then_some(digests))
+            let answer = w.close().await?;
+            Ok(Sent::new((hash && len > 0).then_some(digests), &answer))
         });
         if let Some(e) = local_err.into_inner() {
             return Err(Error::io(local, e));
@@ -873,11 +893,11 @@ impl Backend {
     /// for writes. Not again after errors that cannot go away by themselves (permission
     /// denied, bad config, failed login…), nor when the server does not answer at all any
     /// more (so a stopped server fails in bounded time). The upload returns the MD5s of
-    /// its parts where the service reports MD5 ETags.
+    /// its parts where the service reports MD5 ETags, and the ETag it was answered with.
     fn with_attempts<F, Fut>(&self, name: &str, len: u64, check: Check<'_>, mut upload: F) -> Result<()>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = opendal::Result<Option<PartDigests>>>,
+        Fut: std::future::Future<Output = opendal::Result<Sent>>,
     {
         let attempts = (self.retries + 1).max(UPLOAD_ATTEMPTS);
         let mut delay = self.retry_delay;
@@ -887,7 +907,7 @@ impl Backend {
             attempt += 1;
             let started = Instant::now();
             let (err, again) = match self.rt.block_on(upload()) {
-                Ok(digests) => match self.verify_upload(name, len, &check, digests.as_ref()) {
+                Ok(sent) => match self.verify_upload(name, len, &check, &sent) {
                     Ok(()) => return Ok(()),
                     Err(e) => e,
                 },
@@ -917,12 +937,15 @@ impl Backend {
         name: &str,
         len: u64,
         check: &Check<'_>,
-        digests: Option<&PartDigests>,
+        sent: &Sent,
     ) -> std::result::Result<(), (Error, bool)> {
         let failed = |e: opendal::Error| {
             let again = e.kind() == ErrorKind::NotFound || transient(&e);
             (self.err(name, e), again)
         };
+        if sent.confirmed() {
+            return Ok(());
+        }
         if let Check::ReadBack(sent) = check {
             let got = self.run(|op| async move { op.read(name).await }).map_err(failed)?;
             if got.len() as u64 != len {
@@ -937,7 +960,7 @@ impl Backend {
         if meta.content_length() != len {
             return Err(self.short_upload(name, len, meta.content_length()));
         }
-        let (Some(digests), Some(etag)) = (digests, meta.etag()) else { return Ok(()) };
+        let (Some(digests), Some(etag)) = (&sent.digests, meta.etag()) else { return Ok(()) };
         if digests.matches_etag(etag) != Some(false) {
             return Ok(());
         }
