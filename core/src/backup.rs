@@ -339,9 +339,8 @@ pub fn backup(
 
     // One backup at a time; readers may go on. Another backup may have finished since the
     // box was opened: catch up with it, so its blocks are not stored again.
-    let _lock = if opts.dry_run { None } else { Some(repo.lock(LockKind::Append, "backup")?) };
+    let _lock = if opts.dry_run { None } else { Some(repo.lock_synced(LockKind::Append, "backup")?) };
     if !opts.dry_run {
-        repo.sync_catalog()?;
         pack::clean_scratch(repo);
     }
     // The catalog against the box: blocks of volumes gone from the box must not be

@@ -169,8 +169,12 @@ pub fn purge_broken_files(
         let opts = crate::repair::RepairOptions { volume_size, ..crate::repair::RepairOptions::default() };
         report.repair = Some(crate::repair::repair(repo, &opts, cancel)?);
     }
-    let _lock = if dry_run { None } else { Some(repo.lock(LockKind::Exclusive, "purge-broken-files")?) };
-    repo.sync_catalog()?;
+    let _lock = if dry_run {
+        repo.sync_catalog()?;
+        None
+    } else {
+        Some(repo.lock_synced(LockKind::Exclusive, "purge-broken-files")?)
+    };
     // Taken before the loop: a guard in a `for` head is held through the loop.
     let damage = repo.catalog()?.damage()?;
     for d in damage {

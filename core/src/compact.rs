@@ -77,8 +77,7 @@ pub struct CompactReport {
 
 /// Compacts the box under an exclusive lock.
 pub fn compact(repo: &Repository, opts: &CompactOptions, cancel: &AtomicBool) -> Result<CompactReport> {
-    let lock = repo.lock(LockKind::Exclusive, "compact")?;
-    repo.sync_catalog()?;
+    let lock = repo.lock_synced(LockKind::Exclusive, "compact")?;
     pack::clean_scratch(repo);
     compact_locked(repo, &lock, opts, cancel)
 }

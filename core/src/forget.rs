@@ -84,8 +84,12 @@ pub fn forget(
             "no retention rule given: use --keep-last, --keep-daily, …, --keep-within or --retention-policy".into(),
         ));
     }
-    let lock = if dry_run { None } else { Some(repo.lock(LockKind::Exclusive, "forget")?) };
-    repo.sync_catalog()?;
+    let lock = if dry_run {
+        repo.sync_catalog()?;
+        None
+    } else {
+        Some(repo.lock_synced(LockKind::Exclusive, "forget")?)
+    };
     let versions = repo.versions()?;
     let mut groups: BTreeMap<String, Vec<Manifest>> = BTreeMap::new();
     for v in versions {

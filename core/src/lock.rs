@@ -167,9 +167,14 @@ impl FoundLock {
 
 /// Every lock object of the box.
 pub fn list_locks(backend: &Backend, keys: &Keys) -> Result<Vec<FoundLock>> {
+    list_locks_but(backend, keys, None)
+}
+
+/// Every lock object of the box but `own` (which is not read: one round trip less).
+fn list_locks_but(backend: &Backend, keys: &Keys, own: Option<&str>) -> Result<Vec<FoundLock>> {
     let mut out = Vec::new();
     for name in backend.list(objects::LOCKS_DIR)? {
-        if !name.ends_with(".lock") {
+        if !name.ends_with(".lock") || Some(name.as_str()) == own {
             continue;
         }
         let info = match backend.read_opt(&name)? {
@@ -214,6 +219,21 @@ struct GuardShared {
 impl LockGuard {
     /// Takes a lock of `kind` for `command`, waiting up to `wait` for conflicting locks to go.
     pub fn acquire(backend: Arc<Backend>, keys: &Keys, kind: LockKind, command: &str, wait: Duration) -> Result<Self> {
+        Self::acquire_with(backend, keys, kind, command, wait, None)
+    }
+
+    /// [`Self::acquire`], running `beside` once the lock object is stored, side by side with
+    /// the last look for conflicting locks (a round trip less on a remote box). `beside` may
+    /// run more than once, and also when the lock is then not had; its error is returned,
+    /// with the lock released.
+    pub fn acquire_with(
+        backend: Arc<Backend>,
+        keys: &Keys,
+        kind: LockKind,
+        command: &str,
+        wait: Duration,
+        beside: Option<&(dyn Fn() -> Result<()> + Sync)>,
+    ) -> Result<Self> {
         let deadline = Instant::now() + wait;
         let name = format!("{}{}.lock", objects::LOCKS_DIR, hex::encode(crypto::random_bytes::<8>()));
         let info = LockInfo::new(kind, command);
@@ -223,7 +243,25 @@ impl LockGuard {
             let blocking = conflicts(&backend, keys, kind, &name)?;
             if blocking.is_empty() {
                 backend.write(&name, seal_lock(keys, &name, &info)?)?;
-                let blocking = conflicts(&backend, keys, kind, &name)?;
+                let (blocking, beside_done) = match beside {
+                    None => (conflicts(&backend, keys, kind, &name), Ok(())),
+                    Some(f) => std::thread::scope(|s| {
+                        let done = s.spawn(f);
+                        let blocking = conflicts(&backend, keys, kind, &name);
+                        let done = done.join();
+                        (
+                            blocking,
+                            done.unwrap_or_else(|_| Err(Error::Invalid("the work beside the lock failed".into()))),
+                        )
+                    }),
+                };
+                let blocking = match blocking {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = backend.delete(&name);
+                        return Err(e);
+                    }
+                };
                 if blocking.is_empty() {
                     let shared = Arc::new(GuardShared {
                         backend,
@@ -239,7 +277,9 @@ impl LockGuard {
                         .name("brickbox-lock".into())
                         .spawn(move || s.refresh_loop())
                         .map_err(|e| Error::Invalid(format!("cannot start the lock refresher: {e}")))?;
-                    return Ok(Self { shared, refresher: Some(refresher) });
+                    let guard = Self { shared, refresher: Some(refresher) };
+                    // On an error the guard is dropped here, which releases the lock.
+                    return beside_done.map(|()| guard);
                 }
                 // Someone took a conflicting lock at the same moment: step back.
                 backend.delete(&name)?;
@@ -326,10 +366,7 @@ impl Drop for LockGuard {
 /// Live locks other than `own` that conflict with `kind`; stale ones met on the way are removed.
 fn conflicts(backend: &Backend, keys: &Keys, kind: LockKind, own: &str) -> Result<Vec<LockInfo>> {
     let mut out = Vec::new();
-    for found in list_locks(backend, keys)? {
-        if found.name == own {
-            continue;
-        }
+    for found in list_locks_but(backend, keys, Some(own))? {
         match (found.stale_reason(), found.info) {
             (Some(_), Ok(_)) => {
                 // Its process is gone or it expired: nobody holds it any more.

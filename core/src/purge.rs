@@ -219,8 +219,12 @@ pub fn purge(
             p.display()
         )));
     }
-    let _lock = if dry_run { None } else { Some(repo.lock(LockKind::Exclusive, "purge")?) };
-    repo.sync_catalog()?;
+    let _lock = if dry_run {
+        repo.sync_catalog()?;
+        None
+    } else {
+        Some(repo.lock_synced(LockKind::Exclusive, "purge")?)
+    };
     let all = repo.versions()?;
     let selected: Vec<Manifest> = match versions {
         None => all,

@@ -77,8 +77,12 @@ pub struct RepairReport {
 
 /// Repairs the box.
 pub fn repair(repo: &Repository, opts: &RepairOptions, cancel: &AtomicBool) -> Result<RepairReport> {
-    let _lock = if opts.dry_run { None } else { Some(repo.lock(LockKind::Exclusive, "repair")?) };
-    repo.sync_catalog()?;
+    let _lock = if opts.dry_run {
+        repo.sync_catalog()?;
+        None
+    } else {
+        Some(repo.lock_synced(LockKind::Exclusive, "repair")?)
+    };
     if !opts.dry_run {
         pack::clean_scratch(repo);
     }

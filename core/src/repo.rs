@@ -53,6 +53,42 @@ fn settle_config(
     Ok((config, copy.clone()))
 }
 
+/// Index and manifest names in a box, as a catalog sync lists them.
+type Listing = (HashSet<String>, HashSet<String>);
+
+/// What unlocking a box gives: its config (and text), keys (key file name and text), the
+/// catalog and damage met on the way.
+type Unlocking = ((Config, String), (Keys, String, Option<Vec<u8>>), Catalog, Vec<Damage>);
+
+/// The index and manifest names in the box, listed side by side (each listing is a round
+/// trip to a remote box).
+fn list_indexes_and_manifests(backend: &Backend) -> Result<Listing> {
+    let (indexes, manifests) = std::thread::scope(|s| {
+        let manifests = s.spawn(|| backend.list(objects::VERSIONS_DIR));
+        let indexes = list_indexes(backend);
+        let manifests = manifests.join().unwrap_or_else(|_| Err(Error::Invalid("listing the versions failed".into())));
+        (indexes, manifests)
+    });
+    let manifests = manifests?.into_iter().filter(|n| n.ends_with(".dlist")).collect();
+    Ok((indexes?, manifests))
+}
+
+/// The index names in the box.
+fn list_indexes(backend: &Backend) -> Result<HashSet<String>> {
+    Ok(backend.list(objects::INDEX_DIR)?.into_iter().filter(|n| n.ends_with(".dindex")).collect())
+}
+
+/// A read lock taken, or none where the box cannot be written to (a storage error while
+/// taking it); a conflicting lock is an error all the same.
+fn unless_read_only(taken: Result<LockGuard>) -> Result<Option<LockGuard>> {
+    match taken {
+        Ok(g) => Ok(Some(g)),
+        Err(e @ Error::Locked(_)) => Err(e),
+        Err(Error::Backend { .. } | Error::Io { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Removes a catalog file and its SQLite companions.
 fn remove_catalog_files(path: &Path) -> Result<()> {
     for suffix in ["", "-wal", "-shm"] {
@@ -131,7 +167,7 @@ impl Repository {
             None => default_catalog_path(&config.id)?,
         };
         let cat = Catalog::open(&path)?;
-        Self::assemble(backend, (config, raw), (keys, key_name, Some(key_json)), cat, Vec::new())
+        Self::assemble(backend, (config, raw), (keys, key_name, Some(key_json)), cat, Vec::new(), None)
     }
 
     /// Opens the repository at `location` with `password`.
@@ -164,9 +200,23 @@ impl Repository {
             }
         }
         let backend = Backend::open_with(location, opts)?;
+        // What the catalog sync lists goes beside unlocking (a round trip less on a remote box).
+        let (unlocked, listing) = std::thread::scope(|s| {
+            let listing = s.spawn(|| list_indexes_and_manifests(&backend));
+            let unlocked = Self::unlock(&backend, password, choice);
+            let listing = listing.join().unwrap_or_else(|_| Err(Error::Invalid("listing the box failed".into())));
+            (unlocked, listing)
+        });
+        let (config, keys, cat, damage) = unlocked?;
+        Self::assemble(backend, config, keys, cat, damage, Some(listing?))
+    }
+
+    /// Reads the config and the key files, unlocks the keys with `password` and opens the
+    /// catalog.
+    fn unlock(backend: &Backend, password: &[u8], choice: CatalogChoice<'_>) -> Result<Unlocking> {
         // The config and the list of key files, side by side (each is a round trip).
         let (box_config, key_names) = std::thread::scope(|s| {
-            let config = s.spawn(|| Self::read_config_raw(&backend));
+            let config = s.spawn(|| Self::read_config_raw(backend));
             let names = backend.list(objects::KEYS_DIR);
             let config = config.join().unwrap_or_else(|_| Err(Error::Invalid("reading the config failed".into())));
             (config, names)
@@ -181,7 +231,7 @@ impl Repository {
             }
         }
         let mut damage: Vec<Damage> = Vec::new();
-        let from_box = Self::unlock_from_box(&backend, &key_names, password, &mut damage)?;
+        let from_box = Self::unlock_from_box(backend, &key_names, password, &mut damage)?;
         let config = match &from_box {
             Some(u) => settle_config(box_config, &u.name, &u.file, &mut damage)?,
             None => box_config?,
@@ -201,7 +251,7 @@ impl Repository {
                 (keys, name, None)
             }
         };
-        Self::assemble(backend, config, (keys, key_name, key_text), cat, damage)
+        Ok((config, (keys, key_name, key_text), cat, damage))
     }
 
     /// Finds the key file in the box that `password` unlocks. A damaged key file must not hide
@@ -288,6 +338,7 @@ impl Repository {
         (keys, key_name, key_text): (Keys, String, Option<Vec<u8>>),
         cat: Catalog,
         damage: Vec<Damage>,
+        listing: Option<Listing>,
     ) -> Result<Self> {
         match cat.repo_id()? {
             Some(id) if id != config.id => {
@@ -326,7 +377,7 @@ impl Repository {
             trees: Mutex::new(lru::LruCache::new(NonZeroUsize::new(4096).expect("non-zero"))),
             lock_wait: Duration::ZERO,
         };
-        repo.sync_catalog()?;
+        repo.sync_catalog_from(listing)?;
         Ok(repo)
     }
 
@@ -338,8 +389,23 @@ impl Repository {
     /// forgotten: verify reports it and repair can store it again — unless the box holds a
     /// forget record for it (another catalog's `forget`, `delete` or purge removed it).
     pub fn sync_catalog(&self) -> Result<()> {
-        let listed: HashSet<String> =
-            self.backend.list(objects::INDEX_DIR)?.into_iter().filter(|n| n.ends_with(".dindex")).collect();
+        self.sync_catalog_from(None)
+    }
+
+    /// [`Self::sync_catalog`] from `listing` if given (taken a moment ago), else a new one.
+    fn sync_catalog_from(&self, listing: Option<Listing>) -> Result<()> {
+        let (mut listed, manifests) = match listing {
+            Some(l) => l,
+            None => list_indexes_and_manifests(&self.backend)?,
+        };
+        let known_versions: Vec<Manifest> = self.catalog()?.versions()?;
+        let known_names: HashSet<String> = known_versions.iter().map(|m| objects::manifest_name(&m.id)).collect();
+        if !manifests.is_subset(&known_names) {
+            // A backup stores a version's indexes before its manifest, and the two listings
+            // ran side by side: the indexes of a manifest that is new here are only sure to
+            // be seen by a listing that starts after the manifest was seen.
+            listed = list_indexes(&self.backend)?;
+        }
         let known: HashSet<String> = self.catalog()?.volume_names()?.into_iter().collect();
         for index_name in &listed {
             let Some(vid) = objects::volume_id_from_name(index_name) else { continue };
@@ -358,10 +424,6 @@ impl Repository {
                 }
             }
         }
-        let manifests: HashSet<String> =
-            self.backend.list(objects::VERSIONS_DIR)?.into_iter().filter(|n| n.ends_with(".dlist")).collect();
-        let known: Vec<Manifest> = self.catalog()?.versions()?;
-        let known_names: HashSet<String> = known.iter().map(|m| objects::manifest_name(&m.id)).collect();
         for name in &manifests {
             if !known_names.contains(name) {
                 match self.read_manifest(name) {
@@ -371,8 +433,10 @@ impl Repository {
             }
         }
         // Gone since the last look, or gone earlier: a record may have come since.
-        let mut vanished: Vec<Manifest> =
-            known.into_iter().filter(|m| !manifests.contains(objects::manifest_name(&m.id).as_str())).collect();
+        let mut vanished: Vec<Manifest> = known_versions
+            .into_iter()
+            .filter(|m| !manifests.contains(objects::manifest_name(&m.id).as_str()))
+            .collect();
         vanished.extend(self.catalog()?.missing_versions()?);
         if vanished.is_empty() {
             return Ok(());
@@ -446,12 +510,25 @@ impl Repository {
     /// protected disk, read-only credentials) can still be read without one. A conflicting
     /// exclusive lock is an error all the same.
     pub fn read_lock(&self, command: &str) -> Result<Option<LockGuard>> {
-        match self.lock(LockKind::Read, command) {
-            Ok(g) => Ok(Some(g)),
-            Err(e @ Error::Locked(_)) => Err(e),
-            Err(Error::Backend { .. } | Error::Io { .. }) => Ok(None),
-            Err(e) => Err(e),
+        unless_read_only(self.lock(LockKind::Read, command))
+    }
+
+    /// [`Self::lock`], with the catalog brought up to date under the lock (see
+    /// [`Self::sync_catalog`]); the sync's listings go side by side with the lock's last look
+    /// at the other locks.
+    pub fn lock_synced(&self, kind: LockKind, command: &str) -> Result<LockGuard> {
+        let sync = || self.sync_catalog();
+        LockGuard::acquire_with(self.backend.clone(), &self.keys, kind, command, self.lock_wait, Some(&sync))
+    }
+
+    /// [`Self::read_lock`], with the catalog brought up to date under the lock as
+    /// [`Self::lock_synced`] does (also on a box without a lock).
+    pub fn read_lock_synced(&self, command: &str) -> Result<Option<LockGuard>> {
+        let lock = unless_read_only(self.lock_synced(LockKind::Read, command))?;
+        if lock.is_none() {
+            self.sync_catalog()?;
         }
+        Ok(lock)
     }
 
     /// How long [`Self::lock`] waits for conflicting locks (default: not at all).

@@ -117,8 +117,7 @@ pub fn restore(
 ) -> Result<RestoreSummary> {
     let started = Instant::now();
     // Compaction must not delete volumes while they are read.
-    let _lock = repo.read_lock("restore")?;
-    repo.sync_catalog()?;
+    let _lock = repo.read_lock_synced("restore")?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(fetch_plan(repo).0)
         .thread_name(|i| format!("brickbox-restore-{i}"))
