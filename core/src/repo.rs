@@ -29,8 +29,17 @@ pub struct Repository {
     key_name: String,
     catalog: Mutex<Catalog>,
     trees: Mutex<lru::LruCache<BlockId, Arc<Tree>>>,
+    /// Tree volumes already fetched whole (see [`Self::tree_volume_sweep`]).
+    swept: Mutex<HashSet<String>>,
     lock_wait: Duration,
 }
+
+/// Largest volume fetched whole, from a remote box, for the directory trees it holds: a
+/// backup stores trees in volumes of their own, so the first tree wanted from one brings the
+/// version's other trees along, instead of a round trip for each directory level.
+const TREE_SWEEP_BYTES: u64 = 4 << 20;
+/// Most blocks such a volume may hold (a quarter of the tree cache).
+const TREE_SWEEP_BLOCKS: usize = 1024;
 
 /// The config to use: the box's, checked against the copy in the key file that unlocked it.
 /// A config that differs from that copy, cannot be read or is gone is damage: the copy is used.
@@ -375,6 +384,7 @@ impl Repository {
             key_name,
             catalog: Mutex::new(cat),
             trees: Mutex::new(lru::LruCache::new(NonZeroUsize::new(4096).expect("non-zero"))),
+            swept: Mutex::new(HashSet::new()),
             lock_wait: Duration::ZERO,
         };
         repo.sync_catalog_from(listing)?;
@@ -581,13 +591,64 @@ impl Repository {
         volume::open_block(&self.keys, &cipher, &loc.volume, id, sealed, loc.raw_len)
     }
 
-    /// Loads a directory tree (cached).
+    /// Loads a directory tree (cached; from a remote box, a small tree volume comes whole).
     pub fn tree(&self, id: &BlockId) -> Result<Arc<Tree>> {
         if let Some(t) = self.cached_tree(id) {
             return Ok(t);
         }
-        let bytes = self.read_block(id)?;
-        self.cache_tree(id, &bytes)
+        let loc = self.locate(id)?;
+        let sweep = self.tree_volume_sweep(&loc.volume);
+        if !sweep.is_empty() {
+            self.cache_trees_of(&sweep);
+            if let Some(t) = self.cached_tree(id) {
+                return Ok(t);
+            }
+        }
+        let sealed = self.backend.read_range(&loc.volume, loc.offset, u64::from(loc.length))?;
+        self.cache_tree(id, &self.open_block_at(&loc, id, &sealed)?)
+    }
+
+    /// The blocks of `volume` when it is to be fetched whole for its directory trees: on a
+    /// remote box, once per volume, and only a small one (see [`TREE_SWEEP_BYTES`]); else
+    /// none. A volume compaction merged trees into with file data is seldom that small, and
+    /// its other blocks do not decode as trees.
+    pub(crate) fn tree_volume_sweep(&self, volume: &str) -> Vec<(BlockLocation, BlockId)> {
+        if self.backend.is_local() || !self.swept.lock().is_ok_and(|mut s| s.insert(volume.to_string())) {
+            return Vec::new();
+        }
+        let Ok((size, blocks)) = self.catalog().and_then(|c| c.volume_blocks(volume)) else { return Vec::new() };
+        if size > TREE_SWEEP_BYTES || blocks.len() > TREE_SWEEP_BLOCKS {
+            return Vec::new();
+        }
+        blocks
+            .into_iter()
+            .map(|(id, offset, length, raw_len)| {
+                (BlockLocation { volume: volume.to_string(), offset, length, raw_len }, id)
+            })
+            .collect()
+    }
+
+    /// Fetches neighbouring blocks of one volume with one ranged read and keeps those that
+    /// open and decode as directory trees in the tree cache. Nothing is reported: a tree that
+    /// is not cached here is read alone later, and its error reported then.
+    fn cache_trees_of(&self, run: &[(BlockLocation, BlockId)]) {
+        let (Some((first, _)), Some((last, _))) = (run.first(), run.last()) else { return };
+        let len = last.offset + u64::from(last.length) - first.offset;
+        let Ok(bytes) = self.backend.read_range(&first.volume, first.offset, len) else { return };
+        for (loc, id) in run {
+            let Some(sealed) =
+                usize::try_from(loc.offset - first.offset).ok().and_then(|at| bytes.get(at..at + loc.length as usize))
+            else {
+                continue;
+            };
+            if let Ok(plain) = self.open_block_at(loc, id, sealed) {
+                if let Ok(tree) = Tree::decode(&plain) {
+                    if let Ok(mut c) = self.trees.lock() {
+                        c.put(*id, Arc::new(tree));
+                    }
+                }
+            }
+        }
     }
 
     /// A directory tree if the tree cache holds it.

@@ -6,7 +6,7 @@
 //! links and special files, and applies metadata last, directories deepest
 //! first so their times survive their children being written.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
@@ -280,6 +280,13 @@ fn prefetch_trees(repo: &Repository, pool: &rayon::ThreadPool, roots: Vec<BlockI
             Ok(c) => wanted.iter().filter_map(|id| Some((c.block(id).ok()??, *id))).collect(),
             Err(_) => return,
         };
+        // A small tree volume comes whole, with the trees of the levels below.
+        let volumes: HashSet<String> = located.iter().map(|(l, _)| l.volume.clone()).collect();
+        let have: HashSet<BlockId> = wanted.iter().copied().collect();
+        for volume in volumes {
+            let sweep = repo.tree_volume_sweep(&volume);
+            located.extend(sweep.into_iter().filter(|(_, id)| !have.contains(id) && repo.cached_tree(id).is_none()));
+        }
         let runs = coalesce(&mut located, fetch_plan(repo).1);
         let fetched: Vec<_> = pool.install(|| {
             runs.par_iter()

@@ -1310,6 +1310,7 @@ impl Vfs {
         if let Some(t) = cached {
             return Ok(t);
         }
+        self.sweep_tree_volume(id);
         let bytes = self.blocks.get(id).map_err(VfsError::Block)?;
         self.blocks.discard(id);
         let tree = Tree::decode(&bytes).map_err(|e| Error::damaged("tree", format!("tree {}: {e}", id.to_hex())))?;
@@ -1736,6 +1737,21 @@ impl Vfs {
                 }
             }
         }
+    }
+
+    /// The first tree wanted from a small tree volume of a remote box brings the volume's
+    /// other trees along (the version's other directories), in coalesced reads beside it.
+    fn sweep_tree_volume(&self, id: &BlockId) {
+        let Ok(loc) = self.repo.locate(id) else { return };
+        let sweep = self.repo.tree_volume_sweep(&loc.volume);
+        if sweep.is_empty() {
+            return;
+        }
+        let trees = lock(&self.trees);
+        // `id` too: it then comes in the same read, and the caller's load waits for it.
+        let ids: Vec<BlockId> = sweep.into_iter().map(|(_, b)| b).filter(|b| b == id || !trees.contains(b)).collect();
+        drop(trees);
+        self.blocks.prefetch(ids, false);
     }
 
     /// A listed directory's subdirectories are likely next (`ls -R`, `find`, `du`, a copy):

@@ -1412,6 +1412,50 @@ fn sftp_box_checked_before_backup() {
     box_check(&s, &root);
 }
 
+/// A remote box's small tree volume is fetched whole with the first tree wanted from it; a
+/// damaged tree in it must still be reported, naming the volume, while the trees beside it
+/// read as before (in a fresh process each, so each fetches the volume whole again).
+#[test]
+fn sftp_damaged_tree_is_reported_and_its_neighbours_read() {
+    let name = unique("tree");
+    let Some(r) = remote(Proto::Sftp, &name) else { return };
+    let root = PathBuf::from(servers()["BB_SFTP_ROOT"].clone()).join(&name);
+    let env = Env::new();
+    let s = Session::new(&env, r);
+    let src = env.mkdir("src");
+    for (i, dir) in ["a", "b", "c"].iter().enumerate() {
+        fs::create_dir(src.join(dir)).unwrap();
+        fs::write(src.join(dir).join(format!("{dir}.bin")), random_bytes(70 + i as u64, 100_000)).unwrap();
+    }
+    s.ok(&args!["init"]);
+    s.ok(&args!["backup", &src]);
+    // Directory trees have volumes of their own; the file data makes the other ones larger.
+    let mut volumes = objects(&root, "data");
+    volumes.sort_by_key(|p| fs::metadata(p).unwrap().len());
+    let trees = volumes[0].clone();
+    let mut bytes = fs::read(&trees).unwrap();
+    // A parent's tree names its children's, so the first tree stored is a leaf: a, b or c.
+    let (off, len, _) = zip_entries(&bytes)[0].clone();
+    bytes[off + len / 2] ^= 0x10;
+    fs::write(&trees, &bytes).unwrap();
+
+    let (mut good, mut bad) = (Vec::new(), Vec::new());
+    for dir in ["a", "b", "c"] {
+        let r = s.run(&args!["ls", "latest", &src.join(dir)]);
+        if r.code == 0 {
+            assert!(r.stdout.contains(&format!("{dir}.bin")), "{r:?}");
+            good.push(dir);
+        } else {
+            let volume = trees.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(r.stderr.contains(&volume), "the error names the volume: {r:?}");
+            bad.push(dir);
+        }
+    }
+    assert_eq!((good.len(), bad.len()), (2, 1), "only the damaged tree fails: good {good:?}, bad {bad:?}");
+    let r = s.run(&args!["verify"]);
+    assert_ne!(r.code, 0, "verify reports the damaged tree: {r:?}");
+}
+
 // ---------------------------------------------------------------------------
 // Secrets and options
 
