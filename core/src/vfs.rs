@@ -1147,6 +1147,8 @@ struct Seq {
     streak: u32,
     /// Blocks before this index were already requested by read-ahead.
     ahead: usize,
+    /// Blocks before this index were dropped from memory behind the reader.
+    released: usize,
 }
 
 struct FileState {
@@ -1165,7 +1167,11 @@ impl FileState {
             off += u64::from(b.len);
             starts.push(off);
         }
-        Self { node, starts, seq: Mutex::new(Seq { last_end: u64::MAX, last_block: usize::MAX, streak: 0, ahead: 0 }) }
+        Self {
+            node,
+            starts,
+            seq: Mutex::new(Seq { last_end: u64::MAX, last_block: usize::MAX, streak: 0, ahead: 0, released: 0 }),
+        }
     }
 
     fn len(&self) -> u64 {
@@ -1945,14 +1951,20 @@ impl Vfs {
         if offset == 0 {
             s.streak = 1;
             s.ahead = 0;
+            s.released = 0;
         } else if sequential {
             s.streak = s.streak.saturating_add(1);
         } else {
             s.streak = 0;
             s.ahead = 0;
+            // A reader that jumped releases only what it passes from here on.
+            s.released = first;
         }
         s.last_end = end;
         s.last_block = if sequential && s.last_block != usize::MAX { s.last_block.max(last) } else { last };
+        if s.streak >= 2 {
+            self.release_behind(f, &mut s, first);
+        }
         if s.streak < 2 || last + 1 >= n {
             return;
         }
@@ -1978,6 +1990,21 @@ impl Vfs {
         s.ahead = to;
         drop(s);
         self.blocks.prefetch(f.node.content[from..to].iter().map(|b| b.id), true);
+    }
+
+    /// Drops from memory the blocks a sequential reader has passed (all but the two before
+    /// `first`, which late read-ahead requests may still want): the kernel keeps the file's
+    /// pages, and the block cache then holds what is ahead of the reader, not a whole file
+    /// read once. Their memory goes to the next blocks instead of fresh pages.
+    fn release_behind(&self, f: &FileState, s: &mut Seq, first: usize) {
+        let until = first.saturating_sub(2);
+        if until <= s.released {
+            return;
+        }
+        for b in &f.node.content[s.released..until] {
+            self.blocks.discard(&b.id);
+        }
+        s.released = until;
     }
 
     /// Counters of the block path (after blocks on their way to the disk cache are written).
@@ -2209,6 +2236,11 @@ mod tests {
         let blocks = seq.file(a.ino).unwrap().node.content.len() as u64;
         assert_eq!(loaded, blocks, "each block must be loaded exactly once: {s:?}");
         assert!(s.cache_hits > 0, "{s:?}");
+        // Blocks the reader passed left memory; the last three (128 KiB reads) may stay.
+        let content = &seq.file(a.ino).unwrap().node.content;
+        assert!(content.len() > 6, "the file must span several blocks");
+        let tail: u64 = content.iter().rev().take(3).map(|b| u64::from(b.len)).sum();
+        assert!(s.cache_bytes <= tail, "passed blocks still in memory: {s:?}, last three {tail}");
 
         // Random reads with a cache smaller than the file: bounded, and still correct.
         let opts = VfsOptions { cache_bytes: 3 << 20, ..Default::default() };
