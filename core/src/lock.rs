@@ -219,13 +219,13 @@ struct GuardShared {
 impl LockGuard {
     /// Takes a lock of `kind` for `command`, waiting up to `wait` for conflicting locks to go.
     pub fn acquire(backend: Arc<Backend>, keys: &Keys, kind: LockKind, command: &str, wait: Duration) -> Result<Self> {
-        Self::acquire_with(backend, keys, kind, command, wait, None)
+        Self::acquire_with(backend, keys, kind, command, wait, None).map(|(guard, _)| guard)
     }
 
     /// [`Self::acquire`], running `beside` once the lock object is stored, side by side with
-    /// the last look for conflicting locks (a round trip less on a remote box). `beside` may
-    /// run more than once, and also when the lock is then not had; its error is returned,
-    /// with the lock released.
+    /// the last look for conflicting locks (a round trip less on a remote box); returns the
+    /// lock and what `beside` returned (its last run: it may run more than once, and also
+    /// when the lock is then not had).
     pub fn acquire_with(
         backend: Arc<Backend>,
         keys: &Keys,
@@ -233,7 +233,7 @@ impl LockGuard {
         command: &str,
         wait: Duration,
         beside: Option<&(dyn Fn() -> Result<()> + Sync)>,
-    ) -> Result<Self> {
+    ) -> Result<(Self, Result<()>)> {
         let deadline = Instant::now() + wait;
         let name = format!("{}{}.lock", objects::LOCKS_DIR, hex::encode(crypto::random_bytes::<8>()));
         let info = LockInfo::new(kind, command);
@@ -277,9 +277,7 @@ impl LockGuard {
                         .name("brickbox-lock".into())
                         .spawn(move || s.refresh_loop())
                         .map_err(|e| Error::Invalid(format!("cannot start the lock refresher: {e}")))?;
-                    let guard = Self { shared, refresher: Some(refresher) };
-                    // On an error the guard is dropped here, which releases the lock.
-                    return beside_done.map(|()| guard);
+                    return Ok((Self { shared, refresher: Some(refresher) }, beside_done));
                 }
                 // Someone took a conflicting lock at the same moment: step back.
                 backend.delete(&name)?;

@@ -89,7 +89,7 @@ fn list_indexes(backend: &Backend) -> Result<HashSet<String>> {
 
 /// A read lock taken, or none where the box cannot be written to (a storage error while
 /// taking it); a conflicting lock is an error all the same.
-fn unless_read_only(taken: Result<LockGuard>) -> Result<Option<LockGuard>> {
+fn unless_read_only<T>(taken: Result<T>) -> Result<Option<T>> {
     match taken {
         Ok(g) => Ok(Some(g)),
         Err(e @ Error::Locked(_)) => Err(e),
@@ -527,18 +527,24 @@ impl Repository {
     /// [`Self::sync_catalog`]); the sync's listings go side by side with the lock's last look
     /// at the other locks.
     pub fn lock_synced(&self, kind: LockKind, command: &str) -> Result<LockGuard> {
-        let sync = || self.sync_catalog();
-        LockGuard::acquire_with(self.backend.clone(), &self.keys, kind, command, self.lock_wait, Some(&sync))
+        let (guard, synced) = self.lock_beside_sync(kind, command)?;
+        // On an error the guard is dropped, which releases the lock.
+        synced.map(|()| guard)
     }
 
     /// [`Self::read_lock`], with the catalog brought up to date under the lock as
     /// [`Self::lock_synced`] does (also on a box without a lock).
     pub fn read_lock_synced(&self, command: &str) -> Result<Option<LockGuard>> {
-        let lock = unless_read_only(self.lock_synced(LockKind::Read, command))?;
-        if lock.is_none() {
-            self.sync_catalog()?;
+        match unless_read_only(self.lock_beside_sync(LockKind::Read, command))? {
+            Some((guard, synced)) => synced.map(|()| Some(guard)),
+            None => self.sync_catalog().map(|()| None),
         }
-        Ok(lock)
+    }
+
+    /// A lock, and the result of the catalog sync run beside its last look at the others.
+    fn lock_beside_sync(&self, kind: LockKind, command: &str) -> Result<(LockGuard, Result<()>)> {
+        let sync = || self.sync_catalog();
+        LockGuard::acquire_with(self.backend.clone(), &self.keys, kind, command, self.lock_wait, Some(&sync))
     }
 
     /// How long [`Self::lock`] waits for conflicting locks (default: not at all).
