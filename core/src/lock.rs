@@ -219,21 +219,6 @@ struct GuardShared {
 impl LockGuard {
     /// Takes a lock of `kind` for `command`, waiting up to `wait` for conflicting locks to go.
     pub fn acquire(backend: Arc<Backend>, keys: &Keys, kind: LockKind, command: &str, wait: Duration) -> Result<Self> {
-        Self::acquire_with(backend, keys, kind, command, wait, None).map(|(guard, _)| guard)
-    }
-
-    /// [`Self::acquire`], running `beside` once the lock object is stored, side by side with
-    /// the last look for conflicting locks (a round trip less on a remote box); returns the
-    /// lock and what `beside` returned (its last run: it may run more than once, and also
-    /// when the lock is then not had).
-    pub fn acquire_with(
-        backend: Arc<Backend>,
-        keys: &Keys,
-        kind: LockKind,
-        command: &str,
-        wait: Duration,
-        beside: Option<&(dyn Fn() -> Result<()> + Sync)>,
-    ) -> Result<(Self, Result<()>)> {
         let deadline = Instant::now() + wait;
         let name = format!("{}{}.lock", objects::LOCKS_DIR, hex::encode(crypto::random_bytes::<8>()));
         let info = LockInfo::new(kind, command);
@@ -243,19 +228,10 @@ impl LockGuard {
             let blocking = conflicts(&backend, keys, kind, &name)?;
             if blocking.is_empty() {
                 backend.write(&name, seal_lock(keys, &name, &info)?)?;
-                let (blocking, beside_done) = match beside {
-                    None => (conflicts(&backend, keys, kind, &name), Ok(())),
-                    Some(f) => std::thread::scope(|s| {
-                        let done = s.spawn(f);
-                        let blocking = conflicts(&backend, keys, kind, &name);
-                        let done = done.join();
-                        (
-                            blocking,
-                            done.unwrap_or_else(|_| Err(Error::Invalid("the work beside the lock failed".into()))),
-                        )
-                    }),
-                };
-                let blocking = match blocking {
+                // What the box holds is only read after this look: another command that
+                // finished before it has stored everything it wrote (it releases its lock
+                // last), so a catalog synced after the lock is taken sees all of it.
+                let blocking = match conflicts(&backend, keys, kind, &name) {
                     Ok(b) => b,
                     Err(e) => {
                         let _ = backend.delete(&name);
@@ -277,7 +253,7 @@ impl LockGuard {
                         .name("brickbox-lock".into())
                         .spawn(move || s.refresh_loop())
                         .map_err(|e| Error::Invalid(format!("cannot start the lock refresher: {e}")))?;
-                    return Ok((Self { shared, refresher: Some(refresher) }, beside_done));
+                    return Ok(Self { shared, refresher: Some(refresher) });
                 }
                 // Someone took a conflicting lock at the same moment: step back.
                 backend.delete(&name)?;

@@ -89,7 +89,7 @@ fn list_indexes(backend: &Backend) -> Result<HashSet<String>> {
 
 /// A read lock taken, or none where the box cannot be written to (a storage error while
 /// taking it); a conflicting lock is an error all the same.
-fn unless_read_only<T>(taken: Result<T>) -> Result<Option<T>> {
+fn unless_read_only(taken: Result<LockGuard>) -> Result<Option<LockGuard>> {
     match taken {
         Ok(g) => Ok(Some(g)),
         Err(e @ Error::Locked(_)) => Err(e),
@@ -402,14 +402,28 @@ impl Repository {
         self.sync_catalog_from(None)
     }
 
-    /// [`Self::sync_catalog`] from `listing` if given (taken a moment ago), else a new one.
+    /// [`Self::sync_catalog`] from `listing` if given, else a new one. A listing taken while
+    /// the box was being unlocked is older than the catalog read here, which another process
+    /// may have updated meanwhile: it adds what it shows, but what it lacks is looked for in
+    /// a new listing before anything is taken out of the catalog.
     fn sync_catalog_from(&self, listing: Option<Listing>) -> Result<()> {
+        let fresh = listing.is_none();
         let (mut listed, manifests) = match listing {
             Some(l) => l,
             None => list_indexes_and_manifests(&self.backend)?,
         };
         let known_versions: Vec<Manifest> = self.catalog()?.versions()?;
         let known_names: HashSet<String> = known_versions.iter().map(|m| objects::manifest_name(&m.id)).collect();
+        if !fresh {
+            let volumes = self.catalog()?.volume_names()?;
+            let index_gone = volumes
+                .iter()
+                .filter_map(|v| objects::volume_id_from_name(v))
+                .any(|vid| !listed.contains(&objects::index_name(&vid)));
+            if index_gone || !known_names.is_subset(&manifests) {
+                return self.sync_catalog_from(None);
+            }
+        }
         if !manifests.is_subset(&known_names) {
             // A backup stores a version's indexes before its manifest, and the two listings
             // ran side by side: the indexes of a manifest that is new here are only sure to
@@ -523,28 +537,23 @@ impl Repository {
         unless_read_only(self.lock(LockKind::Read, command))
     }
 
-    /// [`Self::lock`], with the catalog brought up to date under the lock (see
-    /// [`Self::sync_catalog`]); the sync's listings go side by side with the lock's last look
-    /// at the other locks.
+    /// [`Self::lock`], then the catalog brought up to date under the lock (see
+    /// [`Self::sync_catalog`]): it then knows everything a command that finished before
+    /// stored. The sync starts only once the lock's last look at the other locks is done;
+    /// side by side, a command that ended during that look could be missed (and, say, a
+    /// compaction would not know its new version). On an error the lock is released.
     pub fn lock_synced(&self, kind: LockKind, command: &str) -> Result<LockGuard> {
-        let (guard, synced) = self.lock_beside_sync(kind, command)?;
-        // On an error the guard is dropped, which releases the lock.
-        synced.map(|()| guard)
+        let guard = self.lock(kind, command)?;
+        self.sync_catalog()?;
+        Ok(guard)
     }
 
-    /// [`Self::read_lock`], with the catalog brought up to date under the lock as
-    /// [`Self::lock_synced`] does (also on a box without a lock).
+    /// [`Self::read_lock`], then the catalog brought up to date as [`Self::lock_synced`]
+    /// does (also on a box without a lock).
     pub fn read_lock_synced(&self, command: &str) -> Result<Option<LockGuard>> {
-        match unless_read_only(self.lock_beside_sync(LockKind::Read, command))? {
-            Some((guard, synced)) => synced.map(|()| Some(guard)),
-            None => self.sync_catalog().map(|()| None),
-        }
-    }
-
-    /// A lock, and the result of the catalog sync run beside its last look at the others.
-    fn lock_beside_sync(&self, kind: LockKind, command: &str) -> Result<(LockGuard, Result<()>)> {
-        let sync = || self.sync_catalog();
-        LockGuard::acquire_with(self.backend.clone(), &self.keys, kind, command, self.lock_wait, Some(&sync))
+        let guard = self.read_lock(command)?;
+        self.sync_catalog()?;
+        Ok(guard)
     }
 
     /// How long [`Self::lock`] waits for conflicting locks (default: not at all).
