@@ -298,7 +298,10 @@ fn prefetch_trees(repo: &Repository, pool: &rayon::ThreadPool, roots: Vec<BlockI
                         .filter_map(|(loc, id)| {
                             let at = usize::try_from(loc.offset - first.offset).ok()?;
                             let sealed = bytes.get(at..at + loc.length as usize)?;
-                            repo.cache_tree(id, &repo.open_block_at(loc, id, sealed).ok()?).ok()
+                            let tree = repo.cache_tree(id, &repo.open_block_at(loc, id, sealed).ok()?).ok()?;
+                            // Trees a sweep brought along wait in the cache; only this level's
+                            // lead to the next one.
+                            have.contains(id).then_some(tree)
                         })
                         .collect::<Vec<_>>()
                 })

@@ -44,7 +44,7 @@
 
 mod filter;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::Hash;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1995,14 +1995,20 @@ impl Vfs {
     /// Drops from memory the blocks a sequential reader has passed (all but the two before
     /// `first`, which late read-ahead requests may still want): the kernel keeps the file's
     /// pages, and the block cache then holds what is ahead of the reader, not a whole file
-    /// read once. Their memory goes to the next blocks instead of fresh pages.
+    /// read once. Their memory goes to the next blocks instead of fresh pages. A block that
+    /// comes again in what is read ahead (a run of zeros, repeated content) stays.
     fn release_behind(&self, f: &FileState, s: &mut Seq, first: usize) {
         let until = first.saturating_sub(2);
         if until <= s.released {
             return;
         }
-        for b in &f.node.content[s.released..until] {
-            self.blocks.discard(&b.id);
+        let content = &f.node.content;
+        let ahead_end = s.ahead.max(first + 1).min(content.len());
+        let again: HashSet<BlockId> = content[first.min(ahead_end)..ahead_end].iter().map(|b| b.id).collect();
+        for b in &content[s.released..until] {
+            if !again.contains(&b.id) {
+                self.blocks.discard(&b.id);
+            }
         }
         s.released = until;
     }
@@ -2212,6 +2218,28 @@ mod tests {
         assert!(matches!(vfs.getattr(new.ino), Err(VfsError::Stale(_))));
         let back = vfs.resolve(&fx.in_version(&folders[1], "sub/changing.txt")).unwrap().unwrap();
         assert_eq!(back.ino, new.ino);
+    }
+
+    #[test]
+    fn repeated_blocks_stay_in_memory_while_a_reader_passes_them() {
+        let fx = Fixture::new();
+        // Zeros: the same block again and again.
+        std::fs::write(fx.src.join("zeros.bin"), vec![0u8; 24 << 20]).unwrap();
+        fx.backup();
+        let vfs = Vfs::new(fx.repo.clone()).unwrap();
+        let folder = vfs.version_names().pop().unwrap();
+        let a = vfs.resolve(&fx.in_version(&folder, "zeros.bin")).unwrap().unwrap();
+        let content = &vfs.file(a.ino).unwrap().node.content;
+        let distinct: HashSet<BlockId> = content.iter().map(|b| b.id).collect();
+        assert!(content.len() >= 4 && distinct.len() < content.len(), "{} blocks", content.len());
+        let before = vfs.stats();
+        assert!(read_all(&vfs, a.ino) == vec![0u8; 24 << 20]);
+        let s = vfs.stats();
+        assert_eq!(
+            s.blocks_loaded - before.blocks_loaded,
+            distinct.len() as u64,
+            "a repeated block was loaded again: {s:?}"
+        );
     }
 
     #[test]
