@@ -48,6 +48,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
+use futures_util::TryStreamExt;
 use opendal::layers::{ConcurrentLimitLayer, RetryEvent, RetryInterceptor, RetryLayer, TimeoutLayer};
 use opendal::{ErrorKind, Operator};
 
@@ -759,14 +760,48 @@ impl Backend {
         Ok(())
     }
 
-    /// Like [`Backend::read_range`], keeping the bytes in the pieces they arrived in (no copy
-    /// into one buffer): for callers that copy parts of the range elsewhere anyway.
-    pub fn read_range_pieces(&self, name: &str, offset: u64, len: u64) -> Result<Fetched> {
+    /// Like [`Backend::read_range`], handing the bytes to `arrived` in the pieces they come in
+    /// (no copy into one buffer), in order, as they come: a caller can use the start of a long
+    /// range before its end is there. A retry after a failure part way asks only for the bytes
+    /// not yet handed over. `arrived` runs on this thread between network reads.
+    pub fn read_range_streamed(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        mut arrived: impl FnMut(Fetched),
+    ) -> Result<()> {
         #[cfg(unix)]
         if let (Some(root), None) = (&self.local_root, &self.down) {
-            return Ok(Fetched(opendal::Buffer::from(read_local_range(&root.join(name), name, offset, len)?)));
+            arrived(Fetched::from(read_local_range(&root.join(name), name, offset, len)?));
+            return Ok(());
         }
-        self.fetch_range(name, offset, len).map(Fetched)
+        let done = std::cell::Cell::new(0u64);
+        let arrived = std::cell::RefCell::new(&mut arrived);
+        self.run_on(true, |op| {
+            let (done, arrived) = (&done, &arrived);
+            async move {
+                let from = offset + done.get();
+                if from == offset + len {
+                    return Ok(());
+                }
+                let mut stream = op.reader_with(name).await?.into_stream(from..offset + len).await?;
+                while let Some(piece) = stream.try_next().await? {
+                    pace(&self.down, piece.len() as u64).await;
+                    done.set(done.get() + piece.len() as u64);
+                    (arrived.borrow_mut())(Fetched(piece));
+                }
+                Ok(())
+            }
+        })
+        .map_err(|e| self.range_err(name, offset, len, e))?;
+        if done.get() != len {
+            return Err(Error::damaged(
+                name,
+                format!("object is truncated (wanted {len} bytes at {offset}, got {})", done.get()),
+            ));
+        }
+        Ok(())
     }
 
     fn fetch_range(&self, name: &str, offset: u64, len: u64) -> Result<opendal::Buffer> {
@@ -776,13 +811,7 @@ impl Backend {
                 pace(&self.down, b.len() as u64).await;
                 Ok::<_, opendal::Error>(b)
             })
-            .map_err(|e| match e.kind() {
-                ErrorKind::NotFound => Error::damaged(name, "object is missing from the box"),
-                ErrorKind::RangeNotSatisfied => {
-                    Error::damaged(name, format!("object is truncated (no {len} bytes at {offset})"))
-                }
-                _ => self.err(name, e),
-            })?;
+            .map_err(|e| self.range_err(name, offset, len, e))?;
         if buf.len() as u64 != len {
             return Err(Error::damaged(
                 name,
@@ -790,6 +819,17 @@ impl Backend {
             ));
         }
         Ok(buf)
+    }
+
+    /// The error of a failed ranged read of `len` bytes at `offset` of `name`.
+    fn range_err(&self, name: &str, offset: u64, len: u64, e: opendal::Error) -> Error {
+        match e.kind() {
+            ErrorKind::NotFound => Error::damaged(name, "object is missing from the box"),
+            ErrorKind::RangeNotSatisfied => {
+                Error::damaged(name, format!("object is truncated (no {len} bytes at {offset})"))
+            }
+            _ => self.err(name, e),
+        }
     }
 
     /// Writes a whole object from memory, then verifies it: by the MD5 ETag the upload was
@@ -1129,6 +1169,13 @@ impl Fetched {
     /// The pieces the bytes lie in, in order.
     pub fn pieces(&self) -> impl Iterator<Item = bytes::Bytes> {
         self.0.clone()
+    }
+}
+
+impl FromIterator<Fetched> for Fetched {
+    /// The bytes of the parts one after the other (no copy).
+    fn from_iter<I: IntoIterator<Item = Fetched>>(parts: I) -> Fetched {
+        Fetched(parts.into_iter().flat_map(|f| f.0).collect())
     }
 }
 

@@ -105,6 +105,8 @@ const DIR_OPENS: usize = 64;
 const SUBTREES_AHEAD: usize = 64;
 /// Files up to this size are loaded whole by directory read-ahead.
 const SMALL_FILE: u64 = 1 << 20;
+/// The read-ahead window of a file's first read is this fraction of the full window.
+const OPENING_WINDOW: u64 = 8;
 
 /// Errors of the VFS; front ends map them to their error codes.
 #[derive(Debug, thiserror::Error)]
@@ -818,10 +820,10 @@ impl Blocks {
     /// fetched blocks also go to the disk cache.
     ///
     /// A local box's bytes arrive in one buffer and are decrypted where they lie. A remote box's
-    /// arrive in many pieces: each block is copied out into a buffer of its own (the one copy
-    /// it needs) and handed on as soon as it opened, so a reader waiting for the first block
-    /// of a long run does not wait for the rest; the disk cache is written from the pieces,
-    /// not from another copy.
+    /// arrive in many pieces: each block is opened and handed on as soon as its last byte came,
+    /// so a reader waiting for the first block of a long run does not wait for the rest. It is
+    /// copied out into a buffer of its own (the one copy it needs); the disk cache is written
+    /// from the pieces, not from another copy.
     fn fetch(
         &self,
         volume: &str,
@@ -836,24 +838,32 @@ impl Blocks {
             results.into_iter().enumerate().for_each(|(i, r)| done(i, r));
             return Ok(());
         }
-        let fetched = backend.read_range_pieces(volume, offset, len)?;
         let cipher = self.volume_cipher(volume);
-        for (i, &(at, loc, id)) in blocks.iter().enumerate() {
-            let open = || {
-                let cipher = cipher.as_ref().map_err(Arc::clone)?;
-                let piece = fetched.slice(at..at + loc.length as usize);
-                let mut own = piece.to_vec();
-                let opened = self.open_one(cipher, loc, id, &mut own, None)?;
-                self.counters.blocks_loaded.fetch_add(1, Ordering::Relaxed);
-                self.to_disk(id, piece);
-                Ok(match opened {
-                    Opened::Stored(range) => Bytes::from(own).slice(range),
-                    Opened::Decoded(data) => Bytes::from(data),
-                })
-            };
-            done(i, open());
-        }
-        Ok(())
+        let mut arrived = Arrived::default();
+        let mut next = 0;
+        backend.read_range_streamed(volume, offset, len, |piece| {
+            arrived.push(piece);
+            while let Some(&(at, loc, id)) = blocks.get(next) {
+                let end = at + loc.length as usize;
+                if arrived.end < end {
+                    break;
+                }
+                let sealed = arrived.take(at..end);
+                let open = || {
+                    let cipher = cipher.as_ref().map_err(Arc::clone)?;
+                    let mut own = sealed.to_vec();
+                    let opened = self.open_one(cipher, loc, id, &mut own, None)?;
+                    self.counters.blocks_loaded.fetch_add(1, Ordering::Relaxed);
+                    self.to_disk(id, sealed);
+                    Ok(match opened {
+                        Opened::Stored(range) => Bytes::from(own).slice(range),
+                        Opened::Decoded(data) => Bytes::from(data),
+                    })
+                };
+                done(next, open());
+                next += 1;
+            }
+        })
     }
 
     /// The cipher of the blocks of `volume`, or why there is none.
@@ -966,26 +976,34 @@ impl Blocks {
                 }
             });
         }
-        located.sort_by(|a, b| (&a.0.volume, a.0.offset).cmp(&(&b.0.volume, b.0.offset)));
+        // Neighbours in a volume go together; the runs then start in the order their blocks
+        // were asked for (a reader's next block first, not the one of the first volume name).
+        let mut located: Vec<(usize, BlockLocation, Claim)> =
+            located.into_iter().enumerate().map(|(i, (loc, c))| (i, loc, c)).collect();
+        located.sort_by(|a, b| (&a.1.volume, a.1.offset).cmp(&(&b.1.volume, b.1.offset)));
+        let mut runs: Vec<(usize, Vec<(BlockLocation, Claim)>)> = Vec::new();
         let mut run: Vec<(BlockLocation, Claim)> = Vec::new();
-        for item in located {
+        let mut rank = usize::MAX;
+        for (i, loc, claim) in located {
             let split = match (run.first(), run.last()) {
                 (Some(first), Some(prev)) => {
                     let prev_end = prev.0.offset + u64::from(prev.0.length);
-                    let next = &item.0;
-                    next.volume != first.0.volume
-                        || next.offset < prev_end
-                        || next.offset - prev_end > MAX_GAP
-                        || next.offset + u64::from(next.length) - first.0.offset > self.max_run
+                    next_run(&first.0, prev_end, &loc, self.max_run)
                 }
                 _ => false,
             };
             if split {
-                self.spawn_run(std::mem::take(&mut run));
+                runs.push((rank, std::mem::take(&mut run)));
+                rank = usize::MAX;
             }
-            run.push(item);
+            rank = rank.min(i);
+            run.push((loc, claim));
         }
         if !run.is_empty() {
+            runs.push((rank, run));
+        }
+        runs.sort_by_key(|r| r.0);
+        for (_, run) in runs {
             self.spawn_run(run);
         }
     }
@@ -1028,6 +1046,52 @@ impl Blocks {
                 claim.finish(r);
             }
         }
+    }
+}
+
+/// Whether `next` starts a new ranged read after a run from `first` to `prev_end`: another
+/// volume, out of order, too far after the last block or too long a run.
+fn next_run(first: &BlockLocation, prev_end: u64, next: &BlockLocation, max_run: u64) -> bool {
+    next.volume != first.volume
+        || next.offset < prev_end
+        || next.offset - prev_end > MAX_GAP
+        || next.offset + u64::from(next.length) - first.offset > max_run
+}
+
+/// The bytes of a ranged read that have arrived and are still wanted: offsets count from the
+/// start of the range, the pieces held start at `start`.
+#[derive(Default)]
+struct Arrived {
+    pieces: std::collections::VecDeque<Fetched>,
+    start: usize,
+    /// Bytes arrived so far.
+    end: usize,
+}
+
+impl Arrived {
+    fn push(&mut self, piece: Fetched) {
+        self.end += piece.len();
+        self.pieces.push_back(piece);
+    }
+
+    /// The bytes in `range` (all arrived), without copying; pieces that end within it are let
+    /// go, as the blocks are taken in order.
+    fn take(&mut self, range: std::ops::Range<usize>) -> Fetched {
+        let mut parts = Vec::new();
+        let mut pos = self.start;
+        for p in &self.pieces {
+            let piece_end = pos + p.len();
+            if piece_end > range.start && pos < range.end {
+                parts.push(p.slice(range.start.max(pos) - pos..range.end.min(piece_end) - pos));
+            }
+            pos = piece_end;
+        }
+        while self.pieces.front().is_some_and(|p| self.start + p.len() <= range.end) {
+            if let Some(p) = self.pieces.pop_front() {
+                self.start += p.len();
+            }
+        }
+        parts.into_iter().collect()
     }
 }
 
@@ -1748,6 +1812,9 @@ impl Vfs {
     /// The first tree wanted from a small tree volume of a remote box brings the volume's
     /// other trees along (the version's other directories), in coalesced reads beside it.
     fn sweep_tree_volume(&self, id: &BlockId) {
+        if self.repo.backend().is_local() {
+            return;
+        }
         let Ok(loc) = self.repo.locate(id) else { return };
         let sweep = self.repo.tree_volume_sweep(&loc.volume);
         if sweep.is_empty() {
@@ -1965,13 +2032,19 @@ impl Vfs {
         if s.streak >= 2 {
             self.release_behind(f, &mut s, first);
         }
-        if s.streak < 2 || last + 1 >= n {
+        // A read from the start of a file gets a small window at once: the kernel asks for the
+        // next pages only once this read is answered, which over a network would cost every
+        // file a round trip before its read-ahead starts. The full window waits for a second
+        // sequential read, so a program that only looks at a file's header fetches little.
+        let opening = offset == 0 && s.streak == 1;
+        if (s.streak < 2 && !opening) || last + 1 >= n {
             return;
         }
         let from = s.ahead.max(last + 1);
         // Never read further ahead than a quarter of the cache holds, or blocks would be
         // evicted before the reader gets to them.
-        let window = self.opts.readahead_bytes.min(self.opts.cache_bytes as u64 / 4);
+        let full = self.opts.readahead_bytes.min(self.opts.cache_bytes as u64 / 4);
+        let window = if opening { full / OPENING_WINDOW } else { full };
         let window_end = f.starts[last + 1].saturating_add(window);
         // Top up when less than 7/8 of the window is requested: a little at a time, so that
         // each read has most of a window's time to arrive. Topping up at half the window made
@@ -2240,6 +2313,50 @@ mod tests {
             distinct.len() as u64,
             "a repeated block was loaded again: {s:?}"
         );
+    }
+
+    #[test]
+    fn a_first_read_starts_a_small_read_ahead_and_a_second_the_full_window() {
+        let fx = Fixture::new();
+        fx.backup();
+        let opts = VfsOptions { readahead_bytes: 4 << 20, cache_bytes: 64 << 20, ..Default::default() };
+        let vfs = Vfs::with_options(fx.repo.clone(), opts).unwrap();
+        let folder = vfs.version_names().pop().unwrap();
+        let a = vfs.resolve(&fx.in_version(&folder, "sub/deeper/big.bin")).unwrap().unwrap();
+        let starts = vfs.file(a.ino).unwrap().starts.clone();
+        let n = starts.len() - 1;
+        let within = |window: u64| (1..n).take_while(|&i| starts[i] < starts[1] + window).count() as u64;
+        assert!(within(4 << 20) > within((4 << 20) / OPENING_WINDOW), "{n} blocks: too few for this test");
+
+        // A first read in the middle of the file reads nothing ahead.
+        vfs.read(a.ino, starts[n / 2], 4096).unwrap();
+        assert_eq!(vfs.stats().prefetched_blocks, 0);
+        // One from the start: the small window after its block.
+        vfs.read(a.ino, 0, 4096).unwrap();
+        let opening = vfs.stats().prefetched_blocks;
+        assert_eq!(opening, within((4 << 20) / OPENING_WINDOW));
+        // The next one sequential: the full window (less the block halfway, loaded above).
+        vfs.read(a.ino, 4096, 4096).unwrap();
+        let full = vfs.stats().prefetched_blocks;
+        assert!(full > opening, "{opening} blocks then {full}");
+        assert!(full >= within(4 << 20) - 1, "{full} blocks of {}", within(4 << 20));
+    }
+
+    #[test]
+    fn blocks_are_cut_from_the_pieces_they_arrived_in() {
+        let bytes: Vec<u8> = (0..100u8).collect();
+        let mut arrived = Arrived::default();
+        for piece in [&bytes[..10], &bytes[10..15], &bytes[15..60], &bytes[60..]] {
+            arrived.push(Fetched::from(piece.to_vec()));
+        }
+        assert_eq!(arrived.take(2..12).to_vec(), &bytes[2..12]);
+        // The first piece ended within that block: let go.
+        assert_eq!(arrived.pieces.len(), 3);
+        // A gap between blocks, a block across three pieces, one at the very end.
+        assert_eq!(arrived.take(14..70).to_vec(), &bytes[14..70]);
+        assert_eq!(arrived.take(70..100).to_vec(), &bytes[70..]);
+        assert!(arrived.pieces.is_empty());
+        assert_eq!(arrived.end, 100);
     }
 
     #[test]
