@@ -414,9 +414,9 @@ impl Repository {
         };
         let known_versions: Vec<Manifest> = self.catalog()?.versions()?;
         let known_names: HashSet<String> = known_versions.iter().map(|m| objects::manifest_name(&m.id)).collect();
+        let known: HashSet<String> = self.catalog()?.volume_names()?.into_iter().collect();
         if !fresh {
-            let volumes = self.catalog()?.volume_names()?;
-            let index_gone = volumes
+            let index_gone = known
                 .iter()
                 .filter_map(|v| objects::volume_id_from_name(v))
                 .any(|vid| !listed.contains(&objects::index_name(&vid)));
@@ -430,7 +430,6 @@ impl Repository {
             // be seen by a listing that starts after the manifest was seen.
             listed = list_indexes(&self.backend)?;
         }
-        let known: HashSet<String> = self.catalog()?.volume_names()?.into_iter().collect();
         for index_name in &listed {
             let Some(vid) = objects::volume_id_from_name(index_name) else { continue };
             if known.contains(&objects::volume_name(&vid)) {
