@@ -1184,6 +1184,10 @@ fn survives_faults(proto: Proto) {
         started.elapsed().as_secs_f64()
     );
     assert!(injected > 0, "the proxy injected no fault");
+    // The mount reads through the faults too (a response cut half-way is asked for again
+    // from where it stopped).
+    check_mount(&s, &src);
+    eprintln!("{}: {} faults injected while mounted", proto.name(), proxy.faults() - injected);
     proxy.stop();
 
     // The box is sound when read directly, with a fresh catalog.
