@@ -43,6 +43,8 @@
 //!   is shown as `scheme://user@host/path`, and every error is scrubbed of the secret
 //!   values (passwords, keys, tokens) before it leaves this module.
 
+use std::collections::VecDeque;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -763,43 +765,52 @@ impl Backend {
     /// Like [`Backend::read_range`], handing the bytes to `arrived` in the pieces they come in
     /// (no copy into one buffer), in order, as they come: a caller can use the start of a long
     /// range before its end is there. A retry after a failure part way asks only for the bytes
-    /// not yet handed over. `arrived` runs on this thread between network reads.
+    /// not yet handed over. `arrived` runs on this thread between network reads, inside the
+    /// backend's runtime (it must not call the backend); when it answers `Break`, the read
+    /// stops there (and counts as done).
     pub fn read_range_streamed(
         &self,
         name: &str,
         offset: u64,
         len: u64,
-        mut arrived: impl FnMut(Fetched),
+        mut arrived: impl FnMut(Fetched) -> ControlFlow<()>,
     ) -> Result<()> {
         #[cfg(unix)]
         if let (Some(root), None) = (&self.local_root, &self.down) {
-            arrived(Fetched::from(read_local_range(&root.join(name), name, offset, len)?));
+            let _ = arrived(Fetched::from(read_local_range(&root.join(name), name, offset, len)?));
             return Ok(());
         }
         let done = std::cell::Cell::new(0u64);
+        let stopped = std::cell::Cell::new(false);
         let arrived = std::cell::RefCell::new(&mut arrived);
         self.run_on(true, |op| {
-            let (done, arrived) = (&done, &arrived);
+            let (done, stopped, arrived) = (&done, &stopped, &arrived);
             async move {
                 let from = offset + done.get();
-                if from == offset + len {
+                if from >= offset + len || stopped.get() {
                     return Ok(());
                 }
-                let mut stream = op.reader_with(name).await?.into_stream(from..offset + len).await?;
-                while let Some(piece) = stream.try_next().await? {
-                    pace(&self.down, piece.len() as u64).await;
-                    done.set(done.get() + piece.len() as u64);
-                    (arrived.borrow_mut())(Fetched(piece));
+                let read = async {
+                    let mut stream = op.reader_with(name).await?.into_stream(from..offset + len).await?;
+                    while let Some(piece) = stream.try_next().await? {
+                        pace(&self.down, piece.len() as u64).await;
+                        done.set(done.get() + piece.len() as u64);
+                        if (arrived.borrow_mut())(Fetched(piece)).is_break() {
+                            stopped.set(true);
+                            break;
+                        }
+                    }
+                    Ok(())
+                };
+                match read.await {
+                    Err(e) => Err(short_object(&op, name, offset + len, e).await),
+                    ok => ok,
                 }
-                Ok(())
             }
         })
         .map_err(|e| self.range_err(name, offset, len, e))?;
-        if done.get() != len {
-            return Err(Error::damaged(
-                name,
-                format!("object is truncated (wanted {len} bytes at {offset}, got {})", done.get()),
-            ));
+        if done.get() != len && !stopped.get() {
+            return Err(range_size_err(name, offset, len, done.get()));
         }
         Ok(())
     }
@@ -807,16 +818,16 @@ impl Backend {
     fn fetch_range(&self, name: &str, offset: u64, len: u64) -> Result<opendal::Buffer> {
         let buf = self
             .run_on(true, |op| async move {
-                let b = op.read_with(name).range(offset..offset + len).await?;
+                let b = match op.read_with(name).range(offset..offset + len).await {
+                    Ok(b) => b,
+                    Err(e) => return Err(short_object(&op, name, offset + len, e).await),
+                };
                 pace(&self.down, b.len() as u64).await;
                 Ok::<_, opendal::Error>(b)
             })
             .map_err(|e| self.range_err(name, offset, len, e))?;
         if buf.len() as u64 != len {
-            return Err(Error::damaged(
-                name,
-                format!("object is truncated (wanted {len} bytes at {offset}, got {})", buf.len()),
-            ));
+            return Err(range_size_err(name, offset, len, buf.len() as u64));
         }
         Ok(buf)
     }
@@ -1185,6 +1196,59 @@ impl From<Vec<u8>> for Fetched {
     }
 }
 
+/// The bytes of a streamed ranged read ([`Backend::read_range_streamed`]) that have arrived
+/// and are still wanted, for cutting blocks out in order: offsets count from the start of
+/// the range; the pieces held start at `start`.
+#[derive(Default)]
+pub struct Arrived {
+    pieces: VecDeque<Fetched>,
+    start: usize,
+    /// Bytes arrived so far.
+    end: usize,
+}
+
+impl Arrived {
+    /// Adds the next piece.
+    pub fn push(&mut self, piece: Fetched) {
+        self.end += piece.len();
+        self.pieces.push_back(piece);
+    }
+
+    /// Bytes arrived so far.
+    pub fn len(&self) -> usize {
+        self.end
+    }
+
+    /// Whether nothing arrived yet.
+    pub fn is_empty(&self) -> bool {
+        self.end == 0
+    }
+
+    /// The bytes in `range` (all arrived), without copying; pieces that end within it are let
+    /// go, so ranges must be taken in order.
+    pub fn take(&mut self, range: std::ops::Range<usize>) -> Fetched {
+        debug_assert!(self.start <= range.start && range.end <= self.end, "{range:?} not held");
+        let mut parts = Vec::new();
+        let mut pos = self.start;
+        for p in &self.pieces {
+            if pos >= range.end {
+                break;
+            }
+            let piece_end = pos + p.len();
+            if piece_end > range.start {
+                parts.push(p.slice(range.start.max(pos) - pos..range.end.min(piece_end) - pos));
+            }
+            pos = piece_end;
+        }
+        while self.pieces.front().is_some_and(|p| self.start + p.len() <= range.end) {
+            if let Some(p) = self.pieces.pop_front() {
+                self.start += p.len();
+            }
+        }
+        parts.into_iter().collect()
+    }
+}
+
 /// A ranged read of an object of a local box straight from its file: positional reads into
 /// a buffer of its own (no async hop, no zero-filling, no intermediate copy), and no kernel
 /// read-ahead past the range — callers ask for exactly the blocks they need, often at random
@@ -1240,6 +1304,29 @@ fn read_local_range_into(path: &Path, name: &str, offset: u64, len: u64, buf: &m
 
 /// Whether `e` may go away by itself: network trouble, throttling, a server error; not a
 /// missing object, a refused permission, a bad config, or a failed login.
+/// A ranged read that ended before `end` ("got too little data": sftp and ftp at the end of a
+/// short object, HTTP when a connection broke off) is damage only if the object is shorter
+/// than that: it is then answered as a range the object does not have, which is not tried
+/// again. Anything else stays as it was (a broken connection is tried again).
+async fn short_object(op: &Operator, name: &str, end: u64, e: opendal::Error) -> opendal::Error {
+    if e.kind() != ErrorKind::Unexpected || !e.to_string().contains("got too little data") {
+        return e;
+    }
+    match op.stat(name).await {
+        Ok(meta) if meta.content_length() < end => opendal::Error::new(
+            ErrorKind::RangeNotSatisfied,
+            format!("the object has {} bytes, the read wanted {end}", meta.content_length()),
+        ),
+        _ => e,
+    }
+}
+
+/// The error of a ranged read of `len` bytes at `offset` that brought `got` bytes.
+fn range_size_err(name: &str, offset: u64, len: u64, got: u64) -> Error {
+    let what = if got < len { "object is truncated" } else { "the server sent more than asked" };
+    Error::damaged(name, format!("{what} (wanted {len} bytes at {offset}, got {got})"))
+}
+
 fn transient(e: &opendal::Error) -> bool {
     if !matches!(e.kind(), ErrorKind::Unexpected | ErrorKind::RateLimited) {
         return false;
@@ -1340,6 +1427,23 @@ const OPERATIONS: &[&str] = &["read", "write", "stat", "list", "delete", "rename
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocks_are_cut_from_the_pieces_they_arrived_in() {
+        let bytes: Vec<u8> = (0..100u8).collect();
+        let mut arrived = Arrived::default();
+        for piece in [&bytes[..10], &bytes[10..15], &bytes[15..60], &bytes[60..]] {
+            arrived.push(Fetched::from(piece.to_vec()));
+        }
+        assert_eq!(arrived.take(2..12).to_vec(), &bytes[2..12]);
+        // The first piece ended within that block: let go.
+        assert_eq!(arrived.pieces.len(), 3);
+        // A gap between blocks, a block across three pieces, one at the very end.
+        assert_eq!(arrived.take(14..70).to_vec(), &bytes[14..70]);
+        assert_eq!(arrived.take(70..100).to_vec(), &bytes[70..]);
+        assert!(arrived.pieces.is_empty());
+        assert_eq!(arrived.len(), 100);
+    }
 
     /// The cloud services without a test server here accept the config their URLs map to.
     #[cfg(feature = "cloud")]

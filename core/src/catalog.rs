@@ -29,6 +29,22 @@ pub struct BlockLocation {
     pub raw_len: u32,
 }
 
+/// Largest gap between two blocks of one volume still fetched with one ranged read (the zip
+/// headers between them, a few blocks nobody asked for).
+const MAX_GAP: u64 = 256 * 1024;
+
+impl BlockLocation {
+    /// Whether this block, next in offset order, starts a new ranged read after a run from
+    /// `first` to `prev_end`: another volume, out of order, too far after the run or making
+    /// it longer than `max_run` bytes.
+    pub(crate) fn starts_new_run(&self, first: &BlockLocation, prev_end: u64, max_run: u64) -> bool {
+        self.volume != first.volume
+            || self.offset < prev_end
+            || self.offset - prev_end > MAX_GAP
+            || self.offset + u64::from(self.length) - first.offset > max_run
+    }
+}
+
 /// One block of a volume: id, offset, sealed length, plaintext length.
 pub type VolumeBlock = (BlockId, u64, u32, u32);
 

@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
+use std::ops::ControlFlow;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -21,7 +22,7 @@ use brickbox_platform::{self as platform, FileKind};
 use rayon::prelude::*;
 
 use crate::catalog::BlockLocation;
-use crate::crypto::BlockId;
+use crate::crypto::{BlockId, Cipher};
 use crate::error::{Error, IoContext, Result};
 use crate::objects::{self, Manifest};
 use crate::repo::Repository;
@@ -31,7 +32,8 @@ use crate::volume;
 thread_local! {
     /// Each thread's buffer for decompressed blocks, reused from block to block.
     static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
-    /// Each thread's buffer for the sealed blocks of a run, reused from run to run.
+    /// Each thread's buffer for sealed bytes, reused: a run of a local box, one block at a
+    /// time of a remote one.
     static RUN: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
@@ -321,11 +323,7 @@ fn coalesce(located: &mut [(BlockLocation, BlockId)], max_run: u64) -> Vec<&[(Bl
     for i in 1..=located.len() {
         let split = i == located.len() || {
             let (first, prev, next) = (&located[start].0, &located[i - 1].0, &located[i].0);
-            let prev_end = prev.offset + u64::from(prev.length);
-            next.volume != first.volume
-                || next.offset < prev_end
-                || next.offset - prev_end > MAX_GAP
-                || next.offset + u64::from(next.length) - first.offset > max_run
+            next.starts_new_run(first, prev.offset + u64::from(prev.length), max_run)
         };
         if split {
             runs.push(&located[start..i]);
@@ -372,13 +370,140 @@ const REMOTE_FETCH: (usize, u64) = (8, 8 << 20);
 /// were as fast.
 const LOCAL_FETCH: (usize, u64) = (4, 4 << 20);
 
+/// Restores the blocks of one coalesced run: opens each and writes it wherever the plans
+/// need it, keeping the last file written open (consecutive blocks usually belong to one).
+struct RunWriter<'c, 'a> {
+    ctx: &'c Ctx<'a>,
+    items: &'c [Item],
+    /// Where each block goes: (item, offset, sparse).
+    wanted: &'c HashMap<BlockId, Vec<(usize, u64, bool)>>,
+    scratch: Vec<u8>,
+    open: Option<(usize, File)>,
+}
+
+impl RunWriter<'_, '_> {
+    /// Reads `run` (one volume, offset order) and restores its blocks. A remote box's bytes are
+    /// used as they arrive, so blocks are decrypted and written while the rest of the run is
+    /// on its way; a local box's run is read into one buffer.
+    fn run(&mut self, run: &[(BlockLocation, BlockId)]) -> Result<()> {
+        let first = &run[0].0;
+        let last = &run[run.len() - 1].0;
+        let len = last.offset + u64::from(last.length) - first.offset;
+        let Some(vid) = objects::volume_id_from_name(&first.volume) else {
+            self.fail(run, &format!("{}: volume name is not valid", first.volume));
+            return Ok(());
+        };
+        let cipher = self.ctx.repo.keys().volume_cipher(&vid);
+        let backend = self.ctx.repo.backend();
+        let mut buf = RUN.take();
+        let mut done = 0;
+        let read = if backend.is_local() {
+            backend.read_range_into(&first.volume, first.offset, len, &mut buf).and_then(|()| {
+                for (loc, id) in run {
+                    let rel = (loc.offset - first.offset) as usize;
+                    self.block(&cipher, loc, id, &mut buf[rel..rel + loc.length as usize])?;
+                    done += 1;
+                }
+                Ok(())
+            })
+        } else {
+            let mut arrived = crate::backend::Arrived::default();
+            let mut failed = None;
+            let read = backend.read_range_streamed(&first.volume, first.offset, len, |piece| {
+                arrived.push(piece);
+                while let Some((loc, id)) = run.get(done) {
+                    let rel = (loc.offset - first.offset) as usize;
+                    let to = rel + loc.length as usize;
+                    if arrived.len() < to {
+                        break;
+                    }
+                    buf.clear();
+                    for p in arrived.take(rel..to).pieces() {
+                        buf.extend_from_slice(&p);
+                    }
+                    if let Err(e) = self.block(&cipher, loc, id, &mut buf) {
+                        failed = Some(e);
+                        return ControlFlow::Break(());
+                    }
+                    done += 1;
+                }
+                if self.ctx.cancel.load(Ordering::Relaxed) {
+                    return ControlFlow::Break(());
+                }
+                ControlFlow::Continue(())
+            });
+            failed.map_or(read, Err)
+        };
+        RUN.set(buf);
+        match read {
+            Ok(()) => Ok(()),
+            // The blocks not restored yet are lost; the rest of the restore goes on.
+            Err(e @ Error::Damaged { .. }) => {
+                self.fail(&run[done..], &e);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reports every file that needs one of `blocks` as failed, for `why`.
+    fn fail(&self, blocks: &[(BlockLocation, BlockId)], why: &dyn std::fmt::Display) {
+        for (_, id) in blocks {
+            for &(item, _, _) in &self.wanted[id] {
+                self.ctx.error(format!("{}: {why}", self.items[item].source.display()));
+            }
+        }
+    }
+
+    /// Opens one sealed block (decrypting where it lies) and writes it to the files that
+    /// need it. Errors of one file are reported; only fatal ones (a full disk) are returned.
+    fn block(&mut self, cipher: &Cipher, loc: &BlockLocation, id: &BlockId, sealed: &mut [u8]) -> Result<()> {
+        let ctx = self.ctx;
+        let data = match volume::open_block_in_place(
+            ctx.repo.keys(),
+            cipher,
+            &loc.volume,
+            id,
+            sealed,
+            loc.raw_len,
+            &mut self.scratch,
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                self.fail(&[(loc.clone(), *id)], &e);
+                return Ok(());
+            }
+        };
+        for &(item, off, sparse) in &self.wanted[id] {
+            let dest = &self.items[item].dest;
+            if self.open.as_ref().is_none_or(|(i, _)| *i != item) {
+                self.open = None;
+                match OpenOptions::new().write(true).open(dest).at(dest) {
+                    Ok(f) => self.open = Some((item, f)),
+                    Err(e) => {
+                        ctx.file_problem(&self.items[item], e)?;
+                        continue;
+                    }
+                }
+            }
+            let r = match &self.open {
+                Some((_, f)) => ctx.write_at(f, data, off, dest, sparse),
+                None => Ok(()),
+            };
+            if let Err(e) = r {
+                ctx.file_problem(&self.items[item], e)?;
+            }
+            ctx.progress.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
 /// Threads and largest coalesced read for restoring from `repo`.
 fn fetch_plan(repo: &Repository) -> (usize, u64) {
     let (threads, run) = if repo.backend().is_local() { LOCAL_FETCH } else { REMOTE_FETCH };
     (threads.max(rayon::current_num_threads()), run)
 }
-/// Largest gap between blocks (zip headers) still read in one request.
-const MAX_GAP: u64 = 256 * 1024;
 const PAGE: usize = 4096;
 
 impl Ctx<'_> {
@@ -552,91 +677,16 @@ impl Ctx<'_> {
             }
         }
         let runs = coalesce(&mut located, fetch_plan(self.repo).1);
+        let wanted = &wanted;
         pool.install(|| {
             runs.par_iter().try_for_each(|run| -> Result<()> {
                 if self.cancel.load(Ordering::Relaxed) {
                     return Ok(());
                 }
-                let first = &run[0].0;
-                let last = &run[run.len() - 1].0;
-                let end = last.offset + u64::from(last.length);
-                let mut run_buf = RUN.take();
-                let read =
-                    self.repo.backend().read_range_into(&first.volume, first.offset, end - first.offset, &mut run_buf);
-                let bytes = match read {
-                    Ok(()) => Some(run_buf),
-                    Err(e @ Error::Damaged { .. }) => {
-                        for (_, id) in run.iter() {
-                            for &(item, _, _) in &wanted[id] {
-                                self.error(format!("{}: {e}", items[item].source.display()));
-                            }
-                        }
-                        None
-                    }
-                    Err(e) => return Err(e),
-                };
-                let Some(mut bytes) = bytes else { return Ok(()) };
-                let Some(vid) = objects::volume_id_from_name(&first.volume) else {
-                    for (_, id) in run.iter() {
-                        for &(item, _, _) in &wanted[id] {
-                            self.error(format!(
-                                "{}: {}: volume name is not valid",
-                                items[item].source.display(),
-                                first.volume
-                            ));
-                        }
-                    }
-                    return Ok(());
-                };
-                let cipher = self.repo.keys().volume_cipher(&vid);
-                let mut scratch = SCRATCH.take();
-                let mut open: Option<(usize, File)> = None;
-                for (loc, id) in run.iter() {
-                    let rel = (loc.offset - first.offset) as usize;
-                    let sealed = &mut bytes[rel..rel + loc.length as usize];
-                    let data = match volume::open_block_in_place(
-                        self.repo.keys(),
-                        &cipher,
-                        &loc.volume,
-                        id,
-                        sealed,
-                        loc.raw_len,
-                        &mut scratch,
-                    ) {
-                        Ok(d) => d,
-                        Err(e) => {
-                            for &(item, _, _) in &wanted[id] {
-                                self.error(format!("{}: {e}", items[item].source.display()));
-                            }
-                            continue;
-                        }
-                    };
-                    for &(item, off, sparse) in &wanted[id] {
-                        let dest = &items[item].dest;
-                        // Consecutive blocks of a run usually belong to one file: keep it open.
-                        if open.as_ref().is_none_or(|(i, _)| *i != item) {
-                            open = None;
-                            match OpenOptions::new().write(true).open(dest).at(dest) {
-                                Ok(f) => open = Some((item, f)),
-                                Err(e) => {
-                                    self.file_problem(&items[item], e)?;
-                                    continue;
-                                }
-                            }
-                        }
-                        let r = match &open {
-                            Some((_, f)) => self.write_at(f, data, off, dest, sparse),
-                            None => Ok(()),
-                        };
-                        if let Err(e) = r {
-                            self.file_problem(&items[item], e)?;
-                        }
-                        self.progress.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-                    }
-                }
-                SCRATCH.set(scratch);
-                RUN.set(bytes);
-                Ok(())
+                let mut w = RunWriter { ctx: self, items, wanted, scratch: SCRATCH.take(), open: None };
+                let r = w.run(run);
+                SCRATCH.set(w.scratch);
+                r
             })
         })
     }

@@ -83,8 +83,6 @@ pub const HISTORY_NAME: &str = "history";
 /// Name of the symlink to the newest version.
 pub const LATEST_NAME: &str = "latest";
 
-/// Largest gap between two blocks of one volume still fetched with one ranged read.
-const MAX_GAP: u64 = 256 * 1024;
 /// Least time between two re-reads of the catalog caused by failed block fetches.
 const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
 /// Open-file states (prefix sums, sequential-access tracking) kept.
@@ -105,8 +103,10 @@ const DIR_OPENS: usize = 64;
 const SUBTREES_AHEAD: usize = 64;
 /// Files up to this size are loaded whole by directory read-ahead.
 const SMALL_FILE: u64 = 1 << 20;
-/// The read-ahead window of a file's first read is this fraction of the full window.
-const OPENING_WINDOW: u64 = 8;
+/// A file's first read reads ahead 1/OPENING_SHARE of the full window, and at most
+/// OPENING_BLOCKS blocks.
+const OPENING_SHARE: u64 = 8;
+const OPENING_BLOCKS: usize = 4;
 
 /// Errors of the VFS; front ends map them to their error codes.
 #[derive(Debug, thiserror::Error)]
@@ -839,13 +839,13 @@ impl Blocks {
             return Ok(());
         }
         let cipher = self.volume_cipher(volume);
-        let mut arrived = Arrived::default();
+        let mut arrived = crate::backend::Arrived::default();
         let mut next = 0;
         backend.read_range_streamed(volume, offset, len, |piece| {
             arrived.push(piece);
             while let Some(&(at, loc, id)) = blocks.get(next) {
                 let end = at + loc.length as usize;
-                if arrived.end < end {
+                if arrived.len() < end {
                     break;
                 }
                 let sealed = arrived.take(at..end);
@@ -863,6 +863,7 @@ impl Blocks {
                 done(next, open());
                 next += 1;
             }
+            std::ops::ControlFlow::Continue(())
         })
     }
 
@@ -987,8 +988,7 @@ impl Blocks {
         for (i, loc, claim) in located {
             let split = match (run.first(), run.last()) {
                 (Some(first), Some(prev)) => {
-                    let prev_end = prev.0.offset + u64::from(prev.0.length);
-                    next_run(&first.0, prev_end, &loc, self.max_run)
+                    loc.starts_new_run(&first.0, prev.0.offset + u64::from(prev.0.length), self.max_run)
                 }
                 _ => false,
             };
@@ -1014,7 +1014,7 @@ impl Blocks {
     }
 
     /// Fetches a run of neighbouring blocks with one ranged read; if that read fails, each
-    /// block is tried alone so one bad block does not fail its neighbours.
+    /// block not handed on yet is tried alone so one bad block does not fail its neighbours.
     fn load_run(&self, run: Vec<(BlockLocation, Claim)>) {
         let (locs, claims): (Vec<BlockLocation>, Vec<Claim>) = run.into_iter().unzip();
         let ids: Vec<BlockId> = claims.iter().map(|c| c.id).collect();
@@ -1046,52 +1046,6 @@ impl Blocks {
                 claim.finish(r);
             }
         }
-    }
-}
-
-/// Whether `next` starts a new ranged read after a run from `first` to `prev_end`: another
-/// volume, out of order, too far after the last block or too long a run.
-fn next_run(first: &BlockLocation, prev_end: u64, next: &BlockLocation, max_run: u64) -> bool {
-    next.volume != first.volume
-        || next.offset < prev_end
-        || next.offset - prev_end > MAX_GAP
-        || next.offset + u64::from(next.length) - first.offset > max_run
-}
-
-/// The bytes of a ranged read that have arrived and are still wanted: offsets count from the
-/// start of the range, the pieces held start at `start`.
-#[derive(Default)]
-struct Arrived {
-    pieces: std::collections::VecDeque<Fetched>,
-    start: usize,
-    /// Bytes arrived so far.
-    end: usize,
-}
-
-impl Arrived {
-    fn push(&mut self, piece: Fetched) {
-        self.end += piece.len();
-        self.pieces.push_back(piece);
-    }
-
-    /// The bytes in `range` (all arrived), without copying; pieces that end within it are let
-    /// go, as the blocks are taken in order.
-    fn take(&mut self, range: std::ops::Range<usize>) -> Fetched {
-        let mut parts = Vec::new();
-        let mut pos = self.start;
-        for p in &self.pieces {
-            let piece_end = pos + p.len();
-            if piece_end > range.start && pos < range.end {
-                parts.push(p.slice(range.start.max(pos) - pos..range.end.min(piece_end) - pos));
-            }
-            pos = piece_end;
-        }
-        while self.pieces.front().is_some_and(|p| self.start + p.len() <= range.end) {
-            if let Some(p) = self.pieces.pop_front() {
-                self.start += p.len();
-            }
-        }
-        parts.into_iter().collect()
     }
 }
 
@@ -2035,8 +1989,9 @@ impl Vfs {
         // A read from the start of a file gets a small window at once: the kernel asks for the
         // next pages only once this read is answered, which over a network would cost every
         // file a round trip before its read-ahead starts. The full window waits for a second
-        // sequential read, so a program that only looks at a file's header fetches little.
-        let opening = offset == 0 && s.streak == 1;
+        // sequential read, so a program that only looks at a file's header (`file`, an
+        // indexer) fetches a few blocks, not a window.
+        let opening = offset == 0;
         if (s.streak < 2 && !opening) || last + 1 >= n {
             return;
         }
@@ -2044,7 +1999,11 @@ impl Vfs {
         // Never read further ahead than a quarter of the cache holds, or blocks would be
         // evicted before the reader gets to them.
         let full = self.opts.readahead_bytes.min(self.opts.cache_bytes as u64 / 4);
-        let window = if opening { full / OPENING_WINDOW } else { full };
+        let (window, blocks) = if opening {
+            (full / OPENING_SHARE, OPENING_BLOCKS.min(self.opts.readahead_blocks))
+        } else {
+            (full, self.opts.readahead_blocks)
+        };
         let window_end = f.starts[last + 1].saturating_add(window);
         // Top up when less than 7/8 of the window is requested: a little at a time, so that
         // each read has most of a window's time to arrive. Topping up at half the window made
@@ -2054,7 +2013,7 @@ impl Vfs {
             return;
         }
         let mut to = from;
-        while to < n && to < last + 1 + self.opts.readahead_blocks && f.starts[to] < window_end {
+        while to < n && to < last + 1 + blocks && f.starts[to] < window_end {
             to += 1;
         }
         if to <= from {
@@ -2326,7 +2285,7 @@ mod tests {
         let starts = vfs.file(a.ino).unwrap().starts.clone();
         let n = starts.len() - 1;
         let within = |window: u64| (1..n).take_while(|&i| starts[i] < starts[1] + window).count() as u64;
-        assert!(within(4 << 20) > within((4 << 20) / OPENING_WINDOW), "{n} blocks: too few for this test");
+        assert!(within(4 << 20) > within((4 << 20) / OPENING_SHARE), "{n} blocks: too few for this test");
 
         // A first read in the middle of the file reads nothing ahead.
         vfs.read(a.ino, starts[n / 2], 4096).unwrap();
@@ -2334,29 +2293,12 @@ mod tests {
         // One from the start: the small window after its block.
         vfs.read(a.ino, 0, 4096).unwrap();
         let opening = vfs.stats().prefetched_blocks;
-        assert_eq!(opening, within((4 << 20) / OPENING_WINDOW));
+        assert_eq!(opening, within((4 << 20) / OPENING_SHARE).min(OPENING_BLOCKS as u64));
         // The next one sequential: the full window (less the block halfway, loaded above).
         vfs.read(a.ino, 4096, 4096).unwrap();
         let full = vfs.stats().prefetched_blocks;
         assert!(full > opening, "{opening} blocks then {full}");
         assert!(full >= within(4 << 20) - 1, "{full} blocks of {}", within(4 << 20));
-    }
-
-    #[test]
-    fn blocks_are_cut_from_the_pieces_they_arrived_in() {
-        let bytes: Vec<u8> = (0..100u8).collect();
-        let mut arrived = Arrived::default();
-        for piece in [&bytes[..10], &bytes[10..15], &bytes[15..60], &bytes[60..]] {
-            arrived.push(Fetched::from(piece.to_vec()));
-        }
-        assert_eq!(arrived.take(2..12).to_vec(), &bytes[2..12]);
-        // The first piece ended within that block: let go.
-        assert_eq!(arrived.pieces.len(), 3);
-        // A gap between blocks, a block across three pieces, one at the very end.
-        assert_eq!(arrived.take(14..70).to_vec(), &bytes[14..70]);
-        assert_eq!(arrived.take(70..100).to_vec(), &bytes[70..]);
-        assert!(arrived.pieces.is_empty());
-        assert_eq!(arrived.end, 100);
     }
 
     #[test]

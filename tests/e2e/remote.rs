@@ -1416,6 +1416,47 @@ fn sftp_box_checked_before_backup() {
     box_check(&s, &root);
 }
 
+/// A volume cut short on a remote box: a restore writes every file whose blocks arrived
+/// before the cut (blocks are restored as their bytes come in), names the others as lost and
+/// exits with 1.
+#[test]
+fn sftp_restore_keeps_the_files_that_arrived_before_a_volume_is_cut_short() {
+    let name = unique("cut");
+    let Some(r) = remote(Proto::Sftp, &name) else { return };
+    let root = PathBuf::from(servers()["BB_SFTP_ROOT"].clone()).join(&name);
+    let env = Env::new();
+    let s = Session::new(&env, r);
+    let src = env.mkdir("src");
+    let files: Vec<String> = (0..12).map(|i| format!("f{i:02}.bin")).collect();
+    for (i, f) in files.iter().enumerate() {
+        fs::write(src.join(f), random_bytes(300 + i as u64, 40_000)).unwrap();
+    }
+    s.ok(&args!["init"]);
+    s.json(&args!["backup", &src, "--volume-size", "1MiB"]);
+    // One volume holds the files' data (the trees have one of their own): cut it in half.
+    let mut volumes = objects(&root, "data");
+    volumes.sort_by_key(|p| std::cmp::Reverse(fs::metadata(p).unwrap().len()));
+    let len = fs::metadata(&volumes[0]).unwrap().len();
+    assert!(len > 12 * 40_000, "the files are not in one volume: {volumes:?}");
+    fs::OpenOptions::new().write(true).open(&volumes[0]).unwrap().set_len(len / 2).unwrap();
+
+    let t = env.path().join("restore");
+    let r = s.run(&args!["restore", "--target", &t]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("truncated"), "{}", r.stderr);
+    let (mut whole, mut named) = (0, 0);
+    for f in &files {
+        if r.stderr.contains(f.as_str()) {
+            named += 1;
+        } else {
+            assert!(same_content(&restored(&t, &src).join(f), &src.join(f)), "{f}: neither restored nor named");
+            whole += 1;
+        }
+    }
+    assert!(whole >= 3 && named >= 3, "{whole} restored, {named} named:\n{}", r.stderr);
+    s.assert_no_secrets();
+}
+
 /// A remote box's small tree volume is fetched whole with the first tree wanted from it; a
 /// damaged tree in it must still be reported, naming the volume, while the trees beside it
 /// read as before (in a fresh process each, so each fetches the volume whole again).
