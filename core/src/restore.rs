@@ -106,6 +106,8 @@ struct Ctx<'a> {
     errors: Mutex<Vec<String>>,
     written: AtomicU64,
     unchanged: AtomicU64,
+    /// A run failed for good (a full disk): the runs on their way stop too.
+    failed: AtomicBool,
 }
 
 /// Restores `paths` (absolute paths inside the version; empty = all) of `version`.
@@ -153,6 +155,7 @@ pub fn restore(
         errors: Mutex::new(Vec::new()),
         written: AtomicU64::new(0),
         unchanged: AtomicU64::new(0),
+        failed: AtomicBool::new(false),
     };
     if let Some(t) = &opts.target {
         std::fs::create_dir_all(t)
@@ -427,7 +430,7 @@ impl RunWriter<'_, '_> {
                     }
                     done += 1;
                 }
-                if self.ctx.cancel.load(Ordering::Relaxed) {
+                if self.ctx.cancel.load(Ordering::Relaxed) || self.ctx.failed.load(Ordering::Relaxed) {
                     return ControlFlow::Break(());
                 }
                 ControlFlow::Continue(())
@@ -686,6 +689,9 @@ impl Ctx<'_> {
                 let mut w = RunWriter { ctx: self, items, wanted, scratch: SCRATCH.take(), open: None };
                 let r = w.run(run);
                 SCRATCH.set(w.scratch);
+                if r.is_err() {
+                    self.failed.store(true, Ordering::Relaxed);
+                }
                 r
             })
         })
