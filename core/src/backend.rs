@@ -1302,14 +1302,13 @@ fn read_local_range_into(path: &Path, name: &str, offset: u64, len: u64, buf: &m
     Ok(())
 }
 
-/// Whether `e` may go away by itself: network trouble, throttling, a server error; not a
-/// missing object, a refused permission, a bad config, or a failed login.
-/// A ranged read that ended before `end` ("got too little data": sftp and ftp at the end of a
-/// short object, HTTP when a connection broke off) is damage only if the object is shorter
-/// than that: it is then answered as a range the object does not have, which is not tried
-/// again. Anything else stays as it was (a broken connection is tried again).
+/// A ranged read that failed with an unexpected error the server answered (sftp and ftp at
+/// the end of a short object: "reader got too little data", or ftp's refusal to start past
+/// its end) is damage if the object is shorter than `end`: it is then answered as a range
+/// the object does not have, which is not tried again. Anything else stays as it was: a
+/// connection that failed or broke off is tried again without asking.
 async fn short_object(op: &Operator, name: &str, end: u64, e: opendal::Error) -> opendal::Error {
-    if e.kind() != ErrorKind::Unexpected || !e.to_string().contains("got too little data") {
+    if e.kind() != ErrorKind::Unexpected || connection_failed(&e) {
         return e;
     }
     match op.stat(name).await {
@@ -1327,6 +1326,8 @@ fn range_size_err(name: &str, offset: u64, len: u64, got: u64) -> Error {
     Error::damaged(name, format!("{what} (wanted {len} bytes at {offset}, got {got})"))
 }
 
+/// Whether `e` may go away by itself: network trouble, throttling, a server error; not a
+/// missing object, a refused permission, a bad config, or a failed login.
 fn transient(e: &opendal::Error) -> bool {
     if !matches!(e.kind(), ErrorKind::Unexpected | ErrorKind::RateLimited) {
         return false;

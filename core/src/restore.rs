@@ -413,6 +413,9 @@ impl RunWriter<'_, '_> {
             let mut arrived = crate::backend::Arrived::default();
             let mut failed = None;
             let read = backend.read_range_streamed(&first.volume, first.offset, len, |piece| {
+                if self.ctx.cancel.load(Ordering::Relaxed) || self.ctx.failed.load(Ordering::Relaxed) {
+                    return ControlFlow::Break(());
+                }
                 arrived.push(piece);
                 while let Some((loc, id)) = run.get(done) {
                     let rel = (loc.offset - first.offset) as usize;
@@ -429,9 +432,6 @@ impl RunWriter<'_, '_> {
                         return ControlFlow::Break(());
                     }
                     done += 1;
-                }
-                if self.ctx.cancel.load(Ordering::Relaxed) || self.ctx.failed.load(Ordering::Relaxed) {
-                    return ControlFlow::Break(());
                 }
                 ControlFlow::Continue(())
             });
@@ -683,7 +683,7 @@ impl Ctx<'_> {
         let wanted = &wanted;
         pool.install(|| {
             runs.par_iter().try_for_each(|run| -> Result<()> {
-                if self.cancel.load(Ordering::Relaxed) {
+                if self.cancel.load(Ordering::Relaxed) || self.failed.load(Ordering::Relaxed) {
                     return Ok(());
                 }
                 let mut w = RunWriter { ctx: self, items, wanted, scratch: SCRATCH.take(), open: None };

@@ -1418,12 +1418,17 @@ fn sftp_box_checked_before_backup() {
 
 /// A volume cut short on a remote box: a restore writes every file whose blocks arrived
 /// before the cut (blocks are restored as their bytes come in), names the others as lost and
-/// exits with 1.
-#[test]
-fn sftp_restore_keeps_the_files_that_arrived_before_a_volume_is_cut_short() {
+/// exits with 1; so does a restore of one file that lies wholly past the cut (its read
+/// starts beyond the end of the object). `root_key` names the server's folder in the
+/// servers' settings.
+fn restore_keeps_the_files_before_a_cut(proto: Proto, root_key: &str) {
     let name = unique("cut");
-    let Some(r) = remote(Proto::Sftp, &name) else { return };
-    let root = PathBuf::from(servers()["BB_SFTP_ROOT"].clone()).join(&name);
+    let Some(r) = remote(proto, &name) else { return };
+    let Some(root) = servers().get(root_key).cloned() else {
+        eprintln!("SKIP {} test: no {root_key} (run .ci/servers.sh again)", proto.name());
+        return;
+    };
+    let root = PathBuf::from(root).join(&name);
     let env = Env::new();
     let s = Session::new(&env, r);
     let src = env.mkdir("src");
@@ -1454,7 +1459,32 @@ fn sftp_restore_keeps_the_files_that_arrived_before_a_volume_is_cut_short() {
         }
     }
     assert!(whole >= 3 && named >= 3, "{whole} restored, {named} named:\n{}", r.stderr);
+
+    // One file at a time: a read of a file past the cut starts beyond the object's end.
+    let mut past = 0;
+    for f in &files {
+        let one = env.path().join(format!("one-{f}"));
+        let r = s.run(&args!["restore", "--target", &one, src.join(f)]);
+        if r.code == 0 {
+            assert!(same_content(&restored(&one, &src).join(f), &src.join(f)), "{f}");
+        } else {
+            assert_eq!(r.code, 1, "{f}: {}", r.stderr);
+            assert!(r.stderr.contains(f.as_str()) && r.stderr.contains("truncated"), "{f}: {}", r.stderr);
+            past += 1;
+        }
+    }
+    assert_eq!(past, named, "files lost alone and in the whole restore differ");
     s.assert_no_secrets();
+}
+
+#[test]
+fn sftp_restore_keeps_the_files_that_arrived_before_a_volume_is_cut_short() {
+    restore_keeps_the_files_before_a_cut(Proto::Sftp, "BB_SFTP_ROOT");
+}
+
+#[test]
+fn ftp_restore_keeps_the_files_that_arrived_before_a_volume_is_cut_short() {
+    restore_keeps_the_files_before_a_cut(Proto::Ftp, "BB_FTP_ROOT");
 }
 
 /// A remote box's small tree volume is fetched whole with the first tree wanted from it; a
