@@ -753,12 +753,7 @@ impl Backend {
         if let (Some(root), None) = (&self.local_root, &self.down) {
             return read_local_range_into(&root.join(name), name, offset, len, buf);
         }
-        let fetched = self.fetch_range(name, offset, len)?;
-        buf.clear();
-        buf.reserve(fetched.len());
-        for piece in fetched {
-            buf.extend_from_slice(&piece);
-        }
+        Fetched(self.fetch_range(name, offset, len)?).copy_into(buf);
         Ok(())
     }
 
@@ -1181,6 +1176,15 @@ impl Fetched {
     pub fn pieces(&self) -> impl Iterator<Item = bytes::Bytes> {
         self.0.clone()
     }
+
+    /// Copies the bytes into `buf`, replacing what it held (its memory is reused).
+    pub fn copy_into(&self, buf: &mut Vec<u8>) {
+        buf.clear();
+        buf.reserve(self.len());
+        for piece in self.pieces() {
+            buf.extend_from_slice(&piece);
+        }
+    }
 }
 
 impl FromIterator<Fetched> for Fetched {
@@ -1222,6 +1226,11 @@ impl Arrived {
     /// Whether nothing arrived yet.
     pub fn is_empty(&self) -> bool {
         self.end == 0
+    }
+
+    /// The bytes in `range` once all of them have arrived (`None` before), as [`Self::take`].
+    pub fn take_arrived(&mut self, range: std::ops::Range<usize>) -> Option<Fetched> {
+        (range.end <= self.end).then(|| self.take(range))
     }
 
     /// The bytes in `range` (all arrived), without copying; pieces that end within it are let
@@ -1433,10 +1442,12 @@ mod tests {
     fn blocks_are_cut_from_the_pieces_they_arrived_in() {
         let bytes: Vec<u8> = (0..100u8).collect();
         let mut arrived = Arrived::default();
-        for piece in [&bytes[..10], &bytes[10..15], &bytes[15..60], &bytes[60..]] {
+        arrived.push(Fetched::from(bytes[..10].to_vec()));
+        assert!(arrived.take_arrived(2..12).is_none(), "only 10 bytes are there");
+        for piece in [&bytes[10..15], &bytes[15..60], &bytes[60..]] {
             arrived.push(Fetched::from(piece.to_vec()));
         }
-        assert_eq!(arrived.take(2..12).to_vec(), &bytes[2..12]);
+        assert_eq!(arrived.take_arrived(2..12).map(|f| f.to_vec()).as_deref(), Some(&bytes[2..12]));
         // The first piece ended within that block: let go.
         assert_eq!(arrived.pieces.len(), 3);
         // A gap between blocks, a block across three pieces, one at the very end.

@@ -844,11 +844,9 @@ impl Blocks {
         backend.read_range_streamed(volume, offset, len, |piece| {
             arrived.push(piece);
             while let Some(&(at, loc, id)) = blocks.get(next) {
-                let end = at + loc.length as usize;
-                if arrived.len() < end {
+                let Some(sealed) = arrived.take_arrived(at..at + loc.length as usize) else {
                     break;
-                }
-                let sealed = arrived.take(at..end);
+                };
                 let open = || {
                     let cipher = cipher.as_ref().map_err(Arc::clone)?;
                     let mut own = sealed.to_vec();
