@@ -108,6 +108,8 @@ struct Ctx<'a> {
     unchanged: AtomicU64,
     /// A run failed for good (a full disk): the runs on their way stop too.
     failed: AtomicBool,
+    /// Files already named as lost (one line per file, however many of its blocks are gone).
+    lost: Mutex<HashSet<usize>>,
 }
 
 /// Restores `paths` (absolute paths inside the version; empty = all) of `version`.
@@ -156,6 +158,7 @@ pub fn restore(
         written: AtomicU64::new(0),
         unchanged: AtomicU64::new(0),
         failed: AtomicBool::new(false),
+        lost: Mutex::new(HashSet::new()),
     };
     if let Some(t) = &opts.target {
         std::fs::create_dir_all(t)
@@ -419,14 +422,10 @@ impl RunWriter<'_, '_> {
                 arrived.push(piece);
                 while let Some((loc, id)) = run.get(done) {
                     let rel = (loc.offset - first.offset) as usize;
-                    let to = rel + loc.length as usize;
-                    if arrived.len() < to {
+                    let Some(sealed) = arrived.take_arrived(rel..rel + loc.length as usize) else {
                         break;
-                    }
-                    buf.clear();
-                    for p in arrived.take(rel..to).pieces() {
-                        buf.extend_from_slice(&p);
-                    }
+                    };
+                    sealed.copy_into(&mut buf);
                     if let Err(e) = self.block(&cipher, loc, id, &mut buf) {
                         failed = Some(e);
                         return ControlFlow::Break(());
@@ -449,11 +448,15 @@ impl RunWriter<'_, '_> {
         }
     }
 
-    /// Reports every file that needs one of `blocks` as failed, for `why`.
+    /// Reports every file that needs one of `blocks` as failed, for `why` (once per file: the
+    /// first lost block names it).
     fn fail(&self, blocks: &[(BlockLocation, BlockId)], why: &dyn std::fmt::Display) {
         for (_, id) in blocks {
             for &(item, _, _) in &self.wanted[id] {
-                self.ctx.error(format!("{}: {why}", self.items[item].source.display()));
+                let first = self.ctx.lost.lock().map_or(true, |mut lost| lost.insert(item));
+                if first {
+                    self.ctx.error(format!("{}: {why}", self.items[item].source.display()));
+                }
             }
         }
     }
