@@ -223,11 +223,25 @@ impl LockGuard {
         let name = format!("{}{}.lock", objects::LOCKS_DIR, hex::encode(crypto::random_bytes::<8>()));
         let info = LockInfo::new(kind, command);
         let mut pause = Duration::from_millis(200);
+        // The first attempt writes at once and looks once, after writing (a box is rarely
+        // busy, and over a network each look is a round trip); attempts after a conflict look
+        // first, so that a box that is plainly busy is not written to again and again.
+        let mut looked = false;
         loop {
-            // Look first, so that a box that is plainly busy is not written to.
-            let blocking = conflicts(&backend, keys, kind, &name)?;
+            let blocking = if looked { conflicts(&backend, keys, kind, &name)? } else { Vec::new() };
             if blocking.is_empty() {
-                backend.write(&name, seal_lock(keys, &name, &info)?)?;
+                if let Err(e) = backend.write(&name, seal_lock(keys, &name, &info)?) {
+                    // A box that cannot be written to (read-only credentials) may still be
+                    // read without a lock, unless a conflicting lock is there: say so.
+                    if !looked {
+                        let blocking = conflicts(&backend, keys, kind, &name)?;
+                        if !blocking.is_empty() {
+                            return Err(locked_error(&blocking));
+                        }
+                    }
+                    return Err(e);
+                }
+                looked = true;
                 // What the box holds is only read after this look: another command that
                 // finished before it has stored everything it wrote (it releases its lock
                 // last), so a catalog synced after the lock is taken sees all of it.
@@ -426,6 +440,32 @@ mod tests {
         assert!(list_locks(&backend, &keys).unwrap().is_empty());
         let x = LockGuard::acquire(backend.clone(), &keys, LockKind::Exclusive, "compact", Duration::ZERO).unwrap();
         assert!(x.check().is_ok());
+    }
+
+    /// A box that cannot be written to fails the write; a conflicting lock in it still makes
+    /// that a "box in use" error (a read-only box is read without a lock only when free).
+    #[test]
+    fn a_box_that_cannot_be_written_names_the_lock_that_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(Backend::open(dir.path().to_str().unwrap()).unwrap());
+        let keys = Keys::from_master([3; 32]);
+        let held = LockGuard::acquire(backend.clone(), &keys, LockKind::Exclusive, "compact", Duration::ZERO).unwrap();
+        let locks = dir.path().join("locks");
+        // Root writes through file modes: the immutable flag stops it (ext4, btrfs, tmpfs).
+        let chattr = |flag: &str| std::process::Command::new("chattr").arg(flag).arg(&locks).status();
+        if !chattr("+i").is_ok_and(|s| s.success()) {
+            eprintln!("SKIP: chattr +i does not work here");
+            return;
+        }
+        let e = LockGuard::acquire(backend.clone(), &keys, LockKind::Read, "restore", Duration::ZERO);
+        let free = chattr("-i");
+        assert!(matches!(e, Err(Error::Locked(ref m)) if m.contains("exclusive lock of 'compact'")), "{e:?}");
+        assert!(free.is_ok_and(|s| s.success()));
+        drop(held);
+        chattr("+i").unwrap();
+        let e = LockGuard::acquire(backend.clone(), &keys, LockKind::Read, "restore", Duration::ZERO);
+        chattr("-i").unwrap();
+        assert!(matches!(e, Err(Error::Io { .. } | Error::Backend { .. })), "{e:?}");
     }
 
     #[test]
