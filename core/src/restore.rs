@@ -123,7 +123,7 @@ pub fn restore(
 ) -> Result<RestoreSummary> {
     let started = Instant::now();
     // Compaction must not delete volumes while they are read.
-    let _lock = repo.read_lock_synced("restore")?;
+    let lock = repo.read_lock_synced("restore")?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(fetch_plan(repo).0)
         .thread_name(|i| format!("brickbox-restore-{i}"))
@@ -209,28 +209,35 @@ pub fn restore(
         return Err(Error::Interrupted("restore stopped; restored files may be incomplete".into()));
     }
 
-    // 3. Hard links, symlinks and special files.
-    for (first, i) in links {
-        ctx.hard_link(&items[first], &items[i]);
-    }
-    for it in items.iter().filter(|i| !matches!(i.node.kind, FileKind::File | FileKind::Dir)) {
-        ctx.restore_special(it);
-    }
+    // Nothing is read from the box after this: its lock is released (a round trip on a
+    // remote box) while links and metadata are restored.
+    let items = std::thread::scope(|scope| {
+        scope.spawn(move || drop(lock));
 
-    // 4. Metadata: everything but directories, then directories deepest first. Directories
-    // recorded only as the way down to a backed-up source are left as they are.
-    let above: std::collections::HashSet<PathBuf> = version
-        .sources
-        .iter()
-        .flat_map(|s| Path::new(s).ancestors().skip(1).map(Path::to_path_buf).collect::<Vec<_>>())
-        .collect();
-    let items: Vec<Item> = items.into_iter().filter(|i| !above.contains(&i.source)).collect();
-    items.par_iter().filter(|i| i.node.kind != FileKind::Dir).for_each(|it| ctx.apply_metadata(it));
-    let mut dirs: Vec<&Item> = items.iter().filter(|i| i.node.kind == FileKind::Dir).collect();
-    dirs.sort_by_key(|i| std::cmp::Reverse(i.depth));
-    for it in dirs {
-        ctx.apply_metadata(it);
-    }
+        // 3. Hard links, symlinks and special files.
+        for (first, i) in links {
+            ctx.hard_link(&items[first], &items[i]);
+        }
+        for it in items.iter().filter(|i| !matches!(i.node.kind, FileKind::File | FileKind::Dir)) {
+            ctx.restore_special(it);
+        }
+
+        // 4. Metadata: everything but directories, then directories deepest first. Directories
+        // recorded only as the way down to a backed-up source are left as they are.
+        let above: std::collections::HashSet<PathBuf> = version
+            .sources
+            .iter()
+            .flat_map(|s| Path::new(s).ancestors().skip(1).map(Path::to_path_buf).collect::<Vec<_>>())
+            .collect();
+        let items: Vec<Item> = items.into_iter().filter(|i| !above.contains(&i.source)).collect();
+        items.par_iter().filter(|i| i.node.kind != FileKind::Dir).for_each(|it| ctx.apply_metadata(it));
+        let mut dirs: Vec<&Item> = items.iter().filter(|i| i.node.kind == FileKind::Dir).collect();
+        dirs.sort_by_key(|i| std::cmp::Reverse(i.depth));
+        for it in dirs {
+            ctx.apply_metadata(it);
+        }
+        items
+    });
 
     let count = |k: &dyn Fn(&Item) -> bool| items.iter().filter(|i| k(i)).count() as u64;
     Ok(RestoreSummary {
