@@ -233,13 +233,20 @@ impl LockGuard {
                 if let Err(e) = backend.write(&name, seal_lock(keys, &name, &info)?) {
                     // A box that cannot be written to (read-only credentials) may still be
                     // read without a lock, unless a conflicting lock is there: say so.
-                    if !looked {
-                        let blocking = conflicts(&backend, keys, kind, &name)?;
-                        if !blocking.is_empty() {
-                            return Err(locked_error(&blocking));
-                        }
+                    if looked {
+                        return Err(e);
                     }
-                    return Err(e);
+                    looked = true;
+                    let blocking = conflicts(&backend, keys, kind, &name)?;
+                    if blocking.is_empty() {
+                        return Err(e);
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(locked_error(&blocking));
+                    }
+                    // Wait for the box to be free (the next attempt looks first).
+                    sleep_before_retry(&mut pause, deadline);
+                    continue;
                 }
                 looked = true;
                 // What the box holds is only read after this look: another command that
@@ -277,10 +284,7 @@ impl LockGuard {
             } else if Instant::now() >= deadline {
                 return Err(locked_error(&blocking));
             }
-            // Randomised, growing pauses, so that racing processes do not meet again.
-            let jitter = Duration::from_millis(u64::from(crypto::random_bytes::<1>()[0]) * 2);
-            std::thread::sleep((pause + jitter).min(deadline.saturating_duration_since(Instant::now())));
-            pause = (pause * 2).min(Duration::from_secs(10));
+            sleep_before_retry(&mut pause, deadline);
         }
     }
 
@@ -349,6 +353,14 @@ impl Drop for LockGuard {
         // Best effort: a lock left behind goes stale and is ignored.
         let _ = self.shared.backend.delete(&self.shared.name);
     }
+}
+
+/// Waits before the next attempt at a lock: randomised, growing pauses (so that racing
+/// processes do not meet again), never past `deadline`.
+fn sleep_before_retry(pause: &mut Duration, deadline: Instant) {
+    let jitter = Duration::from_millis(u64::from(crypto::random_bytes::<1>()[0]) * 2);
+    std::thread::sleep((*pause + jitter).min(deadline.saturating_duration_since(Instant::now())));
+    *pause = (*pause * 2).min(Duration::from_secs(10));
 }
 
 /// Live locks other than `own` that conflict with `kind`; stale ones met on the way are removed.
@@ -442,30 +454,52 @@ mod tests {
         assert!(x.check().is_ok());
     }
 
+    /// Sets the immutable flag of a folder (root cannot write into it then) while alive.
+    struct Immutable<'a>(&'a std::path::Path);
+
+    impl<'a> Immutable<'a> {
+        fn set(dir: &'a std::path::Path) -> Option<Self> {
+            let ok = std::process::Command::new("chattr").arg("+i").arg(dir).status().is_ok_and(|s| s.success());
+            ok.then_some(Immutable(dir))
+        }
+    }
+
+    impl Drop for Immutable<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("chattr").arg("-i").arg(self.0).status();
+        }
+    }
+
     /// A box that cannot be written to fails the write; a conflicting lock in it still makes
-    /// that a "box in use" error (a read-only box is read without a lock only when free).
+    /// that a "box in use" error, or a wait with a lock wait (a read-only box is read without
+    /// a lock only when free).
     #[test]
-    fn a_box_that_cannot_be_written_names_the_lock_that_holds_it() {
+    fn a_box_that_cannot_be_written_names_or_waits_for_the_lock_that_holds_it() {
         let dir = tempfile::tempdir().unwrap();
         let backend = Arc::new(Backend::open(dir.path().to_str().unwrap()).unwrap());
         let keys = Keys::from_master([3; 32]);
-        let held = LockGuard::acquire(backend.clone(), &keys, LockKind::Exclusive, "compact", Duration::ZERO).unwrap();
-        let locks = dir.path().join("locks");
+        // A compaction's lock that goes stale 1.5 s from now (as if its holder stopped
+        // refreshing it): the lock a waiter sees go.
+        let mut held = LockInfo::new(LockKind::Exclusive, "compact");
+        held.refreshed_ns -= STALE_AFTER.as_nanos() as i64 - 1_500_000_000;
+        let name = "locks/00000000000000bb.lock";
+        backend.write(name, seal_lock(&keys, name, &held).unwrap()).unwrap();
+        let started = Instant::now();
         // Root writes through file modes: the immutable flag stops it (ext4, btrfs, tmpfs).
-        let chattr = |flag: &str| std::process::Command::new("chattr").arg(flag).arg(&locks).status();
-        if !chattr("+i").is_ok_and(|s| s.success()) {
+        let locks = dir.path().join("locks");
+        let Some(_frozen) = Immutable::set(&locks) else {
             eprintln!("SKIP: chattr +i does not work here");
             return;
-        }
+        };
         let e = LockGuard::acquire(backend.clone(), &keys, LockKind::Read, "restore", Duration::ZERO);
-        let free = chattr("-i");
         assert!(matches!(e, Err(Error::Locked(ref m)) if m.contains("exclusive lock of 'compact'")), "{e:?}");
-        assert!(free.is_ok_and(|s| s.success()));
-        drop(held);
-        chattr("+i").unwrap();
-        let e = LockGuard::acquire(backend.clone(), &keys, LockKind::Read, "restore", Duration::ZERO);
-        chattr("-i").unwrap();
+        // With a lock wait it waits until that lock is gone, then fails to write its own
+        // (the caller reads the box without a lock).
+        let e = LockGuard::acquire(backend.clone(), &keys, LockKind::Read, "restore", Duration::from_secs(20));
         assert!(matches!(e, Err(Error::Io { .. } | Error::Backend { .. })), "{e:?}");
+        assert!(started.elapsed() >= Duration::from_millis(1500), "it did not wait");
+        let names: Vec<String> = list_locks(&backend, &keys).unwrap().into_iter().map(|l| l.name).collect();
+        assert_eq!(names, vec![name.to_string()]);
     }
 
     #[test]

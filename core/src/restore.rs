@@ -212,7 +212,8 @@ pub fn restore(
     // Nothing is read from the box after this: its lock is released (a round trip on a
     // remote box) while links and metadata are restored.
     let items = std::thread::scope(|scope| {
-        scope.spawn(move || drop(lock));
+        // Without a thread to spare, the lock goes here and now.
+        let _ = std::thread::Builder::new().name("brickbox-unlock".into()).spawn_scoped(scope, move || drop(lock));
 
         // 3. Hard links, symlinks and special files.
         for (first, i) in links {
@@ -460,10 +461,7 @@ impl RunWriter<'_, '_> {
     fn fail(&self, blocks: &[(BlockLocation, BlockId)], why: &dyn std::fmt::Display) {
         for (_, id) in blocks {
             for &(item, _, _) in &self.wanted[id] {
-                let first = self.ctx.lost.lock().map_or(true, |mut lost| lost.insert(item));
-                if first {
-                    self.ctx.error(format!("{}: {why}", self.items[item].source.display()));
-                }
+                self.ctx.lose(&self.items[item], item, why);
             }
         }
     }
@@ -529,6 +527,14 @@ impl Ctx<'_> {
     fn error(&self, msg: String) {
         if let Ok(mut w) = self.errors.lock() {
             w.push(msg);
+        }
+    }
+
+    /// Names file `it` (number `item`) as not restored for `why`, unless a lost block named
+    /// it already: one line per file, however many of its blocks are gone.
+    fn lose(&self, it: &Item, item: usize, why: &dyn std::fmt::Display) {
+        if self.lost.lock().map_or(true, |mut lost| lost.insert(item)) {
+            self.error(format!("{}: {why}", it.source.display()));
         }
     }
 
@@ -679,11 +685,7 @@ impl Ctx<'_> {
                     Some(loc) => located.push((loc, *id)),
                     None => {
                         for &(item, _, _) in &wanted[id] {
-                            self.error(format!(
-                                "{}: {}",
-                                items[item].source.display(),
-                                Error::MissingBlock(id.to_hex())
-                            ));
+                            self.lose(&items[item], item, &Error::MissingBlock(id.to_hex()));
                         }
                     }
                 }

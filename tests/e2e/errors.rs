@@ -224,6 +224,24 @@ fn missing_volume_fails_only_the_affected_file() {
 }
 
 #[test]
+fn blocks_no_index_lists_fail_their_file_once() {
+    let (env, src, volume) = box_with_separate_volumes();
+    // The index of victim.bin's volume is gone: a new catalog knows none of its blocks.
+    let hex = file_name(&volume).trim_end_matches(".dblock.zip").to_string();
+    fs::remove_file(env.repo.join("index").join(format!("{hex}.dindex"))).unwrap();
+    let t = env.path().join("t");
+    let r = env.run_with_db(&env.path().join("fresh.sqlite"), &args!["restore", "--target", &t]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("missing from the repository"), "{}", r.stderr);
+    assert_eq!(r.stderr.matches("victim.bin").count(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("1 file(s) could not be restored"), "{}", r.stderr);
+    let out = restored(&t, &src);
+    for good in ["good1.txt", "good2.bin", "sub/good3.txt"] {
+        assert!(same_content(&src.join(good), &out.join(good)), "{good} not restored intact");
+    }
+}
+
+#[test]
 fn missing_manifest_drops_only_that_version() {
     let env = Env::with_box();
     let src = env.mkdir("src");
