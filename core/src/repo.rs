@@ -548,10 +548,17 @@ impl Repository {
     }
 
     /// [`Self::read_lock`], then the catalog brought up to date as [`Self::lock_synced`]
-    /// does (also on a box without a lock).
-    pub fn read_lock_synced(&self, command: &str) -> Result<Option<LockGuard>> {
+    /// does (also on a box without a lock), with `meanwhile` run beside the sync, under the
+    /// lock: say, fetching the tree a command reads first, a round trip sooner on a remote
+    /// box. What `meanwhile` looks up comes from the catalog as it was before the sync, so it
+    /// must only prepare (a failure there is for the command to meet again later).
+    pub fn read_lock_synced_with(&self, command: &str, meanwhile: impl FnOnce() + Send) -> Result<Option<LockGuard>> {
         let guard = self.read_lock(command)?;
-        self.sync_catalog()?;
+        std::thread::scope(|s| {
+            // Without a thread to spare, nothing is prepared.
+            let _ = std::thread::Builder::new().name("brickbox-prepare".into()).spawn_scoped(s, meanwhile);
+            self.sync_catalog()
+        })?;
         Ok(guard)
     }
 

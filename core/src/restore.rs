@@ -122,14 +122,17 @@ pub fn restore(
     cancel: &AtomicBool,
 ) -> Result<RestoreSummary> {
     let started = Instant::now();
-    // Compaction must not delete volumes while they are read.
-    let lock = repo.read_lock_synced("restore")?;
+    let root_id = version.root_id()?;
+    // Compaction must not delete volumes while they are read. The version's top tree (on a
+    // remote box, with the small volume of trees it lies in) comes while the catalog syncs.
+    let lock = repo.read_lock_synced_with("restore", || {
+        let _ = repo.tree(&root_id);
+    })?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(fetch_plan(repo).0)
         .thread_name(|i| format!("brickbox-restore-{i}"))
         .build()
         .map_err(|e| Error::Invalid(format!("cannot start the restore threads: {e}")))?;
-    let root_id = version.root_id()?;
     let root = repo.tree(&root_id)?;
     let mut items = Vec::new();
     let wanted: Vec<PathBuf> = if paths.is_empty() { vec![PathBuf::from("/")] } else { paths.to_vec() };
