@@ -212,12 +212,16 @@ fn missing_volume_fails_only_the_affected_file() {
     fs::remove_file(&volume).unwrap();
     let t = env.path().join("t");
     let r = env.run(&args!["restore", "--target", &t]);
-    assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains(&file_name(&volume)), "the message names the missing object: {}", r.stderr);
-    // Named once, though each of its blocks is lost.
+    assert_only_the_victim_lost(&r, &restored(&t, &src), &src);
+}
+
+/// The restore `r` into `out` named victim.bin once (however many of its blocks are lost),
+/// counted one lost file, and restored the others of `src` intact.
+fn assert_only_the_victim_lost(r: &Run, out: &Path, src: &Path) {
+    assert_eq!(r.code, 1, "{r:?}");
     assert_eq!(r.stderr.matches("victim.bin").count(), 1, "{}", r.stderr);
     assert!(r.stderr.contains("1 file(s) could not be restored"), "{}", r.stderr);
-    let out = restored(&t, &src);
     for good in ["good1.txt", "good2.bin", "sub/good3.txt"] {
         assert!(same_content(&src.join(good), &out.join(good)), "{good} not restored intact");
     }
@@ -231,14 +235,8 @@ fn blocks_no_index_lists_fail_their_file_once() {
     fs::remove_file(env.repo.join("index").join(format!("{hex}.dindex"))).unwrap();
     let t = env.path().join("t");
     let r = env.run_with_db(&env.path().join("fresh.sqlite"), &args!["restore", "--target", &t]);
-    assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("missing from the repository"), "{}", r.stderr);
-    assert_eq!(r.stderr.matches("victim.bin").count(), 1, "{}", r.stderr);
-    assert!(r.stderr.contains("1 file(s) could not be restored"), "{}", r.stderr);
-    let out = restored(&t, &src);
-    for good in ["good1.txt", "good2.bin", "sub/good3.txt"] {
-        assert!(same_content(&src.join(good), &out.join(good)), "{good} not restored intact");
-    }
+    assert_only_the_victim_lost(&r, &restored(&t, &src), &src);
 }
 
 #[test]
