@@ -241,6 +241,8 @@ impl LockGuard {
                     if blocking.is_empty() {
                         return Err(e);
                     }
+                    // A write that failed late may have landed: ours must not hold anyone up.
+                    let _ = backend.delete(&name);
                     if Instant::now() >= deadline {
                         return Err(locked_error(&blocking));
                     }
@@ -480,11 +482,11 @@ mod tests {
         let keys = Keys::from_master([3; 32]);
         // A compaction's lock that goes stale 1.5 s from now (as if its holder stopped
         // refreshing it): the lock a waiter sees go.
+        let started = Instant::now();
         let mut held = LockInfo::new(LockKind::Exclusive, "compact");
         held.refreshed_ns -= STALE_AFTER.as_nanos() as i64 - 1_500_000_000;
         let name = "locks/00000000000000bb.lock";
         backend.write(name, seal_lock(&keys, name, &held).unwrap()).unwrap();
-        let started = Instant::now();
         // Root writes through file modes: the immutable flag stops it (ext4, btrfs, tmpfs).
         let locks = dir.path().join("locks");
         let Some(_frozen) = Immutable::set(&locks) else {
@@ -493,7 +495,7 @@ mod tests {
         };
         let e = LockGuard::acquire(backend.clone(), &keys, LockKind::Read, "restore", Duration::ZERO);
         assert!(matches!(e, Err(Error::Locked(ref m)) if m.contains("exclusive lock of 'compact'")), "{e:?}");
-        // With a lock wait it waits until that lock is gone, then fails to write its own
+        // With a lock wait it waits until that lock is stale, then fails to write its own
         // (the caller reads the box without a lock).
         let e = LockGuard::acquire(backend.clone(), &keys, LockKind::Read, "restore", Duration::from_secs(20));
         assert!(matches!(e, Err(Error::Io { .. } | Error::Backend { .. })), "{e:?}");

@@ -556,8 +556,13 @@ impl Repository {
         let guard = self.read_lock(command)?;
         std::thread::scope(|s| {
             // Without a thread to spare, nothing is prepared.
-            let _ = std::thread::Builder::new().name("brickbox-prepare".into()).spawn_scoped(s, meanwhile);
-            self.sync_catalog()
+            let preparing = std::thread::Builder::new().name("brickbox-prepare".into()).spawn_scoped(s, meanwhile);
+            let synced = self.sync_catalog();
+            // Joined here, so that a panic while preparing is only a preparation lost.
+            if let Ok(h) = preparing {
+                let _ = h.join();
+            }
+            synced
         })?;
         Ok(guard)
     }
