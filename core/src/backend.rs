@@ -1218,16 +1218,6 @@ impl Arrived {
         self.pieces.push_back(piece);
     }
 
-    /// Bytes arrived so far.
-    pub fn len(&self) -> usize {
-        self.end
-    }
-
-    /// Whether nothing arrived yet.
-    pub fn is_empty(&self) -> bool {
-        self.end == 0
-    }
-
     /// The bytes in `range` once all of them have arrived (`None` before), as [`Self::take`].
     pub fn take_arrived(&mut self, range: std::ops::Range<usize>) -> Option<Fetched> {
         (range.end <= self.end).then(|| self.take(range))
@@ -1235,7 +1225,7 @@ impl Arrived {
 
     /// The bytes in `range` (all arrived), without copying; pieces that end within it are let
     /// go, so ranges must be taken in order.
-    pub fn take(&mut self, range: std::ops::Range<usize>) -> Fetched {
+    fn take(&mut self, range: std::ops::Range<usize>) -> Fetched {
         debug_assert!(self.start <= range.start && range.end <= self.end, "{range:?} not held");
         let mut parts = Vec::new();
         let mut pos = self.start;
@@ -1454,7 +1444,7 @@ mod tests {
         assert_eq!(arrived.take(14..70).to_vec(), &bytes[14..70]);
         assert_eq!(arrived.take(70..100).to_vec(), &bytes[70..]);
         assert!(arrived.pieces.is_empty());
-        assert_eq!(arrived.len(), 100);
+        assert_eq!(arrived.end, 100);
     }
 
     /// The cloud services without a test server here accept the config their URLs map to.
