@@ -177,6 +177,19 @@ impl Catalog {
         Ok(Self { conn, path: path.to_path_buf() })
     }
 
+    /// The name and text of the key file the catalog at `path` last unlocked its box with, read
+    /// without creating or changing anything; `None` when there is no such catalog or copy.
+    pub fn cached_key_file(path: &Path) -> Option<(String, String)> {
+        use rusqlite::OpenFlags;
+        // No CREATE flag: a missing catalog stays missing.
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).ok()?;
+        let value = |key: &str| -> Option<String> {
+            conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).ok()
+        };
+        Some((value("key_name")?, value("key_file")?))
+    }
+
     /// The catalog file.
     pub fn path(&self) -> &Path {
         &self.path

@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Duration;
 
 use crate::backend::{Backend, BackendOptions};
@@ -126,6 +127,58 @@ struct Unlocked {
     text: Vec<u8>,
 }
 
+/// The key file a catalog last unlocked its box with, unwrapped (and, when its name was known
+/// before the box was listed, read from the box) on threads of their own while the box is
+/// read. Its keys are used only for a key file in the box with the very same bytes, for which
+/// unwrapping gives the same result: a round trip and the key derivation off the way to the
+/// keys, and nothing a password changed elsewhere could keep working through.
+struct EarlyKey<'scope> {
+    name: String,
+    text: String,
+    read: Option<ScopedJoinHandle<'scope, Result<Vec<u8>>>>,
+    unwrapped: Option<ScopedJoinHandle<'scope, Option<Result<Option<Keys>>>>>,
+}
+
+impl<'scope> EarlyKey<'scope> {
+    /// Starts unwrapping `text` with `password`, and reading `name` from the box if `read`.
+    /// What cannot be started is done the usual way later.
+    fn start<'env>(
+        s: &'scope Scope<'scope, 'env>,
+        backend: &'env Backend,
+        password: &'env [u8],
+        (name, text): (String, String),
+        read: bool,
+    ) -> Self {
+        let thread = || std::thread::Builder::new().name("brickbox-unlock".into());
+        let copy = text.clone();
+        let unwrapped =
+            thread().spawn_scoped(s, move || KeyFile::parse(copy.as_bytes()).ok().map(|kf| kf.unwrap(password))).ok();
+        let read = if read {
+            let name = name.clone();
+            thread().spawn_scoped(s, move || backend.read(&name)).ok()
+        } else {
+            None
+        };
+        EarlyKey { name, text, read, unwrapped }
+    }
+
+    /// The box's bytes of key file `name`, if they were read ahead.
+    fn take_read(&mut self, name: &str) -> Option<Result<Vec<u8>>> {
+        if name != self.name {
+            return None;
+        }
+        self.read.take()?.join().ok()
+    }
+
+    /// What unwrapping key file `name`, read as `bytes`, gives, if it was done ahead.
+    fn take_unwrapped(&mut self, name: &str, bytes: &[u8]) -> Option<Result<Option<Keys>>> {
+        if name != self.name || bytes != self.text.as_bytes() {
+            return None;
+        }
+        self.unwrapped.take()?.join().ok().flatten()
+    }
+}
+
 fn now_rfc3339() -> String {
     crate::time::format_rfc3339(crate::time::now_ns())
 }
@@ -223,13 +276,24 @@ impl Repository {
     /// Reads the config and the key files, unlocks the keys with `password` and opens the
     /// catalog.
     fn unlock(backend: &Backend, password: &[u8], choice: CatalogChoice<'_>) -> Result<Unlocking> {
+        std::thread::scope(|s| Self::unlock_in(s, backend, password, choice))
+    }
+
+    /// [`Self::unlock`], with threads of `s` for what can go side by side.
+    fn unlock_in<'scope, 'env>(
+        s: &'scope Scope<'scope, 'env>,
+        backend: &'env Backend,
+        password: &'env [u8],
+        choice: CatalogChoice<'_>,
+    ) -> Result<Unlocking> {
+        // A catalog named by the caller is known before anything is read from the box: the
+        // key file it last unlocked with is read and unwrapped beside the listing.
+        let cached = |path: &Path| (!choice.fresh).then(|| Catalog::cached_key_file(path)).flatten();
+        let mut early = choice.path.and_then(cached).map(|k| EarlyKey::start(s, backend, password, k, true));
         // The config and the list of key files, side by side (each is a round trip).
-        let (box_config, key_names) = std::thread::scope(|s| {
-            let config = s.spawn(|| Self::read_config_raw(backend));
-            let names = backend.list(objects::KEYS_DIR);
-            let config = config.join().unwrap_or_else(|_| Err(Error::Invalid("reading the config failed".into())));
-            (config, names)
-        });
+        let config = s.spawn(|| Self::read_config_raw(backend));
+        let key_names = backend.list(objects::KEYS_DIR);
+        let box_config = config.join().unwrap_or_else(|_| Err(Error::Invalid("reading the config failed".into())));
         let mut key_names = key_names?;
         key_names.retain(|n| n.ends_with(".key"));
         key_names.sort();
@@ -239,8 +303,14 @@ impl Repository {
                 return Err(Error::NotARepository(l.clone()));
             }
         }
+        // The default catalog is known once the config is: its key file is unwrapped while
+        // the box's copy is read.
+        if let (None, None, Ok((c, _))) = (&early, choice.path, &box_config) {
+            let path = default_catalog_path(&c.id).ok();
+            early = path.as_deref().and_then(cached).map(|k| EarlyKey::start(s, backend, password, k, false));
+        }
         let mut damage: Vec<Damage> = Vec::new();
-        let from_box = Self::unlock_from_box(backend, &key_names, password, &mut damage)?;
+        let from_box = Self::unlock_from_box(backend, &key_names, password, &mut damage, early)?;
         let config = match &from_box {
             Some(u) => settle_config(box_config, &u.name, &u.file, &mut damage)?,
             None => box_config?,
@@ -271,9 +341,11 @@ impl Repository {
         names: &[String],
         password: &[u8],
         damage: &mut Vec<Damage>,
+        mut early: Option<EarlyKey<'_>>,
     ) -> Result<Option<Unlocked>> {
         for name in names {
-            let bytes = match backend.read(name) {
+            let read = early.as_mut().and_then(|e| e.take_read(name));
+            let bytes = match read.unwrap_or_else(|| backend.read(name)) {
                 Ok(b) => b,
                 Err(e @ Error::Damaged { .. }) => {
                     damage.push(Damage { object: name.clone(), block: None, problem: e.to_string() });
@@ -288,7 +360,8 @@ impl Repository {
                     continue;
                 }
             };
-            match kf.unwrap(password) {
+            let unwrapped = early.as_mut().and_then(|e| e.take_unwrapped(name, &bytes));
+            match unwrapped.unwrap_or_else(|| kf.unwrap(password)) {
                 Ok(Some(keys)) => return Ok(Some(Unlocked { keys, name: name.clone(), file: kf, text: bytes })),
                 Ok(None) => {}
                 Err(e) => damage.push(Damage { object: name.clone(), block: None, problem: e.to_string() }),

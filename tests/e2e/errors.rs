@@ -35,6 +35,28 @@ fn wrong_password_is_refused_and_changes_nothing() {
     assert_eq!(env.versions().len(), 1);
 }
 
+/// The key file the catalog keeps a copy of is unwrapped ahead of time, but the box's own copy
+/// decides: replaced under the same name by a key file for another password, the old password
+/// no longer opens the box, however well the catalog's copy would unlock.
+#[test]
+fn a_key_file_replaced_under_its_name_is_judged_by_the_copy_in_the_box() {
+    let (env, _src) = box_with_version();
+    let keys = objects(&env.repo, "keys");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let original = fs::read(&keys[0]).unwrap();
+    let other = Env::new();
+    other.run_with_password("another password", &args!["init"]).expect_code(0);
+    fs::copy(&objects(&other.repo, "keys")[0], &keys[0]).unwrap();
+
+    let r = env.run(&args!["versions"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.to_lowercase().contains("password"), "{}", r.stderr);
+
+    // The box's own key file back: the catalog's copy works again, as before.
+    fs::write(&keys[0], original).unwrap();
+    assert_eq!(env.versions().len(), 1);
+}
+
 #[test]
 fn not_a_repository() {
     let env = Env::new();
