@@ -107,6 +107,13 @@ const SMALL_FILE: u64 = 1 << 20;
 /// OPENING_BLOCKS blocks.
 const OPENING_SHARE: u64 = 8;
 const OPENING_BLOCKS: usize = 4;
+/// A first read of at least BULK_READ bytes reads ahead 1/BULK_OPENING_SHARE of the full
+/// window. The kernel sends requests that large (its largest) for a program that reads in
+/// large pieces (`cp`, `dd`, `cat`, `tar`), and 16 KiB for one that reads a few KiB (`head`,
+/// a header sniffer). Over S3 + 20 ms, four files read with `dd` took 0.46 s instead of 0.52:
+/// the window asked for at the second read arrived while the first ones were read.
+const BULK_READ: u64 = 128 << 10;
+const BULK_OPENING_SHARE: u64 = 4;
 
 /// Errors of the VFS; front ends map them to their error codes.
 #[derive(Debug, thiserror::Error)]
@@ -1987,8 +1994,9 @@ impl Vfs {
         // A read from the start of a file gets a small window at once: the kernel asks for the
         // next pages only once this read is answered, which over a network would cost every
         // file a round trip before its read-ahead starts. The full window waits for a second
-        // sequential read, so a program that only looks at a file's header (`file`, an
-        // indexer) fetches a few blocks, not a window.
+        // sequential read, so a program that only looks at a file's header (`head`, an
+        // indexer) fetches a few blocks, not a window; one that reads in large pieces gets a
+        // quarter of the window at once (see BULK_READ).
         let opening = offset == 0;
         if (s.streak < 2 && !opening) || last + 1 >= n {
             return;
@@ -1997,7 +2005,9 @@ impl Vfs {
         // Never read further ahead than a quarter of the cache holds, or blocks would be
         // evicted before the reader gets to them.
         let full = self.opts.readahead_bytes.min(self.opts.cache_bytes as u64 / 4);
-        let (window, blocks) = if opening {
+        let (window, blocks) = if opening && end - offset >= BULK_READ {
+            (full / BULK_OPENING_SHARE, self.opts.readahead_blocks)
+        } else if opening {
             (full / OPENING_SHARE, OPENING_BLOCKS.min(self.opts.readahead_blocks))
         } else {
             (full, self.opts.readahead_blocks)
@@ -2297,6 +2307,21 @@ mod tests {
         let full = vfs.stats().prefetched_blocks;
         assert!(full > opening, "{opening} blocks then {full}");
         assert!(full >= within(4 << 20) - 1, "{full} blocks of {}", within(4 << 20));
+
+        // A first read as large as the kernel sends for a program reading in large pieces
+        // (a new VFS, so that nothing is loaded yet): a quarter of the window at once, more
+        // than a small first read may get.
+        let opts = VfsOptions { readahead_bytes: 16 << 20, cache_bytes: 64 << 20, ..Default::default() };
+        let vfs = Vfs::with_options(fx.repo.clone(), opts).unwrap();
+        let folder = vfs.version_names().pop().unwrap();
+        let b = vfs.resolve(&fx.in_version(&folder, "sub/deeper/big.bin")).unwrap().unwrap();
+        vfs.read(b.ino, 0, BULK_READ as u32).unwrap();
+        let bulk = vfs.stats().prefetched_blocks;
+        // From the block after the read's last one, a quarter of 16 MiB.
+        let next = (1..n).find(|&i| starts[i] >= BULK_READ).unwrap();
+        let expected = (next..n).take_while(|&i| starts[i] < starts[next] + (16 << 20) / BULK_OPENING_SHARE).count();
+        assert_eq!(bulk, expected as u64, "{n} blocks");
+        assert!(bulk > OPENING_BLOCKS as u64, "{bulk} blocks ahead of a large first read");
     }
 
     #[test]
