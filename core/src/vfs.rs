@@ -97,6 +97,9 @@ const TREE_CACHE_BYTES: usize = 16 << 20;
 const LINK_COUNTS: usize = 8192;
 /// Blocks read from the disk cache by one background task.
 const DISK_BATCH: usize = 8;
+/// Entries looked at, at most, to find the file read after another (see
+/// `Vfs::next_file_in_order`).
+const NEXT_FILE_STEPS: usize = 64;
 /// Directories whose file opens are tracked for directory read-ahead.
 const DIR_OPENS: usize = 64;
 /// Subdirectory trees a listing loads ahead at most.
@@ -1172,6 +1175,8 @@ struct Seq {
     ahead: usize,
     /// Blocks before this index were dropped from memory behind the reader.
     released: usize,
+    /// The file read after this one was asked for.
+    next_asked: bool,
 }
 
 struct FileState {
@@ -1193,7 +1198,14 @@ impl FileState {
         Self {
             node,
             starts,
-            seq: Mutex::new(Seq { last_end: u64::MAX, last_block: usize::MAX, streak: 0, ahead: 0, released: 0 }),
+            seq: Mutex::new(Seq {
+                last_end: u64::MAX,
+                last_block: usize::MAX,
+                streak: 0,
+                ahead: 0,
+                released: 0,
+                next_asked: false,
+            }),
         }
     }
 
@@ -1235,6 +1247,9 @@ pub struct Vfs {
     tree_links: Mutex<lru::LruCache<BlockId, LinkCounts>>,
     version_links: Mutex<HashMap<Arc<str>, LinkCounts>>,
     dir_opens: Mutex<lru::LruCache<BlockId, DirOpens>>,
+    /// The first block of the file read-ahead expects to be read next (see
+    /// [`Vfs::next_file_ahead`]).
+    next_expected: Mutex<Option<BlockId>>,
     blocks: Arc<Blocks>,
 }
 
@@ -1283,6 +1298,7 @@ impl Vfs {
             tree_links: Mutex::new(lru::LruCache::new(nz(LINK_COUNTS))),
             version_links: Mutex::new(HashMap::new()),
             dir_opens: Mutex::new(lru::LruCache::new(nz(DIR_OPENS))),
+            next_expected: Mutex::new(None),
             blocks,
         })
     }
@@ -1924,7 +1940,9 @@ impl Vfs {
         let end = total.min(offset.saturating_add(u64::from(size)));
         let first = f.block_at(offset);
         let last = f.block_at(end - 1);
-        self.read_ahead(&f, offset, end, first, last);
+        if self.read_ahead(&f, offset, end, first, last) {
+            self.next_file_ahead(ino);
+        }
         let content = &f.node.content;
         let range = |i: usize| {
             let from = offset.max(f.starts[i]) - f.starts[i];
@@ -1967,7 +1985,9 @@ impl Vfs {
     }
 
     /// Tracks sequential access and keeps `readahead_bytes` of following blocks on their way.
-    fn read_ahead(&self, f: &FileState, offset: u64, end: u64, first: usize, last: usize) {
+    /// True once a sequential reader has the rest of the file requested: the time to look at
+    /// the file it may read next.
+    fn read_ahead(&self, f: &FileState, offset: u64, end: u64, first: usize, last: usize) -> bool {
         let n = f.node.content.len();
         let mut s = lock(&f.seq);
         // The kernel sends read-ahead requests concurrently, so neighbours may arrive slightly
@@ -1978,6 +1998,7 @@ impl Vfs {
             s.streak = 1;
             s.ahead = 0;
             s.released = 0;
+            s.next_asked = false;
         } else if sequential {
             s.streak = s.streak.saturating_add(1);
         } else {
@@ -1991,6 +2012,27 @@ impl Vfs {
         if s.streak >= 2 {
             self.release_behind(f, &mut s, first);
         }
+        let wanted = self.window_to_request(f, &mut s, offset, end, last);
+        let file_done = s.streak >= 2 && s.ahead.max(last + 1) >= n && !s.next_asked;
+        s.next_asked |= file_done;
+        drop(s);
+        if let Some(range) = wanted {
+            self.blocks.prefetch(f.node.content[range].iter().map(|b| b.id), true);
+        }
+        file_done
+    }
+
+    /// The blocks to request now to keep a window ahead of a reader of `offset..end` (whose last
+    /// block is `last`), marked requested in `s`.
+    fn window_to_request(
+        &self,
+        f: &FileState,
+        s: &mut Seq,
+        offset: u64,
+        end: u64,
+        last: usize,
+    ) -> Option<std::ops::Range<usize>> {
+        let n = f.node.content.len();
         // A read from the start of a file gets a small window at once: the kernel asks for the
         // next pages only once this read is answered, which over a network would cost every
         // file a round trip before its read-ahead starts. The full window waits for a second
@@ -1999,13 +2041,16 @@ impl Vfs {
         // quarter of the window at once (see BULK_READ).
         let opening = offset == 0;
         if (s.streak < 2 && !opening) || last + 1 >= n {
-            return;
+            return None;
         }
         let from = s.ahead.max(last + 1);
-        // Never read further ahead than a quarter of the cache holds, or blocks would be
-        // evicted before the reader gets to them.
-        let full = self.opts.readahead_bytes.min(self.opts.cache_bytes as u64 / 4);
-        let (window, blocks) = if opening && end - offset >= BULK_READ {
+        let full = self.window();
+        let bulk = opening && end - offset >= BULK_READ;
+        let (window, blocks) = if bulk && self.is_next_expected(f) {
+            // The file read-ahead expected next, read from its start in large pieces: a
+            // program copying the version file by file. Its first blocks are here already.
+            (full, self.opts.readahead_blocks)
+        } else if bulk {
             (full / BULK_OPENING_SHARE, self.opts.readahead_blocks)
         } else if opening {
             (full / OPENING_SHARE, OPENING_BLOCKS.min(self.opts.readahead_blocks))
@@ -2018,18 +2063,95 @@ impl Vfs {
         // reads over a 20 ms round trip wait every half window, for the first of a batch of
         // reads that all arrived together.
         if from < n && f.starts[from] >= f.starts[last + 1].saturating_add(window - window / 8) {
-            return;
+            return None;
         }
         let mut to = from;
         while to < n && to < last + 1 + blocks && f.starts[to] < window_end {
             to += 1;
         }
         if to <= from {
-            return;
+            return None;
         }
         s.ahead = to;
-        drop(s);
-        self.blocks.prefetch(f.node.content[from..to].iter().map(|b| b.id), true);
+        Some(from..to)
+    }
+
+    /// The read-ahead window: never further ahead than a quarter of the cache holds, or blocks
+    /// would be evicted before the reader gets to them.
+    fn window(&self) -> u64 {
+        self.opts.readahead_bytes.min(self.opts.cache_bytes as u64 / 4)
+    }
+
+    /// Requests the first blocks of the file a program copying the version in listing order
+    /// (`cp -r`, `tar`, a file manager) reads after `ino`, as much as a large first read gets
+    /// ahead: that file's first round trip then passes while this one is read.
+    fn next_file_ahead(&self, ino: u64) {
+        let Ok((key, _)) = self.entry(ino) else { return };
+        let Scope::Version(version) = &key.scope else { return };
+        let Some(next) = self.next_file_in_order(version, &key.path) else { return };
+        let window = self.window() / BULK_OPENING_SHARE;
+        let mut bytes = 0;
+        let ids: Vec<BlockId> = next
+            .content
+            .iter()
+            .take_while(|b| {
+                let more = bytes < window;
+                bytes += u64::from(b.len);
+                more
+            })
+            .take(self.opts.readahead_blocks)
+            .map(|b| b.id)
+            .collect();
+        *lock(&self.next_expected) = ids.first().copied();
+        self.blocks.prefetch(ids, true);
+    }
+
+    /// Whether `f` is the file [`Vfs::next_file_ahead`] asked for last.
+    fn is_next_expected(&self, f: &FileState) -> bool {
+        let first = f.node.content.first().map(|b| b.id);
+        first.is_some() && *lock(&self.next_expected) == first
+    }
+
+    /// The first non-empty file after `path` in version `version`, depth first in listing
+    /// order: the next file of its directory, else the first one found in the directories
+    /// after it. Only trees in memory are looked at, and at most NEXT_FILE_STEPS entries, so
+    /// finding none costs no round trip.
+    fn next_file_in_order(&self, version: &str, path: &[u8]) -> Option<NodeRef> {
+        let root = self.versions().get(version)?.manifest.root_id().ok()?;
+        let in_memory = |id: &BlockId| lock(&self.trees).get(id);
+        // For each directory on the way to `path`: its tree and the index after the entry taken.
+        let mut stack: Vec<(Arc<Tree>, usize)> = Vec::new();
+        let mut tree = in_memory(&root)?;
+        let mut names = path.split(|&b| b == b'/').peekable();
+        while let Some(name) = names.next() {
+            let idx = tree.nodes.binary_search_by(|n| n.name.as_slice().cmp(name)).ok()?;
+            let sub = tree.nodes[idx].subtree;
+            stack.push((tree.clone(), idx + 1));
+            if names.peek().is_some() {
+                tree = in_memory(&sub?)?;
+            }
+        }
+        let mut steps = 0;
+        'levels: while let Some((tree, mut j)) = stack.pop() {
+            while j < tree.nodes.len() {
+                steps += 1;
+                if steps > NEXT_FILE_STEPS {
+                    return None;
+                }
+                let node = &tree.nodes[j];
+                j += 1;
+                if node.kind == FileKind::File && !node.content.is_empty() {
+                    return Some(NodeRef::InTree(tree, (j - 1) as u32));
+                }
+                let sub = if node.kind == FileKind::Dir { node.subtree.and_then(|id| in_memory(&id)) } else { None };
+                if let Some(sub) = sub {
+                    stack.push((tree, j));
+                    stack.push((sub, 0));
+                    continue 'levels;
+                }
+            }
+        }
+        None
     }
 
     /// Drops from memory the blocks a sequential reader has passed (all but the two before
@@ -2528,6 +2650,51 @@ mod tests {
         assert!(Vfs::with_options(fx.repo.clone(), hidden).unwrap().version_names().is_empty());
         let shown = VfsOptions { versions: VersionFilter::parse(&["last:1"]).unwrap(), ..Default::default() };
         assert_eq!(Vfs::with_options(fx.repo.clone(), shown).unwrap().version_names(), [folder]);
+    }
+
+    /// Whether block `id` is in memory or on its way there.
+    fn loaded_or_loading(vfs: &Vfs, id: &BlockId) -> bool {
+        lock(&vfs.blocks.cache).contains(id) || lock(&vfs.blocks.inflight).contains_key(id)
+    }
+
+    #[test]
+    fn reading_a_file_to_its_end_loads_the_next_file_in_listing_order_ahead() {
+        let fx = Fixture::new();
+        // Depth first after a/one.bin: a/two (empty), b (an empty directory), c/d/three.bin.
+        for dir in ["a", "b", "c/d"] {
+            std::fs::create_dir_all(fx.src.join(dir)).unwrap();
+        }
+        std::fs::write(fx.src.join("a/one.bin"), pseudo(7, 3 << 20)).unwrap();
+        std::fs::write(fx.src.join("a/two"), b"").unwrap();
+        std::fs::write(fx.src.join("c/d/three.bin"), pseudo(8, 6 << 20)).unwrap();
+        fx.backup();
+        let opts = VfsOptions { readahead_bytes: 4 << 20, cache_bytes: 64 << 20, ..Default::default() };
+        let vfs = Vfs::with_options(fx.repo.clone(), opts).unwrap();
+        let folder = vfs.version_names().pop().unwrap();
+        // The directories' trees in memory, as after listing them.
+        vfs.resolve(&fx.in_version(&folder, "c/d")).unwrap().unwrap();
+        let one = vfs.resolve(&fx.in_version(&folder, "a/one.bin")).unwrap().unwrap();
+        let three = vfs.resolve(&fx.in_version(&folder, "c/d/three.bin")).unwrap().unwrap();
+        let f = vfs.file(three.ino).unwrap();
+        assert!(f.node.content.len() > 8, "{} blocks: too few for this test", f.node.content.len());
+        assert!(!loaded_or_loading(&vfs, &f.node.content[0].id));
+
+        // Read through to its end in large pieces: three.bin's first blocks are on their way.
+        let _ = read_all(&vfs, one.ino);
+        assert!(loaded_or_loading(&vfs, &f.node.content[0].id), "the next file's first block was not asked for");
+        let ahead = (0..f.node.content.len()).take_while(|&i| f.starts[i] < (4 << 20) / BULK_OPENING_SHARE).count();
+        assert!(ahead > 1);
+        assert!((0..ahead).all(|i| loaded_or_loading(&vfs, &f.node.content[i].id)));
+        assert!(!loaded_or_loading(&vfs, &f.node.content[ahead + 1].id), "more than the first window");
+
+        // Its first read, in large pieces: the full window at once (a copy in listing order).
+        vfs.read(three.ino, 0, BULK_READ as u32).unwrap();
+        let next = f.block_at(BULK_READ - 1) + 1;
+        let window: Vec<usize> =
+            (next..f.node.content.len()).take_while(|&i| f.starts[i] < f.starts[next] + (4 << 20)).collect();
+        assert!(window.len() > ahead + 1, "{} blocks in the window", window.len());
+        assert!(window.iter().all(|&i| loaded_or_loading(&vfs, &f.node.content[i].id)));
+        assert_eq!(vfs.stats().damaged_blocks, 0);
     }
 
     #[test]
