@@ -162,12 +162,13 @@ impl<'scope> EarlyKey<'scope> {
         EarlyKey { name, text, read, unwrapped }
     }
 
-    /// The box's bytes of key file `name`, if they were read ahead.
-    fn take_read(&mut self, name: &str) -> Option<Result<Vec<u8>>> {
+    /// The box's bytes of key file `name`, if they were read ahead. A read that failed is
+    /// made again (the file may have been written back after that read, before the listing).
+    fn take_read(&mut self, name: &str) -> Option<Vec<u8>> {
         if name != self.name {
             return None;
         }
-        self.read.take()?.join().ok()
+        self.read.take()?.join().ok()?.ok()
     }
 
     /// What unwrapping key file `name`, read as `bytes`, gives, if it was done ahead.
@@ -176,6 +177,19 @@ impl<'scope> EarlyKey<'scope> {
             return None;
         }
         self.unwrapped.take()?.join().ok().flatten()
+    }
+}
+
+impl Drop for EarlyKey<'_> {
+    /// Joins what was not used, so that a panic there is a speculation lost, not a panic of
+    /// the scope that started it.
+    fn drop(&mut self) {
+        if let Some(h) = self.read.take() {
+            let _ = h.join();
+        }
+        if let Some(h) = self.unwrapped.take() {
+            let _ = h.join();
+        }
     }
 }
 
@@ -345,7 +359,7 @@ impl Repository {
     ) -> Result<Option<Unlocked>> {
         for name in names {
             let read = early.as_mut().and_then(|e| e.take_read(name));
-            let bytes = match read.unwrap_or_else(|| backend.read(name)) {
+            let bytes = match read.map_or_else(|| backend.read(name), Ok) {
                 Ok(b) => b,
                 Err(e @ Error::Damaged { .. }) => {
                     damage.push(Damage { object: name.clone(), block: None, problem: e.to_string() });

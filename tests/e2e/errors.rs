@@ -1,5 +1,6 @@
 //! Bad input and damaged boxes: clear messages, the right exit codes, and no harm done.
 
+use std::ffi::OsString;
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -37,10 +38,18 @@ fn wrong_password_is_refused_and_changes_nothing() {
 
 /// The key file the catalog keeps a copy of is unwrapped ahead of time, but the box's own copy
 /// decides: replaced under the same name by a key file for another password, the old password
-/// no longer opens the box, however well the catalog's copy would unlock.
+/// no longer opens the box, however well the catalog's copy would unlock — with the catalog
+/// named by `--db` (its key file also read ahead) and in its default place.
 #[test]
 fn a_key_file_replaced_under_its_name_is_judged_by_the_copy_in_the_box() {
     let (env, _src) = box_with_version();
+    // The default catalog (under HOME's cache) holds a copy of the key file too.
+    let default_catalog = |args: &[OsString]| {
+        let mut c = env.bare_cmd();
+        c.arg("-r").arg(&env.repo).args(args);
+        run_cmd(c)
+    };
+    default_catalog(&args!["versions"]).expect_code(0);
     let keys = objects(&env.repo, "keys");
     assert_eq!(keys.len(), 1, "{keys:?}");
     let original = fs::read(&keys[0]).unwrap();
@@ -48,13 +57,15 @@ fn a_key_file_replaced_under_its_name_is_judged_by_the_copy_in_the_box() {
     other.run_with_password("another password", &args!["init"]).expect_code(0);
     fs::copy(&objects(&other.repo, "keys")[0], &keys[0]).unwrap();
 
-    let r = env.run(&args!["versions"]);
-    assert_eq!(r.code, 1, "{r:?}");
-    assert!(r.stderr.to_lowercase().contains("password"), "{}", r.stderr);
+    for r in [env.run(&args!["versions"]), default_catalog(&args!["versions"])] {
+        assert_eq!(r.code, 1, "{r:?}");
+        assert!(r.stderr.to_lowercase().contains("password"), "{}", r.stderr);
+    }
 
-    // The box's own key file back: the catalog's copy works again, as before.
+    // The box's own key file back: the catalogs' copies work again, as before.
     fs::write(&keys[0], original).unwrap();
     assert_eq!(env.versions().len(), 1);
+    default_catalog(&args!["versions"]).expect_code(0);
 }
 
 #[test]
