@@ -302,20 +302,26 @@ impl Layers {
 
     /// The operator for `service` with `config`: timeouts inside retries (so each attempt
     /// is bounded), a bound on requests in flight, retries with backoff and jitter.
+    ///
+    /// A local file system gets no retry layer: opendal marks every I/O error it has no name
+    /// for as temporary, so a read-only or full disk was retried for minutes before its error
+    /// showed; the retries of [`Backend`] itself go by [`transient`].
     fn build(&self, service: &str, config: &std::collections::BTreeMap<String, String>) -> opendal::Result<Operator> {
-        let op = bare_operator(service, config)?;
-        Ok(op
+        let op = bare_operator(service, config)?
             .layer(TimeoutLayer::new().with_timeout(self.timeout).with_io_timeout(self.timeout))
-            .layer(ConcurrentLimitLayer::new(self.concurrency))
-            .layer(
-                RetryLayer::new()
-                    .with_max_times(self.retries)
-                    .with_min_delay(self.retry_delay)
-                    .with_max_delay(Duration::from_secs(30).max(self.retry_delay))
-                    .with_factor(2.0)
-                    .with_jitter()
-                    .with_notify(CountRetries(self.retried.clone())),
-            ))
+            .layer(ConcurrentLimitLayer::new(self.concurrency));
+        if service == "fs" {
+            return Ok(op);
+        }
+        Ok(op.layer(
+            RetryLayer::new()
+                .with_max_times(self.retries)
+                .with_min_delay(self.retry_delay)
+                .with_max_delay(Duration::from_secs(30).max(self.retry_delay))
+                .with_factor(2.0)
+                .with_jitter()
+                .with_notify(CountRetries(self.retried.clone())),
+        ))
     }
 }
 
@@ -1326,14 +1332,21 @@ fn range_size_err(name: &str, offset: u64, len: u64, got: u64) -> Error {
 }
 
 /// Whether `e` may go away by itself: network trouble, throttling, a server error; not a
-/// missing object, a refused permission, a bad config, or a failed login.
-fn transient(e: &opendal::Error) -> bool {
+/// missing object, a refused permission, a read-only or full disk, a bad config, or a failed
+/// login.
+pub(crate) fn transient(e: &opendal::Error) -> bool {
     if !matches!(e.kind(), ErrorKind::Unexpected | ErrorKind::RateLimited) {
+        return false;
+    }
+    if lasting_io_cause(e) {
         return false;
     }
     let text = chain_text(e);
     const FINAL: &[&str] = &[
         "Permission denied",
+        "Read-only file system",
+        "No space left on device",
+        "Disk quota exceeded",
         "Host key verification failed",
         "530 ", // ftp: not logged in
         "Login incorrect",
@@ -1366,6 +1379,30 @@ fn unreachable(e: &opendal::Error) -> bool {
 }
 
 /// The message of `e` and of all its sources.
+/// Whether an I/O error behind `e` is one that waiting does not mend: a read-only or full
+/// disk, a quota, a file too large, a bad name (opendal marks them all temporary).
+fn lasting_io_cause(e: &opendal::Error) -> bool {
+    use std::io::ErrorKind as K;
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                K::ReadOnlyFilesystem
+                    | K::StorageFull
+                    | K::QuotaExceeded
+                    | K::FileTooLarge
+                    | K::InvalidFilename
+                    | K::NotADirectory
+                    | K::IsADirectory
+                    | K::PermissionDenied
+            );
+        }
+        src = s.source();
+    }
+    false
+}
+
 fn chain_text(e: &opendal::Error) -> String {
     let mut text = e.to_string();
     let mut src = std::error::Error::source(e);
@@ -1427,6 +1464,30 @@ const OPERATIONS: &[&str] = &["read", "write", "stat", "list", "delete", "rename
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_or_read_only_disk_is_not_waited_for_and_the_network_is() {
+        let io_cause = |kind: std::io::ErrorKind| {
+            opendal::Error::new(ErrorKind::Unexpected, kind.to_string())
+                .set_source(std::io::Error::from(kind))
+                .set_temporary()
+        };
+        for kind in
+            [std::io::ErrorKind::ReadOnlyFilesystem, std::io::ErrorKind::StorageFull, std::io::ErrorKind::QuotaExceeded]
+        {
+            assert!(!transient(&io_cause(kind)), "{kind:?}");
+        }
+        for kind in [std::io::ErrorKind::ConnectionReset, std::io::ErrorKind::TimedOut, std::io::ErrorKind::Other] {
+            assert!(transient(&io_cause(kind)), "{kind:?}");
+        }
+        // Texts only, as errors are shown once Brickbox has worded them.
+        assert!(!transient(&opendal::Error::new(ErrorKind::Unexpected, "write: Read-only file system (os error 30)")));
+        assert!(!transient(&opendal::Error::new(
+            ErrorKind::Unexpected,
+            "write: No space left on device (os error 28)"
+        )));
+        assert!(transient(&opendal::Error::new(ErrorKind::Unexpected, "error sending request: connection closed")));
+    }
 
     #[test]
     fn blocks_are_cut_from_the_pieces_they_arrived_in() {

@@ -100,6 +100,18 @@ impl Error {
 
 fn storage_hint(local: bool, kind: opendal::ErrorKind, text: &str) -> Option<&'static str> {
     if local {
+        if text.contains("Read-only file system") {
+            return Some(
+                "the box's disk is mounted read-only: it can be listed, restored from and mounted; to back up into \
+                 it, mount it read-write",
+            );
+        }
+        if text.contains("No space left on device") || text.contains("Disk quota exceeded") {
+            return Some(
+                "the box's disk is full: free space there, or move the box (copy-box) to a larger disk; the box is \
+                 as the last finished step left it, and the next run goes on from there",
+            );
+        }
         return (kind == opendal::ErrorKind::PermissionDenied).then_some(
             "Brickbox may not read or write there: check the owner, permissions and attributes (chattr) of the \
              box's folder, and that its disk is not mounted read-only",

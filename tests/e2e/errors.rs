@@ -68,6 +68,54 @@ fn a_key_file_replaced_under_its_name_is_judged_by_the_copy_in_the_box() {
     default_catalog(&args!["versions"]).expect_code(0);
 }
 
+/// Unmounts a bind mount when dropped (also when the test fails).
+struct BindMount(PathBuf);
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A box on a read-only file system (a write-protected disk or share) is listed and restored
+/// from without a lock; a backup into it fails, naming the cause, and leaves it as it was.
+#[test]
+fn a_box_on_a_read_only_file_system_is_read_without_a_lock() {
+    if !is_root() {
+        eprintln!("skipped: a read-only bind mount needs root");
+        return;
+    }
+    let (env, src) = box_with_version();
+    let ro = env.path().join("ro-box");
+    fs::create_dir(&ro).unwrap();
+    let mounted = Command::new("mount").arg("--bind").arg(&env.repo).arg(&ro).status().unwrap();
+    assert!(mounted.success(), "mount --bind failed");
+    let _unmount = BindMount(ro.clone());
+    let remounted = Command::new("mount").args(["-o", "remount,bind,ro"]).arg(&ro).status().unwrap();
+    assert!(remounted.success(), "remount read-only failed");
+    assert!(fs::write(ro.join("probe"), b"x").is_err(), "the bind mount is writable");
+    let before = dir_state(&env.repo);
+    let on_ro = |args: &[OsString]| {
+        let mut c = env.bare_cmd();
+        c.arg("-r").arg(&ro).arg("--db").arg(&env.db).args(args);
+        run_cmd(c)
+    };
+
+    // Not a performance bound: a read-only disk was once retried like a network for minutes.
+    let started = std::time::Instant::now();
+    on_ro(&args!["versions"]).expect_code(0);
+    let target = env.path().join("t");
+    on_ro(&args!["restore", "--target", &target]).expect_code(0);
+    assert_same_tree(&src, &restored(&target, &src), Compare::NO_OWNERS);
+
+    let r = on_ro(&args!["backup", &src]);
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "waited {:?}", started.elapsed());
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(r.stderr.contains("Read-only file system"), "{}", r.stderr);
+    assert!(r.stderr.contains("mount it read-write"), "no hint: {}", r.stderr);
+    assert_eq!(dir_state(&env.repo), before, "the read-only box changed");
+}
+
 #[test]
 fn not_a_repository() {
     let env = Env::new();
