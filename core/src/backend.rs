@@ -694,7 +694,13 @@ impl Backend {
             if local.starts_with(staging) {
                 if let Some(rel) = local.strip_prefix(root).ok().and_then(|r| r.to_str()) {
                     let len = std::fs::metadata(local).at(local)?.len();
-                    self.rt.block_on(self.ops().op.rename(rel, name)).map_err(|e| self.err(name, e))?;
+                    match self.run(|op| async move { op.rename(rel, name).await }) {
+                        Ok(()) => {}
+                        // A rename tried again finds its file gone when an earlier attempt
+                        // moved it: the size check decides.
+                        Err(e) if e.kind() == ErrorKind::NotFound && !local.exists() => {}
+                        Err(e) => return Err(self.err(name, e)),
+                    }
                     return self.check_size(name, len);
                 }
             }
@@ -1334,7 +1340,7 @@ fn range_size_err(name: &str, offset: u64, len: u64, got: u64) -> Error {
 /// Whether `e` may go away by itself: network trouble, throttling, a server error; not a
 /// missing object, a refused permission, a read-only or full disk, a bad config, or a failed
 /// login.
-pub(crate) fn transient(e: &opendal::Error) -> bool {
+fn transient(e: &opendal::Error) -> bool {
     if !matches!(e.kind(), ErrorKind::Unexpected | ErrorKind::RateLimited) {
         return false;
     }
@@ -1378,7 +1384,6 @@ fn unreachable(e: &opendal::Error) -> bool {
     GONE.iter().any(|g| text.contains(g))
 }
 
-/// The message of `e` and of all its sources.
 /// Whether an I/O error behind `e` is one that waiting does not mend: a read-only or full
 /// disk, a quota, a file too large, a bad name (opendal marks them all temporary).
 fn lasting_io_cause(e: &opendal::Error) -> bool {
@@ -1403,6 +1408,7 @@ fn lasting_io_cause(e: &opendal::Error) -> bool {
     false
 }
 
+/// The message of `e` and of all its sources.
 fn chain_text(e: &opendal::Error) -> String {
     let mut text = e.to_string();
     let mut src = std::error::Error::source(e);

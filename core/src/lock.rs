@@ -216,9 +216,41 @@ struct GuardShared {
     lost: AtomicBool,
 }
 
+/// What an attempt to take a lock came to.
+enum Taken {
+    Held(LockGuard),
+    /// The lock could not be written (after its retries), while the listing of the locks
+    /// right after worked and showed none in the way: the box can be read, not written to.
+    Unwritable(Error),
+}
+
 impl LockGuard {
     /// Takes a lock of `kind` for `command`, waiting up to `wait` for conflicting locks to go.
     pub fn acquire(backend: Arc<Backend>, keys: &Keys, kind: LockKind, command: &str, wait: Duration) -> Result<Self> {
+        match Self::take(backend, keys, kind, command, wait)? {
+            Taken::Held(g) => Ok(g),
+            Taken::Unwritable(e) => Err(e),
+        }
+    }
+
+    /// [`Self::acquire`], or `None` where the box can be read but not written to (read-only
+    /// credentials, a write-protected or full disk): its lock could not be written while the
+    /// box answered the listing of its locks right after, and no conflicting lock was there.
+    /// Trouble reaching the box is an error, and so is a conflicting lock.
+    pub fn acquire_unless_read_only(
+        backend: Arc<Backend>,
+        keys: &Keys,
+        kind: LockKind,
+        command: &str,
+        wait: Duration,
+    ) -> Result<Option<Self>> {
+        match Self::take(backend, keys, kind, command, wait)? {
+            Taken::Held(g) => Ok(Some(g)),
+            Taken::Unwritable(_) => Ok(None),
+        }
+    }
+
+    fn take(backend: Arc<Backend>, keys: &Keys, kind: LockKind, command: &str, wait: Duration) -> Result<Taken> {
         let deadline = Instant::now() + wait;
         let name = format!("{}{}.lock", objects::LOCKS_DIR, hex::encode(crypto::random_bytes::<8>()));
         let info = LockInfo::new(kind, command);
@@ -232,14 +264,16 @@ impl LockGuard {
             if blocking.is_empty() {
                 if let Err(e) = backend.write(&name, seal_lock(keys, &name, &info)?) {
                     // A box that cannot be written to (read-only credentials) may still be
-                    // read without a lock, unless a conflicting lock is there: say so.
+                    // read without a lock, unless a conflicting lock is there: say so. The
+                    // look at the locks (this attempt's first, or the one here) tells such a
+                    // box from one that cannot be reached.
                     if looked {
-                        return Err(e);
+                        return Ok(Taken::Unwritable(e));
                     }
                     looked = true;
                     let blocking = conflicts(&backend, keys, kind, &name)?;
                     if blocking.is_empty() {
-                        return Err(e);
+                        return Ok(Taken::Unwritable(e));
                     }
                     // A write that failed late may have landed: ours must not hold anyone up.
                     let _ = backend.delete(&name);
@@ -276,10 +310,12 @@ impl LockGuard {
                         .name("brickbox-lock".into())
                         .spawn(move || s.refresh_loop())
                         .map_err(|e| Error::Invalid(format!("cannot start the lock refresher: {e}")))?;
-                    return Ok(Self { shared, refresher: Some(refresher) });
+                    return Ok(Taken::Held(Self { shared, refresher: Some(refresher) }));
                 }
-                // Someone took a conflicting lock at the same moment: step back.
-                backend.delete(&name)?;
+                // Someone took a conflicting lock at the same moment: step back (a lock that
+                // cannot be deleted, with credentials that may write but not delete, goes
+                // stale; it must not turn this into a command without a lock).
+                let _ = backend.delete(&name);
                 if Instant::now() >= deadline {
                     return Err(locked_error(&blocking));
                 }
@@ -493,13 +529,21 @@ mod tests {
             eprintln!("SKIP: chattr +i does not work here");
             return;
         };
-        let e = LockGuard::acquire(backend.clone(), &keys, LockKind::Read, "restore", Duration::ZERO);
+        let e = LockGuard::acquire_unless_read_only(backend.clone(), &keys, LockKind::Read, "restore", Duration::ZERO);
         assert!(matches!(e, Err(Error::Locked(ref m)) if m.contains("exclusive lock of 'compact'")), "{e:?}");
-        // With a lock wait it waits until that lock is stale, then fails to write its own
-        // (the caller reads the box without a lock).
-        let e = LockGuard::acquire(backend.clone(), &keys, LockKind::Read, "restore", Duration::from_secs(20));
-        assert!(matches!(e, Err(Error::Io { .. } | Error::Backend { .. })), "{e:?}");
+        // With a lock wait it waits until that lock is stale, then fails to write its own:
+        // the box answers, so it is read without a lock (a lock it needs is an error).
+        let e = LockGuard::acquire_unless_read_only(
+            backend.clone(),
+            &keys,
+            LockKind::Read,
+            "restore",
+            Duration::from_secs(20),
+        );
+        assert!(matches!(e, Ok(None)), "{e:?}");
         assert!(started.elapsed() >= Duration::from_millis(1500), "it did not wait");
+        let e = LockGuard::acquire(backend.clone(), &keys, LockKind::Read, "restore", Duration::ZERO);
+        assert!(matches!(e, Err(Error::Io { .. } | Error::Backend { .. })), "{e:?}");
         let names: Vec<String> = list_locks(&backend, &keys).unwrap().into_iter().map(|l| l.name).collect();
         assert_eq!(names, vec![name.to_string()]);
     }

@@ -88,20 +88,6 @@ fn list_indexes(backend: &Backend) -> Result<HashSet<String>> {
     Ok(backend.list(objects::INDEX_DIR)?.into_iter().filter(|n| n.ends_with(".dindex")).collect())
 }
 
-/// A read lock taken, or none where the box cannot be written to: the storage refused the
-/// lock for good (permissions, read-only credentials, a read-only disk). A conflicting lock is
-/// an error all the same, and so is storage trouble that may pass (the network, a server
-/// error, after the retries): a command must not read a box unlocked because its lock could
-/// not be written just then.
-fn unless_read_only(taken: Result<LockGuard>) -> Result<Option<LockGuard>> {
-    match taken {
-        Ok(g) => Ok(Some(g)),
-        Err(Error::Backend { source, .. }) if !crate::backend::transient(&source) => Ok(None),
-        Err(Error::Io { .. }) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 /// Removes a catalog file and its SQLite companions.
 fn remove_catalog_files(path: &Path) -> Result<()> {
     for suffix in ["", "-wal", "-shm"] {
@@ -623,7 +609,7 @@ impl Repository {
     /// protected disk, read-only credentials) can still be read without one. A conflicting
     /// exclusive lock is an error all the same.
     pub fn read_lock(&self, command: &str) -> Result<Option<LockGuard>> {
-        unless_read_only(self.lock(LockKind::Read, command))
+        LockGuard::acquire_unless_read_only(self.backend.clone(), &self.keys, LockKind::Read, command, self.lock_wait)
     }
 
     /// [`Self::lock`], then the catalog brought up to date under the lock (see
@@ -809,42 +795,5 @@ impl Repository {
     /// Name of the key file that unlocked this repository.
     pub fn key_name(&self) -> &str {
         &self.key_name
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use opendal::ErrorKind;
-
-    fn storage(kind: ErrorKind, text: &str, temporary: bool) -> Error {
-        let source = opendal::Error::new(kind, text);
-        Error::Backend {
-            object: "locks/0123.lock".into(),
-            source: if temporary { source.set_temporary() } else { source },
-        }
-    }
-
-    #[test]
-    fn only_a_box_that_refuses_writes_for_good_is_read_without_a_lock() {
-        let refused = [
-            storage(ErrorKind::PermissionDenied, "Access Denied", false),
-            storage(ErrorKind::Unexpected, "Read-only file system (os error 30)", false),
-            Error::io("/box/locks", std::io::Error::from(std::io::ErrorKind::PermissionDenied)),
-        ];
-        for e in refused {
-            let shown = e.to_string();
-            assert!(matches!(unless_read_only(Err(e)), Ok(None)), "{shown}");
-        }
-        let passing = [
-            storage(ErrorKind::Unexpected, "error sending request: connection reset by peer", true),
-            storage(ErrorKind::Unexpected, "503 Service Unavailable", false),
-            storage(ErrorKind::RateLimited, "SlowDown", true),
-            Error::Locked("box in use by compact".into()),
-        ];
-        for e in passing {
-            let shown = e.to_string();
-            assert!(unless_read_only(Err(e)).is_err(), "{shown}");
-        }
     }
 }
