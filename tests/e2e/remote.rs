@@ -663,9 +663,11 @@ fn rclone_that_stops_is_started_again() {
         assert!(start.elapsed() < Duration::from_secs(10), "rclone did not stop");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Not read before, so fetched from the box: through a new rclone, started at once.
+    // Not read before, and before notes.txt in listing order (the file after it, photo.jpg,
+    // may have been read ahead already), so fetched from the box: through a new rclone,
+    // started at once.
     let reading = Instant::now();
-    let got = fs::read(latest.join("photo.jpg"));
+    let got = fs::read(latest.join("docs/deep/er/data.bin"));
     let took = reading.elapsed();
     let again = rclone_servers(&tag);
     // SAFETY: signalling our own child.
@@ -673,7 +675,7 @@ fn rclone_that_stops_is_started_again() {
     let _ = child.wait();
     detach(&mnt);
     let log = fs::read_to_string(&log).unwrap_or_default();
-    assert_eq!(got.unwrap_or_else(|e| panic!("{e}: {log}")), fs::read(src.join("photo.jpg")).unwrap());
+    assert_eq!(got.unwrap_or_else(|e| panic!("{e}: {log}")), fs::read(src.join("docs/deep/er/data.bin")).unwrap());
     assert!(again.len() == 1 && again != first, "a new rclone serves the box: {first:?} -> {again:?}");
     assert!(took < Duration::from_secs(5), "rclone was started again only after a retry: {took:?}");
     assert!(rclone_servers(&tag).is_empty(), "rclone left running after the mount");
