@@ -1909,7 +1909,7 @@ impl Vfs {
     fn dir_read_ahead(&self, tree_id: &BlockId, name: &[u8]) {
         let Ok(tree) = self.tree(tree_id) else { return };
         let Ok(idx) = tree.nodes.binary_search_by(|n| n.name.as_slice().cmp(name)) else { return };
-        let window = self.opts.readahead_bytes.min(self.opts.cache_bytes as u64 / 4);
+        let window = self.window();
         let mut ids = Vec::new();
         {
             let mut dirs = lock(&self.dir_opens);
@@ -2147,17 +2147,16 @@ impl Vfs {
     /// the search (what follows it is no guess).
     fn next_file_in_order(&self, version: &str, path: &[u8]) -> Option<NodeRef> {
         let root = self.versions().get(version)?.manifest.root_id().ok()?;
-        let in_memory = |id: &BlockId| self.tree_in_memory(id);
         // For each directory on the way to `path`: its tree and the index after the entry taken.
         let mut stack: Vec<(Arc<Tree>, usize)> = Vec::new();
-        let mut tree = in_memory(&root)?;
+        let mut tree = self.tree_in_memory(&root)?;
         let mut names = path.split(|&b| b == b'/').peekable();
         while let Some(name) = names.next() {
             let idx = tree.nodes.binary_search_by(|n| n.name.as_slice().cmp(name)).ok()?;
             let sub = tree.nodes[idx].subtree;
             stack.push((tree.clone(), idx + 1));
             if names.peek().is_some() {
-                tree = in_memory(&sub?)?;
+                tree = self.tree_in_memory(&sub?)?;
             }
         }
         let mut steps = 0;
@@ -2174,7 +2173,7 @@ impl Vfs {
                 }
                 // An empty directory has no tree.
                 if let (FileKind::Dir, Some(sub)) = (node.kind, node.subtree) {
-                    let sub = in_memory(&sub)?;
+                    let sub = self.tree_in_memory(&sub)?;
                     stack.push((tree, j));
                     stack.push((sub, 0));
                     continue 'levels;
