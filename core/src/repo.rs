@@ -108,6 +108,41 @@ pub fn default_catalog_path(repo_id: &str) -> Result<PathBuf> {
     Ok(base.join(repo_id).join("catalog.sqlite"))
 }
 
+/// Where the repository id last opened at `location` is noted: a file per location (named by a
+/// hash of it, secrets are never part of a location) beside the default catalogs.
+fn location_note(location: &str) -> Option<PathBuf> {
+    let base = brickbox_platform::cache_dir()?;
+    let hash = blake3::hash(location.as_bytes()).to_hex();
+    Some(base.join("locations").join(&hash[..32]))
+}
+
+/// The repository id noted for `location`, if any. Only a hint: with it the default catalog,
+/// and so the key file it last unlocked with, is known before the box's config is read, and
+/// that key file is read beside the config (a round trip less). A stale or wrong note costs
+/// nothing but that: the keys are used only for a key file with the very same bytes.
+fn noted_repo_id(location: &str) -> Option<String> {
+    let text = std::fs::read_to_string(location_note(location)?).ok()?;
+    let id = text.trim();
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
+}
+
+/// Notes `id` as the repository at `location`, unless `noted` says so already. Best effort:
+/// without the note, the next open only takes a round trip more.
+fn note_repo_id(location: &str, id: &str, noted: Option<&str>) {
+    if noted == Some(id) {
+        return;
+    }
+    let Some(path) = location_note(location) else { return };
+    let Some(dir) = path.parent() else { return };
+    let written = std::fs::create_dir_all(dir).and_then(|()| {
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        std::io::Write::write_all(&mut tmp, format!("{id}\n").as_bytes())?;
+        tmp.persist(&path).map_err(|e| e.error)?;
+        Ok(())
+    });
+    drop(written);
+}
+
 /// The keys a key file in the box gave, with that file: its name, parsed, and as read.
 struct Unlocked {
     keys: Keys,
@@ -232,6 +267,9 @@ impl Repository {
             None => default_catalog_path(&config.id)?,
         };
         let cat = Catalog::open(&path)?;
+        if catalog.is_none() {
+            note_repo_id(backend.location(), &config.id, None);
+        }
         Self::assemble(backend, (config, raw), (keys, key_name, Some(key_json)), cat, Vec::new(), None)
     }
 
@@ -289,10 +327,17 @@ impl Repository {
         password: &'env [u8],
         choice: CatalogChoice<'_>,
     ) -> Result<Unlocking> {
-        // A catalog named by the caller is known before anything is read from the box: the
-        // key file it last unlocked with is read and unwrapped beside the listing.
+        // A catalog named by the caller, or the default one of the repository last opened at
+        // this location, is known before anything is read from the box: the key file it last
+        // unlocked with is read and unwrapped beside the listing.
         let cached = |path: &Path| (!choice.fresh).then(|| Catalog::cached_key_file(path)).flatten();
-        let mut early = choice.path.and_then(cached).map(|k| EarlyKey::start(s, backend, password, k, true));
+        let noted = if choice.path.is_none() { noted_repo_id(backend.location()) } else { None };
+        let known = match (choice.path, &noted) {
+            (Some(p), _) => Some(p.to_path_buf()),
+            (None, Some(id)) => default_catalog_path(id).ok(),
+            (None, None) => None,
+        };
+        let mut early = known.as_deref().and_then(cached).map(|k| EarlyKey::start(s, backend, password, k, true));
         // The config and the list of key files, side by side (each is a round trip).
         let config = s.spawn(|| Self::read_config_raw(backend));
         let key_names = backend.list(objects::KEYS_DIR);
@@ -306,11 +351,13 @@ impl Repository {
                 return Err(Error::NotARepository(l.clone()));
             }
         }
-        // The default catalog is known once the config is: its key file is unwrapped while
-        // the box's copy is read.
-        if let (None, None, Ok((c, _))) = (&early, choice.path, &box_config) {
-            let path = default_catalog_path(&c.id).ok();
-            early = path.as_deref().and_then(cached).map(|k| EarlyKey::start(s, backend, password, k, false));
+        // Else the default catalog is known once the config is: its key file is unwrapped
+        // while the box's copy is read.
+        if let (None, Ok((c, _))) = (choice.path, &box_config) {
+            if noted.as_deref() != Some(c.id.as_str()) {
+                let path = default_catalog_path(&c.id).ok();
+                early = path.as_deref().and_then(cached).map(|k| EarlyKey::start(s, backend, password, k, false));
+            }
         }
         let mut damage: Vec<Damage> = Vec::new();
         let from_box = Self::unlock_from_box(backend, &key_names, password, &mut damage, early)?;
@@ -326,6 +373,9 @@ impl Repository {
             remove_catalog_files(&path)?;
         }
         let cat = Catalog::open(&path)?;
+        if choice.path.is_none() {
+            note_repo_id(backend.location(), &config.0.id, noted.as_deref());
+        }
         let (keys, key_name, key_text) = match from_box {
             Some(u) => (u.keys, u.name, Some(u.text)),
             None => {

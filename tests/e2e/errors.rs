@@ -68,6 +68,64 @@ fn a_key_file_replaced_under_its_name_is_judged_by_the_copy_in_the_box() {
     default_catalog(&args!["versions"]).expect_code(0);
 }
 
+/// The repository id noted for a location (so that the default catalog, and the key file it
+/// holds a copy of, are known before the box is read) is only a hint: another box moved to that
+/// place, or a damaged note, opens with its own keys and catalog, and the note follows.
+#[test]
+fn another_box_at_a_noted_location_opens_with_its_own_keys() {
+    let (a, _src) = box_with_version();
+    let at_default = |args: &[OsString]| {
+        let mut c = a.bare_cmd();
+        c.arg("-r").arg(&a.repo).args(args);
+        run_cmd(c)
+    };
+    let box_id = |repo: &Path| -> String {
+        let config: serde_json::Value = serde_json::from_slice(&fs::read(repo.join("config")).unwrap()).unwrap();
+        config["id"].as_str().unwrap().to_string()
+    };
+    let notes_dir = a.home.join(".cache/brickbox/locations");
+    let notes = || -> Vec<String> {
+        let mut v: Vec<String> =
+            fs::read_dir(&notes_dir).unwrap().map(|e| fs::read_to_string(e.unwrap().path()).unwrap()).collect();
+        v.sort();
+        v
+    };
+    at_default(&args!["versions"]).expect_code(0);
+    let id_a = box_id(&a.repo);
+    assert_eq!(notes(), [format!("{id_a}\n")]);
+    assert!(a.home.join(".cache/brickbox").join(&id_a).join("catalog.sqlite").exists());
+
+    // Another box with the same password takes the place of the first.
+    let b = Env::new();
+    b.init();
+    let src_b = b.mkdir("src");
+    fs::write(src_b.join("only-in-b.txt"), b"bravo\n").unwrap();
+    let version_b = version_id(&b.backup(&args![&src_b]));
+    let key_a = objects(&a.repo, "keys");
+    fs::rename(&a.repo, a.path().join("box-a")).unwrap();
+    fs::rename(&b.repo, &a.repo).unwrap();
+    // Even under the name of the first box's key file, the second box's opens as itself.
+    let key_b = objects(&a.repo, "keys");
+    fs::rename(&key_b[0], a.repo.join("keys").join(key_a[0].file_name().unwrap())).unwrap();
+    let id_b = box_id(&a.repo);
+    let listed = at_default(&args!["versions", "--json"]);
+    listed.expect_code(0);
+    let versions = listed.json();
+    assert_eq!(versions.as_array().unwrap().len(), 1, "{versions}");
+    assert_eq!(versions[0]["id"].as_str(), Some(version_b.as_str()), "{versions}");
+    let target = a.path().join("t");
+    at_default(&args!["restore", "--target", &target]).expect_code(0);
+    assert_same_tree(&src_b, &restored(&target, &src_b), Compare::NO_OWNERS);
+    assert_eq!(notes(), [format!("{id_b}\n")]);
+
+    // A damaged note is a note missing.
+    for entry in fs::read_dir(&notes_dir).unwrap() {
+        fs::write(entry.unwrap().path(), b"not a repository id").unwrap();
+    }
+    at_default(&args!["versions"]).expect_code(0);
+    assert_eq!(notes(), [format!("{id_b}\n")]);
+}
+
 /// Unmounts a bind mount when dropped (also when the test fails).
 struct BindMount(PathBuf);
 
