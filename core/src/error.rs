@@ -91,10 +91,31 @@ impl Error {
     /// credentials, no credentials, an unknown SSH host key, nothing listening, a host
     /// name that does not resolve, no answer in time).
     pub fn hint(&self) -> Option<&'static str> {
-        let Error::Backend { object, source } = self else { return None };
-        // A box on a local disk is shown as a path, a remote one as a URL.
-        let local = !object.contains("://");
-        storage_hint(local, source.kind(), &source.to_string())
+        match self {
+            Error::Backend { object, source } => {
+                // A box on a local disk is shown as a path, a remote one as a URL.
+                let local = !object.contains("://");
+                storage_hint(local, source.kind(), &source.to_string())
+            }
+            Error::Io { source, .. } => local_file_hint(source.kind()),
+            _ => None,
+        }
+    }
+}
+
+/// What to do about a local file that could not be written because of its disk (a volume
+/// being packed, the catalog, a restored file).
+fn local_file_hint(kind: std::io::ErrorKind) -> Option<&'static str> {
+    use std::io::ErrorKind;
+    match kind {
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded => Some(
+            "the disk holding that path is full: free space there and run the command again; the box is as the \
+             last finished step left it, and a backup goes on from there",
+        ),
+        ErrorKind::ReadOnlyFilesystem => {
+            Some("the disk holding that path is mounted read-only: mount it read-write, or choose another place")
+        }
+        _ => None,
     }
 }
 
@@ -186,6 +207,15 @@ mod tests {
 
     fn hint(kind: ErrorKind, text: &str) -> Option<&'static str> {
         Error::Backend { object: "s3://bucket/box/x".into(), source: opendal::Error::new(kind, text) }.hint()
+    }
+
+    #[test]
+    fn a_local_file_on_a_full_or_read_only_disk_gets_a_hint() {
+        let io = |kind: std::io::ErrorKind| Error::io("/tmp/x", std::io::Error::from(kind)).hint();
+        assert!(io(std::io::ErrorKind::StorageFull).is_some_and(|h| h.contains("is full")));
+        assert!(io(std::io::ErrorKind::QuotaExceeded).is_some_and(|h| h.contains("is full")));
+        assert!(io(std::io::ErrorKind::ReadOnlyFilesystem).is_some_and(|h| h.contains("read-only")));
+        assert_eq!(io(std::io::ErrorKind::NotFound), None);
     }
 
     #[test]

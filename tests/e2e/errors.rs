@@ -126,7 +126,7 @@ fn another_box_at_a_noted_location_opens_with_its_own_keys() {
     assert_eq!(notes(), [format!("{id_b}\n")]);
 }
 
-/// Unmounts a bind mount when dropped (also when the test fails).
+/// Unmounts a mount (a bind mount, a tmpfs) when dropped (also when the test fails).
 struct BindMount(PathBuf);
 
 impl Drop for BindMount {
@@ -172,6 +172,59 @@ fn a_box_on_a_read_only_file_system_is_read_without_a_lock() {
     assert!(r.stderr.contains("Read-only file system"), "{}", r.stderr);
     assert!(r.stderr.contains("mount it read-write"), "no hint: {}", r.stderr);
     assert_eq!(dir_state(&env.repo), before, "the read-only box changed");
+}
+
+/// A backup into a box whose disk fills up fails at once, naming the cause with a hint; the
+/// box keeps its versions, and once there is space again the next backup goes on and restores.
+#[test]
+fn a_backup_into_a_full_disk_fails_with_a_hint_and_the_next_one_goes_on() {
+    if !is_root() {
+        eprintln!("skipped: a small tmpfs needs root");
+        return;
+    }
+    let env = Env::new();
+    let disk = env.mkdir("small-disk");
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"]).arg(&disk).status().unwrap();
+    assert!(mounted.success(), "mounting a tmpfs failed");
+    let _unmount = BindMount(disk.clone());
+    let repo = disk.join("box");
+    let on_disk = |args: &[OsString]| {
+        let mut c = env.bare_cmd();
+        c.arg("-r").arg(&repo).arg("--db").arg(&env.db).args(args);
+        run_cmd(c)
+    };
+    on_disk(&args!["init"]).expect_code(0);
+    let src = env.mkdir("src");
+    fs::write(src.join("small.bin"), random_bytes(41, 1 << 20)).unwrap();
+    on_disk(&args!["backup", &src]).expect_code(0);
+
+    // 6 MiB more than the disk can hold.
+    fs::write(src.join("large.bin"), random_bytes(42, 6 << 20)).unwrap();
+    let started = std::time::Instant::now();
+    let r = on_disk(&args!["backup", &src]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("No space left on device"), "{}", r.stderr);
+    assert!(r.stderr.contains("hint:") && r.stderr.contains("is full"), "no hint: {}", r.stderr);
+    // Not a performance bound: a full disk must not be retried like a network.
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "waited {:?}", started.elapsed());
+    let versions = on_disk(&args!["versions", "--json"]);
+    versions.expect_code(0);
+    assert_eq!(versions.json().as_array().unwrap().len(), 1);
+    let target = env.path().join("t1");
+    on_disk(&args!["restore", "--target", &target]).expect_code(0);
+    let back = restored(&target, &src);
+    let names: Vec<_> = fs::read_dir(&back).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, ["small.bin"]);
+    assert_eq!(fs::read(back.join("small.bin")).unwrap(), fs::read(src.join("small.bin")).unwrap());
+
+    // Space again: the next backup goes on, and both versions restore.
+    let grown = Command::new("mount").args(["-o", "remount,size=64m"]).arg(&disk).status().unwrap();
+    assert!(grown.success(), "growing the tmpfs failed");
+    on_disk(&args!["backup", &src]).expect_code(0);
+    on_disk(&args!["verify", "--all", "--read-data"]).expect_code(0);
+    let target = env.path().join("t2");
+    on_disk(&args!["restore", "--target", &target]).expect_code(0);
+    assert_same_tree(&src, &restored(&target, &src), Compare::NO_OWNERS);
 }
 
 #[test]
