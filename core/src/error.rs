@@ -109,8 +109,8 @@ fn local_file_hint(kind: std::io::ErrorKind) -> Option<&'static str> {
     use std::io::ErrorKind;
     match kind {
         ErrorKind::StorageFull | ErrorKind::QuotaExceeded => Some(
-            "the disk holding that path is full: free space there and run the command again; the box is as the \
-             last finished step left it, and a backup goes on from there",
+            "the disk holding that path is full: free space there and run the command again (the box is as the \
+             last finished step left it; a backup goes on from there)",
         ),
         ErrorKind::ReadOnlyFilesystem => {
             Some("the disk holding that path is mounted read-only: mount it read-write, or choose another place")
