@@ -89,7 +89,8 @@ impl Error {
 
     /// What the user can do about a storage error whose cause is recognisable (refused
     /// credentials, no credentials, an unknown SSH host key, nothing listening, a host
-    /// name that does not resolve, no answer in time).
+    /// name that does not resolve, no answer in time), or about a local file on a full or
+    /// read-only disk.
     pub fn hint(&self) -> Option<&'static str> {
         match self {
             Error::Backend { object, source } => {
@@ -104,13 +105,13 @@ impl Error {
 }
 
 /// What to do about a local file that could not be written because of its disk (a volume
-/// being packed, the catalog, a restored file).
+/// being packed, a restored file).
 fn local_file_hint(kind: std::io::ErrorKind) -> Option<&'static str> {
     use std::io::ErrorKind;
     match kind {
         ErrorKind::StorageFull | ErrorKind::QuotaExceeded => Some(
-            "the disk holding that path is full: free space there and run the command again (the box is as the \
-             last finished step left it; a backup goes on from there)",
+            "the disk holding that path is full (or your quota there is used up): free space there and run the \
+             command again (the box is as the last finished step left it; a backup goes on from there)",
         ),
         ErrorKind::ReadOnlyFilesystem => {
             Some("the disk holding that path is mounted read-only: mount it read-write, or choose another place")

@@ -20,6 +20,8 @@ use crate::volume;
 struct CatalogChoice<'a> {
     path: Option<&'a Path>,
     fresh: bool,
+    /// Without `path`: the repository id noted for the box's location, if any.
+    noted: Option<&'a str>,
 }
 
 /// An unlocked repository.
@@ -127,20 +129,25 @@ fn noted_repo_id(location: &str) -> Option<String> {
 }
 
 /// Notes `id` as the repository at `location`, unless `noted` says so already. Best effort:
-/// without the note, the next open only takes a round trip more.
+/// without the note, the next open only takes a round trip more. The folder is the user's
+/// alone (its file names are hashes of the locations used).
 fn note_repo_id(location: &str, id: &str, noted: Option<&str>) {
     if noted == Some(id) {
         return;
     }
     let Some(path) = location_note(location) else { return };
     let Some(dir) = path.parent() else { return };
-    let written = std::fs::create_dir_all(dir).and_then(|()| {
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    let mut folder = std::fs::DirBuilder::new();
+    folder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut folder, 0o700);
+    // Ignored on purpose: a note that cannot be written is a note missing.
+    let _ = folder.create(dir).and_then(|()| {
+        let mut tmp = tempfile::Builder::new().prefix(".writing-").tempfile_in(dir)?;
         std::io::Write::write_all(&mut tmp, format!("{id}\n").as_bytes())?;
         tmp.persist(&path).map_err(|e| e.error)?;
         Ok(())
     });
-    drop(written);
 }
 
 /// The keys a key file in the box gave, with that file: its name, parsed, and as read.
@@ -267,10 +274,11 @@ impl Repository {
             None => default_catalog_path(&config.id)?,
         };
         let cat = Catalog::open(&path)?;
+        let repo = Self::assemble(backend, (config, raw), (keys, key_name, Some(key_json)), cat, Vec::new(), None)?;
         if catalog.is_none() {
-            note_repo_id(backend.location(), &config.id, None);
+            note_repo_id(repo.backend.location(), &repo.config.id, None);
         }
-        Self::assemble(backend, (config, raw), (keys, key_name, Some(key_json)), cat, Vec::new(), None)
+        Ok(repo)
     }
 
     /// Opens the repository at `location` with `password`.
@@ -280,7 +288,7 @@ impl Repository {
 
     /// Opens the repository at `location` (path or URL), reached with `opts`, with `password`.
     pub fn open_with(location: &str, opts: &BackendOptions, password: &[u8], catalog: Option<&Path>) -> Result<Self> {
-        Self::open_inner(location, opts, password, CatalogChoice { path: catalog, fresh: false })
+        Self::open_inner(location, opts, password, catalog, false)
     }
 
     /// Opens the repository and builds its catalog anew from the box alone (indexes and
@@ -291,10 +299,16 @@ impl Repository {
         password: &[u8],
         catalog: Option<&Path>,
     ) -> Result<Self> {
-        Self::open_inner(location, opts, password, CatalogChoice { path: catalog, fresh: true })
+        Self::open_inner(location, opts, password, catalog, true)
     }
 
-    fn open_inner(location: &str, opts: &BackendOptions, password: &[u8], choice: CatalogChoice<'_>) -> Result<Self> {
+    fn open_inner(
+        location: &str,
+        opts: &BackendOptions,
+        password: &[u8],
+        catalog: Option<&Path>,
+        fresh: bool,
+    ) -> Result<Self> {
         // Opening must not create anything: a local box that does not exist is no repository.
         let local = location.strip_prefix("file://").or((!location.contains("://")).then_some(location));
         if let Some(path) = local {
@@ -303,6 +317,8 @@ impl Repository {
             }
         }
         let backend = Backend::open_with(location, opts)?;
+        let noted = if catalog.is_none() { noted_repo_id(backend.location()) } else { None };
+        let choice = CatalogChoice { path: catalog, fresh, noted: noted.as_deref() };
         // What the catalog sync lists goes beside unlocking (a round trip less on a remote box).
         let (unlocked, listing) = std::thread::scope(|s| {
             let listing = s.spawn(|| list_indexes_and_manifests(&backend));
@@ -311,7 +327,11 @@ impl Repository {
             (unlocked, listing)
         });
         let (config, keys, cat, damage) = unlocked?;
-        Self::assemble(backend, config, keys, cat, damage, Some(listing?))
+        let repo = Self::assemble(backend, config, keys, cat, damage, Some(listing?))?;
+        if catalog.is_none() {
+            note_repo_id(repo.backend.location(), &repo.config.id, noted.as_deref());
+        }
+        Ok(repo)
     }
 
     /// Reads the config and the key files, unlocks the keys with `password` and opens the
@@ -330,16 +350,15 @@ impl Repository {
         // A catalog named by the caller, or the default one of the repository last opened at
         // this location, is known before anything is read from the box: the key file it last
         // unlocked with is read and unwrapped beside the listing.
+        // The config and the list of key files, side by side (each is a round trip).
+        let config = s.spawn(|| Self::read_config_raw(backend));
         let cached = |path: &Path| (!choice.fresh).then(|| Catalog::cached_key_file(path)).flatten();
-        let noted = if choice.path.is_none() { noted_repo_id(backend.location()) } else { None };
-        let known = match (choice.path, &noted) {
+        let known = match (choice.path, choice.noted) {
             (Some(p), _) => Some(p.to_path_buf()),
             (None, Some(id)) => default_catalog_path(id).ok(),
             (None, None) => None,
         };
         let mut early = known.as_deref().and_then(cached).map(|k| EarlyKey::start(s, backend, password, k, true));
-        // The config and the list of key files, side by side (each is a round trip).
-        let config = s.spawn(|| Self::read_config_raw(backend));
         let key_names = backend.list(objects::KEYS_DIR);
         let box_config = config.join().unwrap_or_else(|_| Err(Error::Invalid("reading the config failed".into())));
         let mut key_names = key_names?;
@@ -352,11 +371,14 @@ impl Repository {
             }
         }
         // Else the default catalog is known once the config is: its key file is unwrapped
-        // while the box's copy is read.
+        // while the box's copy is read. Work started for a stale note is left to finish on
+        // its own (its threads are joined when this scope ends, not here).
+        let mut _stale = None;
         if let (None, Ok((c, _))) = (choice.path, &box_config) {
-            if noted.as_deref() != Some(c.id.as_str()) {
+            if choice.noted != Some(c.id.as_str()) {
                 let path = default_catalog_path(&c.id).ok();
-                early = path.as_deref().and_then(cached).map(|k| EarlyKey::start(s, backend, password, k, false));
+                let fresh = path.as_deref().and_then(cached).map(|k| EarlyKey::start(s, backend, password, k, false));
+                _stale = std::mem::replace(&mut early, fresh);
             }
         }
         let mut damage: Vec<Damage> = Vec::new();
@@ -373,9 +395,6 @@ impl Repository {
             remove_catalog_files(&path)?;
         }
         let cat = Catalog::open(&path)?;
-        if choice.path.is_none() {
-            note_repo_id(backend.location(), &config.0.id, noted.as_deref());
-        }
         let (keys, key_name, key_text) = match from_box {
             Some(u) => (u.keys, u.name, Some(u.text)),
             None => {

@@ -563,7 +563,15 @@ impl Ctx<'_> {
                 self.error(format!("{}: {e}", it.source.display()));
                 Ok(())
             }
-            Error::Io { path, source } if source.kind() == ErrorKind::StorageFull => Err(Error::Io { path, source }),
+            // The disk of the target: every other file would fail the same way.
+            Error::Io { path, source }
+                if matches!(
+                    source.kind(),
+                    ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::ReadOnlyFilesystem
+                ) =>
+            {
+                Err(Error::Io { path, source })
+            }
             e @ (Error::Backend { .. } | Error::Catalog(_)) => Err(e),
             e => {
                 self.warn(format!("{}: {e}", it.dest.display()));
