@@ -563,12 +563,10 @@ impl Ctx<'_> {
                 self.error(format!("{}: {e}", it.source.display()));
                 Ok(())
             }
-            // The disk of the target: every other file would fail the same way.
+            // The target's disk is full: every other file would fail the same way. (A read-only
+            // one may be a single mount inside the target: its files are warned about.)
             Error::Io { path, source }
-                if matches!(
-                    source.kind(),
-                    ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::ReadOnlyFilesystem
-                ) =>
+                if matches!(source.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded) =>
             {
                 Err(Error::Io { path, source })
             }
