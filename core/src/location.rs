@@ -799,11 +799,18 @@ fn rclone_remote_shown(remote: &str) -> (String, Vec<String>) {
     let Some((base, params)) = split_unquoted(name, ',') else {
         return (remote.to_string(), Vec::new());
     };
+    // A value holding an unquoted `:` (`endpoint=https://…`; rclone wants it quoted) ends the
+    // name too early: what looks like the path then still holds parameters, so none of it is
+    // shown, and its parameters are looked at for secrets too.
+    let params_in_path = path.contains('=');
+    let all_params = if params_in_path { &body[base.len() + 1..] } else { params };
     let mut secrets = Vec::new();
-    let mut rest = Some(params);
+    let mut rest = Some(all_params);
     while let Some(part) = rest {
         let (param, more) = split_unquoted(part, ',').map_or((part, None), |(p, m)| (p, Some(m)));
         rest = more;
+        // Without quotes, a parameter may run into the path (`key=value:bucket/box`).
+        let param = if params_in_path { split_unquoted(param, ':').map_or(param, |(p, _)| p) } else { param };
         let Some((k, v)) = param.split_once('=') else { continue };
         let k = k.trim().to_ascii_lowercase();
         let v = v.trim().trim_matches(['"', '\'']);
@@ -812,6 +819,9 @@ fn rclone_remote_shown(remote: &str) -> (String, Vec<String>) {
         if secret && !v.is_empty() {
             secrets.push(v.to_string());
         }
+    }
+    if params_in_path {
+        return (format!("{lead}{base},…"), secrets);
     }
     (format!("{lead}{base},…:{path}"), secrets)
 }
@@ -1259,6 +1269,10 @@ mod tests {
         assert_eq!(l.display, "rclone://:s3,…:bucket/box");
         assert_eq!(l.secrets, vec!["SK123".to_string()]);
         assert_eq!(get(&l, "remote"), Some(":s3,provider=Minio,access_key_id=AK1,secret_access_key=SK123:bucket/box"));
+        // A value with an unquoted `:` (rclone refuses it): nothing after the backend shown.
+        let l = p("rclone://:s3,endpoint=https://h:9000,secret_access_key=SK9:bucket/box", &[], &[]);
+        assert_eq!(l.display, "rclone://:s3,…");
+        assert_eq!(l.secrets, vec!["SK9".to_string()]);
         let l = p("rclone://nas,pass='pw%3Aa':box?rclone_binary=/opt/rclone", &[], &[]);
         assert_eq!((l.display.as_str(), get(&l, "rclone_binary")), ("rclone://nas,…:box", Some("/opt/rclone")));
         assert_eq!(l.secrets, vec!["pw:a".to_string()]);
