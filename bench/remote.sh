@@ -27,7 +27,8 @@
 #
 # For each target: init, backup of the tree, full restore (checked with diff -r), a
 # sequential read through `brickbox mount` of the tree's large files (each file read
-# once with a 1 MiB buffer, page cache dropped first), and `copy-box` of the local box to
+# once with a 1 MiB buffer, page cache dropped first), `cp -r` of the whole version out of
+# a fresh mount (checked with diff -r), and `copy-box` of the local box to
 # the target (moving a box to object storage; local: to another folder). The added latency comes from
 # bench/delay_proxy.rs (tc netem needs the sch_netem kernel module, often missing in
 # containers and VMs). Output: a markdown table on stdout and in $BENCH_DIR/remote.md;
@@ -174,6 +175,58 @@ best() {
   if [[ -z $cur ]] || awk -v a="$3" -v b="$cur" 'BEGIN{exit !(a < b)}'; then R[$1,$2]=$3; fi
 }
 export BRICKBOX_PASSWORD=bench
+# What a mount phase does with the version's copy of the tree at $1 (0 when it went well).
+read_big() {
+  local f
+  for f in "${BIG[@]}"; do
+    "${CLIENT_PIN[@]}" dd if="$1/$f" of=/dev/null bs=1M status=none || return 1
+  done
+}
+copy_all() {
+  rm -rf "$WORK/mount-copy"
+  mkdir -p "$WORK/mount-copy"
+  "${CLIENT_PIN[@]}" cp -r "$1" "$WORK/mount-copy/" || return 1
+}
+# mount_phase TARGET BOX DB PHASE SRC ACTION: mounts the box (fresh disk cache), drops the
+# page cache, times ACTION on the latest version's SRC, and notes it as PHASE.
+mount_phase() {
+  local t=$1 box=$2 db=$3 phase=$4 src=$5 action=$6
+  local mnt=$WORK/mnt-$t
+  mkdir -p "$mnt"
+  rm -rf "$WORK/cache-$t"
+  # shellcheck disable=SC2086 # MOUNT_ARGS is a list of words
+  XDG_CACHE_HOME=$WORK/cache-$t \
+    "${CLIENT_PIN[@]}" "$BRICKBOX" -r "$box" --db "$db" mount ${MOUNT_ARGS:-} "$mnt" >>"$LOG" 2>&1 &
+  local mpid=$!
+  MOUNTS+=("$mnt")
+  local dir=$mnt/versions/latest/${src#/}
+  local i
+  for ((i = 0; i < 600; i++)); do [[ -e $dir/${BIG[0]} ]] && break; sleep 0.1; done
+  drop_caches
+  local t0 own0 others0 took ok=yes
+  own0=$(cpu_ticks "$mpid")
+  others0=$(cpu_ticks $S3_PID $DELAY_PID)
+  t0=$(date +%s.%N)
+  "$action" "$dir" || ok=no
+  took=$(secs_since "$t0")
+  if [[ $ok == yes && $phase == mount-cp ]] && ! diff -r --no-dereference -q "$src" "$WORK/mount-copy/$(basename "$src")" >>"$LOG" 2>&1; then
+    ok=MISMATCH
+    R[$t,check]=MISMATCH
+  fi
+  if [[ $ok == yes ]]; then
+    local before=${R[$t,$phase]:-}
+    best "$t" "$phase" "$took"
+    if [[ ${R[$t,$phase]} != "$before" ]]; then
+      R[$t,$phase,cpu]=$(awk -v a="$own0" -v b="$(cpu_ticks "$mpid")" -v hz="$TICKS" 'BEGIN{printf "%.1f", (b - a) / hz}')
+      R[$t,$phase,srv]=$(awk -v a="$others0" -v b="$(cpu_ticks $S3_PID $DELAY_PID)" -v hz="$TICKS" 'BEGIN{printf "%.1f", (b - a) / hz}')
+    fi
+  fi
+  kill -TERM "$mpid" 2>/dev/null
+  wait "$mpid" 2>/dev/null
+  umount -l "$mnt" 2>/dev/null
+  rm -rf "$WORK/mount-copy"
+  log "$t: $phase $took s ($ok)"
+}
 run_bb() { echo "=== $*" >>"$LOG"; "${CLIENT_PIN[@]}" "$BRICKBOX" "$@" >>"$LOG" 2>&1; }
 # timed_bb TARGET PHASE ARGS...: run_bb, and note the CPU seconds Brickbox, the S3 server
 # and the proxy used meanwhile (of the run that set the phase's best time).
@@ -235,39 +288,11 @@ measure() { # target
   log "$t: backup $took s (restore check ${R[$t,check]:-})"
 
   if [[ -e /dev/fuse && $(id -u) == 0 ]]; then
-    mnt=$WORK/mnt-$t
-    mkdir -p "$mnt"
-    # shellcheck disable=SC2086 # MOUNT_ARGS is a list of words
-    # The disk cache (remote boxes) goes in the work area, fresh for each run.
-    XDG_CACHE_HOME=$WORK/cache-$t \
-      "${CLIENT_PIN[@]}" "$BRICKBOX" -r "$box" --db "$db" mount ${MOUNT_ARGS:-} "$mnt" >>"$LOG" 2>&1 &
-    local mpid=$!
-    MOUNTS+=("$mnt")
-    local dir=$mnt/versions/latest/${src#/}
-    local i
-    for ((i = 0; i < 600; i++)); do [[ -e $dir/${BIG[0]} ]] && break; sleep 0.1; done
-    drop_caches
-    local t0 own0 others0
-    own0=$(cpu_ticks "$mpid")
-    others0=$(cpu_ticks $S3_PID $DELAY_PID)
-    t0=$(date +%s.%N)
-    local ok=yes f
-    for f in "${BIG[@]}"; do
-      "${CLIENT_PIN[@]}" dd if="$dir/$f" of=/dev/null bs=1M status=none || ok=no
-    done
-    took=$(secs_since "$t0")
-    if [[ $ok == yes ]]; then
-      local before=${R[$t,mount]:-}
-      best "$t" mount "$took"
-      if [[ ${R[$t,mount]} != "$before" ]]; then
-        R[$t,mount,cpu]=$(awk -v a="$own0" -v b="$(cpu_ticks "$mpid")" -v hz="$TICKS" 'BEGIN{printf "%.1f", (b - a) / hz}')
-        R[$t,mount,srv]=$(awk -v a="$others0" -v b="$(cpu_ticks $S3_PID $DELAY_PID)" -v hz="$TICKS" 'BEGIN{printf "%.1f", (b - a) / hz}')
-      fi
-    fi
-    kill -TERM "$mpid" 2>/dev/null
-    wait "$mpid" 2>/dev/null
-    umount -l "$mnt" 2>/dev/null
-    log "$t: mount sequential read $took s ($ok)"
+    # The large files, read one by one.
+    mount_phase "$t" "$box" "$db" mount "$src" read_big
+    # The whole version copied out with `cp -r` (what most people do with a mount), through
+    # a fresh mount and disk cache.
+    mount_phase "$t" "$box" "$db" mount-cp "$src" copy_all
   fi
   rm -rf "$WORK/s3-data/$S3_BUCKET/$t-$rep" "$WORK/cache-$t" "$WORK/rclone-box"
 
@@ -314,7 +339,7 @@ done
   printf '| MB/s |'; for t in $TARGETS; do printf ' %s |' "$t"; done; echo
   printf '|---|'; for t in $TARGETS; do printf -- '---|'; done; echo
   box_bytes=$(du -sb "$WORK/local-box" 2>/dev/null | cut -f1)
-  for phase in backup restore mount copy; do
+  for phase in backup restore mount mount-cp copy; do
     bytes=$TREE_BYTES
     [[ $phase == mount ]] && bytes=$BIG_BYTES
     [[ $phase == copy ]] && bytes=${box_bytes:-0}
@@ -332,17 +357,18 @@ done
     done
     echo
   done
-  printf '| restore check |'; for t in $TARGETS; do printf ' %s |' "${R[$t,check]:-n/a}"; done; echo
+  printf '| check (restore, mount-cp) |'; for t in $TARGETS; do printf ' %s |' "${R[$t,check]:-n/a}"; done; echo
   echo
-  echo "MB/s = 10^6 bytes of source (backup, restore), of the files read (mount) or of the local box"
-  echo "(copy: \`copy-box\` of the local box to the target; local: to another folder) per second of wall time."
+  echo "MB/s = 10^6 bytes of source (backup, restore, mount-cp: \`cp -r\` of the version out of a fresh"
+  echo "mount), of the files read (mount) or of the local box (copy: \`copy-box\` of the local box to the"
+  echo "target; local: to another folder) per second of wall time."
   echo
   echo "Where the CPU went in those runs (seconds; wall = the run's time, so wall × $(nproc) cores is all"
   echo "there was): Brickbox / S3 server + delaying proxy."
   echo
   printf '| CPU s |'; for t in $TARGETS; do printf ' %s |' "$t"; done; echo
   printf '|---|'; for t in $TARGETS; do printf -- '---|'; done; echo
-  for phase in backup restore mount copy; do
+  for phase in backup restore mount mount-cp copy; do
     printf '| %s |' "$phase"
     for t in $TARGETS; do
       printf ' wall %s: %s / %s |' "${R[$t,$phase]:-n/a}" "${R[$t,$phase,cpu]:-n/a}" "${R[$t,$phase,srv]:-n/a}"

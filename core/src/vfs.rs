@@ -382,7 +382,8 @@ impl NodeRef {
     }
 }
 
-fn hashed_ino(key: &Key, attempt: u32) -> u64 {
+/// 63 bits of a hash of `path` in the scope of `key`, salted with `attempt`.
+fn path_hash(key: &Key, path: &[u8], attempt: u32) -> u64 {
     let mut h = blake3::Hasher::new();
     match &key.scope {
         Scope::Version(id) => h.update(b"v").update(id.as_bytes()),
@@ -391,14 +392,40 @@ fn hashed_ino(key: &Key, attempt: u32) -> u64 {
         Scope::HistFile => h.update(b"f"),
         Scope::HistItem(id) => h.update(b"i").update(id.as_bytes()),
     };
-    h.update(&[0]).update(&key.path).update(&attempt.to_le_bytes());
+    h.update(&[0]).update(path).update(&attempt.to_le_bytes());
     let mut b = [0u8; 8];
     b.copy_from_slice(&h.finalize().as_bytes()[..8]);
-    let v = u64::from_le_bytes(b) >> 1;
+    u64::from_le_bytes(b) >> 1
+}
+
+/// Bits of an ordered inode number that hold the entry's place in its directory.
+const ORDER_BITS: u32 = 20;
+
+/// The inode number of `key` (`attempt` counts collisions). An entry of a version whose place
+/// `order` in its directory's listing is known gets a number made of a hash of the directory
+/// and that place, so a directory's entries number in listing order: programs that read a
+/// directory in inode order (GNU `cp` sorts entries by inode number) then read it in the
+/// order read-ahead expects. Anything else, and every collision, gets a hash of its key.
+fn key_ino(key: &Key, order: Option<u32>, attempt: u32) -> u64 {
+    let v = match order {
+        Some(i) if attempt == 0 && u64::from(i) + 1 < 1 << ORDER_BITS => {
+            let (parent, _) = split_last(&key.path);
+            (path_hash(key, parent, 0) >> ORDER_BITS << ORDER_BITS) | (u64::from(i) + 1)
+        }
+        _ => path_hash(key, &key.path, attempt),
+    };
     if v < FIRST_HASHED {
         v + FIRST_HASHED
     } else {
         v
+    }
+}
+
+/// The place of `node` in its directory's listing, if it counts for its inode number.
+fn listing_order(key: &Key, node: &NodeRef) -> Option<u32> {
+    match (&key.scope, node) {
+        (Scope::Version(_), NodeRef::InTree(_, i)) if !key.path.is_empty() => Some(*i),
+        _ => None,
     }
 }
 
@@ -419,13 +446,14 @@ struct Table {
 }
 
 impl Table {
-    fn ino_for(&self, key: &Key) -> u64 {
+    /// The inode number of `key`, at `order` in its directory's listing (see [`key_ino`]).
+    fn ino_for(&self, key: &Key, order: Option<u32>) -> u64 {
         if let Some(&i) = self.by_key.get(key) {
             return i;
         }
         let mut attempt = 0;
         loop {
-            let i = hashed_ino(key, attempt);
+            let i = key_ino(key, order, attempt);
             match self.inodes.get(&i) {
                 Some(e) if e.key != *key => attempt += 1,
                 _ => return i,
@@ -434,7 +462,7 @@ impl Table {
     }
 
     fn register(&mut self, key: Key, node: NodeRef, parent_tree: Option<BlockId>) -> u64 {
-        let ino = self.ino_for(&key);
+        let ino = self.ino_for(&key, listing_order(&key, &node));
         match self.inodes.get_mut(&ino) {
             Some(e) => {
                 e.nlookup += 1;
@@ -1754,7 +1782,7 @@ impl Vfs {
                 for ver in &v.list {
                     let key = Key { scope: Scope::Version(ver.id.clone()), path: Arc::from(&b""[..]) };
                     out.push(DirEntry {
-                        ino: t.ino_for(&key),
+                        ino: t.ino_for(&key, None),
                         name: ver.name.as_bytes().to_vec(),
                         kind: FileKind::Dir,
                     });
@@ -1775,10 +1803,12 @@ impl Vfs {
                         Ok(tree
                             .nodes
                             .iter()
-                            .map(|n| DirEntry {
-                                ino: t.ino_for(&Key::in_version(id, &key.path, n)),
-                                name: n.name.clone(),
-                                kind: n.kind,
+                            .enumerate()
+                            .map(|(i, n)| {
+                                let k = Key::in_version(id, &key.path, n);
+                                // As a lookup numbers it (see `listing_order`).
+                                let order = matches!(k.scope, Scope::Version(_)).then_some(i as u32);
+                                DirEntry { ino: t.ino_for(&k, order), name: n.name.clone(), kind: n.kind }
                             })
                             .collect())
                     }
@@ -1790,7 +1820,11 @@ impl Vfs {
                             .iter()
                             .map(|s| {
                                 let k = Key { scope: Scope::HistItem(s.id.clone()), path: key.path.clone() };
-                                DirEntry { ino: t.ino_for(&k), name: s.name.as_bytes().to_vec(), kind: s.node.kind }
+                                DirEntry {
+                                    ino: t.ino_for(&k, None),
+                                    name: s.name.as_bytes().to_vec(),
+                                    kind: s.node.kind,
+                                }
                             })
                             .collect())
                     }
@@ -1838,7 +1872,7 @@ impl Vfs {
             .map(|(name, is_dir)| {
                 let scope = if is_dir { Scope::HistDir } else { Scope::HistFile };
                 let k = Key { scope, path: join(path, &name) };
-                DirEntry { ino: t.ino_for(&k), name, kind: FileKind::Dir }
+                DirEntry { ino: t.ino_for(&k, None), name, kind: FileKind::Dir }
             })
             .collect())
     }
@@ -2099,8 +2133,8 @@ impl Vfs {
     }
 
     /// Requests the first blocks of the file a program copying the version in listing order
-    /// (`tar`, `rsync`, a file manager; GNU `cp -r` reads a directory in inode order) reads
-    /// after `ino`, as much as a large first read gets ahead: that file's first round trip then
+    /// (`tar`, `rsync`, a file manager, GNU `cp -r` through the inode numbers) reads after
+    /// `ino`, as much as a large first read gets ahead: that file's first round trip then
     /// passes while this one is read. A guess that was not read (another file finished first)
     /// costs the next guess, so a reader that does not copy in order pays for every other file
     /// it finishes at most.
@@ -2409,6 +2443,41 @@ mod tests {
         assert!(matches!(vfs.getattr(new.ino), Err(VfsError::Stale(_))));
         let back = vfs.resolve(&fx.in_version(&folders[1], "sub/changing.txt")).unwrap().unwrap();
         assert_eq!(back.ino, new.ino);
+    }
+
+    /// `cp -r` reads a directory in inode order: the numbers of a directory's entries rise in
+    /// its listing order, readdir and lookup agree on them, and hard links still share one.
+    #[test]
+    fn a_directory_numbers_its_entries_in_listing_order() {
+        let fx = Fixture::new();
+        let many = fx.src.join("many");
+        std::fs::create_dir(&many).unwrap();
+        for i in 0..40 {
+            std::fs::write(many.join(format!("f{i:02}")), format!("file {i}\n")).unwrap();
+        }
+        std::fs::create_dir(many.join("m-dir")).unwrap();
+        std::fs::hard_link(many.join("f07"), many.join("z-link")).unwrap();
+        fx.backup();
+        let vfs = Vfs::new(fx.repo.clone()).unwrap();
+        let folder = vfs.version_names().remove(0);
+        let dir = vfs.resolve(&fx.in_version(&folder, "many")).unwrap().unwrap();
+        let listing = vfs.readdir(dir.ino).unwrap();
+        let linked = |e: &&DirEntry| e.name == b"f07" || e.name == b"z-link";
+        let numbers: Vec<u64> = listing.iter().filter(|e| !linked(e)).map(|e| e.ino).collect();
+        assert_eq!(numbers.len(), 40);
+        assert!(numbers.windows(2).all(|w| w[0] < w[1]), "not in listing order: {numbers:?}");
+        for e in &listing {
+            let looked_up = vfs.lookup(dir.ino, &e.name).unwrap().unwrap();
+            assert_eq!(looked_up.ino, e.ino, "{}", String::from_utf8_lossy(&e.name));
+        }
+        let links: Vec<u64> = listing.iter().filter(linked).map(|e| e.ino).collect();
+        assert_eq!(links.len(), 2);
+        assert_eq!(links[0], links[1], "hard links must share their inode number");
+        // Another directory's entries number apart.
+        let sub = vfs.resolve(&fx.in_version(&folder, "sub")).unwrap().unwrap();
+        for e in vfs.readdir(sub.ino).unwrap() {
+            assert!(!numbers.contains(&e.ino));
+        }
     }
 
     #[test]
