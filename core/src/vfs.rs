@@ -1205,6 +1205,9 @@ struct Seq {
     released: usize,
     /// The file read after this one was asked for.
     next_asked: bool,
+    /// This file was the one read-ahead expected next when it was opened: its first large
+    /// read gets the full window.
+    guessed: bool,
 }
 
 struct FileState {
@@ -1233,6 +1236,7 @@ impl FileState {
                 ahead: 0,
                 released: 0,
                 next_asked: false,
+                guessed: false,
             }),
         }
     }
@@ -1930,17 +1934,23 @@ impl Vfs {
     /// make the blocks of the next files of that directory load ahead, in coalesced reads.
     pub fn open(&self, ino: u64) -> VfsResult<()> {
         let f = self.file(ino)?;
+        // The file read-ahead expected: the reader copies in listing order.
+        let guessed = self.take_next_expected(&f);
+        if guessed {
+            lock(&f.seq).guessed = true;
+        }
         let parent = lock(&self.table).inodes.get(&ino).and_then(|e| e.parent_tree);
         if let Some(parent) = parent {
-            self.dir_read_ahead(&parent, &f.node.name);
+            self.dir_read_ahead(&parent, &f.node.name, guessed);
         }
         Ok(())
     }
 
-    /// Tracks opens in directory `tree`; on the second file opened in listing order, and whenever
-    /// less than half a window is left, requests the blocks of the following files (small files
-    /// whole, larger ones their first block) up to a window of `readahead_bytes`.
-    fn dir_read_ahead(&self, tree_id: &BlockId, name: &[u8]) {
+    /// Tracks opens in directory `tree`; on the second file opened in listing order (or the
+    /// first, when it is the file read-ahead expected next), and whenever less than half a
+    /// window is left, requests the blocks of the following files (small files whole, larger
+    /// ones their first block) up to a window of `readahead_bytes`.
+    fn dir_read_ahead(&self, tree_id: &BlockId, name: &[u8], expected: bool) {
         let Ok(tree) = self.tree(tree_id) else { return };
         let Ok(idx) = tree.nodes.binary_search_by(|n| n.name.as_slice().cmp(name)) else { return };
         let window = self.window();
@@ -1948,7 +1958,7 @@ impl Vfs {
         {
             let mut dirs = lock(&self.dir_opens);
             let st = dirs.get_or_insert_mut(*tree_id, || DirOpens { last: usize::MAX, ahead: 0 });
-            let in_order = st.last != usize::MAX && idx > st.last && idx <= st.last + 4;
+            let in_order = expected || (st.last != usize::MAX && idx > st.last && idx <= st.last + 4);
             st.last = idx;
             if !in_order {
                 st.ahead = idx + 1;
@@ -1990,9 +2000,18 @@ impl Vfs {
         let end = total.min(offset.saturating_add(u64::from(size)));
         let first = f.block_at(offset);
         let last = f.block_at(end - 1);
-        if self.read_ahead(&f, offset, end, first, last) {
+        let file_done = self.read_ahead(&f, offset, end, first, last);
+        let data = self.read_blocks(&f, offset, end, first, last);
+        // The next file is guessed once this read's own blocks are here, so that they do not
+        // wait behind the guess.
+        if file_done {
             self.next_file_ahead(ino);
         }
+        data
+    }
+
+    /// The bytes `offset..end` of `f`, in blocks `first..=last`.
+    fn read_blocks(&self, f: &FileState, offset: u64, end: u64, first: usize, last: usize) -> VfsResult<ReadData> {
         let content = &f.node.content;
         let range = |i: usize| {
             let from = offset.max(f.starts[i]) - f.starts[i];
@@ -2063,7 +2082,9 @@ impl Vfs {
             self.release_behind(f, &mut s, first);
         }
         let wanted = self.window_to_request(f, &mut s, offset, end, last);
-        let file_done = s.streak >= 2 && s.ahead.max(last + 1) >= n && !s.next_asked;
+        // Read through in order, or whole in one read (a small file).
+        let whole = offset == 0 && end == f.len();
+        let file_done = (s.streak >= 2 || whole) && s.ahead.max(last + 1) >= n && !s.next_asked;
         s.next_asked |= file_done;
         drop(s);
         if let Some(range) = wanted {
@@ -2096,7 +2117,7 @@ impl Vfs {
         let from = s.ahead.max(last + 1);
         let full = self.window();
         let bulk = opening && end - offset >= BULK_READ;
-        let (window, blocks) = if bulk && self.take_next_expected(f) {
+        let (window, blocks) = if bulk && (std::mem::take(&mut s.guessed) || self.take_next_expected(f)) {
             // The file read-ahead expected next, read from its start in large pieces: a
             // program copying the version file by file. Its first blocks are here already.
             (full, self.opts.readahead_blocks)
