@@ -104,7 +104,8 @@ const NEXT_FILE_STEPS: usize = 64;
 const DIR_OPENS: usize = 64;
 /// Subdirectory trees a listing loads ahead at most.
 const SUBTREES_AHEAD: usize = 64;
-/// Files up to this size are loaded whole by directory read-ahead.
+/// Files up to this size (or an eighth of the read-ahead window) are loaded whole by directory
+/// read-ahead.
 const SMALL_FILE: u64 = 1 << 20;
 /// A file's first read reads ahead 1/OPENING_SHARE of the full window, and at most
 /// OPENING_BLOCKS blocks.
@@ -1939,23 +1940,27 @@ impl Vfs {
         if guessed {
             lock(&f.seq).guessed = true;
         }
-        let parent = lock(&self.table).inodes.get(&ino).and_then(|e| e.parent_tree);
-        if let Some(parent) = parent {
-            self.dir_read_ahead(&parent, &f.node.name, guessed);
+        let found = lock(&self.table).inodes.get(&ino).and_then(|e| Some((e.parent_tree?, e.key.clone())));
+        if let Some((parent, key)) = found {
+            self.dir_read_ahead(&parent, &key, guessed);
         }
         Ok(())
     }
 
-    /// Tracks opens in directory `tree`; on the second file opened in listing order (or the
-    /// first, when it is the file read-ahead expected next), and whenever less than half a
-    /// window is left, requests the blocks of the following files (small files whole, larger
-    /// ones their first block) up to a window of `readahead_bytes`.
-    fn dir_read_ahead(&self, tree_id: &BlockId, name: &[u8], expected: bool) {
+    /// Tracks opens in directory `tree` (of the file `key`); on the second file opened in
+    /// listing order (or the first, when it is the file read-ahead expected next), and whenever
+    /// less than half a window is left, requests the blocks of the following files (small files
+    /// whole, larger ones their first block) up to a window of `readahead_bytes`. Once that
+    /// reaches the directory's end, the files after it are guessed (see
+    /// [`Vfs::guess_after`]): a copy of many small directories then never waits for the first
+    /// files of the next one.
+    fn dir_read_ahead(&self, tree_id: &BlockId, key: &Key, expected: bool) {
         let Ok(tree) = self.tree(tree_id) else { return };
+        let (dir, name) = split_last(&key.path);
         let Ok(idx) = tree.nodes.binary_search_by(|n| n.name.as_slice().cmp(name)) else { return };
         let window = self.window();
-        let mut ids = Vec::new();
-        {
+        let whole = self.whole_file_limit();
+        let (ids, at_end) = {
             let mut dirs = lock(&self.dir_opens);
             let st = dirs.get_or_insert_mut(*tree_id, || DirOpens { last: usize::MAX, ahead: 0 });
             let in_order = expected || (st.last != usize::MAX && idx > st.last && idx <= st.last + 4);
@@ -1965,23 +1970,32 @@ impl Vfs {
                 return;
             }
             // Bytes already requested beyond this file.
-            let left: u64 = tree.nodes[idx + 1..st.ahead.max(idx + 1)].iter().map(|n| first_blocks(n).1).sum();
-            if left >= window / 2 {
-                return;
+            let left: u64 = tree.nodes[idx + 1..st.ahead.max(idx + 1)].iter().map(|n| first_blocks(n, whole).1).sum();
+            let mut ids = Vec::new();
+            if left < window / 2 {
+                let limit = self.opts.readahead_blocks * 4;
+                let (more, j) = files_ahead(&tree, st.ahead.max(idx + 1), window - left, whole, limit);
+                ids = more;
+                st.ahead = j;
             }
-            let mut bytes = left;
-            let mut j = st.ahead.max(idx + 1);
-            while j < tree.nodes.len() && bytes < window && ids.len() < self.opts.readahead_blocks * 4 {
-                let (blocks, len) = first_blocks(&tree.nodes[j]);
-                ids.extend(blocks.iter().map(|b| b.id));
-                bytes += len;
-                j += 1;
-            }
-            st.ahead = j;
-        }
+            (ids, st.ahead >= tree.nodes.len())
+        };
         if !ids.is_empty() {
             self.blocks.prefetch(ids, true);
         }
+        // A directory ending in a subdirectory is left to the guess made when its last file
+        // is read: what follows is that subdirectory's, not the next directory's.
+        if let (true, Scope::Version(version), Some(last)) = (at_end, &key.scope, tree.nodes.last()) {
+            if last.kind != FileKind::Dir {
+                self.guess_after(version, &join(dir, &last.name));
+            }
+        }
+    }
+
+    /// Files up to this size are read ahead whole when their directory is, larger ones only
+    /// their first block (sequential read-ahead takes over from there).
+    fn whole_file_limit(&self) -> u64 {
+        SMALL_FILE.max(self.window() / 8)
     }
 
     /// Reads up to `size` bytes at `offset` (fewer only at the end of the file).
@@ -2160,26 +2174,55 @@ impl Vfs {
     /// costs the next guess, so a reader that does not copy in order pays for every other file
     /// it finishes at most.
     fn next_file_ahead(&self, ino: u64) {
-        if lock(&self.next_expected).take().is_some() {
-            return;
-        }
         let Ok((key, _)) = self.entry(ino) else { return };
-        let Scope::Version(version) = &key.scope else { return };
-        let Some(next) = self.next_file_in_order(version, &key.path) else { return };
-        let window = self.window() / BULK_OPENING_SHARE;
+        if let Scope::Version(version) = &key.scope {
+            self.guess_after(version, &key.path);
+        }
+    }
+
+    /// Guesses the file after `path` in version `version` (see [`Vfs::next_file_ahead`]):
+    /// its first quarter window, and the small files after it in its directory within that
+    /// quarter, which its directory's read-ahead then goes on from. Asking again for the file
+    /// already expected changes nothing.
+    fn guess_after(&self, version: &str, path: &[u8]) {
+        let Some((tree_id, tree, idx)) = self.next_file_in_order(version, path) else { return };
+        let next = &tree.nodes[idx];
+        let Some(first) = next.content.first().map(|b| b.id) else { return };
+        {
+            let mut expected = lock(&self.next_expected);
+            if *expected == Some(first) {
+                return;
+            }
+            if expected.take().is_some() {
+                return;
+            }
+            *expected = Some(first);
+        }
+        let budget = self.window() / BULK_OPENING_SHARE;
         let mut bytes = 0;
-        let ids: Vec<BlockId> = next
+        let mut ids: Vec<BlockId> = next
             .content
             .iter()
             .take_while(|b| {
-                let more = bytes < window;
+                let more = bytes < budget;
                 bytes += u64::from(b.len);
                 more
             })
             .take(self.opts.readahead_blocks)
             .map(|b| b.id)
             .collect();
-        *lock(&self.next_expected) = ids.first().copied();
+        let mut end = idx + 1;
+        if bytes < budget {
+            let limit = self.opts.readahead_blocks;
+            let (more, j) = files_ahead(&tree, idx + 1, budget - bytes, self.whole_file_limit(), limit);
+            ids.extend(more);
+            end = j;
+        }
+        {
+            let mut dirs = lock(&self.dir_opens);
+            let st = dirs.get_or_insert_mut(tree_id, || DirOpens { last: usize::MAX, ahead: 0 });
+            st.ahead = st.ahead.max(end);
+        }
         self.blocks.prefetch(ids, true);
     }
 
@@ -2200,22 +2243,23 @@ impl Vfs {
     /// after it. Only trees in memory are looked at, and at most NEXT_FILE_STEPS entries, so
     /// looking costs no round trip; a directory on the way whose tree is not in memory ends
     /// the search (what follows it is no guess).
-    fn next_file_in_order(&self, version: &str, path: &[u8]) -> Option<NodeRef> {
-        let root = self.versions().get(version)?.manifest.root_id().ok()?;
+    fn next_file_in_order(&self, version: &str, path: &[u8]) -> Option<(BlockId, Arc<Tree>, usize)> {
+        let mut id = self.versions().get(version)?.manifest.root_id().ok()?;
         // For each directory on the way to `path`: its tree and the index after the entry taken.
-        let mut stack: Vec<(Arc<Tree>, usize)> = Vec::new();
-        let mut tree = self.tree_in_memory(&root)?;
+        let mut stack: Vec<(BlockId, Arc<Tree>, usize)> = Vec::new();
+        let mut tree = self.tree_in_memory(&id)?;
         let mut names = path.split(|&b| b == b'/').peekable();
         while let Some(name) = names.next() {
             let idx = tree.nodes.binary_search_by(|n| n.name.as_slice().cmp(name)).ok()?;
             let sub = tree.nodes[idx].subtree;
-            stack.push((tree.clone(), idx + 1));
+            stack.push((id, tree.clone(), idx + 1));
             if names.peek().is_some() {
-                tree = self.tree_in_memory(&sub?)?;
+                id = sub?;
+                tree = self.tree_in_memory(&id)?;
             }
         }
         let mut steps = 0;
-        'levels: while let Some((tree, mut j)) = stack.pop() {
+        'levels: while let Some((id, tree, mut j)) = stack.pop() {
             while j < tree.nodes.len() {
                 steps += 1;
                 if steps > NEXT_FILE_STEPS {
@@ -2224,13 +2268,13 @@ impl Vfs {
                 let node = &tree.nodes[j];
                 j += 1;
                 if node.kind == FileKind::File && !node.content.is_empty() {
-                    return Some(NodeRef::InTree(tree, (j - 1) as u32));
+                    return Some((id, tree, j - 1));
                 }
                 // An empty directory has no tree.
                 if let (FileKind::Dir, Some(sub)) = (node.kind, node.subtree) {
-                    let sub = self.tree_in_memory(&sub)?;
-                    stack.push((tree, j));
-                    stack.push((sub, 0));
+                    let sub_tree = self.tree_in_memory(&sub)?;
+                    stack.push((id, tree, j));
+                    stack.push((sub, sub_tree, 0));
                     continue 'levels;
                 }
             }
@@ -2296,13 +2340,29 @@ impl Vfs {
     }
 }
 
-/// The blocks of a file that directory read-ahead loads: all of a small file, the first block
-/// of a larger one (sequential read-ahead takes over from there); and their bytes.
-fn first_blocks(node: &Node) -> (&[BlockRef], u64) {
+/// The blocks of the entries of `tree` from `from` on that directory read-ahead loads, up to
+/// `budget` bytes and `limit` blocks, and the index of the first entry not taken.
+fn files_ahead(tree: &Tree, from: usize, budget: u64, whole: u64, limit: usize) -> (Vec<BlockId>, usize) {
+    let mut ids = Vec::new();
+    let mut bytes = 0;
+    let mut j = from;
+    while j < tree.nodes.len() && bytes < budget && ids.len() < limit {
+        let (blocks, len) = first_blocks(&tree.nodes[j], whole);
+        ids.extend(blocks.iter().map(|b| b.id));
+        bytes += len;
+        j += 1;
+    }
+    (ids, j)
+}
+
+/// The blocks of a file that directory read-ahead loads: all of a file of up to `whole`
+/// bytes, the first block of a larger one (sequential read-ahead takes over from there); and
+/// their bytes.
+fn first_blocks(node: &Node, whole: u64) -> (&[BlockRef], u64) {
     if node.kind != FileKind::File || node.content.is_empty() {
         return (&[], 0);
     }
-    let n = if node.size <= SMALL_FILE { node.content.len() } else { 1 };
+    let n = if node.size <= whole { node.content.len() } else { 1 };
     let blocks = &node.content[..n];
     (blocks, blocks.iter().map(|b| u64::from(b.len)).sum())
 }
@@ -2823,6 +2883,53 @@ mod tests {
             (next..f.node.content.len()).take_while(|&i| f.starts[i] < f.starts[next] + (4 << 20)).collect();
         assert!(window.len() > ahead + 1, "{} blocks in the window", window.len());
         assert!(window.iter().all(|&i| loaded_or_loading(&vfs, &f.node.content[i].id)));
+        assert_eq!(vfs.stats().damaged_blocks, 0);
+    }
+
+    /// A copy of many small directories (`cp -r`, `tar`): once a directory's read-ahead
+    /// reaches its end, the small files of the next directory are on their way before it is
+    /// entered, and opening its first file goes on from there.
+    #[test]
+    fn small_files_of_the_next_directory_are_read_ahead_before_it_is_entered() {
+        let fx = Fixture::new();
+        for (d, prefix) in [("a", "f"), ("b", "g")] {
+            std::fs::create_dir_all(fx.src.join(d)).unwrap();
+            for i in 0..10u64 {
+                let seed = 40 + i + if d == "b" { 100 } else { 0 };
+                std::fs::write(fx.src.join(d).join(format!("{prefix}{i:02}")), pseudo(seed, 20_000)).unwrap();
+            }
+        }
+        fx.backup();
+        let opts = VfsOptions { readahead_bytes: 4 << 20, cache_bytes: 64 << 20, ..Default::default() };
+        let vfs = Vfs::with_options(fx.repo.clone(), opts).unwrap();
+        let folder = vfs.version_names().pop().unwrap();
+        let dir = |name: &str| vfs.resolve(&fx.in_version(&folder, name)).unwrap().unwrap();
+        let (a, b) = (dir("a"), dir("b"));
+        let b_files: Vec<Arc<FileState>> = vfs
+            .readdir(b.ino)
+            .unwrap()
+            .iter()
+            .map(|e| vfs.file(vfs.lookup(b.ino, &e.name).unwrap().unwrap().ino).unwrap())
+            .collect();
+        assert_eq!(b_files.len(), 10);
+        assert!(b_files.iter().all(|f| !loaded_or_loading(&vfs, &f.node.content[0].id)));
+
+        // a's files, each opened and read whole, in listing order: by the third, a's read-ahead
+        // holds all of a, and b's files are on their way too.
+        for (i, e) in vfs.readdir(a.ino).unwrap().iter().enumerate() {
+            let f = vfs.lookup(a.ino, &e.name).unwrap().unwrap();
+            vfs.open(f.ino).unwrap();
+            assert_eq!(vfs.read(f.ino, 0, 1 << 17).unwrap().len(), 20_000);
+            if i == 2 {
+                for f in &b_files {
+                    assert!(loaded_or_loading(&vfs, &f.node.content[0].id), "b's files were not read ahead");
+                }
+            }
+        }
+        // b's first file is the one expected.
+        let g00 = vfs.lookup(b.ino, b"g00").unwrap().unwrap();
+        vfs.open(g00.ino).unwrap();
+        assert!(lock(&b_files[0].seq).guessed, "the first file of b was not the guess");
         assert_eq!(vfs.stats().damaged_blocks, 0);
     }
 
