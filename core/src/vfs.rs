@@ -102,10 +102,13 @@ const DISK_BATCH: usize = 8;
 const NEXT_FILE_STEPS: usize = 64;
 /// Directories whose file opens are tracked for directory read-ahead.
 const DIR_OPENS: usize = 64;
+/// Directories whose first files are requested ahead at once at most (see
+/// `Vfs::prime_next_dir`).
+const PRIMED_DIRS: usize = 8;
 /// Subdirectory trees a listing loads ahead at most.
 const SUBTREES_AHEAD: usize = 64;
-/// Files up to this size (or an eighth of the read-ahead window) are loaded whole by directory
-/// read-ahead.
+/// Files up to this size, or an eighth of the read-ahead window, are loaded whole by directory
+/// read-ahead (see [`Vfs::whole_file_limit`]).
 const SMALL_FILE: u64 = 1 << 20;
 /// A file's first read reads ahead 1/OPENING_SHARE of the full window, and at most
 /// OPENING_BLOCKS blocks.
@@ -411,7 +414,8 @@ fn key_ino(key: &Key, order: Option<u32>, attempt: u32) -> u64 {
     let v = match order {
         Some(i) if attempt == 0 && u64::from(i) + 1 < 1 << ORDER_BITS => {
             let (parent, _) = split_last(&key.path);
-            (path_hash(key, parent, 0) >> ORDER_BITS << ORDER_BITS) | (u64::from(i) + 1)
+            // Salted apart from the directory's own number.
+            (path_hash(key, parent, u32::MAX) >> ORDER_BITS << ORDER_BITS) | (u64::from(i) + 1)
         }
         _ => path_hash(key, &key.path, attempt),
     };
@@ -1209,6 +1213,8 @@ struct Seq {
     /// This file was the one read-ahead expected next when it was opened: its first large
     /// read gets the full window.
     guessed: bool,
+    /// This file was opened in its directory's listing order (or was the one expected).
+    in_order: bool,
 }
 
 struct FileState {
@@ -1238,6 +1244,7 @@ impl FileState {
                 released: 0,
                 next_asked: false,
                 guessed: false,
+                in_order: false,
             }),
         }
     }
@@ -1261,6 +1268,15 @@ struct DirOpens {
     last: usize,
     /// Files before this index were already requested.
     ahead: usize,
+    /// The files of the next directory were requested (see [`Vfs::prime_next_dir`]).
+    next_primed: bool,
+}
+
+impl DirOpens {
+    /// A directory where nothing was opened yet and files before `ahead` are requested.
+    fn fresh(ahead: usize) -> Self {
+        DirOpens { last: usize::MAX, ahead, next_primed: false }
+    }
 }
 
 /// Link counts of one tree and everything below it: link group → entries.
@@ -1284,6 +1300,17 @@ pub struct Vfs {
     /// [`Vfs::next_file_ahead`]).
     next_expected: Mutex<Option<BlockId>>,
     blocks: Arc<Blocks>,
+}
+
+/// The file found after another in listing order ([`Vfs::next_file_in_order`]).
+struct NextFile {
+    /// The tree of its directory.
+    tree_id: BlockId,
+    tree: Arc<Tree>,
+    /// Its place in that tree (during the search: the next place to look at).
+    idx: usize,
+    /// The path of its directory in the version.
+    dir: Arc<[u8]>,
 }
 
 /// Distinct states of history paths, with the version-list generation they were computed at.
@@ -1937,38 +1964,44 @@ impl Vfs {
         let f = self.file(ino)?;
         // The file read-ahead expected: the reader copies in listing order.
         let guessed = self.take_next_expected(&f);
-        if guessed {
-            lock(&f.seq).guessed = true;
-        }
         let found = lock(&self.table).inodes.get(&ino).and_then(|e| Some((e.parent_tree?, e.key.clone())));
-        if let Some((parent, key)) = found {
-            self.dir_read_ahead(&parent, &key, guessed);
-        }
+        let in_order = match found {
+            Some((parent, key)) => self.dir_read_ahead(&parent, &f.node.name, &key, guessed),
+            None => guessed,
+        };
+        let mut s = lock(&f.seq);
+        s.guessed = guessed;
+        s.in_order = in_order;
         Ok(())
     }
 
-    /// Tracks opens in directory `tree` (of the file `key`); on the second file opened in
-    /// listing order (or the first, when it is the file read-ahead expected next), and whenever
-    /// less than half a window is left, requests the blocks of the following files (small files
-    /// whole, larger ones their first block) up to a window of `readahead_bytes`. Once that
-    /// reaches the directory's end, the files after it are guessed (see
-    /// [`Vfs::guess_after`]): a copy of many small directories then never waits for the first
-    /// files of the next one.
-    fn dir_read_ahead(&self, tree_id: &BlockId, key: &Key, expected: bool) {
-        let Ok(tree) = self.tree(tree_id) else { return };
-        let (dir, name) = split_last(&key.path);
-        let Ok(idx) = tree.nodes.binary_search_by(|n| n.name.as_slice().cmp(name)) else { return };
+    /// Tracks opens in directory `tree` (of the file `name`, whose key is `key`); on the second
+    /// file opened in listing order (or the first, when it is the file read-ahead expected
+    /// next, or one the directory was primed with), and whenever less than half a window is
+    /// left, requests the blocks of the following files (small files whole, larger ones their
+    /// first block) up to a window of `readahead_bytes`. Once that reaches the directory's
+    /// end, the next directory is primed (see [`Vfs::prime_next_dir`]). True when the open
+    /// was in listing order.
+    fn dir_read_ahead(&self, tree_id: &BlockId, name: &[u8], key: &Key, expected: bool) -> bool {
+        let Ok(tree) = self.tree(tree_id) else { return expected };
+        let Ok(idx) = tree.nodes.binary_search_by(|n| n.name.as_slice().cmp(name)) else { return expected };
         let window = self.window();
         let whole = self.whole_file_limit();
-        let (ids, at_end) = {
+        let (ids, prime) = {
             let mut dirs = lock(&self.dir_opens);
-            let st = dirs.get_or_insert_mut(*tree_id, || DirOpens { last: usize::MAX, ahead: 0 });
-            let in_order = expected || (st.last != usize::MAX && idx > st.last && idx <= st.last + 4);
-            st.last = idx;
-            if !in_order {
-                st.ahead = idx + 1;
-                return;
+            let st = dirs.get_or_insert_mut(*tree_id, || DirOpens::fresh(0));
+            // The first open of a directory primed up to beyond this file.
+            let primed = st.last == usize::MAX && idx < st.ahead;
+            if expected && st.last != usize::MAX && idx <= st.last {
+                // Another pass over the directory: what the last one requested may be gone.
+                *st = DirOpens::fresh(0);
             }
+            let in_order = expected || primed || (st.last != usize::MAX && idx > st.last && idx <= st.last + 4);
+            if !in_order {
+                *st = DirOpens { last: idx, ..DirOpens::fresh(idx + 1) };
+                return false;
+            }
+            st.last = idx;
             // Bytes already requested beyond this file.
             let left: u64 = tree.nodes[idx + 1..st.ahead.max(idx + 1)].iter().map(|n| first_blocks(n, whole).1).sum();
             let mut ids = Vec::new();
@@ -1978,24 +2011,95 @@ impl Vfs {
                 ids = more;
                 st.ahead = j;
             }
-            (ids, st.ahead >= tree.nodes.len())
+            let prime = st.ahead >= tree.nodes.len() && !st.next_primed;
+            st.next_primed |= prime;
+            (ids, prime)
         };
         if !ids.is_empty() {
             self.blocks.prefetch(ids, true);
         }
-        // A directory ending in a subdirectory is left to the guess made when its last file
-        // is read: what follows is that subdirectory's, not the next directory's.
-        if let (true, Scope::Version(version), Some(last)) = (at_end, &key.scope, tree.nodes.last()) {
+        // Entries of a version only (a hard link's key is its link group, not its path). A
+        // directory ending in a subdirectory is left to the guess made when its last file is
+        // read: what follows is that subdirectory's, not the next directory's.
+        if let (true, Scope::Version(version), Some(last)) = (prime, &key.scope, tree.nodes.last()) {
             if last.kind != FileKind::Dir {
-                self.guess_after(version, &join(dir, &last.name));
+                self.prime_next_dir(version, &join(split_last(&key.path).0, &last.name));
             }
+        }
+        true
+    }
+
+    /// Requests the first files of the directories a copy in listing order enters after
+    /// `path` (the last entry of a directory whose read-ahead reached its end), up to a quarter
+    /// window: the next file's first quarter window, the small files after it, and on into the
+    /// directories after that one while all of it fits (at most [`PRIMED_DIRS`]). Each of
+    /// those directories' read-ahead goes on from there at its first open. The next-file
+    /// guess ([`Vfs::next_file_ahead`]) is left as it is.
+    fn prime_next_dir(&self, version: &str, path: &[u8]) {
+        let mut budget = self.window() / BULK_OPENING_SHARE;
+        let whole = self.whole_file_limit();
+        let mut blocks_left = self.opts.readahead_blocks;
+        let mut ids = Vec::new();
+        let mut after: Arc<[u8]> = Arc::from(path);
+        for _ in 0..PRIMED_DIRS {
+            let Some(next) = self.next_file_in_order(version, &after) else { break };
+            let first = &next.tree.nodes[next.idx];
+            let start = self.file_start(first, budget);
+            let mut end = next.idx + 1;
+            let mut bytes = start.iter().zip(&first.content).map(|(_, b)| u64::from(b.len)).sum::<u64>();
+            let complete = start.len() == first.content.len();
+            blocks_left = blocks_left.saturating_sub(start.len());
+            ids.extend(start);
+            if complete && bytes < budget {
+                let (more, j) = files_ahead(&next.tree, next.idx + 1, budget - bytes, whole, blocks_left);
+                bytes += next.tree.nodes[next.idx + 1..j].iter().map(|n| first_blocks(n, whole).1).sum::<u64>();
+                blocks_left = blocks_left.saturating_sub(more.len());
+                ids.extend(more);
+                end = j;
+            }
+            {
+                let mut dirs = lock(&self.dir_opens);
+                let st = dirs.get_or_insert_mut(next.tree_id, || DirOpens::fresh(0));
+                if st.last != usize::MAX {
+                    // Opened before: this is another pass.
+                    *st = DirOpens::fresh(0);
+                }
+                st.ahead = st.ahead.max(end);
+            }
+            budget = budget.saturating_sub(bytes);
+            // On to the next directory only if this one was taken whole and ends in a file.
+            let Some(last) = next.tree.nodes.last() else { break };
+            if !complete || end < next.tree.nodes.len() || budget == 0 || blocks_left == 0 || last.kind == FileKind::Dir
+            {
+                break;
+            }
+            after = join(&next.dir, &last.name);
+        }
+        if !ids.is_empty() {
+            self.blocks.prefetch(ids, true);
         }
     }
 
-    /// Files up to this size are read ahead whole when their directory is, larger ones only
-    /// their first block (sequential read-ahead takes over from there).
+    /// Files up to this size are read ahead whole by a directory's read-ahead, larger ones only
+    /// their first block: an eighth of the window (4 MiB from a remote box: photos, music),
+    /// at least [`SMALL_FILE`].
     fn whole_file_limit(&self) -> u64 {
         SMALL_FILE.max(self.window() / 8)
+    }
+
+    /// The first blocks of file `node`, up to `budget` bytes and `readahead_blocks` blocks.
+    fn file_start(&self, node: &Node, budget: u64) -> Vec<BlockId> {
+        let mut bytes = 0;
+        node.content
+            .iter()
+            .take_while(|b| {
+                let more = bytes < budget;
+                bytes += u64::from(b.len);
+                more
+            })
+            .take(self.opts.readahead_blocks)
+            .map(|b| b.id)
+            .collect()
     }
 
     /// Reads up to `size` bytes at `offset` (fewer only at the end of the file).
@@ -2096,8 +2200,9 @@ impl Vfs {
             self.release_behind(f, &mut s, first);
         }
         let wanted = self.window_to_request(f, &mut s, offset, end, last);
-        // Read through in order, or whole in one read (a small file).
-        let whole = offset == 0 && end == f.len();
+        // Read through in order, or whole in one read (a small file) by a reader going
+        // through its directory in order.
+        let whole = offset == 0 && end == f.len() && s.in_order;
         let file_done = (s.streak >= 2 || whole) && s.ahead.max(last + 1) >= n && !s.next_asked;
         s.next_asked |= file_done;
         drop(s);
@@ -2131,7 +2236,8 @@ impl Vfs {
         let from = s.ahead.max(last + 1);
         let full = self.window();
         let bulk = opening && end - offset >= BULK_READ;
-        let (window, blocks) = if bulk && (std::mem::take(&mut s.guessed) || self.take_next_expected(f)) {
+        let guessed = opening && std::mem::take(&mut s.guessed);
+        let (window, blocks) = if bulk && (guessed || self.take_next_expected(f)) {
             // The file read-ahead expected next, read from its start in large pieces: a
             // program copying the version file by file. Its first blocks are here already.
             (full, self.opts.readahead_blocks)
@@ -2174,55 +2280,14 @@ impl Vfs {
     /// costs the next guess, so a reader that does not copy in order pays for every other file
     /// it finishes at most.
     fn next_file_ahead(&self, ino: u64) {
+        if lock(&self.next_expected).take().is_some() {
+            return;
+        }
         let Ok((key, _)) = self.entry(ino) else { return };
-        if let Scope::Version(version) = &key.scope {
-            self.guess_after(version, &key.path);
-        }
-    }
-
-    /// Guesses the file after `path` in version `version` (see [`Vfs::next_file_ahead`]):
-    /// its first quarter window, and the small files after it in its directory within that
-    /// quarter, which its directory's read-ahead then goes on from. Asking again for the file
-    /// already expected changes nothing.
-    fn guess_after(&self, version: &str, path: &[u8]) {
-        let Some((tree_id, tree, idx)) = self.next_file_in_order(version, path) else { return };
-        let next = &tree.nodes[idx];
-        let Some(first) = next.content.first().map(|b| b.id) else { return };
-        {
-            let mut expected = lock(&self.next_expected);
-            if *expected == Some(first) {
-                return;
-            }
-            if expected.take().is_some() {
-                return;
-            }
-            *expected = Some(first);
-        }
-        let budget = self.window() / BULK_OPENING_SHARE;
-        let mut bytes = 0;
-        let mut ids: Vec<BlockId> = next
-            .content
-            .iter()
-            .take_while(|b| {
-                let more = bytes < budget;
-                bytes += u64::from(b.len);
-                more
-            })
-            .take(self.opts.readahead_blocks)
-            .map(|b| b.id)
-            .collect();
-        let mut end = idx + 1;
-        if bytes < budget {
-            let limit = self.opts.readahead_blocks;
-            let (more, j) = files_ahead(&tree, idx + 1, budget - bytes, self.whole_file_limit(), limit);
-            ids.extend(more);
-            end = j;
-        }
-        {
-            let mut dirs = lock(&self.dir_opens);
-            let st = dirs.get_or_insert_mut(tree_id, || DirOpens { last: usize::MAX, ahead: 0 });
-            st.ahead = st.ahead.max(end);
-        }
+        let Scope::Version(version) = &key.scope else { return };
+        let Some(next) = self.next_file_in_order(version, &key.path) else { return };
+        let ids = self.file_start(&next.tree.nodes[next.idx], self.window() / BULK_OPENING_SHARE);
+        *lock(&self.next_expected) = ids.first().copied();
         self.blocks.prefetch(ids, true);
     }
 
@@ -2243,23 +2308,26 @@ impl Vfs {
     /// after it. Only trees in memory are looked at, and at most NEXT_FILE_STEPS entries, so
     /// looking costs no round trip; a directory on the way whose tree is not in memory ends
     /// the search (what follows it is no guess).
-    fn next_file_in_order(&self, version: &str, path: &[u8]) -> Option<(BlockId, Arc<Tree>, usize)> {
+    fn next_file_in_order(&self, version: &str, path: &[u8]) -> Option<NextFile> {
         let mut id = self.versions().get(version)?.manifest.root_id().ok()?;
-        // For each directory on the way to `path`: its tree and the index after the entry taken.
-        let mut stack: Vec<(BlockId, Arc<Tree>, usize)> = Vec::new();
+        // For each directory on the way to `path`: where to go on in it (the index after the
+        // entry taken).
+        let mut stack: Vec<NextFile> = Vec::new();
         let mut tree = self.tree_in_memory(&id)?;
+        let mut dir: Arc<[u8]> = Arc::from(&b""[..]);
         let mut names = path.split(|&b| b == b'/').peekable();
         while let Some(name) = names.next() {
             let idx = tree.nodes.binary_search_by(|n| n.name.as_slice().cmp(name)).ok()?;
             let sub = tree.nodes[idx].subtree;
-            stack.push((id, tree.clone(), idx + 1));
+            stack.push(NextFile { tree_id: id, tree: tree.clone(), idx: idx + 1, dir: dir.clone() });
             if names.peek().is_some() {
                 id = sub?;
                 tree = self.tree_in_memory(&id)?;
+                dir = join(&dir, name);
             }
         }
         let mut steps = 0;
-        'levels: while let Some((id, tree, mut j)) = stack.pop() {
+        'levels: while let Some(NextFile { tree_id: id, tree, idx: mut j, dir }) = stack.pop() {
             while j < tree.nodes.len() {
                 steps += 1;
                 if steps > NEXT_FILE_STEPS {
@@ -2268,13 +2336,14 @@ impl Vfs {
                 let node = &tree.nodes[j];
                 j += 1;
                 if node.kind == FileKind::File && !node.content.is_empty() {
-                    return Some((id, tree, j - 1));
+                    return Some(NextFile { tree_id: id, tree, idx: j - 1, dir });
                 }
                 // An empty directory has no tree.
                 if let (FileKind::Dir, Some(sub)) = (node.kind, node.subtree) {
                     let sub_tree = self.tree_in_memory(&sub)?;
-                    stack.push((id, tree, j));
-                    stack.push((sub, sub_tree, 0));
+                    let sub_dir = join(&dir, &node.name);
+                    stack.push(NextFile { tree_id: id, tree, idx: j, dir });
+                    stack.push(NextFile { tree_id: sub, tree: sub_tree, idx: 0, dir: sub_dir });
                     continue 'levels;
                 }
             }
@@ -2929,8 +2998,43 @@ mod tests {
         // b's first file is the one expected.
         let g00 = vfs.lookup(b.ino, b"g00").unwrap().unwrap();
         vfs.open(g00.ino).unwrap();
-        assert!(lock(&b_files[0].seq).guessed, "the first file of b was not the guess");
+        assert!(lock(&b_files[0].seq).in_order, "the first file of b did not go on with the read-ahead");
         assert_eq!(vfs.stats().damaged_blocks, 0);
+    }
+
+    /// Priming the next directory does not take the place of the next-file guess: in a
+    /// directory of larger files whose read-ahead reached its end, a file read to its end
+    /// still gets the next one guessed (its first quarter window, and the full window at its
+    /// first read).
+    #[test]
+    fn the_next_directory_primed_leaves_the_next_file_guess_alone() {
+        let fx = Fixture::new();
+        std::fs::create_dir_all(fx.src.join("m")).unwrap();
+        std::fs::create_dir_all(fx.src.join("n")).unwrap();
+        for (i, name) in ["p0", "p1", "p2"].iter().enumerate() {
+            std::fs::write(fx.src.join("m").join(name), pseudo(60 + i as u64, 2 << 20)).unwrap();
+        }
+        std::fs::write(fx.src.join("n/q0"), pseudo(70, 30_000)).unwrap();
+        fx.backup();
+        let opts = VfsOptions { readahead_bytes: 4 << 20, cache_bytes: 64 << 20, ..Default::default() };
+        let vfs = Vfs::with_options(fx.repo.clone(), opts).unwrap();
+        let folder = vfs.version_names().pop().unwrap();
+        let file = |name: &str| vfs.resolve(&fx.in_version(&folder, name)).unwrap().unwrap().ino;
+        let n = vfs.resolve(&fx.in_version(&folder, "n")).unwrap().unwrap();
+        let _ = vfs.readdir(n.ino).unwrap();
+        let q0 = vfs.file(file("n/q0")).unwrap();
+        for name in ["m/p0", "m/p1"] {
+            let ino = file(name);
+            vfs.open(ino).unwrap();
+            let _ = read_all(&vfs, ino);
+        }
+        // m's read-ahead reached its end at p1's open: n was primed.
+        assert!(loaded_or_loading(&vfs, &q0.node.content[0].id), "the next directory was not primed");
+        let p2 = vfs.file(file("m/p2")).unwrap();
+        let expected = *lock(&vfs.next_expected);
+        assert_eq!(expected, Some(p2.node.content[0].id), "p1 read to its end did not get p2 guessed");
+        vfs.open(file("m/p2")).unwrap();
+        assert!(lock(&p2.seq).guessed);
     }
 
     #[test]

@@ -326,6 +326,84 @@ fn mount_reads_in_parallel_sees_new_versions_and_stops_on_sigterm() {
     assert!(listing(&m.dir).is_empty());
 }
 
+/// `cp -r` and `tar` copy a version out of the mount as it was backed up. A directory's
+/// entries number in listing order (GNU cp reads a directory in inode order), and the copy
+/// is served mostly by read-ahead.
+#[test]
+fn cp_and_tar_copy_a_version_out_of_the_mount_in_listing_order() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    for d in 0..4u64 {
+        let dir = src.join(format!("dir{d}"));
+        fs::create_dir_all(dir.join("sub")).unwrap();
+        for i in 0..25u64 {
+            fs::write(dir.join(format!("f{i:02}.txt")), text_bytes(100 * d + i, 10_000 + 97 * i as usize)).unwrap();
+        }
+        fs::write(dir.join("sub/inner.txt"), text_bytes(900 + d, 5_000)).unwrap();
+    }
+    write_random(&src.join("dir2/large.bin"), 77, 3 * MIB + 5);
+    std::os::unix::fs::symlink("dir0/f00.txt", src.join("link")).unwrap();
+    env.backup(&args![&src]);
+    let folder = folder_names(&env).pop().unwrap();
+    let mnt = env.mkdir("mnt");
+    let mut m = Mount::start(&env, &mnt, &args!["-v"]);
+    let root = m.version_path(&folder, &src);
+
+    // Inode numbers rise in listing order (names sorted bytewise).
+    use std::os::unix::fs::DirEntryExt;
+    let mut entries: Vec<(Vec<u8>, u64)> = fs::read_dir(root.join("dir1"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name().into_encoded_bytes(), e.ino())
+        })
+        .collect();
+    entries.sort();
+    assert_eq!(entries.len(), 26);
+    assert!(entries.windows(2).all(|w| w[0].1 < w[1].1), "not in listing order: {entries:?}");
+
+    let copies = env.mkdir("copies");
+    let cp = std::process::Command::new("cp").arg("-r").arg(&root).arg(copies.join("by-cp")).status().unwrap();
+    assert!(cp.success());
+    fs::create_dir(copies.join("by-tar")).unwrap();
+    let tar = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("tar -cf - -C \"$1\" . | tar -xf - -C \"$2\"")
+        .arg("sh")
+        .arg(&root)
+        .arg(copies.join("by-tar"))
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    for copy in ["by-cp", "by-tar"] {
+        let copy = copies.join(copy);
+        assert_eq!(walk(&src).len(), walk(&copy).len(), "{}", copy.display());
+        for p in walk(&src) {
+            let rel = p.strip_prefix(&src).unwrap();
+            if p.is_symlink() {
+                assert_eq!(fs::read_link(&p).unwrap(), fs::read_link(copy.join(rel)).unwrap());
+            } else if p.is_file() {
+                assert!(same_content(&p, &copy.join(rel)), "{} differs in {}", rel.display(), copy.display());
+            }
+        }
+    }
+
+    m.signal(libc::SIGTERM);
+    assert_eq!(m.wait_exit(Duration::from_secs(20)), Some(0));
+    let text = m.stderr_text();
+    let line = text.lines().find(|l| l.starts_with("blocks: ")).unwrap_or_else(|| panic!("no stats in: {text}"));
+    let ahead: u64 = line
+        .split(" by read-ahead")
+        .next()
+        .and_then(|head| head.rsplit('(').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no read-ahead count in: {line}"));
+    assert!(ahead >= 80, "the copy was not read ahead: {line}");
+}
+
 #[test]
 fn mount_refuses_unusable_mount_points() {
     let env = Env::with_box();
