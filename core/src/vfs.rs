@@ -1213,7 +1213,8 @@ struct Seq {
     /// This file was the one read-ahead expected next when it was opened: its first large
     /// read gets the full window.
     guessed: bool,
-    /// This file was opened in its directory's listing order (or was the one expected).
+    /// This file was opened in its directory's listing order (or was the one expected, or one
+    /// its directory was primed with).
     in_order: bool,
 }
 
@@ -1270,13 +1271,22 @@ struct DirOpens {
     ahead: usize,
     /// The files of the next directory were requested (see [`Vfs::prime_next_dir`]).
     next_primed: bool,
+    /// The first file requested when this directory was primed (`usize::MAX`: not primed);
+    /// an open there, or a few entries after it, goes on with the read-ahead.
+    primed_at: usize,
 }
 
 impl DirOpens {
     /// A directory where nothing was opened yet and files before `ahead` are requested.
     fn fresh(ahead: usize) -> Self {
-        DirOpens { last: usize::MAX, ahead, next_primed: false }
+        DirOpens { last: usize::MAX, ahead, next_primed: false, primed_at: usize::MAX }
     }
+}
+
+/// Whether a subdirectory with entries is among `nodes`: a copy in listing order goes
+/// through it before what comes after.
+fn holds_subdirectory(nodes: &[Node]) -> bool {
+    nodes.iter().any(|n| n.kind == FileKind::Dir && n.subtree.is_some())
 }
 
 /// Link counts of one tree and everything below it: link group → entries.
@@ -1987,11 +1997,21 @@ impl Vfs {
         let Ok(idx) = tree.nodes.binary_search_by(|n| n.name.as_slice().cmp(name)) else { return expected };
         let window = self.window();
         let whole = self.whole_file_limit();
+        // The directories after this one are primed from an entry of a version (a hard link's
+        // key is its link group, not its path) when no subdirectory is left to go through
+        // first (the guess made when its last file is read goes there).
+        let primer = match &key.scope {
+            Scope::Version(version) if !holds_subdirectory(&tree.nodes[idx + 1..]) => {
+                tree.nodes.last().map(|last| (version.clone(), join(split_last(&key.path).0, &last.name)))
+            }
+            _ => None,
+        };
         let (ids, prime) = {
             let mut dirs = lock(&self.dir_opens);
             let st = dirs.get_or_insert_mut(*tree_id, || DirOpens::fresh(0));
-            // The first open of a directory primed up to beyond this file.
-            let primed = st.last == usize::MAX && idx < st.ahead;
+            // The first open of a directory primed at this file or a few before it.
+            let primed = st.primed_at != usize::MAX && idx >= st.primed_at && idx <= st.primed_at + 4;
+            st.primed_at = usize::MAX;
             if expected && st.last != usize::MAX && idx <= st.last {
                 // Another pass over the directory: what the last one requested may be gone.
                 *st = DirOpens::fresh(0);
@@ -2011,20 +2031,15 @@ impl Vfs {
                 ids = more;
                 st.ahead = j;
             }
-            let prime = st.ahead >= tree.nodes.len() && !st.next_primed;
+            let prime = primer.is_some() && st.ahead >= tree.nodes.len() && !st.next_primed;
             st.next_primed |= prime;
             (ids, prime)
         };
         if !ids.is_empty() {
             self.blocks.prefetch(ids, true);
         }
-        // Entries of a version only (a hard link's key is its link group, not its path). A
-        // directory ending in a subdirectory is left to the guess made when its last file is
-        // read: what follows is that subdirectory's, not the next directory's.
-        if let (true, Scope::Version(version), Some(last)) = (prime, &key.scope, tree.nodes.last()) {
-            if last.kind != FileKind::Dir {
-                self.prime_next_dir(version, &join(split_last(&key.path).0, &last.name));
-            }
+        if let (true, Some((version, last))) = (prime, primer) {
+            self.prime_next_dir(version.as_ref(), &last, tree_id);
         }
         true
     }
@@ -2035,16 +2050,23 @@ impl Vfs {
     /// directories after that one while all of it fits (at most [`PRIMED_DIRS`]). Each of
     /// those directories' read-ahead goes on from there at its first open. The next-file
     /// guess ([`Vfs::next_file_ahead`]) is left as it is.
-    fn prime_next_dir(&self, version: &str, path: &[u8]) {
+    fn prime_next_dir(&self, version: &str, path: &[u8], from: &BlockId) {
         let mut budget = self.window() / BULK_OPENING_SHARE;
         let whole = self.whole_file_limit();
         let mut blocks_left = self.opts.readahead_blocks;
         let mut ids = Vec::new();
         let mut after: Arc<[u8]> = Arc::from(path);
+        // Trees met on the way: a directory with the same contents as one before it is the
+        // same tree, and its state is not touched twice.
+        let mut seen = vec![*from];
         for _ in 0..PRIMED_DIRS {
             let Some(next) = self.next_file_in_order(version, &after) else { break };
+            if seen.contains(&next.tree_id) {
+                break;
+            }
+            seen.push(next.tree_id);
             let first = &next.tree.nodes[next.idx];
-            let start = self.file_start(first, budget);
+            let start = self.file_start(first, budget, blocks_left);
             let mut end = next.idx + 1;
             let mut bytes = start.iter().zip(&first.content).map(|(_, b)| u64::from(b.len)).sum::<u64>();
             let complete = start.len() == first.content.len();
@@ -2060,17 +2082,20 @@ impl Vfs {
             {
                 let mut dirs = lock(&self.dir_opens);
                 let st = dirs.get_or_insert_mut(next.tree_id, || DirOpens::fresh(0));
-                if st.last != usize::MAX {
-                    // Opened before: this is another pass.
+                if st.last != usize::MAX && next.idx <= st.last {
+                    // Opened up to here before: this is another pass.
                     *st = DirOpens::fresh(0);
                 }
                 st.ahead = st.ahead.max(end);
+                st.primed_at = next.idx;
             }
             budget = budget.saturating_sub(bytes);
-            // On to the next directory only if this one was taken whole and ends in a file.
+            // On to the next directory only if this one was taken whole and holds no
+            // subdirectory to go through first.
             let Some(last) = next.tree.nodes.last() else { break };
-            if !complete || end < next.tree.nodes.len() || budget == 0 || blocks_left == 0 || last.kind == FileKind::Dir
-            {
+            let taken_whole =
+                complete && end >= next.tree.nodes.len() && !holds_subdirectory(&next.tree.nodes[next.idx..]);
+            if !taken_whole || budget == 0 || blocks_left == 0 {
                 break;
             }
             after = join(&next.dir, &last.name);
@@ -2087,8 +2112,9 @@ impl Vfs {
         SMALL_FILE.max(self.window() / 8)
     }
 
-    /// The first blocks of file `node`, up to `budget` bytes and `readahead_blocks` blocks.
-    fn file_start(&self, node: &Node, budget: u64) -> Vec<BlockId> {
+    /// The first blocks of file `node`, up to `budget` bytes and `limit` blocks (and at most
+    /// `readahead_blocks`).
+    fn file_start(&self, node: &Node, budget: u64, limit: usize) -> Vec<BlockId> {
         let mut bytes = 0;
         node.content
             .iter()
@@ -2097,7 +2123,7 @@ impl Vfs {
                 bytes += u64::from(b.len);
                 more
             })
-            .take(self.opts.readahead_blocks)
+            .take(limit.min(self.opts.readahead_blocks))
             .map(|b| b.id)
             .collect()
     }
@@ -2286,7 +2312,7 @@ impl Vfs {
         let Ok((key, _)) = self.entry(ino) else { return };
         let Scope::Version(version) = &key.scope else { return };
         let Some(next) = self.next_file_in_order(version, &key.path) else { return };
-        let ids = self.file_start(&next.tree.nodes[next.idx], self.window() / BULK_OPENING_SHARE);
+        let ids = self.file_start(&next.tree.nodes[next.idx], self.window() / BULK_OPENING_SHARE, usize::MAX);
         *lock(&self.next_expected) = ids.first().copied();
         self.blocks.prefetch(ids, true);
     }
@@ -2983,8 +3009,8 @@ mod tests {
         assert_eq!(b_files.len(), 10);
         assert!(b_files.iter().all(|f| !loaded_or_loading(&vfs, &f.node.content[0].id)));
 
-        // a's files, each opened and read whole, in listing order: by the third, a's read-ahead
-        // holds all of a, and b's files are on their way too.
+        // a's files, each opened and read whole, in listing order: from the second on, a's
+        // read-ahead holds all of a, and b's files are on their way too.
         for (i, e) in vfs.readdir(a.ino).unwrap().iter().enumerate() {
             let f = vfs.lookup(a.ino, &e.name).unwrap().unwrap();
             vfs.open(f.ino).unwrap();
@@ -2995,10 +3021,13 @@ mod tests {
                 }
             }
         }
-        // b's first file is the one expected.
+        // b's first file, opened, goes on with b's read-ahead as primed (not as the guess made
+        // when a's last file was read, dropped here).
+        *lock(&vfs.next_expected) = None;
         let g00 = vfs.lookup(b.ino, b"g00").unwrap().unwrap();
         vfs.open(g00.ino).unwrap();
-        assert!(lock(&b_files[0].seq).in_order, "the first file of b did not go on with the read-ahead");
+        let s = lock(&b_files[0].seq);
+        assert!(s.in_order && !s.guessed, "the first file of b did not go on with the read-ahead");
         assert_eq!(vfs.stats().damaged_blocks, 0);
     }
 

@@ -145,6 +145,13 @@ impl Env {
         run_cmd(c)
     }
 
+    /// Runs a command against the box with its default catalog (no `--db`; under HOME's cache).
+    pub fn run_default_catalog(&self, args: &[OsString]) -> Run {
+        let mut c = self.bare_cmd();
+        c.arg("-r").arg(&self.repo).args(args);
+        run_cmd(c)
+    }
+
     /// Runs a command with another password.
     pub fn run_with_password(&self, password: &str, args: &[OsString]) -> Run {
         let mut c = self.cmd(args);

@@ -44,11 +44,7 @@ fn wrong_password_is_refused_and_changes_nothing() {
 fn a_key_file_replaced_under_its_name_is_judged_by_the_copy_in_the_box() {
     let (env, _src) = box_with_version();
     // The default catalog (under HOME's cache) holds a copy of the key file too.
-    let default_catalog = |args: &[OsString]| {
-        let mut c = env.bare_cmd();
-        c.arg("-r").arg(&env.repo).args(args);
-        run_cmd(c)
-    };
+    let default_catalog = |args: &[OsString]| env.run_default_catalog(args);
     default_catalog(&args!["versions"]).expect_code(0);
     let keys = objects(&env.repo, "keys");
     assert_eq!(keys.len(), 1, "{keys:?}");
@@ -74,11 +70,7 @@ fn a_key_file_replaced_under_its_name_is_judged_by_the_copy_in_the_box() {
 #[test]
 fn another_box_at_a_noted_location_opens_with_its_own_keys() {
     let (a, src_a) = box_with_version();
-    let at_default = |args: &[OsString]| {
-        let mut c = a.bare_cmd();
-        c.arg("-r").arg(&a.repo).args(args);
-        run_cmd(c)
-    };
+    let at_default = |args: &[OsString]| a.run_default_catalog(args);
     let box_id = |repo: &Path| -> String {
         let config: serde_json::Value = serde_json::from_slice(&fs::read(repo.join("config")).unwrap()).unwrap();
         config["id"].as_str().unwrap().to_string()
