@@ -347,11 +347,11 @@ impl Repository {
         password: &'env [u8],
         choice: CatalogChoice<'_>,
     ) -> Result<Unlocking> {
+        // The config and the list of key files, side by side (each is a round trip).
+        let config = s.spawn(|| Self::read_config_raw(backend));
         // A catalog named by the caller, or the default one of the repository last opened at
         // this location, is known before anything is read from the box: the key file it last
         // unlocked with is read and unwrapped beside the listing.
-        // The config and the list of key files, side by side (each is a round trip).
-        let config = s.spawn(|| Self::read_config_raw(backend));
         let cached = |path: &Path| (!choice.fresh).then(|| Catalog::cached_key_file(path)).flatten();
         let known = match (choice.path, choice.noted) {
             (Some(p), _) => Some(p.to_path_buf()),
@@ -371,8 +371,8 @@ impl Repository {
             }
         }
         // Else the default catalog is known once the config is: its key file is unwrapped
-        // while the box's copy is read. Work started for a stale note is left to finish on
-        // its own (its threads are joined when this scope ends, not here).
+        // while the box's copy is read. Work started for a stale note is kept until this
+        // function returns (its threads are joined then, after the real work, not here).
         let mut _stale = None;
         if let (None, Ok((c, _))) = (choice.path, &box_config) {
             if choice.noted != Some(c.id.as_str()) {

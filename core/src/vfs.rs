@@ -1997,16 +1997,7 @@ impl Vfs {
         let Ok(idx) = tree.nodes.binary_search_by(|n| n.name.as_slice().cmp(name)) else { return expected };
         let window = self.window();
         let whole = self.whole_file_limit();
-        // The directories after this one are primed from an entry of a version (a hard link's
-        // key is its link group, not its path) when no subdirectory is left to go through
-        // first (the guess made when its last file is read goes there).
-        let primer = match &key.scope {
-            Scope::Version(version) if !holds_subdirectory(&tree.nodes[idx + 1..]) => {
-                tree.nodes.last().map(|last| (version.clone(), join(split_last(&key.path).0, &last.name)))
-            }
-            _ => None,
-        };
-        let (ids, prime) = {
+        let (ids, at_end) = {
             let mut dirs = lock(&self.dir_opens);
             let st = dirs.get_or_insert_mut(*tree_id, || DirOpens::fresh(0));
             // The first open of a directory primed at this file or a few before it.
@@ -2027,19 +2018,26 @@ impl Vfs {
             let mut ids = Vec::new();
             if left < window / 2 {
                 let limit = self.opts.readahead_blocks * 4;
-                let (more, j) = files_ahead(&tree, st.ahead.max(idx + 1), window - left, whole, limit);
+                let (more, j, _) = files_ahead(&tree, st.ahead.max(idx + 1), window - left, whole, limit);
                 ids = more;
                 st.ahead = j;
             }
-            let prime = primer.is_some() && st.ahead >= tree.nodes.len() && !st.next_primed;
-            st.next_primed |= prime;
-            (ids, prime)
+            (ids, st.ahead >= tree.nodes.len() && !st.next_primed)
         };
         if !ids.is_empty() {
             self.blocks.prefetch(ids, true);
         }
-        if let (true, Some((version, last))) = (prime, primer) {
-            self.prime_next_dir(version.as_ref(), &last, tree_id);
+        // The directories after this one are primed from an entry of a version (a hard link's
+        // key is its link group, not its path) once no subdirectory is left to go through
+        // first (the guess made when its last file is read goes there). Looked at only once
+        // the read-ahead reached the end, not at every open.
+        if let (true, Scope::Version(version), Some(last)) = (at_end, &key.scope, tree.nodes.last()) {
+            if !holds_subdirectory(&tree.nodes[idx + 1..]) {
+                if let Some(st) = lock(&self.dir_opens).get_mut(tree_id) {
+                    st.next_primed = true;
+                }
+                self.prime_next_dir(version, &join(split_last(&key.path).0, &last.name), tree_id);
+            }
         }
         true
     }
@@ -2068,13 +2066,13 @@ impl Vfs {
             let first = &next.tree.nodes[next.idx];
             let start = self.file_start(first, budget, blocks_left);
             let mut end = next.idx + 1;
-            let mut bytes = start.iter().zip(&first.content).map(|(_, b)| u64::from(b.len)).sum::<u64>();
+            let mut bytes: u64 = first.content[..start.len()].iter().map(|b| u64::from(b.len)).sum();
             let complete = start.len() == first.content.len();
             blocks_left = blocks_left.saturating_sub(start.len());
             ids.extend(start);
             if complete && bytes < budget {
-                let (more, j) = files_ahead(&next.tree, next.idx + 1, budget - bytes, whole, blocks_left);
-                bytes += next.tree.nodes[next.idx + 1..j].iter().map(|n| first_blocks(n, whole).1).sum::<u64>();
+                let (more, j, more_bytes) = files_ahead(&next.tree, next.idx + 1, budget - bytes, whole, blocks_left);
+                bytes += more_bytes;
                 blocks_left = blocks_left.saturating_sub(more.len());
                 ids.extend(more);
                 end = j;
@@ -2436,8 +2434,8 @@ impl Vfs {
 }
 
 /// The blocks of the entries of `tree` from `from` on that directory read-ahead loads, up to
-/// `budget` bytes and `limit` blocks, and the index of the first entry not taken.
-fn files_ahead(tree: &Tree, from: usize, budget: u64, whole: u64, limit: usize) -> (Vec<BlockId>, usize) {
+/// `budget` bytes and `limit` blocks; the index of the first entry not taken; their bytes.
+fn files_ahead(tree: &Tree, from: usize, budget: u64, whole: u64, limit: usize) -> (Vec<BlockId>, usize, u64) {
     let mut ids = Vec::new();
     let mut bytes = 0;
     let mut j = from;
@@ -2447,7 +2445,7 @@ fn files_ahead(tree: &Tree, from: usize, budget: u64, whole: u64, limit: usize) 
         bytes += len;
         j += 1;
     }
-    (ids, j)
+    (ids, j, bytes)
 }
 
 /// The blocks of a file that directory read-ahead loads: all of a file of up to `whole`
