@@ -3,6 +3,8 @@
 #   S3      moto_server                  (PyPI moto[server])
 #   SFTP    openssh-server sshd          (apt openssh-server), own key, internal-sftp
 #   WebDAV  rclone serve webdav          (apt rclone)
+#   WebDAV over TLS: a second rclone serve webdav with a certificate from a test CA made
+#           here with openssl (apt openssl); the CA is trusted only where a test says so
 #   FTP     pyftpdlib                    (PyPI pyftpdlib)
 #   Azure   Azurite blob service         (npm azurite; needs Node.js >= 18)
 #   GCS     gcp-storage-emulator         (PyPI gcp-storage-emulator; JSON API, anonymous)
@@ -24,6 +26,7 @@ ENV_FILE=${BB_SERVERS_ENV:-$STATE.env}
 S3_PORT=${BB_S3_PORT:-15000}
 SFTP_PORT=${BB_SFTP_PORT:-2222}
 DAV_PORT=${BB_WEBDAV_PORT:-18080}
+DAVS_PORT=${BB_WEBDAVS_PORT:-18443}
 FTP_PORT=${BB_FTP_PORT:-2121}
 FTP_PASV=${BB_FTP_PASV:-30000-30049}
 AZ_PORT=${BB_AZBLOB_PORT:-10000}
@@ -173,6 +176,48 @@ start_webdav() {
 BB_WEBDAV_ENDPOINT=127.0.0.1:$DAV_PORT
 BB_WEBDAV_USER=$DAV_USER
 BB_WEBDAV_PASSWORD=$DAV_PASS
+EOF
+}
+
+# A CA and a certificate it signed for 127.0.0.1 and localhost (made once per state dir).
+make_test_ca() { # dir
+    local dir=$1
+    [ -s "$dir/ca.pem" ] && [ -s "$dir/server.pem" ] && [ -s "$dir/server.key" ] && return 0
+    command -v openssl >/dev/null 2>&1 || apt_install openssl
+    command -v openssl >/dev/null 2>&1 || return 1
+    (
+        cd "$dir" &&
+            openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=Brickbox test CA" \
+                -keyout ca.key -out ca.pem &&
+            openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout server.key -out server.csr &&
+            printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >server.ext &&
+            openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+                -extfile server.ext -out server.pem
+    ) >/dev/null 2>&1
+}
+
+start_webdavs() {
+    local dir=$STATE/webdavs
+    mkdir -p "$dir/data" "$dir/tls"
+    if ! make_test_ca "$dir/tls"; then
+        log "WebDAV over TLS: no openssl to make a test certificate; its tests will skip"
+        return 1
+    fi
+    if ! listening "$DAVS_PORT"; then
+        command -v rclone >/dev/null 2>&1 || apt_install rclone
+        if ! command -v rclone >/dev/null 2>&1; then
+            log "WebDAV over TLS: rclone not available; its tests will skip"
+            return 1
+        fi
+        start_bg webdavs rclone serve webdav "$dir/data" --addr "127.0.0.1:$DAVS_PORT" \
+            --cert "$dir/tls/server.pem" --key "$dir/tls/server.key" \
+            --user "$DAV_USER" --pass "$DAV_PASS" --config /dev/null
+        wait_port "$DAVS_PORT" 15 || { log "WebDAV over TLS: rclone did not start (see $STATE/webdavs.log)"; return 1; }
+    fi
+    cat >>"$ENV_FILE.new" <<EOF
+BB_WEBDAVS_ENDPOINT=127.0.0.1:$DAVS_PORT
+BB_WEBDAVS_CA=$dir/tls/ca.pem
+BB_WEBDAVS_ROOT=$dir/data
 EOF
 }
 
@@ -422,7 +467,7 @@ keystone_manage() { # args...
 
 stop_all() {
     local name pid
-    for name in s3 sftp webdav ftp azblob gcs swift-proxy swift-account swift-container swift-object swift-short-proxy swift-memcached keystone swift-keystone-proxy; do
+    for name in s3 sftp webdav webdavs ftp azblob gcs swift-proxy swift-account swift-container swift-object swift-short-proxy swift-memcached keystone swift-keystone-proxy; do
         if [ -f "$STATE/$name.pid" ]; then
             pid=$(cat "$STATE/$name.pid")
             kill "$pid" 2>/dev/null && log "stopped $name (pid $pid)"
@@ -441,6 +486,7 @@ start)
     start_s3 && ok+=(s3)
     start_sftp && ok+=(sftp)
     start_webdav && ok+=(webdav)
+    start_webdavs && ok+=(webdavs)
     start_ftp && ok+=(ftp)
     start_azblob && ok+=(azblob)
     start_gcs && ok+=(gcs)

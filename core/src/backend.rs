@@ -373,21 +373,29 @@ fn bare_operator(service: &str, config: &std::collections::BTreeMap<String, Stri
 }
 
 /// Installs the process-wide HTTP transport once: reqwest over rustls with the ring
-/// provider (no aws-lc, no cmake), with a connect timeout so that a dead server fails fast.
+/// provider (no aws-lc, no cmake), with a connect timeout so that a dead server fails fast,
+/// and the system's trusted certificates loaded only when a TLS server is first met.
 fn init_opendal() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let _ = provider.as_ref().clone().install_default();
         opendal::init_default_registry();
-        match reqwest::Client::builder()
+        let builder = reqwest::Client::builder();
+        let builder = match crate::tls::client_config(provider) {
+            Ok(tls) => builder.tls_backend_preconfigured(tls),
+            // reqwest's own settings then (which load the trusted certificates at once).
+            Err(_) => builder,
+        };
+        match builder
             .connect_timeout(Duration::from_secs(15))
             .pool_idle_timeout(Duration::from_secs(30))
             .user_agent(concat!("brickbox/", env!("CARGO_PKG_VERSION")))
             .build()
         {
-            Ok(client) => {
-                opendal::HttpTransporter::install_default(opendal_http_transport_reqwest::ReqwestTransport::new(client))
-            }
+            Ok(client) => opendal::HttpTransporter::install_default(crate::tls::Transport(
+                opendal_http_transport_reqwest::ReqwestTransport::new(client),
+            )),
             Err(_) => opendal_http_transport_reqwest::install_default(),
         }
     });
@@ -1359,7 +1367,7 @@ fn transient(e: &opendal::Error) -> bool {
         "Authentication failed",
         "No such file or directory (os error 2)", // e.g. a missing ssh key file
     ];
-    !FINAL.iter().any(|f| text.contains(f))
+    !FINAL.iter().chain(crate::tls::FINAL_ERRORS).any(|f| text.contains(f))
 }
 
 /// Whether `e` says that the connection to the server failed (none could be made, or it

@@ -153,6 +153,19 @@ fn storage_hint(local: bool, kind: opendal::ErrorKind, text: &str) -> Option<&'s
              it (ssh-keyscan -p PORT HOST >> ~/.ssh/known_hosts), or pass --option known_hosts_strategy=add",
         );
     }
+    if has(&["invalid peer certificate", "trusted certificates could not be loaded"]) {
+        return Some(
+            "the server's TLS certificate was refused (not signed by a CA this system trusts, made for another \
+             host name, or expired): check the host name in the URL; for a server with a certificate from a CA of \
+             your own, add that CA to the system's trusted certificates (on Linux, or point SSL_CERT_FILE at it)",
+        );
+    }
+    if has(&["received corrupt message", "peer is incompatible"]) {
+        return Some(
+            "no TLS connection could be made there: check the port, and whether the server speaks TLS at all \
+             (http:// endpoints and webdav:// are plain HTTP; https:// and webdavs:// use TLS)",
+        );
+    }
     if has(&["failed to load signing credential"]) {
         return Some(
             "no credentials for the service: set them with --option, BRICKBOX_OPT_<KEY> (or AWS_ACCESS_KEY_ID and \
@@ -228,6 +241,11 @@ mod tests {
         assert_eq!(hint(ErrorKind::Unexpected, "Unauthorized"), refused);
         let no_creds = hint(ErrorKind::Unexpected, "signing http request: failed to load signing credential");
         assert!(no_creds.is_some_and(|h| h.contains("no credentials")));
+        let tls = "send http request: error sending request: client error (Connect): ";
+        let untrusted = hint(ErrorKind::Unexpected, &format!("{tls}invalid peer certificate: UnknownIssuer"));
+        assert!(untrusted.is_some_and(|h| h.contains("certificate was refused") && h.contains("SSL_CERT_FILE")));
+        let plain = hint(ErrorKind::Unexpected, &format!("{tls}received corrupt message of type InvalidContentType"));
+        assert!(plain.is_some_and(|h| h.contains("no TLS connection")));
         let host_key = hint(
             ErrorKind::Unexpected,
             "ssh error: No ED25519 host key is known for [127.0.0.1]:2222 and you have requested strict checking.",

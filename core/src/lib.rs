@@ -46,6 +46,7 @@ pub mod swiftauth;
 #[cfg(test)]
 mod test_data;
 pub mod time;
+mod tls;
 pub mod tree;
 #[cfg(unix)]
 pub mod usage;

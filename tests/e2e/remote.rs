@@ -69,6 +69,8 @@ pub(crate) enum Proto {
     S3,
     Sftp,
     Webdav,
+    /// WebDAV over TLS, with a certificate from the test CA (trusted through SSL_CERT_FILE).
+    Webdavs,
     Ftp,
     Azblob,
     Gcs,
@@ -82,6 +84,7 @@ impl Proto {
             Proto::S3 => "s3",
             Proto::Sftp => "sftp",
             Proto::Webdav => "webdav",
+            Proto::Webdavs => "webdavs",
             Proto::Ftp => "ftp",
             Proto::Azblob => "azblob",
             Proto::Gcs => "gcs",
@@ -193,6 +196,20 @@ pub(crate) fn remote(proto: Proto, name: &str) -> Option<Remote> {
                 args: vec![],
                 // BRICKBOX_OPT_<KEY>.
                 vars: vec![("BRICKBOX_OPT_PASSWORD".into(), pw.clone())],
+                secrets: vec![pw],
+            }
+        }
+        Proto::Webdavs => {
+            let (Some(ep), Some(ca), Some(user), Some(pw)) =
+                (get("BB_WEBDAVS_ENDPOINT"), get("BB_WEBDAVS_CA"), get("BB_WEBDAV_USER"), get("BB_WEBDAV_PASSWORD"))
+            else {
+                return missing();
+            };
+            Remote {
+                addr: addr_of(&ep),
+                url: format!("webdavs://{user}@{ep}/{name}"),
+                args: vec![],
+                vars: vec![("BRICKBOX_OPT_PASSWORD".into(), pw.clone()), ("SSL_CERT_FILE".into(), ca)],
                 secrets: vec![pw],
             }
         }
@@ -495,6 +512,60 @@ fn sftp_roundtrip() {
 #[test]
 fn webdav_roundtrip() {
     roundtrip(Proto::Webdav);
+}
+
+#[test]
+fn webdavs_roundtrip() {
+    roundtrip(Proto::Webdavs);
+}
+
+/// A server whose certificate this system does not trust is refused at once (no retries),
+/// with a hint, and nothing is written there; so is a TLS URL pointed at a plain-HTTP port.
+#[test]
+fn an_untrusted_tls_certificate_is_refused_at_once_with_a_hint() {
+    let name = unique("tls");
+    let Some(trusted) = remote(Proto::Webdavs, &name) else { return };
+    let env = Env::new();
+    let mut untrusted = trusted.clone();
+    untrusted.vars.retain(|(k, _)| k != "SSL_CERT_FILE");
+    let mut s = Session::new(&env, untrusted);
+    // The default retry delays: a refusal that is retried shows in the time taken.
+    s.extra.clear();
+    let refused = |s: &Session, args: &[OsString]| {
+        let mut c = s.command(args);
+        c.env_remove("SSL_CERT_FILE").env_remove("SSL_CERT_DIR");
+        let started = Instant::now();
+        let r = run_cmd(c);
+        // Retried, the first refusal took 5 minutes to show.
+        assert!(started.elapsed() < Duration::from_secs(20), "took {:?}: {r:?}", started.elapsed());
+        assert_ne!(r.code, 0, "{r:?}");
+        r
+    };
+    for args in [args!["init"], args!["versions"]] {
+        let r = refused(&s, &args);
+        assert!(r.stderr.contains("invalid peer certificate"), "{r:?}");
+        assert!(r.stderr.contains("hint: the server's TLS certificate was refused"), "{r:?}");
+        assert!(r.stderr.contains("SSL_CERT_FILE"), "{r:?}");
+    }
+    let root = PathBuf::from(&servers()["BB_WEBDAVS_ROOT"]);
+    assert!(!root.join(&name).exists(), "nothing is written to a server that was refused");
+
+    // webdavs:// at the plain-HTTP WebDAV server's port.
+    if let Some(plain) = servers().get("BB_WEBDAV_ENDPOINT") {
+        let mut wrong = s.remote.clone();
+        wrong.url = wrong.url.replacen(&trusted.addr.to_string(), plain, 1);
+        let mut w = Session::new(&env, wrong);
+        w.extra.clear();
+        let r = refused(&w, &args!["init"]);
+        assert!(r.stderr.contains("hint: no TLS connection could be made there"), "{r:?}");
+    }
+
+    // Trusted through SSL_CERT_FILE, the same box is made and used.
+    let t = Session::new(&env, trusted);
+    t.ok(&args!["init"]);
+    assert_eq!(t.json(&args!["versions"]).as_array().map(Vec::len), Some(0));
+    s.assert_no_secrets();
+    t.assert_no_secrets();
 }
 
 #[test]
