@@ -179,28 +179,36 @@ BB_WEBDAV_PASSWORD=$DAV_PASS
 EOF
 }
 
-# A CA and a certificate it signed for 127.0.0.1 and localhost (made once per state dir).
+# A CA and a certificate it signed for 127.0.0.1 and localhost, and another CA that signed
+# nothing (made once per state dir; "made" is printed when they were made now).
 make_test_ca() { # dir
     local dir=$1
-    [ -s "$dir/ca.pem" ] && [ -s "$dir/server.pem" ] && [ -s "$dir/server.key" ] && return 0
+    [ -s "$dir/ca.pem" ] && [ -s "$dir/other-ca.pem" ] && [ -s "$dir/server.pem" ] && [ -s "$dir/server.key" ] && return 0
     command -v openssl >/dev/null 2>&1 || apt_install openssl
     command -v openssl >/dev/null 2>&1 || return 1
     (
         cd "$dir" &&
             openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=Brickbox test CA" \
                 -keyout ca.key -out ca.pem &&
+            openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=Brickbox other test CA" \
+                -keyout other-ca.key -out other-ca.pem &&
             openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout server.key -out server.csr &&
             printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >server.ext &&
             openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
                 -extfile server.ext -out server.pem
-    ) >/dev/null 2>&1
+    ) >/dev/null 2>&1 || return 1
+    echo made
 }
 
 start_webdavs() {
-    local dir=$STATE/webdavs
+    local dir=$STATE/webdavs made
     mkdir -p "$dir/data" "$dir/tls"
-    if ! make_test_ca "$dir/tls"; then
+    if ! made=$(make_test_ca "$dir/tls"); then
         log "WebDAV over TLS: no openssl to make a test certificate; its tests will skip"
+        return 1
+    fi
+    if listening "$DAVS_PORT" && [ "$made" = made ]; then
+        log "WebDAV over TLS: a server of another state dir listens on $DAVS_PORT (its certificate is not from this CA); stop it, or set BB_WEBDAVS_PORT; its tests will skip"
         return 1
     fi
     if ! listening "$DAVS_PORT"; then
@@ -216,7 +224,10 @@ start_webdavs() {
     fi
     cat >>"$ENV_FILE.new" <<EOF
 BB_WEBDAVS_ENDPOINT=127.0.0.1:$DAVS_PORT
+BB_WEBDAVS_USER=$DAV_USER
+BB_WEBDAVS_PASSWORD=$DAV_PASS
 BB_WEBDAVS_CA=$dir/tls/ca.pem
+BB_WEBDAVS_OTHER_CA=$dir/tls/other-ca.pem
 BB_WEBDAVS_ROOT=$dir/data
 EOF
 }

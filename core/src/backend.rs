@@ -378,16 +378,9 @@ fn bare_operator(service: &str, config: &std::collections::BTreeMap<String, Stri
 fn init_opendal() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let _ = provider.as_ref().clone().install_default();
+        let _ = rustls::crypto::ring::default_provider().install_default();
         opendal::init_default_registry();
-        let builder = reqwest::Client::builder();
-        let builder = match crate::tls::client_config(provider) {
-            Ok(tls) => builder.tls_backend_preconfigured(tls),
-            // reqwest's own settings then (which load the trusted certificates at once).
-            Err(_) => builder,
-        };
-        match builder
+        match crate::tls::client_builder()
             .connect_timeout(Duration::from_secs(15))
             .pool_idle_timeout(Duration::from_secs(30))
             .user_agent(concat!("brickbox/", env!("CARGO_PKG_VERSION")))

@@ -153,11 +153,18 @@ fn storage_hint(local: bool, kind: opendal::ErrorKind, text: &str) -> Option<&'s
              it (ssh-keyscan -p PORT HOST >> ~/.ssh/known_hosts), or pass --option known_hosts_strategy=add",
         );
     }
-    if has(&["invalid peer certificate", "trusted certificates could not be loaded"]) {
+    if has(&["trusted certificates could not be loaded"]) {
+        return Some(
+            "this system has no trusted certificates to check TLS servers with: install them (the \
+             ca-certificates package on Debian and Ubuntu), or set SSL_CERT_FILE to a file of CA certificates",
+        );
+    }
+    if has(&["invalid peer certificate"]) {
         return Some(
             "the server's TLS certificate was refused (not signed by a CA this system trusts, made for another \
-             host name, or expired): check the host name in the URL; for a server with a certificate from a CA of \
-             your own, add that CA to the system's trusted certificates (on Linux, or point SSL_CERT_FILE at it)",
+             host name, or expired): check the host name in the URL; for a certificate from a CA of your own, \
+             add that CA to the system's trusted certificates (on Linux, SSL_CERT_FILE may name a file of CA \
+             certificates instead: it replaces the system's, so it must hold the public CAs too if they are needed)",
         );
     }
     if has(&["received corrupt message", "peer is incompatible"]) {
@@ -244,6 +251,13 @@ mod tests {
         let tls = "send http request: error sending request: client error (Connect): ";
         let untrusted = hint(ErrorKind::Unexpected, &format!("{tls}invalid peer certificate: UnknownIssuer"));
         assert!(untrusted.is_some_and(|h| h.contains("certificate was refused") && h.contains("SSL_CERT_FILE")));
+        let no_roots = hint(
+            ErrorKind::Unexpected,
+            &format!(
+                "{tls}unexpected error: the system's trusted certificates could not be loaded: No CA certificates"
+            ),
+        );
+        assert!(no_roots.is_some_and(|h| h.contains("ca-certificates")));
         let plain = hint(ErrorKind::Unexpected, &format!("{tls}received corrupt message of type InvalidContentType"));
         assert!(plain.is_some_and(|h| h.contains("no TLS connection")));
         let host_key = hint(

@@ -74,7 +74,7 @@ impl Login {
             )));
         };
         let fail = |why: String| Error::Invalid(format!("{shown}: Swift login at {auth_url} failed: {why}"));
-        let client = reqwest::Client::builder()
+        let client = crate::tls::client_builder()
             .connect_timeout(Duration::from_secs(15))
             .timeout(self.timeout)
             .user_agent(concat!("brickbox/", env!("CARGO_PKG_VERSION")))

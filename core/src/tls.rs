@@ -1,6 +1,6 @@
 //! TLS for the HTTP storage services: server certificates are checked by the platform's
-//! verifier (the system's trusted roots; on Linux also `SSL_CERT_FILE` / `SSL_CERT_DIR`),
-//! built at the first TLS handshake rather than at start-up. Loading the system's roots reads
+//! verifier (the system's trusted roots; on Linux `SSL_CERT_FILE` / `SSL_CERT_DIR` replace
+//! them), built at the first TLS handshake rather than at start-up. Loading the system's roots reads
 //! every file under /etc/ssl/certs (~30 ms on a cold disk cache): a command on a local,
 //! SFTP or plain-http box never pays for it. A connection refused by TLS fails at once:
 //! opendal counts every failed connection as temporary, and a refused certificate was tried
@@ -46,34 +46,51 @@ fn refused(e: &opendal::Error) -> bool {
     false
 }
 
-/// The client TLS settings for every HTTP service: TLS 1.2 and 1.3 with `provider`, HTTP/1.1,
-/// and the platform's certificate checks (made when first needed).
-pub(crate) fn client_config(provider: Arc<CryptoProvider>) -> Result<rustls::ClientConfig, rustls::Error> {
+/// A reqwest client builder with [`client_config`] (reqwest's own TLS settings, which load
+/// the trusted certificates at once, if there are none).
+pub(crate) fn client_builder() -> reqwest::ClientBuilder {
+    let builder = reqwest::Client::builder();
+    match client_config() {
+        Some(tls) => builder.tls_backend_preconfigured(tls),
+        None => builder,
+    }
+}
+
+/// The client TLS settings for every HTTP client: TLS 1.2 and 1.3 with rustls' ring provider,
+/// HTTP/1.1, and the platform's certificate checks (made when first needed). `None` only if
+/// the provider had no protocol version to offer (then reqwest's own settings serve).
+pub(crate) fn client_config() -> Option<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(PlatformVerifier { provider: provider.clone(), inner: OnceLock::new() });
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
+        .with_safe_default_protocol_versions()
+        .ok()?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    Some(config)
 }
 
 /// `rustls_platform_verifier::Verifier`, made at its first use; every check goes to it. If
-/// it cannot be made (no trusted roots at all), every certificate is refused with that
-/// reason.
+/// it cannot be made (no trusted roots at all), the certificate is refused with that reason,
+/// and the next handshake tries again.
 #[derive(Debug)]
 struct PlatformVerifier {
     provider: Arc<CryptoProvider>,
-    inner: OnceLock<Result<rustls_platform_verifier::Verifier, rustls::Error>>,
+    inner: OnceLock<rustls_platform_verifier::Verifier>,
 }
 
 impl PlatformVerifier {
     fn get(&self) -> Result<&rustls_platform_verifier::Verifier, rustls::Error> {
-        self.inner
-            .get_or_init(|| rustls_platform_verifier::Verifier::new(self.provider.clone()))
-            .as_ref()
-            .map_err(|e| rustls::Error::General(format!("the system's trusted certificates could not be loaded: {e}")))
+        if let Some(v) = self.inner.get() {
+            return Ok(v);
+        }
+        let made = rustls_platform_verifier::Verifier::new(self.provider.clone()).map_err(|e| {
+            rustls::Error::General(format!("the system's trusted certificates could not be loaded: {e}"))
+        })?;
+        // Two first handshakes at once may both make one; either serves.
+        Ok(self.inner.get_or_init(|| made))
     }
 }
 
@@ -111,5 +128,16 @@ impl ServerCertVerifier for PlatformVerifier {
     /// is seen, so without loading the roots).
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// reqwest takes these settings as its own: built with another rustls than reqwest's,
+    /// they would be an unknown TLS backend and the client would not build.
+    #[test]
+    fn reqwest_takes_the_settings() {
+        assert!(super::client_config().is_some());
+        assert!(super::client_builder().build().is_ok());
     }
 }

@@ -201,7 +201,7 @@ pub(crate) fn remote(proto: Proto, name: &str) -> Option<Remote> {
         }
         Proto::Webdavs => {
             let (Some(ep), Some(ca), Some(user), Some(pw)) =
-                (get("BB_WEBDAVS_ENDPOINT"), get("BB_WEBDAVS_CA"), get("BB_WEBDAV_USER"), get("BB_WEBDAV_PASSWORD"))
+                (get("BB_WEBDAVS_ENDPOINT"), get("BB_WEBDAVS_CA"), get("BB_WEBDAVS_USER"), get("BB_WEBDAVS_PASSWORD"))
             else {
                 return missing();
             };
@@ -519,53 +519,61 @@ fn webdavs_roundtrip() {
     roundtrip(Proto::Webdavs);
 }
 
-/// A server whose certificate this system does not trust is refused at once (no retries),
-/// with a hint, and nothing is written there; so is a TLS URL pointed at a plain-HTTP port.
+/// A server whose certificate is not from a trusted CA is refused at once (no retries), with
+/// a hint, and nothing is written there; so is a TLS URL pointed at a plain-HTTP port, and a
+/// system with no trusted certificates at all gets a hint of its own.
 #[test]
 fn an_untrusted_tls_certificate_is_refused_at_once_with_a_hint() {
     let name = unique("tls");
     let Some(trusted) = remote(Proto::Webdavs, &name) else { return };
     let env = Env::new();
-    let mut untrusted = trusted.clone();
-    untrusted.vars.retain(|(k, _)| k != "SSL_CERT_FILE");
-    let mut s = Session::new(&env, untrusted);
-    // The default retry delays: a refusal that is retried shows in the time taken.
-    s.extra.clear();
-    let refused = |s: &Session, args: &[OsString]| {
-        let mut c = s.command(args);
-        c.env_remove("SSL_CERT_FILE").env_remove("SSL_CERT_DIR");
+    let with_roots = |file: &str| {
+        let mut r = trusted.clone();
+        r.vars.retain(|(k, _)| k != "SSL_CERT_FILE");
+        r.vars.push(("SSL_CERT_FILE".into(), file.into()));
+        r.vars.push(("SSL_CERT_DIR".into(), "/nonexistent".into()));
+        let mut s = Session::new(&env, r);
+        // The default retry delays: a refusal that is retried shows in the time taken.
+        s.extra.clear();
+        s
+    };
+    let refused = |s: &Session, args: &[OsString], hint: &str| {
         let started = Instant::now();
-        let r = run_cmd(c);
+        let r = s.run(args);
         // Retried, the first refusal took 5 minutes to show.
         assert!(started.elapsed() < Duration::from_secs(20), "took {:?}: {r:?}", started.elapsed());
         assert_ne!(r.code, 0, "{r:?}");
+        assert!(r.stderr.contains(&format!("hint: {hint}")), "{r:?}");
         r
     };
+    // Only another CA trusted.
+    let other = with_roots(&servers()["BB_WEBDAVS_OTHER_CA"]);
     for args in [args!["init"], args!["versions"]] {
-        let r = refused(&s, &args);
+        let r = refused(&other, &args, "the server's TLS certificate was refused");
         assert!(r.stderr.contains("invalid peer certificate"), "{r:?}");
-        assert!(r.stderr.contains("hint: the server's TLS certificate was refused"), "{r:?}");
-        assert!(r.stderr.contains("SSL_CERT_FILE"), "{r:?}");
     }
     let root = PathBuf::from(&servers()["BB_WEBDAVS_ROOT"]);
     assert!(!root.join(&name).exists(), "nothing is written to a server that was refused");
 
+    // No trusted certificates at all.
+    let none = with_roots("/nonexistent");
+    refused(&none, &args!["init"], "this system has no trusted certificates");
+
     // webdavs:// at the plain-HTTP WebDAV server's port.
     if let Some(plain) = servers().get("BB_WEBDAV_ENDPOINT") {
-        let mut wrong = s.remote.clone();
-        wrong.url = wrong.url.replacen(&trusted.addr.to_string(), plain, 1);
-        let mut w = Session::new(&env, wrong);
-        w.extra.clear();
-        let r = refused(&w, &args!["init"]);
-        assert!(r.stderr.contains("hint: no TLS connection could be made there"), "{r:?}");
+        let mut wrong = with_roots(&servers()["BB_WEBDAVS_CA"]);
+        wrong.remote.url = wrong.remote.url.replacen(&trusted.addr.to_string(), plain, 1);
+        refused(&wrong, &args!["init"], "no TLS connection could be made there");
+        wrong.assert_no_secrets();
     }
 
     // Trusted through SSL_CERT_FILE, the same box is made and used.
     let t = Session::new(&env, trusted);
     t.ok(&args!["init"]);
     assert_eq!(t.json(&args!["versions"]).as_array().map(Vec::len), Some(0));
-    s.assert_no_secrets();
-    t.assert_no_secrets();
+    for s in [&other, &none, &t] {
+        s.assert_no_secrets();
+    }
 }
 
 #[test]
