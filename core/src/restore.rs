@@ -15,7 +15,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use brickbox_platform::{self as platform, FileKind};
@@ -97,6 +97,31 @@ struct FilePlan {
     blocks: Vec<(BlockId, u64)>,
 }
 
+impl FilePlan {
+    /// The plan of item `item`, a file to be created anew: every block of `node`.
+    fn new_file(item: usize, node: &Node) -> Self {
+        let mut off = 0u64;
+        let blocks = node
+            .content
+            .iter()
+            .map(|b| {
+                let at = off;
+                off += u64::from(b.len);
+                (b.id, at)
+            })
+            .collect();
+        FilePlan { item, sparse: true, blocks }
+    }
+}
+
+/// Whether `target` is missing or an empty folder (a restore there creates every file).
+fn is_new_target(target: &Path) -> bool {
+    match std::fs::read_dir(target) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(e) => e.kind() == ErrorKind::NotFound,
+    }
+}
+
 struct Ctx<'a> {
     repo: &'a Repository,
     opts: &'a RestoreOptions,
@@ -110,6 +135,12 @@ struct Ctx<'a> {
     failed: AtomicBool,
     /// Files already named as lost (one line per file, however many of its blocks are gone).
     lost: Mutex<HashSet<usize>>,
+    /// For a restore into a new (missing or empty) target: whether each item's file was
+    /// created (`false`: it could not be, and that was reported). Files are created while
+    /// the downloads run, each the first time it is needed.
+    created: Option<Vec<OnceLock<bool>>>,
+    /// The first error that stops the restore met while creating a file (a full disk).
+    fatal: Mutex<Option<Error>>,
 }
 
 /// Restores `paths` (absolute paths inside the version; empty = all) of `version`.
@@ -151,6 +182,15 @@ pub fn restore(
         prefetch_trees(repo, &pool, node.subtree.into_iter().collect());
         collect(repo, parent, &node, want.components().count() - 1, opts, &mut items)?;
     }
+    // Paths asked for that overlap (a folder and a file in it) give their items once.
+    if wanted.len() > 1 {
+        let mut seen = HashSet::new();
+        items.retain(|it| seen.insert(it.dest.clone()));
+    }
+    // Into a target that is new or empty, every file is new: no file needs a look before
+    // its blocks are known, so the downloads start at once and the files are created beside
+    // them (a thousand small files take longer to create than a round trip).
+    let new_target = opts.target.as_deref().is_some_and(is_new_target);
     let ctx = Ctx {
         repo,
         opts,
@@ -162,6 +202,8 @@ pub fn restore(
         unchanged: AtomicU64::new(0),
         failed: AtomicBool::new(false),
         lost: Mutex::new(HashSet::new()),
+        created: new_target.then(|| items.iter().map(|_| OnceLock::new()).collect()),
+        fatal: Mutex::new(None),
     };
     if let Some(t) = &opts.target {
         std::fs::create_dir_all(t)
@@ -205,9 +247,42 @@ pub fn restore(
         }
         files.push(i);
     }
-    let plans: Vec<Option<FilePlan>> =
-        files.par_iter().map(|&i| ctx.prepare_file(&items[i], i)).collect::<Result<_>>()?;
-    ctx.fetch_and_write(&pool, &items, plans.into_iter().flatten().collect())?;
+    if ctx.created.is_some() {
+        let plans = files.iter().map(|&i| FilePlan::new_file(i, &items[i].node)).collect();
+        std::thread::scope(|s| {
+            // Creates the files in order, ahead of most blocks; a run with a block for a
+            // file not created yet creates it itself.
+            let creator = std::thread::Builder::new().name("brickbox-create".into()).spawn_scoped(s, || {
+                for &i in &files {
+                    if ctx.cancel.load(Ordering::Relaxed) || ctx.failed.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    ctx.ready(&items[i], i);
+                }
+            });
+            let fetched = ctx.fetch_and_write(&pool, &items, plans);
+            if fetched.is_err() {
+                ctx.failed.store(true, Ordering::Relaxed);
+            }
+            match creator {
+                Ok(h) => {
+                    let _ = h.join();
+                }
+                // Without a thread to spare, the files no block went to are created here.
+                Err(_) => files.iter().for_each(|&i| {
+                    ctx.ready(&items[i], i);
+                }),
+            }
+            fetched
+        })?;
+        if let Some(e) = ctx.fatal.lock().ok().and_then(|mut f| f.take()) {
+            return Err(e);
+        }
+    } else {
+        let plans: Vec<Option<FilePlan>> =
+            files.par_iter().map(|&i| ctx.prepare_file(&items[i], i)).collect::<Result<_>>()?;
+        ctx.fetch_and_write(&pool, &items, plans.into_iter().flatten().collect())?;
+    }
     if cancel.load(Ordering::Relaxed) {
         return Err(Error::Interrupted("restore stopped; restored files may be incomplete".into()));
     }
@@ -490,6 +565,9 @@ impl RunWriter<'_, '_> {
         };
         for &(item, off, sparse) in &self.wanted[id] {
             let dest = &self.items[item].dest;
+            if !ctx.ready(&self.items[item], item) {
+                continue;
+            }
             if self.open.as_ref().is_none_or(|(i, _)| *i != item) {
                 self.open = None;
                 match OpenOptions::new().write(true).open(dest).at(dest) {
@@ -576,6 +654,45 @@ impl Ctx<'_> {
                 Ok(())
             }
         }
+    }
+
+    /// Whether file `it` (number `item`) may be written: always, unless the target is new and
+    /// its file could not be created (then that was reported). In a new target the file is
+    /// created here the first time it is asked for. A full disk stops the restore.
+    fn ready(&self, it: &Item, item: usize) -> bool {
+        let Some(created) = self.created.as_ref().and_then(|c| c.get(item)) else { return true };
+        *created.get_or_init(|| {
+            let Err(e) = self.create_new_file(it) else { return true };
+            if let Err(fatal) = self.file_problem(it, e) {
+                self.failed.store(true, Ordering::Relaxed);
+                if let Ok(mut f) = self.fatal.lock() {
+                    f.get_or_insert(fatal);
+                }
+            }
+            false
+        })
+    }
+
+    /// Creates file `it` in a new target, as long as its backup says (the rest a hole).
+    fn create_new_file(&self, it: &Item) -> Result<()> {
+        let dest = &it.dest;
+        let create = || OpenOptions::new().write(true).create_new(true).open(dest);
+        let file = match create() {
+            // A folder above it that was not restored (a single file asked for).
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                if let Some(parent) = dest.parent() {
+                    self.ensure_dir(parent)?;
+                }
+                create().at(dest)?
+            }
+            // Anything there now was put there by something else: it is left alone.
+            other => other.at(dest)?,
+        };
+        if it.node.size > 0 {
+            file.set_len(it.node.size).at(dest)?;
+        }
+        self.progress.files.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Creates or checks the destination of one file and lists the blocks it still needs.

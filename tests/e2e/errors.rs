@@ -234,6 +234,52 @@ fn a_backup_into_a_full_disk_fails_with_a_hint_and_the_next_one_goes_on() {
     assert_same_tree(&src, &restored(&target, &src), Compare::NO_OWNERS);
 }
 
+/// A restore onto a disk that fills up (its space, or its inodes) stops at once with the
+/// hint: into a new folder (files created while the downloads run) and into one holding a
+/// file already (each file looked at first).
+#[test]
+fn a_restore_onto_a_full_disk_stops_at_once_with_a_hint() {
+    if !is_root() {
+        eprintln!("skipped: a small tmpfs needs root");
+        return;
+    }
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    for i in 0..200 {
+        fs::write(src.join(format!("small-{i:03}.txt")), text_bytes(i, 4000)).unwrap();
+    }
+    fs::write(src.join("large.bin"), random_bytes(43, 6 << 20)).unwrap();
+    env.backup(&args![&src]);
+    let disk = env.mkdir("small-disk");
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"]).arg(&disk).status().unwrap();
+    assert!(mounted.success(), "mounting a tmpfs failed");
+    let _unmount = Unmount(disk.clone());
+    // 6 MiB on 4 MiB, then 200 files on a disk with room for 64.
+    for (options, full) in [("remount,size=4m", "space"), ("remount,size=64m,nr_inodes=64", "inodes")] {
+        let remounted = Command::new("mount").args(["-o", options]).arg(&disk).status().unwrap();
+        assert!(remounted.success(), "remounting the tmpfs with {options} failed");
+        for existing in [false, true] {
+            let target = disk.join(if existing { "existing" } else { "new" });
+            if existing {
+                fs::create_dir(&target).unwrap();
+                fs::write(target.join("already-there.txt"), b"kept").unwrap();
+            }
+            let started = std::time::Instant::now();
+            let r = env.run(&args!["restore", "--target", &target]);
+            let case = format!("full {full}, existing folder {existing}: {r:?}");
+            assert_eq!(r.code, 1, "{case}");
+            assert!(r.stderr.contains("No space left on device"), "{case}");
+            assert!(r.stderr.contains("hint: the disk holding that path is full"), "no hint: {case}");
+            // Not a performance bound: a full disk must not be written to file after file.
+            assert!(started.elapsed() < std::time::Duration::from_secs(20), "waited {:?}", started.elapsed());
+            if existing {
+                assert_eq!(fs::read(target.join("already-there.txt")).unwrap(), b"kept");
+            }
+            fs::remove_dir_all(&target).unwrap();
+        }
+    }
+}
+
 #[test]
 fn not_a_repository() {
     let env = Env::new();
@@ -403,6 +449,12 @@ fn damaged_volume_fails_only_the_affected_file() {
     let t2 = env.path().join("t2");
     env.restore(&args![&src.join("good1.txt"), &src.join("sub")], &t2);
     assert!(same_content(&src.join("good1.txt"), &restored(&t2, &src.join("good1.txt"))));
+    // Paths that overlap (a folder and a file in it) restore that file once, quietly.
+    let t3 = env.path().join("t3");
+    let r = env.restore(&args![&src.join("sub"), &src.join("sub/good3.txt"), "--json"], &t3);
+    assert_eq!(num(&r.json(), "files"), 1, "{r:?}");
+    assert!(r.stderr.is_empty(), "{r:?}");
+    assert!(same_content(&src.join("sub/good3.txt"), &restored(&t3, &src.join("sub/good3.txt"))));
 }
 
 #[test]
