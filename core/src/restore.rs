@@ -249,35 +249,37 @@ pub fn restore(
     }
     if ctx.created.is_some() {
         let plans = files.iter().map(|&i| FilePlan::new_file(i, &items[i].node)).collect();
-        std::thread::scope(|s| {
-            // Creates the files in order, ahead of most blocks; a run with a block for a
-            // file not created yet creates it itself.
-            let creator = std::thread::Builder::new().name("brickbox-create".into()).spawn_scoped(s, || {
-                for &i in &files {
-                    if ctx.cancel.load(Ordering::Relaxed) || ctx.failed.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    ctx.ready(&items[i], i);
+        // Creates the files in order, ahead of most blocks; a run with a block for a file not
+        // created yet creates it itself.
+        let create_all = || {
+            for &i in &files {
+                if ctx.cancel.load(Ordering::Relaxed) || ctx.failed.load(Ordering::Relaxed) {
+                    break;
                 }
-            });
+                ctx.ready(&items[i], i);
+            }
+        };
+        let (fetched, created) = std::thread::scope(|s| {
+            let creator = std::thread::Builder::new().name("brickbox-create".into()).spawn_scoped(s, create_all);
             let fetched = ctx.fetch_and_write(&pool, &items, plans);
             if fetched.is_err() {
                 ctx.failed.store(true, Ordering::Relaxed);
             }
-            match creator {
-                Ok(h) => {
-                    let _ = h.join();
-                }
+            let created = match creator {
+                Ok(h) => h.join().map_err(|_| Error::Invalid("creating the restored files failed".into())),
                 // Without a thread to spare, the files no block went to are created here.
-                Err(_) => files.iter().for_each(|&i| {
-                    ctx.ready(&items[i], i);
-                }),
-            }
-            fetched
-        })?;
+                Err(_) => {
+                    create_all();
+                    Ok(())
+                }
+            };
+            (fetched, created)
+        });
         if let Some(e) = ctx.fatal.lock().ok().and_then(|mut f| f.take()) {
             return Err(e);
         }
+        fetched?;
+        created?;
     } else {
         let plans: Vec<Option<FilePlan>> =
             files.par_iter().map(|&i| ctx.prepare_file(&items[i], i)).collect::<Result<_>>()?;
@@ -478,6 +480,11 @@ impl RunWriter<'_, '_> {
     /// used as they arrive, so blocks are decrypted and written while the rest of the run is
     /// on its way; a local box's run is read into one buffer.
     fn run(&mut self, run: &[(BlockLocation, BlockId)]) -> Result<()> {
+        // In a new target, a run none of whose files is to be written (they could not be made,
+        // or were found there already) is not fetched.
+        if run.iter().all(|(_, id)| self.wanted[id].iter().all(|&(item, _, _)| self.ctx.not_written(item))) {
+            return Ok(());
+        }
         let first = &run[0].0;
         let last = &run[run.len() - 1].0;
         let len = last.offset + u64::from(last.length) - first.offset;
@@ -614,6 +621,11 @@ impl Ctx<'_> {
     /// Names file `it` (number `item`) as not restored for `why`, unless a lost block named
     /// it already: one line per file, however many of its blocks are gone.
     fn lose(&self, it: &Item, item: usize, why: &dyn std::fmt::Display) {
+        // In a new target the file is made first, as elsewhere; one that could not be made was
+        // reported already, and one found there identical is not lost.
+        if !self.ready(it, item) {
+            return;
+        }
         if self.lost.lock().map_or(true, |mut lost| lost.insert(item)) {
             self.error(format!("{}: {why}", it.source.display()));
         }
@@ -662,7 +674,10 @@ impl Ctx<'_> {
     fn ready(&self, it: &Item, item: usize) -> bool {
         let Some(created) = self.created.as_ref().and_then(|c| c.get(item)) else { return true };
         *created.get_or_init(|| {
-            let Err(e) = self.create_new_file(it) else { return true };
+            let e = match self.create_new_file(it) {
+                Ok(write) => return write,
+                Err(e) => e,
+            };
             if let Err(fatal) = self.file_problem(it, e) {
                 self.failed.store(true, Ordering::Relaxed);
                 if let Ok(mut f) = self.fatal.lock() {
@@ -673,8 +688,15 @@ impl Ctx<'_> {
         })
     }
 
-    /// Creates file `it` in a new target, as long as its backup says (the rest a hole).
-    fn create_new_file(&self, it: &Item) -> Result<()> {
+    /// Whether file number `item` was found not to be written: in a new target, it could not
+    /// be made or was there already (not known yet counts as to be written).
+    fn not_written(&self, item: usize) -> bool {
+        self.created.as_ref().and_then(|c| c.get(item)).and_then(OnceLock::get) == Some(&false)
+    }
+
+    /// Creates file `it` in a new target, as long as its backup says (the rest a hole);
+    /// `false` when nothing is to be written to it (the same file was found there).
+    fn create_new_file(&self, it: &Item) -> Result<bool> {
         let dest = &it.dest;
         let create = || OpenOptions::new().write(true).create_new(true).open(dest);
         let file = match create() {
@@ -685,14 +707,44 @@ impl Ctx<'_> {
                 }
                 create().at(dest)?
             }
-            // Anything there now was put there by something else: it is left alone.
+            // Something else put it there meanwhile: as in a target that held it, the same
+            // file is left as it is and another one replaced only with --overwrite.
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                let (file, fresh) = self.open_existing(dest)?;
+                if !fresh {
+                    if self.compare_existing(it, &file)?.is_none() {
+                        return Ok(false);
+                    }
+                    // Written anew from nothing, so that all-zero pages may stay holes.
+                    file.set_len(0).at(dest)?;
+                }
+                file
+            }
             other => other.at(dest)?,
         };
         if it.node.size > 0 {
             file.set_len(it.node.size).at(dest)?;
         }
         self.progress.files.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        Ok(true)
+    }
+
+    /// Compares the file already at `it`'s place with the backup: `None` when it is the same
+    /// (counted as unchanged), else which blocks differ, if `--overwrite` allows replacing it.
+    fn compare_existing(&self, it: &Item, file: &File) -> Result<Option<Vec<bool>>> {
+        let dest = &it.dest;
+        let differs = self.differing_blocks(file, &it.node.content, dest)?;
+        let same_len = file.metadata().at(dest)?.len() == it.node.size;
+        if !differs.iter().any(|&d| d) && same_len {
+            self.unchanged.fetch_add(1, Ordering::Relaxed);
+            self.progress.bytes.fetch_add(it.node.size, Ordering::Relaxed);
+            self.progress.files.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
+        if !self.opts.overwrite {
+            return Err(Error::Invalid("exists and differs from the backup (use --overwrite to replace it)".into()));
+        }
+        Ok(Some(differs))
     }
 
     /// Creates or checks the destination of one file and lists the blocks it still needs.
@@ -724,20 +776,10 @@ impl Ctx<'_> {
         let wanted: Vec<bool> = if fresh {
             vec![true; content.len()]
         } else {
-            let differs = self.differing_blocks(&file, content, dest)?;
-            let same_len = file.metadata().at(dest)?.len() == it.node.size;
-            if !differs.iter().any(|&d| d) && same_len {
-                self.unchanged.fetch_add(1, Ordering::Relaxed);
-                self.progress.bytes.fetch_add(it.node.size, Ordering::Relaxed);
-                self.progress.files.fetch_add(1, Ordering::Relaxed);
-                return Ok(None);
+            match self.compare_existing(it, &file)? {
+                Some(differs) => differs,
+                None => return Ok(None),
             }
-            if !self.opts.overwrite {
-                return Err(Error::Invalid(
-                    "exists and differs from the backup (use --overwrite to replace it)".into(),
-                ));
-            }
-            differs
         };
         // Setting the length first leaves unwritten (all-zero) ranges as holes.
         if !fresh || it.node.size > 0 {
