@@ -184,18 +184,21 @@ fn backup_cmd(g: &Global, a: crate::args::BackupArgs) -> Result<u8> {
         let p = progress.clone();
         Bar::start(move || (p.files.load(Ordering::Relaxed), p.bytes.load(Ordering::Relaxed)), total, "backed up")
     });
-    let result = backup::backup(&repo, &a.sources, &opts, &progress, &CANCEL);
-    drop(bar);
-    let s = result?;
+    let mut bar = bar;
     // A light check that what was just stored can be read: the new version's trees are
-    // complete and a sample of volumes is intact.
-    let check = if a.no_verify || a.dry_run {
-        None
-    } else {
+    // complete and a sample of volumes is intact. It runs under the backup's own lock.
+    let result = backup::backup_then(&repo, &a.sources, &opts, &progress, &CANCEL, |_| {
+        drop(bar.take());
+        if a.no_verify || a.dry_run {
+            return None;
+        }
         use brickbox_core::verify::{self, Selection, VerifyOptions};
         let opts = VerifyOptions { selection: Selection::Samples(a.verify_samples), quick: true };
-        Some(verify::verify(&repo, &opts, &CANCEL).context("the backup was saved, but checking the box failed")?)
-    };
+        Some(verify::verify_locked(&repo, &opts, &CANCEL))
+    });
+    drop(bar);
+    let (s, check) = result?;
+    let check = check.transpose().context("the backup was saved, but checking the box failed")?;
     if g.json {
         print_json(&serde_json::to_value(&s)?)?;
     } else if !g.quiet {

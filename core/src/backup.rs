@@ -318,6 +318,20 @@ pub fn backup(
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<BackupSummary> {
+    backup_then(repo, sources, opts, progress, cancel, |_| ()).map(|(summary, ())| summary)
+}
+
+/// [`backup`], then `after` with its summary while the backup's lock is still held (say, a
+/// check of what was stored, without the round trips of releasing one lock and taking
+/// another on a remote box).
+pub fn backup_then<T>(
+    repo: &Repository,
+    sources: &[PathBuf],
+    opts: &BackupOptions,
+    progress: &Progress,
+    cancel: &AtomicBool,
+    after: impl FnOnce(&BackupSummary) -> T,
+) -> Result<(BackupSummary, T)> {
     let started = Instant::now();
     let time_ns = crate::time::now_ns();
     if sources.is_empty() {
@@ -462,7 +476,8 @@ pub fn backup(
         summary.version = Some(manifest);
     }
     summary.seconds = started.elapsed().as_secs_f64();
-    Ok(summary)
+    let after = after(&summary);
+    Ok((summary, after))
 }
 
 fn manifest_json(m: &Manifest) -> Result<Vec<u8>> {

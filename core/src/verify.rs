@@ -9,6 +9,7 @@
 //! `purge-broken-files`; volumes found intact are cleared.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rand::seq::SliceRandom;
@@ -194,32 +195,28 @@ pub fn check_volume_in_pieces(repo: &Repository, vol: &str) -> Result<std::resul
     }
     check.bad_blocks.extend(blocks_left.map(|b| b.0));
     check.blocks = blocks.len();
-    let read = |p: &Piece<'_>| repo.backend().read_range(vol, p.0, p.1 - p.0);
     let mut hasher = blake3::Hasher::new();
-    let mut next = pieces.first().map(read);
-    for i in 0..pieces.len() {
-        let bytes = match next.take() {
-            Some(Ok(b)) => b,
-            Some(Err(e)) => return Ok(Err(e)),
-            None => break,
+    let mut each = |bytes: &[u8], (start, _, here): &Piece<'_>| {
+        let bad = || {
+            here.par_iter()
+                .filter(|(id, off, len, raw)| {
+                    let at = (off - start) as usize;
+                    let sealed = &bytes[at..at + *len as usize];
+                    crate::volume::check_block(repo.keys(), &cipher, vol, id, sealed, *raw).is_err()
+                })
+                .map(|b| b.0)
+                .collect::<Vec<_>>()
         };
-        let (start, _, here) = &pieces[i];
-        let (bad, following) = rayon::join(
-            || {
-                hasher.update(&bytes);
-                here.par_iter()
-                    .filter(|(id, off, len, raw)| {
-                        let at = (off - start) as usize;
-                        let sealed = &bytes[at..at + *len as usize];
-                        crate::volume::check_block(repo.keys(), &cipher, vol, id, sealed, *raw).is_err()
-                    })
-                    .map(|b| b.0)
-                    .collect::<Vec<_>>()
-            },
-            || pieces.get(i + 1).map(read),
-        );
+        let (bad, _) = rayon::join(bad, || hasher.update(bytes));
         check.bad_blocks.extend(bad);
-        next = following;
+    };
+    let read = if repo.backend().is_local() {
+        read_pieces_in_turn(repo, vol, &pieces, &mut each)
+    } else {
+        stream_pieces(repo, vol, &pieces, &mut each)
+    };
+    if let Err(e) = read {
+        return Ok(Err(e));
     }
     if let Some(h) = hash {
         if *hasher.finalize().as_bytes() != h {
@@ -227,6 +224,82 @@ pub fn check_volume_in_pieces(repo: &Repository, vol: &str) -> Result<std::resul
         }
     }
     Ok(Ok(check))
+}
+
+/// Reads `pieces` of volume `vol` one by one, handing each to `each` while the next is read.
+fn read_pieces_in_turn(
+    repo: &Repository,
+    vol: &str,
+    pieces: &[Piece<'_>],
+    each: &mut (dyn FnMut(&[u8], &Piece<'_>) + Send),
+) -> Result<()> {
+    let read = |p: &Piece<'_>| repo.backend().read_range(vol, p.0, p.1 - p.0);
+    let mut next = pieces.first().map(read);
+    for (i, piece) in pieces.iter().enumerate() {
+        let bytes = match next.take() {
+            Some(b) => b?,
+            None => break,
+        };
+        let ((), following) = rayon::join(|| each(&bytes, piece), || pieces.get(i + 1).map(read));
+        next = following;
+    }
+    Ok(())
+}
+
+/// Reads `pieces` of remote volume `vol` with one request, handing each to `each` as soon as
+/// it has arrived while the rest streams in (a request per piece cost a round trip each).
+/// At most three pieces are held at a time.
+fn stream_pieces(
+    repo: &Repository,
+    vol: &str,
+    pieces: &[Piece<'_>],
+    each: &mut (dyn FnMut(&[u8], &Piece<'_>) + Send),
+) -> Result<()> {
+    let Some(end) = pieces.last().map(|p| p.1) else { return Ok(()) };
+    let size = |i: usize| pieces.get(i).map_or(0, |p| (p.1 - p.0) as usize);
+    let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(1);
+    let stream = move || {
+        let (mut at, mut buf) = (0, Vec::with_capacity(size(0)));
+        repo.backend().read_range_streamed(vol, 0, end, |arrived| {
+            for chunk in arrived.pieces() {
+                let mut rest = &chunk[..];
+                while !rest.is_empty() {
+                    if at == pieces.len() {
+                        // More than was asked for: not looked at.
+                        return ControlFlow::Break(());
+                    }
+                    let take = (size(at) - buf.len()).min(rest.len());
+                    buf.extend_from_slice(&rest[..take]);
+                    rest = &rest[take..];
+                    if buf.len() == size(at) {
+                        at += 1;
+                        let full = std::mem::replace(&mut buf, Vec::with_capacity(size(at)));
+                        if tx.send(full).is_err() {
+                            return ControlFlow::Break(());
+                        }
+                    }
+                }
+            }
+            ControlFlow::Continue(())
+        })
+    };
+    std::thread::scope(|s| {
+        let reader = match std::thread::Builder::new().name("brickbox-verify".into()).spawn_scoped(s, stream) {
+            Ok(h) => h,
+            // Without a thread to spare, piece by piece here.
+            Err(_) => return read_pieces_in_turn(repo, vol, pieces, each),
+        };
+        let mut handed = 0;
+        for (bytes, piece) in rx.iter().zip(pieces) {
+            each(&bytes, piece);
+            handed += 1;
+        }
+        reader.join().unwrap_or_else(|_| Err(Error::Invalid(format!("{vol}: reading it failed"))))?;
+        if handed < pieces.len() {
+            return Err(Error::damaged(vol, "the download ended before the end of the volume"));
+        }
+        Ok(())
+    })
 }
 
 /// Collects problems and the blocks each makes unreadable.
@@ -270,10 +343,23 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
     let mut f = Findings::default();
     repo.sync_catalog()?;
 
-    // 1. The listing against the catalog.
-    let data: HashSet<String> = repo.backend().list(objects::DATA_DIR)?.into_iter().collect();
-    let indexes: HashSet<String> = repo.backend().list(objects::INDEX_DIR)?.into_iter().collect();
-    let manifests: HashSet<String> = repo.backend().list(objects::VERSIONS_DIR)?.into_iter().collect();
+    // 1. The listing against the catalog (the three folders side by side: on a remote box
+    // each listing is a round trip).
+    let listed = |dir: &str| repo.backend().list(dir).map(|names| names.into_iter().collect::<HashSet<String>>());
+    let (data, indexes, manifests) = std::thread::scope(|s| {
+        let aside = |dir: &'static str| {
+            let thread = std::thread::Builder::new().name("brickbox-list".into());
+            (dir, thread.spawn_scoped(s, move || listed(dir)).ok())
+        };
+        let (indexes, manifests) = (aside(objects::INDEX_DIR), aside(objects::VERSIONS_DIR));
+        // Without a thread to spare, the listing is made here.
+        let joined = |(dir, h): (&str, Option<std::thread::ScopedJoinHandle<'_, Result<HashSet<String>>>>)| match h {
+            Some(h) => h.join().unwrap_or_else(|_| Err(Error::Invalid("listing the box failed".into()))),
+            None => listed(dir),
+        };
+        (listed(objects::DATA_DIR), joined(indexes), joined(manifests))
+    });
+    let (data, indexes, manifests) = (data?, indexes?, manifests?);
     let volumes = repo.catalog()?.volumes()?;
     report.volumes = volumes.len();
     let known: HashSet<&str> = volumes.iter().map(|v| v.name.as_str()).collect();

@@ -1612,6 +1612,48 @@ fn sftp_damaged_tree_is_reported_and_its_neighbours_read() {
     assert_ne!(r.code, 0, "verify reports the damaged tree: {r:?}");
 }
 
+/// A remote volume is checked in one streamed read, piece after piece as it arrives: a
+/// volume of several pieces that is intact passes, and one block damaged past the first
+/// piece is found and named with its file (the blocks before and after it are good).
+#[test]
+fn sftp_verify_reads_a_volume_in_one_stream_and_finds_a_damaged_block() {
+    let name = unique("vfy");
+    let Some(r) = remote(Proto::Sftp, &name) else { return };
+    let root = PathBuf::from(servers()["BB_SFTP_ROOT"].clone()).join(&name);
+    let env = Env::new();
+    let s = Session::new(&env, r);
+    let src = env.mkdir("src");
+    // 24 MiB of incompressible data: three 8 MiB pieces.
+    for i in 0..6u64 {
+        write_random(&src.join(format!("part-{i}.bin")), 80 + i, 4 << 20);
+    }
+    s.ok(&args!["init"]);
+    s.ok(&args!["backup", &src, "--volume-size", "64MiB", "--no-verify"]);
+    let clean = s.json(&args!["verify", "--read-data"]);
+    assert_eq!(clean["problems"].as_array().map(Vec::len), Some(0), "{clean}");
+    assert!(num(&clean, "blocks_read") > 20, "{clean}");
+
+    let mut volumes = objects(&root, "data");
+    volumes.sort_by_key(|p| fs::metadata(p).unwrap().len());
+    let data = volumes.last().unwrap().clone();
+    let mut bytes = fs::read(&data).unwrap();
+    assert!(bytes.len() > 20 << 20, "one large volume: {}", bytes.len());
+    // A block starting past the first two pieces.
+    let (off, len, _) = zip_entries(&bytes).into_iter().find(|e| e.0 > 17 << 20).unwrap();
+    bytes[off + len / 2] ^= 0x01;
+    fs::write(&data, &bytes).unwrap();
+    let r = s.run(&args!["verify", "--read-data", "--json"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    let report = r.json();
+    let problems = report["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{report}");
+    let volume = data.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(problems[0]["object"].as_str().unwrap().ends_with(&volume), "{report}");
+    let text = problems[0].to_string();
+    assert!(text.contains("1 block"), "one block is bad, not the blocks around it: {text}");
+    assert!(text.contains("part-"), "the file is named: {text}");
+}
+
 // ---------------------------------------------------------------------------
 // Secrets and options
 
