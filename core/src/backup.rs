@@ -321,9 +321,9 @@ pub fn backup(
     backup_then(repo, sources, opts, progress, cancel, |_| ()).map(|(summary, ())| summary)
 }
 
-/// [`backup`], then `after` with its summary while the backup's lock is still held (say, a
-/// check of what was stored, without the round trips of releasing one lock and taking
-/// another on a remote box).
+/// [`backup`], then `after` with its summary while the box is still locked, by then with a
+/// read lock (say, a check of what was stored: without the round trips of releasing one lock
+/// and taking another on a remote box, and with others free to take their locks beside it).
 pub fn backup_then<T>(
     repo: &Repository,
     sources: &[PathBuf],
@@ -353,7 +353,7 @@ pub fn backup_then<T>(
 
     // One backup at a time; readers may go on. Another backup may have finished since the
     // box was opened: catch up with it, so its blocks are not stored again.
-    let _lock = if opts.dry_run { None } else { Some(repo.lock_synced(LockKind::Append, "backup")?) };
+    let lock = if opts.dry_run { None } else { Some(repo.lock_synced(LockKind::Append, "backup")?) };
     if !opts.dry_run {
         pack::clean_scratch(repo);
     }
@@ -476,6 +476,10 @@ pub fn backup_then<T>(
         summary.version = Some(manifest);
     }
     summary.seconds = started.elapsed().as_secs_f64();
+    // Nothing is stored from here on; if the lock cannot be rewritten, it stays as it is.
+    if let Some(lock) = &lock {
+        let _ = lock.downgrade_to_read();
+    }
     let after = after(&summary);
     Ok((summary, after))
 }

@@ -326,6 +326,24 @@ impl LockGuard {
         }
     }
 
+    /// Turns this lock into a read lock, rewritten in place so that the box is never without
+    /// it: for a command that has finished changing the box and only reads it from here on,
+    /// so that others may take their locks beside it. On an error the lock stays as it was
+    /// (or becomes a read lock at its next refresh).
+    pub fn downgrade_to_read(&self) -> Result<()> {
+        let shared = &self.shared;
+        let bytes = {
+            let mut info = shared.info.lock().unwrap_or_else(|e| e.into_inner());
+            if info.kind == LockKind::Read {
+                return Ok(());
+            }
+            info.kind = LockKind::Read;
+            info.refreshed_ns = crate::time::now_ns();
+            seal_lock(&shared.keys, &shared.name, &info)?
+        };
+        shared.backend.write(&shared.name, bytes)
+    }
+
     /// The object name of this lock.
     pub fn name(&self) -> &str {
         &self.shared.name
@@ -490,6 +508,26 @@ mod tests {
         assert!(list_locks(&backend, &keys).unwrap().is_empty());
         let x = LockGuard::acquire(backend.clone(), &keys, LockKind::Exclusive, "compact", Duration::ZERO).unwrap();
         assert!(x.check().is_ok());
+    }
+
+    #[test]
+    fn an_append_lock_turned_into_a_read_lock_lets_another_backup_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(Backend::open(dir.path().to_str().unwrap()).unwrap());
+        let keys = Keys::from_master([1; 32]);
+        let a = LockGuard::acquire(backend.clone(), &keys, LockKind::Append, "backup", Duration::ZERO).unwrap();
+        assert!(LockGuard::acquire(backend.clone(), &keys, LockKind::Append, "backup", Duration::ZERO).is_err());
+        a.downgrade_to_read().unwrap();
+        let found = list_locks(&backend, &keys).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].name, a.name());
+        assert_eq!(found[0].info.as_ref().map(|i| i.kind), Ok(LockKind::Read));
+        let b = LockGuard::acquire(backend.clone(), &keys, LockKind::Append, "backup", Duration::ZERO).unwrap();
+        // Still a lock: nothing exclusive gets in.
+        assert!(LockGuard::acquire(backend.clone(), &keys, LockKind::Exclusive, "compact", Duration::ZERO).is_err());
+        drop(b);
+        drop(a);
+        assert!(list_locks(&backend, &keys).unwrap().is_empty());
     }
 
     /// Sets the immutable flag of a folder (root cannot write into it then) while alive.

@@ -257,33 +257,35 @@ fn stream_pieces(
 ) -> Result<()> {
     let Some(end) = pieces.last().map(|p| p.1) else { return Ok(()) };
     let size = |i: usize| pieces.get(i).map_or(0, |p| (p.1 - p.0) as usize);
-    let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(1);
-    let stream = move || {
-        let (mut at, mut buf) = (0, Vec::with_capacity(size(0)));
-        repo.backend().read_range_streamed(vol, 0, end, |arrived| {
-            for chunk in arrived.pieces() {
-                let mut rest = &chunk[..];
-                while !rest.is_empty() {
-                    if at == pieces.len() {
-                        // More than was asked for: not looked at.
-                        return ControlFlow::Break(());
-                    }
-                    let take = (size(at) - buf.len()).min(rest.len());
-                    buf.extend_from_slice(&rest[..take]);
-                    rest = &rest[take..];
-                    if buf.len() == size(at) {
-                        at += 1;
-                        let full = std::mem::replace(&mut buf, Vec::with_capacity(size(at)));
-                        if tx.send(full).is_err() {
+    std::thread::scope(|s| {
+        // Made here, so that the receiving end goes (and a reader waiting to send stops) also
+        // when checking a piece panics.
+        let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(1);
+        let stream = move || {
+            let (mut at, mut buf) = (0, Vec::with_capacity(size(0)));
+            repo.backend().read_range_streamed(vol, 0, end, |arrived| {
+                for chunk in arrived.pieces() {
+                    let mut rest = &chunk[..];
+                    while !rest.is_empty() {
+                        if at == pieces.len() {
+                            // More than was asked for: not looked at.
                             return ControlFlow::Break(());
+                        }
+                        let take = (size(at) - buf.len()).min(rest.len());
+                        buf.extend_from_slice(&rest[..take]);
+                        rest = &rest[take..];
+                        if buf.len() == size(at) {
+                            at += 1;
+                            let full = std::mem::replace(&mut buf, Vec::with_capacity(size(at)));
+                            if tx.send(full).is_err() {
+                                return ControlFlow::Break(());
+                            }
                         }
                     }
                 }
-            }
-            ControlFlow::Continue(())
-        })
-    };
-    std::thread::scope(|s| {
+                ControlFlow::Continue(())
+            })
+        };
         let reader = match std::thread::Builder::new().name("brickbox-verify".into()).spawn_scoped(s, stream) {
             Ok(h) => h,
             // Without a thread to spare, piece by piece here.
@@ -294,6 +296,7 @@ fn stream_pieces(
             each(&bytes, piece);
             handed += 1;
         }
+        drop(rx);
         reader.join().unwrap_or_else(|_| Err(Error::Invalid(format!("{vol}: reading it failed"))))?;
         if handed < pieces.len() {
             return Err(Error::damaged(vol, "the download ended before the end of the volume"));

@@ -1649,9 +1649,12 @@ fn sftp_verify_reads_a_volume_in_one_stream_and_finds_a_damaged_block() {
     assert_eq!(problems.len(), 1, "{report}");
     let volume = data.file_name().unwrap().to_string_lossy().into_owned();
     assert!(problems[0]["object"].as_str().unwrap().ends_with(&volume), "{report}");
-    let text = problems[0].to_string();
-    assert!(text.contains("1 block"), "one block is bad, not the blocks around it: {text}");
-    assert!(text.contains("part-"), "the file is named: {text}");
+    let problem = problems[0]["problem"].as_str().unwrap();
+    assert!(
+        problem.split("; ").any(|p| p == "1 block(s) fail authentication or their content hash"),
+        "one block is bad, not the blocks around it: {problem}"
+    );
+    assert!(problems[0].to_string().contains("part-"), "the file is named: {report}");
 }
 
 // ---------------------------------------------------------------------------
