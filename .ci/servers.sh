@@ -159,18 +159,25 @@ BB_SFTP_ROOT=$dir/root
 EOF
 }
 
+# rclone serve webdav of a folder with the test credentials, and any more arguments.
+serve_webdav() { # name label port dir [args…]
+    local name=$1 label=$2 port=$3 dir=$4
+    shift 4
+    command -v rclone >/dev/null 2>&1 || apt_install rclone
+    if ! command -v rclone >/dev/null 2>&1; then
+        log "$label: rclone not available; its tests will skip"
+        return 1
+    fi
+    start_bg "$name" rclone serve webdav "$dir" --addr "127.0.0.1:$port" \
+        --user "$DAV_USER" --pass "$DAV_PASS" --config /dev/null "$@"
+    wait_port "$port" 15 || { log "$label: rclone did not start (see $STATE/$name.log)"; return 1; }
+}
+
 start_webdav() {
     local dir=$STATE/webdav
     mkdir -p "$dir"
     if ! listening "$DAV_PORT"; then
-        command -v rclone >/dev/null 2>&1 || apt_install rclone
-        if ! command -v rclone >/dev/null 2>&1; then
-            log "WebDAV: rclone not available; WebDAV tests will skip"
-            return 1
-        fi
-        start_bg webdav rclone serve webdav "$dir" --addr "127.0.0.1:$DAV_PORT" \
-            --user "$DAV_USER" --pass "$DAV_PASS" --config /dev/null
-        wait_port "$DAV_PORT" 15 || { log "WebDAV: rclone did not start (see $STATE/webdav.log)"; return 1; }
+        serve_webdav webdav WebDAV "$DAV_PORT" "$dir" || return 1
     fi
     cat >>"$ENV_FILE.new" <<EOF
 BB_WEBDAV_ENDPOINT=127.0.0.1:$DAV_PORT
@@ -212,15 +219,8 @@ start_webdavs() {
         return 1
     fi
     if ! listening "$DAVS_PORT"; then
-        command -v rclone >/dev/null 2>&1 || apt_install rclone
-        if ! command -v rclone >/dev/null 2>&1; then
-            log "WebDAV over TLS: rclone not available; its tests will skip"
-            return 1
-        fi
-        start_bg webdavs rclone serve webdav "$dir/data" --addr "127.0.0.1:$DAVS_PORT" \
-            --cert "$dir/tls/server.pem" --key "$dir/tls/server.key" \
-            --user "$DAV_USER" --pass "$DAV_PASS" --config /dev/null
-        wait_port "$DAVS_PORT" 15 || { log "WebDAV over TLS: rclone did not start (see $STATE/webdavs.log)"; return 1; }
+        serve_webdav webdavs "WebDAV over TLS" "$DAVS_PORT" "$dir/data" \
+            --cert "$dir/tls/server.pem" --key "$dir/tls/server.key" || return 1
     fi
     cat >>"$ENV_FILE.new" <<EOF
 BB_WEBDAVS_ENDPOINT=127.0.0.1:$DAVS_PORT

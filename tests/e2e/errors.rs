@@ -181,6 +181,14 @@ fn a_box_on_a_read_only_file_system_is_read_without_a_lock() {
     assert_eq!(dir_state(&env.repo), before, "the read-only box changed");
 }
 
+/// A 4 MiB tmpfs in the test's folder (needs root), unmounted when the guard goes.
+fn small_disk(env: &Env) -> (PathBuf, Unmount) {
+    let disk = env.mkdir("small-disk");
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"]).arg(&disk).status().unwrap();
+    assert!(mounted.success(), "mounting a tmpfs failed");
+    (disk.clone(), Unmount(disk))
+}
+
 /// A backup into a box whose disk fills up fails at once, naming the cause with a hint; the
 /// box keeps its versions, and once there is space again the next backup goes on and restores.
 #[test]
@@ -190,10 +198,7 @@ fn a_backup_into_a_full_disk_fails_with_a_hint_and_the_next_one_goes_on() {
         return;
     }
     let env = Env::new();
-    let disk = env.mkdir("small-disk");
-    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"]).arg(&disk).status().unwrap();
-    assert!(mounted.success(), "mounting a tmpfs failed");
-    let _unmount = Unmount(disk.clone());
+    let (disk, _unmount) = small_disk(&env);
     let repo = disk.join("box");
     let on_disk = |args: &[OsString]| {
         let mut c = env.bare_cmd();
@@ -250,10 +255,7 @@ fn a_restore_onto_a_full_disk_stops_at_once_with_a_hint() {
     }
     fs::write(src.join("large.bin"), random_bytes(43, 6 << 20)).unwrap();
     env.backup(&args![&src]);
-    let disk = env.mkdir("small-disk");
-    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"]).arg(&disk).status().unwrap();
-    assert!(mounted.success(), "mounting a tmpfs failed");
-    let _unmount = Unmount(disk.clone());
+    let (disk, _unmount) = small_disk(&env);
     // 6 MiB on 4 MiB, then 200 files on a disk with room for 64.
     for (options, full) in [("remount,size=4m", "space"), ("remount,size=64m,nr_inodes=64", "inodes")] {
         let remounted = Command::new("mount").args(["-o", options]).arg(&disk).status().unwrap();
