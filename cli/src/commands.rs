@@ -178,13 +178,12 @@ fn backup_cmd(g: &Global, a: crate::args::BackupArgs) -> Result<u8> {
         temp_dir: None,
     };
     let progress = Arc::new(Progress::default());
-    let bar = progress::wanted(g.json, g.quiet).then(|| {
+    let mut bar = progress::wanted(g.json, g.quiet).then(|| {
         let total = Arc::new(AtomicU64::new(0));
         progress::scan_total(a.sources.clone(), total.clone());
         let p = progress.clone();
         Bar::start(move || (p.files.load(Ordering::Relaxed), p.bytes.load(Ordering::Relaxed)), total, "backed up")
     });
-    let mut bar = bar;
     // A light check that what was just stored can be read: the new version's trees are
     // complete and a sample of volumes is intact. It runs under the backup's own lock.
     let result = backup::backup_then(&repo, &a.sources, &opts, &progress, &CANCEL, |_| {

@@ -1410,7 +1410,7 @@ fn lasting_io_cause(e: &opendal::Error) -> bool {
 }
 
 /// The message of `e` and of all its sources.
-fn chain_text(e: &opendal::Error) -> String {
+pub(crate) fn chain_text(e: &opendal::Error) -> String {
     let mut text = e.to_string();
     let mut src = std::error::Error::source(e);
     while let Some(s) = src {

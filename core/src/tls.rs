@@ -1,8 +1,8 @@
 //! TLS for the HTTP storage services: server certificates are checked by the platform's
 //! verifier (the system's trusted roots; on Linux `SSL_CERT_FILE` / `SSL_CERT_DIR` replace
-//! them), built at the first TLS handshake rather than at start-up. Loading the system's roots reads
-//! every file under /etc/ssl/certs (~30 ms on a cold disk cache): a command on a local,
-//! SFTP or plain-http box never pays for it. A connection refused by TLS fails at once:
+//! them), built at the first TLS handshake rather than at start-up. Loading the system's
+//! roots reads every file under /etc/ssl/certs (~30 ms on a cold disk cache): a command on
+//! a local, SFTP or plain-http box never pays for it. A connection refused by TLS fails at once:
 //! opendal counts every failed connection as temporary, and a refused certificate was tried
 //! again for minutes before its error showed.
 
@@ -35,15 +35,8 @@ impl opendal::HttpTransport for Transport {
 
 /// Whether `e` (or an error under it) is a TLS failure of [`FINAL_ERRORS`].
 fn refused(e: &opendal::Error) -> bool {
-    let mut cause: Option<&dyn std::error::Error> = Some(e);
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if FINAL_ERRORS.iter().any(|w| text.contains(w)) {
-            return true;
-        }
-        cause = c.source();
-    }
-    false
+    let text = crate::backend::chain_text(e);
+    FINAL_ERRORS.iter().any(|w| text.contains(w))
 }
 
 /// A reqwest client builder with [`client_config`] (reqwest's own TLS settings, which load
