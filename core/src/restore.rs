@@ -846,17 +846,20 @@ impl Ctx<'_> {
             }
         }
         let mut located: Vec<(BlockLocation, BlockId)> = Vec::with_capacity(wanted.len());
+        let mut missing = Vec::new();
         {
             let catalog = self.repo.catalog()?;
             for id in wanted.keys() {
                 match catalog.block(id)? {
                     Some(loc) => located.push((loc, *id)),
-                    None => {
-                        for &(item, _, _) in &wanted[id] {
-                            self.lose(&items[item], item, &Error::MissingBlock(id.to_hex()));
-                        }
-                    }
+                    None => missing.push(*id),
                 }
+            }
+        }
+        // Named after the catalog is free again (in a new target, naming one creates its file).
+        for id in missing {
+            for &(item, _, _) in &wanted[&id] {
+                self.lose(&items[item], item, &Error::MissingBlock(id.to_hex()));
             }
         }
         let runs = coalesce(&mut located, fetch_plan(self.repo).1);
