@@ -569,10 +569,12 @@ impl Repository {
                 return self.sync_catalog_from(None);
             }
         }
-        if !manifests.is_subset(&known_names) {
-            // A backup stores a version's indexes before its manifest, and the two listings
-            // ran side by side: the indexes of a manifest that is new here are only sure to
-            // be seen by a listing that starts after the manifest was seen.
+        // A backup stores a version's indexes before its manifest, and the two listings ran
+        // side by side: the indexes of a manifest that is new here are only sure to be seen by
+        // a listing that starts after the manifest was seen. A manifest already noted damaged
+        // was seen by an earlier sync, so its indexes are in this listing.
+        let damaged: HashSet<String> = self.catalog()?.damage()?.into_iter().map(|d| d.object).collect();
+        if manifests.iter().any(|m| !known_names.contains(m) && !damaged.contains(m)) {
             listed = list_indexes(&self.backend)?;
         }
         for index_name in &listed {

@@ -255,6 +255,37 @@ fn a_second_catalog_forgets_what_another_forgot_and_still_reports_what_was_lost(
 }
 
 #[test]
+fn a_damaged_manifest_that_is_whole_again_is_taken_up_and_no_longer_reported() {
+    let env = Env::with_box();
+    let src = make_source(&env, 256 * KIB);
+    env.backup(&args![&src]);
+    fs::write(src.join("docs/notes.txt"), text_bytes(7, 30_000)).unwrap();
+    env.backup(&args![&src]);
+    let ids = version_ids(&env, &env.db);
+    assert_eq!(ids.len(), 2);
+    // Another catalog meets the newer manifest damaged: reported, and that version unknown.
+    let manifest = env.repo.join(format!("versions/{}.dlist", ids[1]));
+    let good = fs::read(&manifest).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x40;
+    fs::write(&manifest, &bad).unwrap();
+    let other = env.path().join("other.sqlite");
+    for _ in 0..2 {
+        let r = env.run_with_db(&other, &args!["verify", "--json"]);
+        assert_ne!(r.code, 0, "{}", r.stdout);
+        assert!(r.stdout.contains(&format!("versions/{}.dlist", ids[1])), "{}", r.stdout);
+        assert_eq!(version_ids(&env, &other), ids[..1]);
+    }
+    // Written back whole (as a repair from another machine would): that catalog takes the
+    // version up and no longer reports the manifest.
+    fs::write(&manifest, &good).unwrap();
+    let r = env.run_with_db(&other, &args!["verify", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    assert_eq!(version_ids(&env, &other), ids);
+}
+
+#[test]
 fn repair_mends_a_volume_a_backup_found_truncated() {
     let env = Env::with_box();
     let src = make_source(&env, 2 * MIB);
