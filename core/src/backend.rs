@@ -75,21 +75,38 @@ enum Check<'a> {
     Stat,
 }
 
-/// MD5s of the consecutive [`PIECE`]-sized parts of an upload: what S3 builds its ETag
-/// from (the MD5 of the object when it went up in one request; the MD5 of the parts' MD5s
-/// and `-<parts>` after a multipart upload, whose parts are exactly `PIECE` bytes here).
+/// MD5s of the parts of an upload: what S3 builds its ETag from (the MD5 of the object when
+/// it went up in one request; the MD5 of the parts' MD5s and `-<parts>` after a multipart
+/// upload, whose parts are exactly `PIECE` bytes here).
 #[derive(Clone, Default, PartialEq, Eq, Debug)]
 struct PartDigests {
     parts: Vec<[u8; 16]>,
 }
 
 impl PartDigests {
+    /// The digests of `data` sent in [`PIECE`]-sized parts (one part if it is no larger).
     fn of(data: &[u8]) -> Self {
         let mut d = Self::default();
         for piece in data.chunks(PIECE) {
             d.add(piece);
         }
         d
+    }
+
+    /// The digest of `data` sent in one request, however large.
+    fn whole(data: &[u8]) -> Self {
+        let mut d = Self::default();
+        d.add(data);
+        d
+    }
+
+    /// The digests of `data` cut into parts as these digests' upload was.
+    fn alike(&self, data: &[u8]) -> Self {
+        if self.parts.len() > 1 {
+            Self::of(data)
+        } else {
+            Self::whole(data)
+        }
     }
 
     /// Adds the next part (each `PIECE` bytes but the last).
@@ -858,16 +875,41 @@ impl Backend {
     /// unverified upload is written again under the same name.
     pub fn write(&self, name: &str, data: Vec<u8>) -> Result<()> {
         let len = data.len() as u64;
-        let digests = self.etag_is_md5().then(|| PartDigests::of(&data));
         let sent = (len <= READ_BACK_MAX).then(|| data.clone());
         let check = sent.as_deref().map_or(Check::Stat, Check::ReadBack);
-        let body = opendal::Buffer::from(data);
-        self.with_attempts(name, len, check, || async {
-            pace(&self.up, len).await;
-            let ops = self.ops();
-            let w = ops.write_op.write_with(name, body.clone());
-            let w = if self.typed_writes { w.content_type(OBJECT_TYPE) } else { w };
-            w.await.map(|answer| Sent::new(digests.clone(), &answer))
+        let data = bytes::Bytes::from(data);
+        let body = opendal::Buffer::from(data.clone());
+        let hash = self.etag_is_md5();
+        std::thread::scope(|s| {
+            // The object goes up in one request, so S3's ETag is the MD5 of all of it. A large
+            // object's MD5 is computed beside its upload instead of before it.
+            let pending = (hash && len > PIECE as u64)
+                .then(|| {
+                    let thread = std::thread::Builder::new().name("brickbox-md5".into());
+                    thread.spawn_scoped(s, || PartDigests::whole(&data)).ok()
+                })
+                .flatten();
+            let pending = Mutex::new(pending);
+            let digests = OnceLock::new();
+            let digests = || {
+                digests
+                    .get_or_init(|| {
+                        let running = pending.lock().ok().and_then(|mut p| p.take());
+                        match running {
+                            Some(h) => h.join().ok(),
+                            // Small, or no thread to spare: computed here.
+                            None => hash.then(|| PartDigests::whole(&data)),
+                        }
+                    })
+                    .clone()
+            };
+            self.with_attempts(name, len, check, || async {
+                pace(&self.up, len).await;
+                let ops = self.ops();
+                let w = ops.write_op.write_with(name, body.clone());
+                let w = if self.typed_writes { w.content_type(OBJECT_TYPE) } else { w };
+                w.await.map(|answer| Sent::new(digests(), &answer))
+            })
         })
     }
 
@@ -1026,7 +1068,7 @@ impl Backend {
         // The ETag is not the MD5 of what was sent. Either the upload is damaged, or the
         // box does not use MD5 ETags (S3 with KMS encryption): download it once to tell.
         let got = self.run(|op| async move { op.read(name).await }).map_err(failed)?;
-        if PartDigests::of(&got.to_bytes()) == *digests {
+        if digests.alike(&got.to_bytes()) == *digests {
             self.etag_md5.store(false, Ordering::Relaxed);
             return Ok(());
         }
@@ -1622,6 +1664,12 @@ mod tests {
         assert_eq!(two.matches_etag(&etag), Some(true));
         assert_eq!(two.matches_etag(&etag.replace("-2", "-3")), None);
         assert_eq!(two.matches_etag(&format!("\"{}-2\"", "0".repeat(32))), Some(false));
+        // The same bytes sent in one request: the ETag is the MD5 of all of them.
+        let one_request = format!("\"{}\"", hex::encode(md5::Md5::digest(&data)));
+        assert_eq!(PartDigests::whole(&data).matches_etag(&one_request), Some(true));
+        assert_eq!(two.matches_etag(&one_request), None);
+        assert_eq!(two.alike(&data), two);
+        assert_eq!(PartDigests::whole(&data).alike(&data), PartDigests::whole(&data));
     }
 
     #[test]

@@ -174,6 +174,37 @@ fn copy_box_survives_faults_and_damage_in_transit() {
     }
 }
 
+/// A volume larger than one upload part (8 MiB) goes up in one request like every copied
+/// object: its upload is checked against the MD5 of the whole object, so damage in transit
+/// is found and the volume sent again.
+#[test]
+fn copy_box_checks_a_large_volume_against_its_md5() {
+    if remote(Proto::S3, "probe").is_none() {
+        return;
+    }
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    fs::write(src.join("large.bin"), random_bytes(33, 12 << 20)).unwrap();
+    env.backup(&args![&src]);
+    assert!(
+        objects(&env.repo, "data").iter().any(|v| fs::metadata(v).unwrap().len() > 8 << 20),
+        "no volume larger than 8 MiB"
+    );
+    let Some(dest) = remote(Proto::S3, &unique("large")) else { return };
+    let mut proxy = Proxy::start(dest.addr, Mode::Corrupt);
+    let r = run_cmd(copy_cmd(&env, &dest.via(proxy.addr), &["--json"]));
+    r.expect_code(0);
+    assert_eq!(proxy.faults(), 1, "the proxy damaged no upload");
+    proxy.stop();
+    let mut there = Session::new(&env, dest);
+    there.db = env.path().join("there.sqlite");
+    let v = there.json(&args!["verify", "--read-data"]);
+    assert_eq!(v["problems"].as_array().unwrap().len(), 0, "{v}");
+    let t = env.path().join("restored");
+    there.ok(&args!["restore", "--target", &t]);
+    assert_same_tree(&src, &restored(&t, &src), Compare::NO_OWNERS);
+}
+
 /// Ctrl-C in the middle of a copy leaves no box at the destination (no config), and the next
 /// run sends only what is missing.
 #[test]
