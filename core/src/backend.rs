@@ -874,10 +874,13 @@ impl Backend {
     /// byte for byte and a larger one is checked like [`Self::write_file`]. A failed or
     /// unverified upload is written again under the same name.
     pub fn write(&self, name: &str, data: Vec<u8>) -> Result<()> {
+        self.write_shared(name, bytes::Bytes::from(data))
+    }
+
+    /// [`Self::write`] for bytes the caller keeps using meanwhile (no copy is made).
+    pub fn write_shared(&self, name: &str, data: bytes::Bytes) -> Result<()> {
         let len = data.len() as u64;
-        let sent = (len <= READ_BACK_MAX).then(|| data.clone());
-        let check = sent.as_deref().map_or(Check::Stat, Check::ReadBack);
-        let data = bytes::Bytes::from(data);
+        let check = if len <= READ_BACK_MAX { Check::ReadBack(&data) } else { Check::Stat };
         let body = opendal::Buffer::from(data.clone());
         let hash = self.etag_is_md5();
         std::thread::scope(|s| {

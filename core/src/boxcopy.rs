@@ -146,11 +146,37 @@ pub fn copy_box(
     } else {
         &[KEYS_DIR, VERSIONS_DIR, INDEX_DIR, DATA_DIR]
     };
-    for dir in dirs.iter().copied() {
-        let listed: Vec<(String, u64)> = src.list_sized(dir)?.into_iter().filter(|(n, _)| is_box_object(n)).collect();
-        src_names.extend(listed.iter().map(|(n, _)| n.clone()));
-        dest_names.extend(dest.list_sized(dir)?.into_iter().filter(|(n, _)| is_box_object(n)));
-        phases.push(listed.into_iter().map(|(name, size)| Item { name, size }).collect());
+    // The destination's folders are listed side by side, beside the box's (no order matters
+    // there: only this copy writes the objects it would find).
+    let dest_listed: Vec<Result<Vec<(String, u64)>>> = std::thread::scope(|s| {
+        let listing: Vec<_> = dirs
+            .iter()
+            .map(|&dir| {
+                let thread = std::thread::Builder::new().name("brickbox-list".into());
+                (dir, thread.spawn_scoped(s, || dest.list_sized(dir)).ok())
+            })
+            .collect();
+        for dir in dirs.iter().copied() {
+            let listed: Vec<(String, u64)> =
+                src.list_sized(dir)?.into_iter().filter(|(n, _)| is_box_object(n)).collect();
+            src_names.extend(listed.iter().map(|(n, _)| n.clone()));
+            phases.push(listed.into_iter().map(|(name, size)| Item { name, size }).collect());
+        }
+        // Without a thread to spare, a folder is listed here.
+        Ok::<_, Error>(
+            listing
+                .into_iter()
+                .map(|(dir, h)| match h {
+                    Some(h) => {
+                        h.join().unwrap_or_else(|_| Err(Error::Invalid("listing the destination failed".into())))
+                    }
+                    None => dest.list_sized(dir),
+                })
+                .collect(),
+        )
+    })?;
+    for listed in dest_listed {
+        dest_names.extend(listed?.into_iter().filter(|(n, _)| is_box_object(n)));
     }
     phases.reverse();
     // Volumes a backup beside the copy stored since the box was opened are checked against
@@ -371,13 +397,28 @@ impl Copier<'_> {
     }
 
     fn copy_one(&self, item: &Item) -> Result<()> {
-        let bytes = self.repo.backend().read(&item.name)?;
-        if let Some(problem) = self.problem_with(&item.name, &bytes) {
-            let d = DamagedObject { object: item.name.clone(), problem };
-            self.progress.damaged.lock().unwrap_or_else(|e| e.into_inner()).push(d);
-        }
+        let bytes = bytes::Bytes::from(self.repo.backend().read(&item.name)?);
         let len = bytes.len() as u64;
-        self.dest.write(&item.name, bytes)?;
+        // A damaged object is copied all the same: it is checked while it goes up.
+        let sent = std::thread::scope(|s| {
+            let report = |problem: Option<String>| {
+                if let Some(problem) = problem {
+                    let d = DamagedObject { object: item.name.clone(), problem };
+                    self.progress.damaged.lock().unwrap_or_else(|e| e.into_inner()).push(d);
+                }
+            };
+            let checking = std::thread::Builder::new()
+                .name("brickbox-check".into())
+                .spawn_scoped(s, || self.problem_with(&item.name, &bytes));
+            let sent = self.dest.write_shared(&item.name, bytes.clone());
+            match checking {
+                Ok(h) => report(h.join().unwrap_or_else(|_| Some("checking it failed".into()))),
+                // Without a thread to spare, checked here.
+                Err(_) => report(self.problem_with(&item.name, &bytes)),
+            }
+            sent
+        });
+        sent?;
         self.progress.objects.fetch_add(1, Ordering::Relaxed);
         self.progress.bytes.fetch_add(len, Ordering::Relaxed);
         Ok(())
