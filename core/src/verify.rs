@@ -10,7 +10,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use rand::seq::SliceRandom;
 use rayon::prelude::*;
@@ -153,19 +154,73 @@ pub fn check_volume(repo: &Repository, vol: &str, bytes: &[u8]) -> Result<Volume
 /// A byte range of a volume, `[start, end)`, and the blocks in it.
 type Piece<'a> = (u64, u64, Vec<&'a VolumeBlock>);
 
+/// Volumes of a remote box read and checked at once: each read waits on the network, so a
+/// few side by side keep the line busy (each holds at most a few 8 MiB pieces).
+const REMOTE_VOLUMES_AT_ONCE: usize = 3;
+
+/// What [`check_volume_in_pieces`] tells of one volume.
+type VolumeResult = Result<std::result::Result<VolumeCheck, Error>>;
+
+/// [`check_volume_in_pieces`] of each of `vols` (with the sizes a listing gave), in order;
+/// a few at a time on a remote box. After `cancel`, the volumes not started yet are left out.
+fn check_volumes(
+    repo: &Repository,
+    vols: &[&str],
+    sizes: &HashMap<String, u64>,
+    cancel: &AtomicBool,
+) -> Vec<VolumeResult> {
+    let check = |vol: &str| check_volume_in_pieces(repo, vol, sizes.get(vol).copied());
+    let workers = if repo.backend().is_local() { 1 } else { REMOTE_VOLUMES_AT_ONCE.min(vols.len()) };
+    let results: Vec<Mutex<Option<VolumeResult>>> = vols.iter().map(|_| Mutex::new(None)).collect();
+    let next = AtomicUsize::new(0);
+    let work = || {
+        while !cancel.load(Ordering::Relaxed) {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(vol) = vols.get(i) else { break };
+            let r = check(vol);
+            if let Ok(mut slot) = results[i].lock() {
+                *slot = Some(r);
+            }
+        }
+    };
+    std::thread::scope(|s| {
+        // Without threads to spare, this one does all the work.
+        for _ in 1..workers {
+            let _ = std::thread::Builder::new().name("brickbox-verify".into()).spawn_scoped(s, work);
+        }
+        work();
+    });
+    results
+        .into_iter()
+        .map(|slot| {
+            slot.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(|| Err(Error::Interrupted("verify stopped".into())))
+        })
+        .collect()
+}
+
 /// Downloads a volume piece by piece and checks it like [`check_volume`], holding only a
 /// few MiB of it at a time: each piece is hashed and its blocks are checked on all cores
 /// while the next piece is read. The outer error is a catalog problem; the inner one says
 /// the volume could not be read.
-pub fn check_volume_in_pieces(repo: &Repository, vol: &str) -> Result<std::result::Result<VolumeCheck, Error>> {
+pub fn check_volume_in_pieces(
+    repo: &Repository,
+    vol: &str,
+    listed_size: Option<u64>,
+) -> Result<std::result::Result<VolumeCheck, Error>> {
     /// Bytes read at once (more when one block is larger).
     const PIECE: u64 = 8 << 20;
     let (size, blocks) = repo.catalog()?.volume_blocks(vol)?;
     let hash = repo.catalog()?.volumes()?.into_iter().find(|v| v.name == vol).and_then(|v| v.hash);
-    let actual = match repo.backend().size(vol) {
-        Ok(Some(n)) => n,
-        Ok(None) => return Ok(Err(Error::damaged(vol, "object is missing from the box"))),
-        Err(e) => return Ok(Err(e)),
+    // The size a listing just gave saves asking for it (0: the service did not say).
+    let actual = match listed_size.filter(|&n| n > 0) {
+        Some(n) => n,
+        None => match repo.backend().size(vol) {
+            Ok(Some(n)) => n,
+            Ok(None) => return Ok(Err(Error::damaged(vol, "object is missing from the box"))),
+            Err(e) => return Ok(Err(e)),
+        },
     };
     let mut check = VolumeCheck::default();
     if actual != size {
@@ -360,13 +415,14 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
             Some(h) => h.join().unwrap_or_else(|_| Err(Error::Invalid("listing the box failed".into()))),
             None => listed(dir),
         };
-        (listed(objects::DATA_DIR), joined(indexes), joined(manifests))
+        (repo.backend().list_sized(objects::DATA_DIR), joined(indexes), joined(manifests))
     });
-    let (data, indexes, manifests) = (data?, indexes?, manifests?);
+    let data: HashMap<String, u64> = data?.into_iter().collect();
+    let (indexes, manifests) = (indexes?, manifests?);
     let volumes = repo.catalog()?.volumes()?;
     report.volumes = volumes.len();
     let known: HashSet<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
-    for name in &data {
+    for name in data.keys() {
         let has_index = objects::volume_id_from_name(name).is_some_and(|v| indexes.contains(&objects::index_name(&v)));
         if !has_index {
             report.notes.push(format!(
@@ -376,7 +432,7 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
         }
     }
     for v in &volumes {
-        if !data.contains(&v.name) {
+        if !data.contains_key(&v.name) {
             let p = f.add(&v.name, "volume is missing from the box");
             let (_, blocks) = repo.catalog()?.volume_blocks(&v.name)?;
             f.bad(blocks.into_iter().map(|b| b.0), p);
@@ -496,7 +552,7 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
     }
 
     // 4. Selected volumes: download and check every block.
-    let mut present: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).filter(|v| data.contains(*v)).collect();
+    let mut present: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).filter(|v| data.contains_key(*v)).collect();
     if opts.quick {
         // The light check samples what the new version may rely on: not volumes the check
         // before the backup already found damaged (their blocks were stored again).
@@ -512,10 +568,11 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
     present.shuffle(&mut rand::thread_rng());
     present.truncate(take);
     present.sort();
-    for vol in present {
-        stop()?;
+    let checks = check_volumes(repo, &present, &data, cancel);
+    stop()?;
+    for (vol, check) in present.into_iter().zip(checks) {
         report.volumes_read += 1;
-        let check = match check_volume_in_pieces(repo, vol)? {
+        let check = match check? {
             Ok(c) => c,
             Err(e) => {
                 let p = f.add(vol, format!("cannot be read: {e}"));
