@@ -352,14 +352,21 @@ pub fn backup_then<T>(
     }
 
     // One backup at a time; readers may go on. Another backup may have finished since the
-    // box was opened: catch up with it, so its blocks are not stored again.
-    let lock = if opts.dry_run { None } else { Some(repo.lock_synced(LockKind::Append, "backup")?) };
+    // box was opened: catch up with it, so its blocks are not stored again. No other backup
+    // or compaction changes data/ under this lock, so it is listed beside the catch-up.
+    let (lock, data) = if opts.dry_run {
+        (None, None)
+    } else {
+        let list_data = || repo.backend().list_sized(crate::objects::DATA_DIR);
+        let (lock, data) = repo.lock_synced_beside(LockKind::Append, "backup", list_data)?;
+        (Some(lock), Some(data?))
+    };
     if !opts.dry_run {
         pack::clean_scratch(repo);
     }
     // The catalog against the box: blocks of volumes gone from the box must not be
     // deduplicated against (see `boxcheck`).
-    let check = crate::boxcheck::before_backup(repo, !opts.dry_run)?;
+    let check = crate::boxcheck::before_backup(repo, !opts.dry_run, data)?;
 
     let tmp_base = match &opts.temp_dir {
         Some(dir) => dir.clone(),

@@ -58,10 +58,16 @@ pub struct BoxCheck {
     pub applied: bool,
 }
 
-/// Compares the catalog with a listing of `data/`; with `apply`, drops the blocks of lost
-/// volumes from the catalog so that the coming backup stores them again.
-pub fn before_backup(repo: &Repository, apply: bool) -> Result<BoxCheck> {
-    let listed: HashMap<String, u64> = repo.backend().list_sized(objects::DATA_DIR)?.into_iter().collect();
+/// Compares the catalog with a listing of `data/` (the one given, made after the catalog's
+/// indexes were listed or under a lock that keeps writers out; else a new one); with
+/// `apply`, drops the blocks of lost volumes from the catalog so that the coming backup
+/// stores them again.
+pub fn before_backup(repo: &Repository, apply: bool, listed: Option<Vec<(String, u64)>>) -> Result<BoxCheck> {
+    let listed = match listed {
+        Some(l) => l,
+        None => repo.backend().list_sized(objects::DATA_DIR)?,
+    };
+    let listed: HashMap<String, u64> = listed.into_iter().collect();
     let known = repo.catalog()?.volume_states()?;
     let known_names: HashSet<&str> = known.iter().map(|(n, ..)| n.as_str()).collect();
     let mut check = BoxCheck { applied: apply, ..Default::default() };

@@ -694,6 +694,31 @@ impl Repository {
         Ok(guard)
     }
 
+    /// [`Self::lock_synced`], with `beside` run under the lock side by side with the sync (a
+    /// round trip sooner on a remote box). Only for a lock that keeps every other writer out
+    /// (append, exclusive): what `beside` reads of the box then cannot change while the sync
+    /// reads it, whichever of the two looks first.
+    pub fn lock_synced_beside<T: Send>(
+        &self,
+        kind: LockKind,
+        command: &str,
+        beside: impl Fn() -> T + Sync,
+    ) -> Result<(LockGuard, T)> {
+        debug_assert!(kind != LockKind::Read, "readers do not keep writers out");
+        let guard = self.lock(kind, command)?;
+        let got = std::thread::scope(|s| {
+            let thread = std::thread::Builder::new().name("brickbox-beside".into()).spawn_scoped(s, &beside);
+            let synced = self.sync_catalog();
+            let got = match thread {
+                Ok(h) => h.join().map_err(|_| Error::Invalid(format!("{command}: reading the box failed"))),
+                // Without a thread to spare, after the sync.
+                Err(_) => Ok(beside()),
+            };
+            synced.and(got)
+        })?;
+        Ok((guard, got))
+    }
+
     /// [`Self::read_lock`], then the catalog brought up to date as [`Self::lock_synced`]
     /// does (also on a box without a lock), with `meanwhile` run beside the sync, under the
     /// lock: say, fetching the tree a command reads first, a round trip sooner on a remote
