@@ -906,13 +906,19 @@ impl Backend {
                     })
                     .clone()
             };
-            self.with_attempts(name, len, check, || async {
+            let stored = self.with_attempts(name, len, check, || async {
                 pace(&self.up, len).await;
                 let ops = self.ops();
                 let w = ops.write_op.write_with(name, body.clone());
                 let w = if self.typed_writes { w.content_type(OBJECT_TYPE) } else { w };
                 w.await.map(|answer| Sent::new(digests(), &answer))
-            })
+            });
+            // No attempt got an answer: the MD5 is not needed (joined here, so that its
+            // thread's end, a panic too, is not left to the scope).
+            if let Some(h) = pending.lock().ok().and_then(|mut p| p.take()) {
+                let _ = h.join();
+            }
+            stored
         })
     }
 
@@ -1066,6 +1072,10 @@ impl Backend {
         }
         let (Some(digests), Some(etag)) = (&sent.digests, meta.etag()) else { return Ok(()) };
         if digests.matches_etag(etag) != Some(false) {
+            return Ok(());
+        }
+        // Another upload found meanwhile that this box's ETags are not MD5s.
+        if !self.etag_is_md5() {
             return Ok(());
         }
         // The ETag is not the MD5 of what was sent. Either the upload is damaged, or the

@@ -146,8 +146,8 @@ pub fn copy_box(
     } else {
         &[KEYS_DIR, VERSIONS_DIR, INDEX_DIR, DATA_DIR]
     };
-    // The destination's folders are listed side by side, beside the box's (no order matters
-    // there: only this copy writes the objects it would find).
+    // The destination's folders are listed side by side, beside the box's: what they hold
+    // only spares sending an object again (by name and size), so no order matters there.
     let dest_listed: Vec<Result<Vec<(String, u64)>>> = std::thread::scope(|s| {
         let listing: Vec<_> = dirs
             .iter()
@@ -399,25 +399,28 @@ impl Copier<'_> {
     fn copy_one(&self, item: &Item) -> Result<()> {
         let bytes = bytes::Bytes::from(self.repo.backend().read(&item.name)?);
         let len = bytes.len() as u64;
-        // A damaged object is copied all the same: it is checked while it goes up.
-        let sent = std::thread::scope(|s| {
-            let report = |problem: Option<String>| {
-                if let Some(problem) = problem {
-                    let d = DamagedObject { object: item.name.clone(), problem };
-                    self.progress.damaged.lock().unwrap_or_else(|e| e.into_inner()).push(d);
-                }
-            };
-            let checking = std::thread::Builder::new()
-                .name("brickbox-check".into())
-                .spawn_scoped(s, || self.problem_with(&item.name, &bytes));
-            let sent = self.dest.write_shared(&item.name, bytes.clone());
-            match checking {
-                Ok(h) => report(h.join().unwrap_or_else(|_| Some("checking it failed".into()))),
-                // Without a thread to spare, checked here.
-                Err(_) => report(self.problem_with(&item.name, &bytes)),
-            }
-            sent
-        });
+        // A damaged object is copied all the same: a volume is checked while it goes up, a
+        // small object (opened in no time) before.
+        let (problem, sent) = if len <= crate::backend::READ_BACK_MAX {
+            (self.problem_with(&item.name, &bytes), self.dest.write_shared(&item.name, bytes.clone()))
+        } else {
+            std::thread::scope(|s| {
+                let checking = std::thread::Builder::new()
+                    .name("brickbox-check".into())
+                    .spawn_scoped(s, || self.problem_with(&item.name, &bytes));
+                let sent = self.dest.write_shared(&item.name, bytes.clone());
+                let problem = match checking {
+                    Ok(h) => h.join().map_err(|_| Error::Invalid(format!("checking {} failed", item.name)))?,
+                    // Without a thread to spare, checked here.
+                    Err(_) => self.problem_with(&item.name, &bytes),
+                };
+                Ok::<_, Error>((problem, sent))
+            })?
+        };
+        if let Some(problem) = problem {
+            let d = DamagedObject { object: item.name.clone(), problem };
+            self.progress.damaged.lock().unwrap_or_else(|e| e.into_inner()).push(d);
+        }
         sent?;
         self.progress.objects.fetch_add(1, Ordering::Relaxed);
         self.progress.bytes.fetch_add(len, Ordering::Relaxed);

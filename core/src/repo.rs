@@ -571,10 +571,18 @@ impl Repository {
         }
         // A backup stores a version's indexes before its manifest, and the two listings ran
         // side by side: the indexes of a manifest that is new here are only sure to be seen by
-        // a listing that starts after the manifest was seen. A manifest already noted damaged
-        // was seen by an earlier sync, so its indexes are in this listing.
-        let damaged: HashSet<String> = self.catalog()?.damage()?.into_iter().map(|d| d.object).collect();
-        if manifests.iter().any(|m| !known_names.contains(m) && !damaged.contains(m)) {
+        // a listing that starts after the manifest was seen. Not so for a manifest noted
+        // damaged before that still does not open: it adds no version, so it costs no second
+        // listing on every sync (one that opens now may have been written again since).
+        let unknown: Vec<&String> = manifests.iter().filter(|m| !known_names.contains(*m)).collect();
+        let damaged: HashSet<String> = if unknown.is_empty() {
+            HashSet::new()
+        } else {
+            self.catalog()?.damage()?.into_iter().filter(|d| d.block.is_none()).map(|d| d.object).collect()
+        };
+        let opened: Vec<(&String, Result<Manifest>)> =
+            unknown.into_iter().map(|n| (n, self.read_manifest(n))).collect();
+        if opened.iter().any(|(name, read)| read.is_ok() || !damaged.contains(*name)) {
             listed = list_indexes(&self.backend)?;
         }
         for index_name in &listed {
@@ -594,12 +602,10 @@ impl Repository {
                 }
             }
         }
-        for name in &manifests {
-            if !known_names.contains(name) {
-                match self.read_manifest(name) {
-                    Ok(m) => self.catalog()?.add_version(&m, &[])?,
-                    Err(e) => self.note_damage(name, e)?,
-                }
+        for (name, read) in opened {
+            match read {
+                Ok(m) => self.catalog()?.add_version(&m, &[])?,
+                Err(e) => self.note_damage(name, e)?,
             }
         }
         // Gone since the last look, or gone earlier: a record may have come since.

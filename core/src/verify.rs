@@ -162,23 +162,32 @@ const REMOTE_VOLUMES_AT_ONCE: usize = 3;
 /// What [`check_volume_in_pieces`] tells of one volume.
 type VolumeResult = Result<std::result::Result<VolumeCheck, Error>>;
 
-/// [`check_volume_in_pieces`] of each of `vols` (with the sizes a listing gave), in order;
-/// a few at a time on a remote box. After `cancel`, the volumes not started yet are left out.
+/// [`check_volume_in_pieces`] of each of `vols` (with the sizes a listing gave and the
+/// hashes their indexes record), in order; a few at a time on a remote box. After `cancel`
+/// or a catalog error, the volumes not started yet have no result.
 fn check_volumes(
     repo: &Repository,
     vols: &[&str],
     sizes: &HashMap<String, u64>,
+    hashes: &HashMap<&str, Option<[u8; 32]>>,
     cancel: &AtomicBool,
-) -> Vec<VolumeResult> {
-    let check = |vol: &str| check_volume_in_pieces(repo, vol, sizes.get(vol).copied());
+) -> Vec<Option<VolumeResult>> {
+    let check = |vol: &str| {
+        let hash = hashes.get(vol).copied().flatten();
+        check_volume_in_pieces(repo, vol, sizes.get(vol).copied(), hash)
+    };
     let workers = if repo.backend().is_local() { 1 } else { REMOTE_VOLUMES_AT_ONCE.min(vols.len()) };
     let results: Vec<Mutex<Option<VolumeResult>>> = vols.iter().map(|_| Mutex::new(None)).collect();
     let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
     let work = || {
-        while !cancel.load(Ordering::Relaxed) {
+        while !cancel.load(Ordering::Relaxed) && !failed.load(Ordering::Relaxed) {
             let i = next.fetch_add(1, Ordering::Relaxed);
             let Some(vol) = vols.get(i) else { break };
             let r = check(vol);
+            if r.is_err() {
+                failed.store(true, Ordering::Relaxed);
+            }
             if let Ok(mut slot) = results[i].lock() {
                 *slot = Some(r);
             }
@@ -191,30 +200,23 @@ fn check_volumes(
         }
         work();
     });
-    results
-        .into_iter()
-        .map(|slot| {
-            slot.into_inner()
-                .unwrap_or_else(|e| e.into_inner())
-                .unwrap_or_else(|| Err(Error::Interrupted("verify stopped".into())))
-        })
-        .collect()
+    results.into_iter().map(|slot| slot.into_inner().unwrap_or_else(|e| e.into_inner())).collect()
 }
 
 /// Downloads a volume piece by piece and checks it like [`check_volume`], holding only a
 /// few MiB of it at a time: each piece is hashed and its blocks are checked on all cores
-/// while the next piece is read. The outer error is a catalog problem; the inner one says
-/// the volume could not be read.
+/// while the next piece is read. `listed_size` is the object's size as a listing just gave
+/// it (`None` or 0: asked for), `hash` the volume's hash its index records. The outer error
+/// is a catalog problem; the inner one says the volume could not be read.
 pub fn check_volume_in_pieces(
     repo: &Repository,
     vol: &str,
     listed_size: Option<u64>,
+    hash: Option<[u8; 32]>,
 ) -> Result<std::result::Result<VolumeCheck, Error>> {
     /// Bytes read at once (more when one block is larger).
     const PIECE: u64 = 8 << 20;
     let (size, blocks) = repo.catalog()?.volume_blocks(vol)?;
-    let hash = repo.catalog()?.volumes()?.into_iter().find(|v| v.name == vol).and_then(|v| v.hash);
-    // The size a listing just gave saves asking for it (0: the service did not say).
     let actual = match listed_size.filter(|&n| n > 0) {
         Some(n) => n,
         None => match repo.backend().size(vol) {
@@ -571,9 +573,14 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
     present.shuffle(&mut rand::thread_rng());
     present.truncate(take);
     present.sort();
-    let checks = check_volumes(repo, &present, &data, cancel);
-    stop()?;
+    let hashes: HashMap<&str, Option<[u8; 32]>> = volumes.iter().map(|v| (v.name.as_str(), v.hash)).collect();
+    let checks = check_volumes(repo, &present, &data, &hashes, cancel);
+    // What was read is recorded, also when the check was stopped before the end.
     for (vol, check) in present.into_iter().zip(checks) {
+        let Some(check) = check else {
+            stop()?;
+            return Err(Error::Interrupted("verify stopped".into()));
+        };
         report.volumes_read += 1;
         let check = match check? {
             Ok(c) => c,

@@ -145,9 +145,7 @@ fn can_mount() -> bool {
             |c: &mut Command| c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status();
         let mounted = quiet(Command::new("mount").args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"]).arg(&probe))
             .is_ok_and(|s| s.success());
-        if mounted {
-            let _ = quiet(Command::new("umount").arg(&probe));
-        }
+        drop(mounted.then(|| Unmount(probe.clone())));
         let _ = fs::remove_dir(&probe);
         mounted
     })
