@@ -58,15 +58,24 @@ pub struct BoxCheck {
     pub applied: bool,
 }
 
-/// Compares the catalog with a listing of `data/` (the one given, made after the catalog's
-/// indexes were listed or under a lock that keeps writers out; else a new one); with
-/// `apply`, drops the blocks of lost volumes from the catalog so that the coming backup
-/// stores them again.
-pub fn before_backup(repo: &Repository, apply: bool, listed: Option<Vec<(String, u64)>>) -> Result<BoxCheck> {
-    let listed = match listed {
-        Some(l) => l,
-        None => repo.backend().list_sized(objects::DATA_DIR)?,
-    };
+/// Compares the catalog with a listing of `data/` made after the catalog's indexes were
+/// listed; with `apply`, drops the blocks of lost volumes from the catalog so that the
+/// coming backup stores them again. `beside` is a listing made beside the catalog's sync
+/// under a lock that keeps other writers out: used unless it shows a volume newly lost (a
+/// writer the lock missed may have stored it and its index meanwhile), then listed again.
+pub fn before_backup(repo: &Repository, apply: bool, beside: Option<Vec<(String, u64)>>) -> Result<BoxCheck> {
+    if let Some(listed) = beside {
+        let (check, newly_lost) = compare(repo, apply, listed)?;
+        if newly_lost.is_empty() {
+            return settle(repo, check, &newly_lost);
+        }
+    }
+    let (check, newly_lost) = compare(repo, apply, repo.backend().list_sized(objects::DATA_DIR)?)?;
+    settle(repo, check, &newly_lost)
+}
+
+/// The catalog against `listed`, and the volumes lost since the last look.
+fn compare(repo: &Repository, apply: bool, listed: Vec<(String, u64)>) -> Result<(BoxCheck, Vec<String>)> {
     let listed: HashMap<String, u64> = listed.into_iter().collect();
     let known = repo.catalog()?.volume_states()?;
     let known_names: HashSet<&str> = known.iter().map(|(n, ..)| n.as_str()).collect();
@@ -103,9 +112,14 @@ pub fn before_backup(repo: &Repository, apply: bool, listed: Option<Vec<(String,
     check.unindexed.sort();
     check.unknown.sort();
     check.returned.sort();
-    if apply {
+    Ok((check, newly_lost))
+}
+
+/// With `check.applied`, records what [`compare`] found in the catalog.
+fn settle(repo: &Repository, mut check: BoxCheck, newly_lost: &[String]) -> Result<BoxCheck> {
+    if check.applied {
         if !newly_lost.is_empty() {
-            let (blocks, files) = repo.catalog()?.mark_volumes_missing(&newly_lost)?;
+            let (blocks, files) = repo.catalog()?.mark_volumes_missing(newly_lost)?;
             check.blocks_dropped = blocks;
             check.files_reread = files;
         }

@@ -402,7 +402,7 @@ impl Copier<'_> {
         // A damaged object is copied all the same: a volume is checked while it goes up, a
         // small object (opened in no time) before.
         let (problem, sent) = if len <= crate::backend::READ_BACK_MAX {
-            (self.problem_with(&item.name, &bytes), self.dest.write_shared(&item.name, bytes.clone()))
+            (Ok(self.problem_with(&item.name, &bytes)), self.dest.write_shared(&item.name, bytes.clone()))
         } else {
             std::thread::scope(|s| {
                 let checking = std::thread::Builder::new()
@@ -410,12 +410,18 @@ impl Copier<'_> {
                     .spawn_scoped(s, || self.problem_with(&item.name, &bytes));
                 let sent = self.dest.write_shared(&item.name, bytes.clone());
                 let problem = match checking {
-                    Ok(h) => h.join().map_err(|_| Error::Invalid(format!("checking {} failed", item.name)))?,
+                    Ok(h) => h.join().map_err(|_| Error::Invalid(format!("checking {} failed", item.name))),
                     // Without a thread to spare, checked here.
-                    Err(_) => self.problem_with(&item.name, &bytes),
+                    Err(_) => Ok(self.problem_with(&item.name, &bytes)),
                 };
-                Ok::<_, Error>((problem, sent))
-            })?
+                (problem, sent)
+            })
+        };
+        // A failed upload is the error to report, before a failed check.
+        let problem = match (problem, &sent) {
+            (Ok(p), _) => p,
+            (Err(_), Err(_)) => None,
+            (Err(e), Ok(())) => return Err(e),
         };
         if let Some(problem) = problem {
             let d = DamagedObject { object: item.name.clone(), problem };

@@ -392,7 +392,9 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBool) -> R
     verify_locked(repo, opts, cancel)
 }
 
-/// Verification for a caller that already holds a lock (e.g. right after a backup).
+/// Verification for a caller that already holds a lock (e.g. right after a backup). With
+/// `opts.quick` the catalog is not synced first: the caller brought it up to date under
+/// its lock.
 pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBool) -> Result<VerifyReport> {
     let stop = || -> Result<()> {
         if cancel.load(Ordering::Relaxed) {
@@ -610,6 +612,7 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
             f.bad(check.bad_blocks, p);
         }
     }
+    stop()?;
     // Damage recorded by an earlier check of a volume not read this time still stands.
     let earlier_from = f.problems.len();
     let damage = repo.catalog()?.damage()?;
