@@ -260,15 +260,21 @@ pub fn restore(
             }
         };
         let (fetched, created) = std::thread::scope(|s| {
-            let creator = std::thread::Builder::new().name("brickbox-create".into()).spawn_scoped(s, create_all);
-            let fetched = ctx.fetch_and_write(&pool, &items, plans);
+            // Started once the reads are planned: on a busy core, planning them comes first.
+            let creator = std::cell::Cell::new(None);
+            let start_creator = || {
+                let thread = std::thread::Builder::new().name("brickbox-create".into());
+                creator.set(thread.spawn_scoped(s, create_all).ok());
+            };
+            let fetched = ctx.fetch_and_write(&pool, &items, plans, start_creator);
             if fetched.is_err() {
                 ctx.failed.store(true, Ordering::Relaxed);
             }
-            let created = match creator {
-                Ok(h) => h.join().map_err(|_| Error::Invalid("creating the restored files failed".into())),
-                // Without a thread to spare, the files no block went to are created here.
-                Err(_) => {
+            let created = match creator.take() {
+                Some(h) => h.join().map_err(|_| Error::Invalid("creating the restored files failed".into())),
+                // Without a thread to spare (or nothing read), the files no block went to are
+                // created here.
+                None => {
                     create_all();
                     Ok(())
                 }
@@ -283,7 +289,7 @@ pub fn restore(
     } else {
         let plans: Vec<Option<FilePlan>> =
             files.par_iter().map(|&i| ctx.prepare_file(&items[i], i)).collect::<Result<_>>()?;
-        ctx.fetch_and_write(&pool, &items, plans.into_iter().flatten().collect())?;
+        ctx.fetch_and_write(&pool, &items, plans.into_iter().flatten().collect(), || {})?;
     }
     if cancel.load(Ordering::Relaxed) {
         return Err(Error::Interrupted("restore stopped; restored files may be incomplete".into()));
@@ -838,7 +844,13 @@ impl Ctx<'_> {
 
     /// Reads every needed block once, volume by volume in offset order (neighbouring blocks
     /// with one ranged read), and writes it wherever the plans need it.
-    fn fetch_and_write(&self, pool: &rayon::ThreadPool, items: &[Item], plans: Vec<FilePlan>) -> Result<()> {
+    fn fetch_and_write(
+        &self,
+        pool: &rayon::ThreadPool,
+        items: &[Item],
+        plans: Vec<FilePlan>,
+        reading: impl FnOnce(),
+    ) -> Result<()> {
         let mut wanted: HashMap<BlockId, Vec<(usize, u64, bool)>> = HashMap::new();
         for p in &plans {
             for &(id, off) in &p.blocks {
@@ -864,6 +876,7 @@ impl Ctx<'_> {
         }
         let runs = coalesce(&mut located, fetch_plan(self.repo).1);
         let wanted = &wanted;
+        reading();
         pool.install(|| {
             runs.par_iter().try_for_each(|run| -> Result<()> {
                 if self.cancel.load(Ordering::Relaxed) || self.failed.load(Ordering::Relaxed) {
