@@ -158,6 +158,8 @@ type Piece<'a> = (u64, u64, Vec<&'a VolumeBlock>);
 /// Volumes of a remote box read and checked at once: each read waits on the network, so a
 /// few side by side keep the line busy (each holds at most a few 8 MiB pieces).
 const REMOTE_VOLUMES_AT_ONCE: usize = 3;
+/// Indexes and manifests of a remote box read at once.
+const REMOTE_OBJECTS_AT_ONCE: usize = 8;
 
 /// What [`check_volume_in_pieces`] tells of one volume.
 type VolumeResult = Result<std::result::Result<VolumeCheck, Error>>;
@@ -172,21 +174,36 @@ fn check_volumes(
     hashes: &HashMap<&str, Option<[u8; 32]>>,
     cancel: &AtomicBool,
 ) -> Vec<Option<VolumeResult>> {
-    let check = |vol: &str| {
-        let hash = hashes.get(vol).copied().flatten();
-        check_volume_in_pieces(repo, vol, sizes.get(vol).copied(), hash)
-    };
-    let workers = if repo.backend().is_local() { 1 } else { REMOTE_VOLUMES_AT_ONCE.min(vols.len()) };
-    let results: Vec<Mutex<Option<VolumeResult>>> = vols.iter().map(|_| Mutex::new(None)).collect();
+    let workers = if repo.backend().is_local() { 1 } else { REMOTE_VOLUMES_AT_ONCE };
+    side_by_side(vols.len(), workers, cancel, |i| {
+        let vol = vols[i];
+        let r = check_volume_in_pieces(repo, vol, sizes.get(vol).copied(), hashes.get(vol).copied().flatten());
+        let go_on = r.is_ok();
+        (r, go_on)
+    })
+}
+
+/// `work(i)` for each `i` in `0..n`, `workers` at a time (on threads of their own beside
+/// this one, as many as can be had), results in order. Work stops being taken up after
+/// `cancel` or once `work` says not to go on; what was not started has no result.
+fn side_by_side<T: Send>(
+    n: usize,
+    workers: usize,
+    cancel: &AtomicBool,
+    work: impl Fn(usize) -> (T, bool) + Sync,
+) -> Vec<Option<T>> {
+    let results: Vec<Mutex<Option<T>>> = (0..n).map(|_| Mutex::new(None)).collect();
     let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let work = || {
-        while !cancel.load(Ordering::Relaxed) && !failed.load(Ordering::Relaxed) {
+    let stopped = AtomicBool::new(false);
+    let worker = || {
+        while !cancel.load(Ordering::Relaxed) && !stopped.load(Ordering::Relaxed) {
             let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(vol) = vols.get(i) else { break };
-            let r = check(vol);
-            if r.is_err() {
-                failed.store(true, Ordering::Relaxed);
+            if i >= n {
+                break;
+            }
+            let (r, go_on) = work(i);
+            if !go_on {
+                stopped.store(true, Ordering::Relaxed);
             }
             if let Ok(mut slot) = results[i].lock() {
                 *slot = Some(r);
@@ -194,11 +211,10 @@ fn check_volumes(
         }
     };
     std::thread::scope(|s| {
-        // Without threads to spare, this one does all the work.
-        for _ in 1..workers {
-            let _ = std::thread::Builder::new().name("brickbox-verify".into()).spawn_scoped(s, work);
+        for _ in 1..workers.min(n) {
+            let _ = std::thread::Builder::new().name("brickbox-verify".into()).spawn_scoped(s, worker);
         }
-        work();
+        worker();
     });
     results.into_iter().map(|slot| slot.into_inner().unwrap_or_else(|e| e.into_inner())).collect()
 }
@@ -497,15 +513,21 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
         );
     }
     if !opts.quick {
-        for v in &volumes {
-            stop()?;
-            let Some(vid) = objects::volume_id_from_name(&v.name) else { continue };
-            let iname = objects::index_name(&vid);
-            if !indexes.contains(&iname) {
-                continue;
-            }
+        // Read side by side on a remote box: each is a round trip, and a box holds thousands.
+        let workers = if repo.backend().is_local() { 1 } else { REMOTE_OBJECTS_AT_ONCE };
+        let listed: Vec<(&crate::catalog::VolumeInfo, String)> = volumes
+            .iter()
+            .filter_map(|v| objects::volume_id_from_name(&v.name).map(|vid| (v, objects::index_name(&vid))))
+            .filter(|(_, iname)| indexes.contains(iname))
+            .collect();
+        let read = side_by_side(listed.len(), workers, cancel, |i| (repo.read_index(&listed[i].1), true));
+        for ((v, iname), read) in listed.into_iter().zip(read) {
+            let Some(read) = read else {
+                stop()?;
+                break;
+            };
             report.metadata_objects += 1;
-            match repo.read_index(&iname) {
+            match read {
                 Ok(index) if index.volume_size == v.size && index.volume_hash == v.hash => {}
                 Ok(_) => {
                     f.add(&iname, "index differs from what the catalog recorded from it");
@@ -518,10 +540,15 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
                 }
             }
         }
-        for name in &manifests {
-            stop()?;
+        let names: Vec<&String> = manifests.iter().collect();
+        let read = side_by_side(names.len(), workers, cancel, |i| (repo.read_manifest(names[i]), true));
+        for (name, read) in names.into_iter().zip(read) {
+            let Some(read) = read else {
+                stop()?;
+                break;
+            };
             report.metadata_objects += 1;
-            if let Err(e) = repo.read_manifest(name) {
+            if let Err(e) = read {
                 if !f.problems.iter().any(|p| &p.object == name) {
                     f.add(name, e.to_string());
                 }

@@ -1657,9 +1657,9 @@ fn sftp_verify_reads_a_volume_in_one_stream_and_finds_a_damaged_block() {
     assert!(problems[0].to_string().contains("part-"), "the file is named: {report}");
 }
 
-/// `verify --read-data` of a remote box reads several volumes side by side: damage in some
-/// of them (a flipped byte, a volume cut short) is reported for exactly those volumes, each
-/// with its file, in the volumes' order, and every volume is read.
+/// `verify --read-data` of a remote box reads several volumes (and indexes) side by side:
+/// damage in some of them (a flipped byte, a volume cut short, a damaged index) is reported
+/// for exactly those objects, each volume with its file, in order, and every volume is read.
 #[test]
 fn sftp_verify_reads_volumes_side_by_side_and_reports_each_damaged_one() {
     let name = unique("vfy-many");
@@ -1693,6 +1693,14 @@ fn sftp_verify_reads_volumes_side_by_side_and_reports_each_damaged_one() {
     let len = fs::metadata(&last).unwrap().len();
     fs::OpenOptions::new().write(true).open(&last).unwrap().set_len(len / 2).unwrap();
     damaged.push(last);
+    // And the index of the second volume (indexes are read side by side too).
+    let index_of =
+        |v: &Path| root.join("index").join(v.file_name().unwrap().to_string_lossy().replace(".dblock.zip", ".dindex"));
+    let index = index_of(&data[1]);
+    let mut bytes = fs::read(&index).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    fs::write(&index, &bytes).unwrap();
 
     let r = s.run(&args!["verify", "--read-data", "--json"]);
     assert_eq!(r.code, 1, "{r:?}");
@@ -1700,14 +1708,15 @@ fn sftp_verify_reads_volumes_side_by_side_and_reports_each_damaged_one() {
     assert_eq!(num(&report, "volumes_read"), volumes.len() as u64, "{report}");
     let problems = report["problems"].as_array().unwrap();
     let named: Vec<String> = problems.iter().map(|p| p["object"].as_str().unwrap().to_string()).collect();
-    let expected: Vec<String> =
-        damaged.iter().map(|v| format!("data/{}", v.file_name().unwrap().to_string_lossy())).collect();
+    let mut expected = vec![format!("index/{}", index.file_name().unwrap().to_string_lossy())];
+    expected.extend(damaged.iter().map(|v| format!("data/{}", v.file_name().unwrap().to_string_lossy())));
     assert_eq!(named.len(), expected.len(), "{report}");
     for (got, want) in named.iter().zip(&expected) {
         assert!(got.ends_with(want.as_str()), "{got} is not {want}: {report}");
     }
-    assert!(problems[2]["problem"].as_str().unwrap().contains("the index says"), "{report}");
-    for p in problems {
+    assert!(problems[0]["problem"].as_str().unwrap().contains("brickbox repair"), "{report}");
+    assert!(problems[3]["problem"].as_str().unwrap().contains("the index says"), "{report}");
+    for p in &problems[1..] {
         assert!(p.to_string().contains("file-"), "no file named: {p}");
     }
 }
