@@ -679,6 +679,16 @@ impl Backend {
         self.local_root.as_deref()
     }
 
+    /// Small objects (indexes, manifests) worth reading at once: one on a local disk, eight
+    /// on a remote box, where each read waits a round trip.
+    pub fn small_reads_at_once(&self) -> usize {
+        if self.is_local() {
+            1
+        } else {
+            8
+        }
+    }
+
     /// Whether the box is a folder on a local disk (reads wait little; storing is a rename).
     pub fn is_local(&self) -> bool {
         self.local_root.is_some()

@@ -27,6 +27,7 @@ pub mod compact;
 pub mod crypto;
 pub mod diskcache;
 pub mod error;
+mod fanout;
 #[cfg(unix)]
 pub mod forget;
 pub mod location;

@@ -580,19 +580,27 @@ impl Repository {
         } else {
             self.catalog()?.damage()?.into_iter().filter(|d| d.block.is_none()).map(|d| d.object).collect()
         };
-        let opened: Vec<(&String, Result<Manifest>)> =
-            unknown.into_iter().map(|n| (n, self.read_manifest(n))).collect();
+        let workers = self.backend.small_reads_at_once();
+        let read = crate::fanout::all_side_by_side(unknown.len(), workers, |i| self.read_manifest(unknown[i]));
+        let opened: Vec<(&String, Result<Manifest>)> = unknown.into_iter().zip(read).collect();
         if opened.iter().any(|(name, read)| read.is_ok() || !damaged.contains(*name)) {
             listed = list_indexes(&self.backend)?;
         }
-        for index_name in &listed {
-            let Some(vid) = objects::volume_id_from_name(index_name) else { continue };
-            if known.contains(&objects::volume_name(&vid)) {
-                continue;
-            }
-            match self.read_index(index_name) {
-                Ok(index) => self.catalog()?.add_volume(&index)?,
-                Err(e) => self.note_damage(index_name, e)?,
+        // New indexes, read side by side (a fresh catalog of a remote box reads thousands).
+        let new: Vec<&String> = listed
+            .iter()
+            .filter(|name| {
+                objects::volume_id_from_name(name).is_some_and(|vid| !known.contains(&objects::volume_name(&vid)))
+            })
+            .collect();
+        // In batches: an index holds a line per block, and only a batch is held at once.
+        for batch in new.chunks(256) {
+            let read = crate::fanout::all_side_by_side(batch.len(), workers, |i| self.read_index(batch[i]));
+            for (index_name, read) in batch.iter().zip(read) {
+                match read {
+                    Ok(index) => self.catalog()?.add_volume(&index)?,
+                    Err(e) => self.note_damage(index_name, e)?,
+                }
             }
         }
         for vol in &known {

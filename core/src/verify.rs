@@ -10,8 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rand::seq::SliceRandom;
 use rayon::prelude::*;
@@ -158,8 +157,6 @@ type Piece<'a> = (u64, u64, Vec<&'a VolumeBlock>);
 /// Volumes of a remote box read and checked at once: each read waits on the network, so a
 /// few side by side keep the line busy (each holds at most a few 8 MiB pieces).
 const REMOTE_VOLUMES_AT_ONCE: usize = 3;
-/// Indexes and manifests of a remote box read at once.
-const REMOTE_OBJECTS_AT_ONCE: usize = 8;
 
 /// What [`check_volume_in_pieces`] tells of one volume.
 type VolumeResult = Result<std::result::Result<VolumeCheck, Error>>;
@@ -175,48 +172,12 @@ fn check_volumes(
     cancel: &AtomicBool,
 ) -> Vec<Option<VolumeResult>> {
     let workers = if repo.backend().is_local() { 1 } else { REMOTE_VOLUMES_AT_ONCE };
-    side_by_side(vols.len(), workers, cancel, |i| {
+    crate::fanout::side_by_side(vols.len(), workers, cancel, |i| {
         let vol = vols[i];
         let r = check_volume_in_pieces(repo, vol, sizes.get(vol).copied(), hashes.get(vol).copied().flatten());
         let go_on = r.is_ok();
         (r, go_on)
     })
-}
-
-/// `work(i)` for each `i` in `0..n`, `workers` at a time (on threads of their own beside
-/// this one, as many as can be had), results in order. Work stops being taken up after
-/// `cancel` or once `work` says not to go on; what was not started has no result.
-fn side_by_side<T: Send>(
-    n: usize,
-    workers: usize,
-    cancel: &AtomicBool,
-    work: impl Fn(usize) -> (T, bool) + Sync,
-) -> Vec<Option<T>> {
-    let results: Vec<Mutex<Option<T>>> = (0..n).map(|_| Mutex::new(None)).collect();
-    let next = AtomicUsize::new(0);
-    let stopped = AtomicBool::new(false);
-    let worker = || {
-        while !cancel.load(Ordering::Relaxed) && !stopped.load(Ordering::Relaxed) {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            if i >= n {
-                break;
-            }
-            let (r, go_on) = work(i);
-            if !go_on {
-                stopped.store(true, Ordering::Relaxed);
-            }
-            if let Ok(mut slot) = results[i].lock() {
-                *slot = Some(r);
-            }
-        }
-    };
-    std::thread::scope(|s| {
-        for _ in 1..workers.min(n) {
-            let _ = std::thread::Builder::new().name("brickbox-verify".into()).spawn_scoped(s, worker);
-        }
-        worker();
-    });
-    results.into_iter().map(|slot| slot.into_inner().unwrap_or_else(|e| e.into_inner())).collect()
 }
 
 /// Downloads a volume piece by piece and checks it like [`check_volume`], holding only a
@@ -514,13 +475,14 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
     }
     if !opts.quick {
         // Read side by side on a remote box: each is a round trip, and a box holds thousands.
-        let workers = if repo.backend().is_local() { 1 } else { REMOTE_OBJECTS_AT_ONCE };
+        let workers = repo.backend().small_reads_at_once();
         let listed: Vec<(&crate::catalog::VolumeInfo, String)> = volumes
             .iter()
             .filter_map(|v| objects::volume_id_from_name(&v.name).map(|vid| (v, objects::index_name(&vid))))
             .filter(|(_, iname)| indexes.contains(iname))
             .collect();
-        let read = side_by_side(listed.len(), workers, cancel, |i| (repo.read_index(&listed[i].1), true));
+        let read =
+            crate::fanout::side_by_side(listed.len(), workers, cancel, |i| (repo.read_index(&listed[i].1), true));
         for ((v, iname), read) in listed.into_iter().zip(read) {
             let Some(read) = read else {
                 stop()?;
@@ -541,7 +503,7 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
             }
         }
         let names: Vec<&String> = manifests.iter().collect();
-        let read = side_by_side(names.len(), workers, cancel, |i| (repo.read_manifest(names[i]), true));
+        let read = crate::fanout::side_by_side(names.len(), workers, cancel, |i| (repo.read_manifest(names[i]), true));
         for (name, read) in names.into_iter().zip(read) {
             let Some(read) = read else {
                 stop()?;
