@@ -1612,23 +1612,36 @@ fn sftp_damaged_tree_is_reported_and_its_neighbours_read() {
     assert_ne!(r.code, 0, "verify reports the damaged tree: {r:?}");
 }
 
+/// An SFTP box in `env` (and the folder that holds it on the server) with one backup,
+/// unchecked, of `n` files `<stem>-<i>.bin` of `len` random bytes each, in volumes of
+/// `volume_size`.
+fn sftp_box_of_random_files<'e>(
+    env: &'e Env,
+    tag: &str,
+    (stem, n, len): (&str, u64, u64),
+    volume_size: &str,
+) -> Option<(Session<'e>, PathBuf)> {
+    let name = unique(tag);
+    let r = remote(Proto::Sftp, &name)?;
+    let root = PathBuf::from(servers()["BB_SFTP_ROOT"].clone()).join(&name);
+    let s = Session::new(env, r);
+    let src = env.mkdir("src");
+    for i in 0..n {
+        write_random(&src.join(format!("{stem}-{i}.bin")), 80 + i, len);
+    }
+    s.ok(&args!["init"]);
+    s.ok(&args!["backup", &src, "--volume-size", volume_size, "--no-verify"]);
+    Some((s, root))
+}
+
 /// A remote volume is checked in one streamed read, piece after piece as it arrives: a
 /// volume of several pieces that is intact passes, and one block damaged past the first
 /// piece is found and named with its file (the blocks before and after it are good).
 #[test]
 fn sftp_verify_reads_a_volume_in_one_stream_and_finds_a_damaged_block() {
-    let name = unique("vfy");
-    let Some(r) = remote(Proto::Sftp, &name) else { return };
-    let root = PathBuf::from(servers()["BB_SFTP_ROOT"].clone()).join(&name);
-    let env = Env::new();
-    let s = Session::new(&env, r);
-    let src = env.mkdir("src");
     // 24 MiB of incompressible data: three 8 MiB pieces.
-    for i in 0..6u64 {
-        write_random(&src.join(format!("part-{i}.bin")), 80 + i, 4 << 20);
-    }
-    s.ok(&args!["init"]);
-    s.ok(&args!["backup", &src, "--volume-size", "64MiB", "--no-verify"]);
+    let env = Env::new();
+    let Some((s, root)) = sftp_box_of_random_files(&env, "vfy", ("part", 6, 4 << 20), "64MiB") else { return };
     let clean = s.json(&args!["verify", "--read-data"]);
     assert_eq!(clean["problems"].as_array().map(Vec::len), Some(0), "{clean}");
     assert!(num(&clean, "blocks_read") > 20, "{clean}");
@@ -1662,17 +1675,8 @@ fn sftp_verify_reads_a_volume_in_one_stream_and_finds_a_damaged_block() {
 /// for exactly those objects, each volume with its file, in order, and every volume is read.
 #[test]
 fn sftp_verify_reads_volumes_side_by_side_and_reports_each_damaged_one() {
-    let name = unique("vfy-many");
-    let Some(r) = remote(Proto::Sftp, &name) else { return };
-    let root = PathBuf::from(servers()["BB_SFTP_ROOT"].clone()).join(&name);
     let env = Env::new();
-    let s = Session::new(&env, r);
-    let src = env.mkdir("src");
-    for i in 0..8u64 {
-        write_random(&src.join(format!("file-{i}.bin")), 90 + i, 700 << 10);
-    }
-    s.ok(&args!["init"]);
-    s.ok(&args!["backup", &src, "--volume-size", "1MiB", "--no-verify"]);
+    let Some((s, root)) = sftp_box_of_random_files(&env, "vfy-many", ("file", 8, 700 << 10), "1MiB") else { return };
     let mut volumes = objects(&root, "data");
     volumes.sort();
     assert!(volumes.len() >= 6, "{} volumes", volumes.len());
