@@ -77,6 +77,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether this says an object of the box is damaged (it was read, and is not what was
+    /// stored), not that reading it failed.
+    pub fn is_damage(&self) -> bool {
+        matches!(self, Error::Damaged { .. } | Error::Format(_))
+    }
+
     /// An I/O error about `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }

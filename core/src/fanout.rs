@@ -60,6 +60,10 @@ mod tests {
         let got = side_by_side(1000, 1, &never, |i| (i, i != 10));
         assert_eq!(got.iter().flatten().count(), 11);
         assert!(got[11..].iter().all(Option::is_none));
+        // With several workers too, every item before the one that said stop has its result.
+        let got = side_by_side(1000, 4, &never, |i| (i, i != 100));
+        assert!(got[..=100].iter().all(Option::is_some));
+        assert!(got.iter().flatten().count() < 1000);
         let cancelled = AtomicBool::new(true);
         assert!(side_by_side(5, 2, &cancelled, |i| (i, true)).iter().all(Option::is_none));
     }

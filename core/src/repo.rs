@@ -593,10 +593,18 @@ impl Repository {
                 objects::volume_id_from_name(name).is_some_and(|vid| !known.contains(&objects::volume_name(&vid)))
             })
             .collect();
-        // In batches: an index holds a line per block, and only a batch is held at once.
+        // In batches: an index holds a line per block, and only a batch is held at once. A
+        // failed read (not damage) ends the sync: no more are started.
+        let never = std::sync::atomic::AtomicBool::new(false);
         for batch in new.chunks(256) {
-            let read = crate::fanout::all_side_by_side(batch.len(), workers, |i| self.read_index(batch[i]));
+            let read = crate::fanout::side_by_side(batch.len(), workers, &never, |i| {
+                let read = self.read_index(batch[i]);
+                let go_on = read.as_ref().err().is_none_or(Error::is_damage);
+                (read, go_on)
+            });
             for (index_name, read) in batch.iter().zip(read) {
+                // Taken up in order: one not started comes after the failed one, met first.
+                let Some(read) = read else { return Err(Error::Invalid("reading the box's indexes stopped".into())) };
                 match read {
                     Ok(index) => self.catalog()?.add_volume(&index)?,
                     Err(e) => self.note_damage(index_name, e)?,
@@ -655,12 +663,10 @@ impl Repository {
 
     /// Records a damaged object met while reading the box; other errors are returned.
     fn note_damage(&self, name: &str, e: Error) -> Result<()> {
-        match e {
-            Error::Damaged { .. } | Error::Format(_) => {
-                self.catalog()?.record_damage(&Damage { object: name.to_string(), block: None, problem: e.to_string() })
-            }
-            other => Err(other),
+        if !e.is_damage() {
+            return Err(e);
         }
+        self.catalog()?.record_damage(&Damage { object: name.to_string(), block: None, problem: e.to_string() })
     }
 
     /// Reads and opens a volume index object.

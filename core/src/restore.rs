@@ -272,8 +272,8 @@ pub fn restore(
             }
             let created = match creator.take() {
                 Some(h) => h.join().map_err(|_| Error::Invalid("creating the restored files failed".into())),
-                // Without a thread to spare (or nothing read), the files no block went to are
-                // created here.
+                // Without a thread to spare, the files no block went to are created here
+                // (none after an error before the reads: `failed` is set).
                 None => {
                     create_all();
                     Ok(())
@@ -843,7 +843,8 @@ impl Ctx<'_> {
     }
 
     /// Reads every needed block once, volume by volume in offset order (neighbouring blocks
-    /// with one ranged read), and writes it wherever the plans need it.
+    /// with one ranged read), and writes it wherever the plans need it. `reading` is called
+    /// once the reads are planned, just before they start (not if planning fails).
     fn fetch_and_write(
         &self,
         pool: &rayon::ThreadPool,

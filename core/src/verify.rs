@@ -475,47 +475,61 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
     }
     if !opts.quick {
         // Read side by side on a remote box: each is a round trip, and a box holds thousands.
+        // Only what is compared is kept of each. A read that fails (not damage) ends the
+        // verify with its error: it says nothing about the object.
         let workers = repo.backend().small_reads_at_once();
-        let listed: Vec<(&crate::catalog::VolumeInfo, String)> = volumes
+        let to_read: Vec<(&crate::catalog::VolumeInfo, String)> = volumes
             .iter()
             .filter_map(|v| objects::volume_id_from_name(&v.name).map(|vid| (v, objects::index_name(&vid))))
             .filter(|(_, iname)| indexes.contains(iname))
             .collect();
-        let read =
-            crate::fanout::side_by_side(listed.len(), workers, cancel, |i| (repo.read_index(&listed[i].1), true));
-        for ((v, iname), read) in listed.into_iter().zip(read) {
+        let read = crate::fanout::side_by_side(to_read.len(), workers, cancel, |i| {
+            let read = repo.read_index(&to_read[i].1).map(|x| (x.volume_size, x.volume_hash));
+            let go_on = read.as_ref().err().is_none_or(Error::is_damage);
+            (read, go_on)
+        });
+        for ((v, iname), read) in to_read.into_iter().zip(read) {
             let Some(read) = read else {
                 stop()?;
-                break;
+                return Err(Error::Invalid("verify stopped reading the indexes".into()));
             };
             report.metadata_objects += 1;
             match read {
-                Ok(index) if index.volume_size == v.size && index.volume_hash == v.hash => {}
+                Ok((size, hash)) if size == v.size && hash == v.hash => {}
                 Ok(_) => {
                     f.add(&iname, "index differs from what the catalog recorded from it");
                 }
-                Err(e) => {
+                Err(e) if e.is_damage() => {
                     if !f.problems.iter().any(|p| p.object == iname) {
                         f.add(&iname, format!("{e}; 'brickbox repair' rebuilds it from its volume"));
                     }
                     repo.catalog()?.record_damage(&Damage { object: iname, block: None, problem: e.to_string() })?;
                 }
+                Err(e) => return Err(e),
             }
         }
         let names: Vec<&String> = manifests.iter().collect();
-        let read = crate::fanout::side_by_side(names.len(), workers, cancel, |i| (repo.read_manifest(names[i]), true));
-        for (name, read) in names.into_iter().zip(read) {
-            let Some(read) = read else {
+        let read = crate::fanout::side_by_side(names.len(), workers, cancel, |i| {
+            let problem = repo.read_manifest(names[i]).err();
+            let go_on = problem.as_ref().is_none_or(Error::is_damage);
+            (problem, go_on)
+        });
+        for (name, problem) in names.into_iter().zip(read) {
+            let Some(problem) = problem else {
                 stop()?;
-                break;
+                return Err(Error::Invalid("verify stopped reading the manifests".into()));
             };
             report.metadata_objects += 1;
-            if let Err(e) = read {
-                if !f.problems.iter().any(|p| &p.object == name) {
-                    f.add(name, e.to_string());
+            match problem {
+                None => {}
+                Some(e) if e.is_damage() => {
+                    if !f.problems.iter().any(|p| &p.object == name) {
+                        f.add(name, e.to_string());
+                    }
+                    let d = Damage { object: name.clone(), block: None, problem: e.to_string() };
+                    repo.catalog()?.record_damage(&d)?;
                 }
-                let d = Damage { object: name.clone(), block: None, problem: e.to_string() };
-                repo.catalog()?.record_damage(&d)?;
+                Some(e) => return Err(e),
             }
         }
     }
