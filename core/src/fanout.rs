@@ -63,7 +63,6 @@ mod tests {
         // With several workers too, every item before the one that said stop has its result.
         let got = side_by_side(1000, 4, &never, |i| (i, i != 100));
         assert!(got[..=100].iter().all(Option::is_some));
-        assert!(got.iter().flatten().count() < 1000);
         let cancelled = AtomicBool::new(true);
         assert!(side_by_side(5, 2, &cancelled, |i| (i, true)).iter().all(Option::is_none));
     }
