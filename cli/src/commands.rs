@@ -186,14 +186,15 @@ fn backup_cmd(g: &Global, a: crate::args::BackupArgs) -> Result<u8> {
     });
     // A light check that what was just stored can be read: the new version's trees are
     // complete and a sample of volumes is intact. It runs under the backup's own lock.
-    let result = backup::backup_then(&repo, &a.sources, &opts, &progress, &CANCEL, |_| {
+    let result = backup::backup_then(&repo, &a.sources, &opts, &progress, &CANCEL, |summary| {
         drop(bar.take());
         if a.no_verify || a.dry_run {
             return None;
         }
         use brickbox_core::verify::{self, Selection, VerifyOptions};
         let opts = VerifyOptions { selection: Selection::Samples(a.verify_samples), quick: true };
-        Some(verify::verify_locked(&repo, &opts, &CANCEL))
+        let id = summary.version.as_ref().map(|m| m.id.as_str());
+        Some(verify::verify_version_locked(&repo, &opts, id, &CANCEL))
     });
     drop(bar);
     let (s, check) = result?;

@@ -373,6 +373,18 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBool) -> R
 /// `opts.quick` the catalog is not synced first: the caller brought it up to date under
 /// its lock.
 pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBool) -> Result<VerifyReport> {
+    verify_version_locked(repo, opts, None, cancel)
+}
+
+/// [`verify_locked`], whose light check (`opts.quick`) walks the trees of version `id`
+/// (the one a backup just stored) instead of the newest by time, which may be another
+/// machine's with a clock ahead.
+pub fn verify_version_locked(
+    repo: &Repository,
+    opts: &VerifyOptions,
+    id: Option<&str>,
+    cancel: &AtomicBool,
+) -> Result<VerifyReport> {
     let stop = || -> Result<()> {
         if cancel.load(Ordering::Relaxed) {
             return Err(Error::Interrupted("verify stopped".into()));
@@ -539,8 +551,12 @@ pub fn verify_locked(repo: &Repository, opts: &VerifyOptions, cancel: &AtomicBoo
 
     // 3. Every version's trees, each distinct tree once; every needed block must be indexed.
     let all_versions = repo.versions()?;
-    let walked: Vec<Manifest> =
-        if opts.quick { all_versions.last().cloned().into_iter().collect() } else { all_versions.clone() };
+    let walked: Vec<Manifest> = if opts.quick {
+        let wanted = id.and_then(|id| all_versions.iter().find(|m| m.id == id));
+        wanted.or(all_versions.last()).cloned().into_iter().collect()
+    } else {
+        all_versions.clone()
+    };
     report.versions = walked.len();
     let usage = usage::used_blocks(repo, &walked, cancel)?;
     report.trees = usage.trees;

@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -283,6 +283,44 @@ fn a_damaged_manifest_that_is_whole_again_is_taken_up_and_no_longer_reported() {
     let r = env.run_with_db(&other, &args!["verify", "--json"]);
     assert_eq!(r.code, 0, "{}", r.stdout);
     assert_eq!(version_ids(&env, &other), ids);
+}
+
+/// The check after a backup walks the version that backup stored, not the newest by time:
+/// another machine's version dated days ahead (its clock is wrong) whose trees are damaged
+/// does not fail this backup's check; `verify` reports it.
+#[test]
+fn the_check_after_a_backup_walks_the_version_it_stored() {
+    if Command::new("faketime").arg("--version").output().is_err() {
+        eprintln!("SKIP: the check-after-backup clock test needs faketime (apt-get install faketime)");
+        return;
+    }
+    let env = Env::with_box();
+    let ahead = env.mkdir("ahead");
+    write_random(&ahead.join("x.bin"), 61, 200 * KIB);
+    // The machine whose clock runs two days ahead.
+    let c = env.cmd(&args!["backup", &ahead, "--no-verify"]);
+    let mut skewed = Command::new("faketime");
+    skewed.arg("+2 days").arg(c.get_program()).args(c.get_args());
+    for (k, v) in c.get_envs() {
+        match v {
+            Some(v) => skewed.env(k, v),
+            None => skewed.env_remove(k),
+        };
+    }
+    run_cmd(skewed).expect_code(0);
+    let trees = volumes(&env).into_iter().min_by_key(|v| fs::metadata(v).unwrap().len()).unwrap();
+    let mut bytes = fs::read(&trees).unwrap();
+    let (off, len, _) = zip_entries(&bytes)[0];
+    bytes[off + len / 2] ^= 0x01;
+    fs::write(&trees, &bytes).unwrap();
+
+    let src = env.mkdir("src");
+    write_random(&src.join("y.bin"), 62, 100 * KIB);
+    let r = env.run(&args!["backup", &src, "--verify-samples", "0"]);
+    assert_eq!(r.code, 0, "the check walked another version: {}", r.stderr);
+    let (code, report) = verify_all(&env);
+    assert_eq!(code, 1, "{report:#}");
+    assert!(report.to_string().contains("directory tree cannot be read"), "{report:#}");
 }
 
 #[test]
