@@ -148,35 +148,19 @@ pub fn copy_box(
     };
     // The destination's folders are listed side by side, beside the box's: what they hold
     // only spares sending an object again (by name and size), so no order matters there.
-    let dest_listed: Vec<Result<Vec<(String, u64)>>> = std::thread::scope(|s| {
-        let listing: Vec<_> = dirs
-            .iter()
-            .map(|&dir| {
-                let thread = std::thread::Builder::new().name("brickbox-list".into());
-                (dir, thread.spawn_scoped(s, || dest.list_sized(dir)).ok())
-            })
-            .collect();
-        for dir in dirs.iter().copied() {
-            let listed: Vec<(String, u64)> =
-                src.list_sized(dir)?.into_iter().filter(|(n, _)| is_box_object(n)).collect();
-            src_names.extend(listed.iter().map(|(n, _)| n.clone()));
-            phases.push(listed.into_iter().map(|(name, size)| Item { name, size }).collect());
-        }
-        // Without a thread to spare, a folder is listed here.
-        Ok::<_, Error>(
-            listing
-                .into_iter()
-                .map(|(dir, h)| match h {
-                    Some(h) => {
-                        h.join().unwrap_or_else(|_| Err(Error::Invalid("listing the destination failed".into())))
-                    }
-                    None => dest.list_sized(dir),
-                })
-                .collect(),
-        )
-    })?;
-    for listed in dest_listed {
-        dest_names.extend(listed?.into_iter().filter(|(n, _)| is_box_object(n)));
+    // Work item 0 lists the box's folders in order; the others one destination folder each.
+    let listed = crate::fanout::all_side_by_side(dirs.len() + 1, dirs.len() + 1, |i| match i {
+        0 => dirs.iter().map(|&dir| src.list_sized(dir)).collect::<Result<Vec<_>>>(),
+        _ => dest.list_sized(dirs[i - 1]).map(|l| vec![l]),
+    });
+    let mut listed = listed.into_iter();
+    for l in listed.next().transpose()?.unwrap_or_default() {
+        let l: Vec<(String, u64)> = l.into_iter().filter(|(n, _)| is_box_object(n)).collect();
+        src_names.extend(l.iter().map(|(n, _)| n.clone()));
+        phases.push(l.into_iter().map(|(name, size)| Item { name, size }).collect());
+    }
+    for l in listed {
+        dest_names.extend(l?.into_iter().flatten().filter(|(n, _)| is_box_object(n)));
     }
     phases.reverse();
     // Volumes a backup beside the copy stored since the box was opened are checked against

@@ -261,16 +261,16 @@ pub fn restore(
         };
         let (fetched, created) = std::thread::scope(|s| {
             // Started once the reads are planned: on a busy core, planning them comes first.
-            let creator = std::cell::Cell::new(None);
+            let mut creator = None;
             let start_creator = || {
                 let thread = std::thread::Builder::new().name("brickbox-create".into());
-                creator.set(thread.spawn_scoped(s, create_all).ok());
+                creator = thread.spawn_scoped(s, create_all).ok();
             };
             let fetched = ctx.fetch_and_write(&pool, &items, plans, start_creator);
             if fetched.is_err() {
                 ctx.failed.store(true, Ordering::Relaxed);
             }
-            let created = match creator.take() {
+            let created = match creator {
                 Some(h) => h.join().map_err(|_| Error::Invalid("creating the restored files failed".into())),
                 // Without a thread to spare, the files no block went to are created here
                 // (none after an error before the reads: `failed` is set).

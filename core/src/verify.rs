@@ -399,22 +399,13 @@ pub fn verify_version_locked(
 
     // 1. The listing against the catalog (the three folders side by side: on a remote box
     // each listing is a round trip).
-    let listed = |dir: &str| repo.backend().list(dir).map(|names| names.into_iter().collect::<HashSet<String>>());
-    let (data, indexes, manifests) = std::thread::scope(|s| {
-        let aside = |dir: &'static str| {
-            let thread = std::thread::Builder::new().name("brickbox-list".into());
-            (dir, thread.spawn_scoped(s, move || listed(dir)).ok())
-        };
-        let (indexes, manifests) = (aside(objects::INDEX_DIR), aside(objects::VERSIONS_DIR));
-        // Without a thread to spare, the listing is made here.
-        let joined = |(dir, h): (&str, Option<std::thread::ScopedJoinHandle<'_, Result<HashSet<String>>>>)| match h {
-            Some(h) => h.join().unwrap_or_else(|_| Err(Error::Invalid("listing the box failed".into()))),
-            None => listed(dir),
-        };
-        (repo.backend().list_sized(objects::DATA_DIR), joined(indexes), joined(manifests))
-    });
+    let dirs = [objects::DATA_DIR, objects::INDEX_DIR, objects::VERSIONS_DIR];
+    let lists = crate::fanout::all_side_by_side(dirs.len(), dirs.len(), |i| repo.backend().list_sized(dirs[i]));
+    let [data, indexes, manifests] =
+        <[_; 3]>::try_from(lists).map_err(|_| Error::Invalid("listing the box failed".into()))?;
     let data: HashMap<String, u64> = data?.into_iter().collect();
-    let (indexes, manifests) = (indexes?, manifests?);
+    let names = |l: Result<Vec<(String, u64)>>| l.map(|l| l.into_iter().map(|(n, _)| n).collect::<HashSet<_>>());
+    let (indexes, manifests) = (names(indexes)?, names(manifests)?);
     let volumes = repo.catalog()?.volumes()?;
     report.volumes = volumes.len();
     let known: HashSet<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
