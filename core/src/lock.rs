@@ -492,11 +492,16 @@ mod tests {
         assert!(old.stale_reason().unwrap().contains("refreshed"));
     }
 
-    #[test]
-    fn locks_conflict_and_release() {
+    /// A box in a new folder (kept while the folder is) and keys from `seed`.
+    fn local_box(seed: u8) -> (tempfile::TempDir, Arc<Backend>, Keys) {
         let dir = tempfile::tempdir().unwrap();
         let backend = Arc::new(Backend::open(dir.path().to_str().unwrap()).unwrap());
-        let keys = Keys::from_master([1; 32]);
+        (dir, backend, Keys::from_master([seed; 32]))
+    }
+
+    #[test]
+    fn locks_conflict_and_release() {
+        let (_dir, backend, keys) = local_box(1);
         let a = LockGuard::acquire(backend.clone(), &keys, LockKind::Append, "backup", Duration::ZERO).unwrap();
         let r = LockGuard::acquire(backend.clone(), &keys, LockKind::Read, "restore", Duration::ZERO).unwrap();
         let e = LockGuard::acquire(backend.clone(), &keys, LockKind::Append, "backup", Duration::ZERO);
@@ -512,9 +517,7 @@ mod tests {
 
     #[test]
     fn an_append_lock_turned_into_a_read_lock_lets_another_backup_in() {
-        let dir = tempfile::tempdir().unwrap();
-        let backend = Arc::new(Backend::open(dir.path().to_str().unwrap()).unwrap());
-        let keys = Keys::from_master([1; 32]);
+        let (_dir, backend, keys) = local_box(1);
         let a = LockGuard::acquire(backend.clone(), &keys, LockKind::Append, "backup", Duration::ZERO).unwrap();
         assert!(LockGuard::acquire(backend.clone(), &keys, LockKind::Append, "backup", Duration::ZERO).is_err());
         a.downgrade_to_read().unwrap();
@@ -551,9 +554,7 @@ mod tests {
     /// a lock only when free).
     #[test]
     fn a_box_that_cannot_be_written_names_or_waits_for_the_lock_that_holds_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let backend = Arc::new(Backend::open(dir.path().to_str().unwrap()).unwrap());
-        let keys = Keys::from_master([3; 32]);
+        let (dir, backend, keys) = local_box(3);
         // A compaction's lock that goes stale 1.5 s from now (as if its holder stopped
         // refreshing it): the lock a waiter sees go.
         let started = Instant::now();
@@ -588,9 +589,7 @@ mod tests {
 
     #[test]
     fn stale_locks_do_not_block_and_are_removed() {
-        let dir = tempfile::tempdir().unwrap();
-        let backend = Arc::new(Backend::open(dir.path().to_str().unwrap()).unwrap());
-        let keys = Keys::from_master([2; 32]);
+        let (_dir, backend, keys) = local_box(2);
         let mut dead = LockInfo::new(LockKind::Exclusive, "compact");
         dead.process_start += 1;
         let name = "locks/00000000000000aa.lock";
