@@ -389,7 +389,7 @@ fn find(g: &Global, a: crate::args::FindArgs) -> Result<u8> {
     let chosen: Vec<&Manifest> =
         if a.all_versions { vs.iter().rev().collect() } else { vec![browse::resolve_version(&vs, &a.version)?] };
     let mut hits = Vec::new();
-    for v in chosen {
+    for v in repo.roots_ahead(chosen) {
         browse::walk(&repo, &v.root_id()?, Path::new("/"), &mut |p, n| {
             let m = if whole_path { glob.is_match(p) } else { glob.is_match(std::ffi::OsStr::from_bytes(&n.name)) };
             if m {

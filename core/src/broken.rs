@@ -114,13 +114,14 @@ pub fn list_broken_files(repo: &Repository) -> Result<Vec<BrokenFile>> {
     repo.sync_catalog()?;
     let broken = Broken { repo, bad: unreadable_blocks(repo)? };
     let mut out = Vec::new();
-    for v in repo.versions()? {
+    let versions = repo.versions()?;
+    for v in repo.roots_ahead(&versions) {
         let time = crate::time::format_rfc3339(v.time_ns);
         let mut found = Vec::new();
         let mut dirs = Vec::new();
         usage::walk_version(
             repo,
-            &v,
+            v,
             |p, n| {
                 if let Some(reason) = broken.reason(n) {
                     found.push((p.to_string_lossy().into_owned(), reason));

@@ -105,7 +105,7 @@ pub fn walk(
 pub fn history(repo: &Repository, versions: &[Manifest], path: &Path) -> Result<Vec<(Manifest, Node)>> {
     let mut out: Vec<(Manifest, Node)> = Vec::new();
     let mut last: Option<Node> = None;
-    for v in versions {
+    for v in repo.roots_ahead(versions) {
         let node = lookup(repo, v, path)?;
         match (&node, &last) {
             (Some(n), Some(l)) if n.same_as(l) => {}

@@ -46,6 +46,26 @@ pub(crate) fn all_side_by_side<T: Send>(n: usize, workers: usize, work: impl Fn(
     side_by_side(n, workers, &never, |i| (work(i), true)).into_iter().flatten().collect()
 }
 
+/// `first` on a thread of its own (named `name`) while `second` runs here, and both results;
+/// without a thread to spare, `first` runs after `second`. `first` gives `None` if it panicked.
+pub(crate) fn beside<A: Send, B>(
+    name: &str,
+    first: impl FnOnce() -> A + Send,
+    second: impl FnOnce() -> B,
+) -> (Option<A>, B) {
+    let first = Mutex::new(Some(first));
+    let run = || first.lock().ok().and_then(|mut f| f.take()).map(|f| f());
+    std::thread::scope(|s| {
+        let thread = std::thread::Builder::new().name(name.into()).spawn_scoped(s, run);
+        let b = second();
+        let a = match thread {
+            Ok(h) => h.join().ok().flatten(),
+            Err(_) => run(),
+        };
+        (a, b)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,5 +85,27 @@ mod tests {
         assert!(got[..=100].iter().all(Option::is_some));
         let cancelled = AtomicBool::new(true);
         assert!(side_by_side(5, 2, &cancelled, |i| (i, true)).iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn beside_runs_both_at_once_and_survives_a_panic() {
+        // Each side hears from the other while it runs: both run at the same time.
+        let (to_second, from_first) = std::sync::mpsc::channel();
+        let (to_first, from_second) = std::sync::mpsc::channel();
+        let wait = std::time::Duration::from_secs(10);
+        let (a, b) = beside(
+            "test",
+            move || {
+                to_second.send(1).ok();
+                from_second.recv_timeout(wait).ok()
+            },
+            move || {
+                to_first.send(2).ok();
+                from_first.recv_timeout(wait).ok()
+            },
+        );
+        assert_eq!((a, b), (Some(Some(2)), Some(1)));
+        let (a, b) = beside("test", || -> u8 { panic!("lost") }, || 7);
+        assert_eq!((a, b), (None, 7));
     }
 }

@@ -319,7 +319,7 @@ fn recover_from_sources(
     // Source paths whose content needs a lost block, newest versions first.
     let mut paths: Vec<(PathBuf, Vec<u8>)> = Vec::new();
     let mut seen: HashSet<PathBuf> = HashSet::new();
-    for v in versions.iter().rev() {
+    for v in repo.roots_ahead(versions.iter().rev()) {
         usage::walk_version(
             repo,
             v,

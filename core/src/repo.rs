@@ -722,20 +722,13 @@ impl Repository {
         &self,
         kind: LockKind,
         command: &str,
-        beside: impl Fn() -> T + Sync,
+        beside: impl FnOnce() -> T + Send,
     ) -> Result<(LockGuard, T)> {
         debug_assert!(kind != LockKind::Read, "readers do not keep writers out");
         let guard = self.lock(kind, command)?;
-        let got = std::thread::scope(|s| {
-            let thread = std::thread::Builder::new().name("brickbox-beside".into()).spawn_scoped(s, &beside);
-            let synced = self.sync_catalog();
-            let got = match thread {
-                Ok(h) => h.join().map_err(|_| Error::Invalid(format!("{command}: reading the box failed"))),
-                // Without a thread to spare, after the sync.
-                Err(_) => Ok(beside()),
-            };
-            synced.and(got)
-        })?;
+        let (got, synced) = crate::fanout::beside("brickbox-beside", beside, || self.sync_catalog());
+        synced?;
+        let got = got.ok_or_else(|| Error::Invalid(format!("{command}: reading the box failed")))?;
         Ok((guard, got))
     }
 
@@ -746,16 +739,9 @@ impl Repository {
     /// must only prepare (a failure there is for the command to meet again later).
     pub fn read_lock_synced_with(&self, command: &str, meanwhile: impl FnOnce() + Send) -> Result<Option<LockGuard>> {
         let guard = self.read_lock(command)?;
-        std::thread::scope(|s| {
-            // Without a thread to spare, nothing is prepared.
-            let preparing = std::thread::Builder::new().name("brickbox-prepare".into()).spawn_scoped(s, meanwhile);
-            let synced = self.sync_catalog();
-            // Joined here, so that a panic while preparing is only a preparation lost.
-            if let Ok(h) = preparing {
-                let _ = h.join();
-            }
-            synced
-        })?;
+        // A panic while preparing is only a preparation lost.
+        let (_, synced) = crate::fanout::beside("brickbox-prepare", meanwhile, || self.sync_catalog());
+        synced?;
         Ok(guard)
     }
 
@@ -824,6 +810,37 @@ impl Repository {
         }
         let sealed = self.backend.read_range(&loc.volume, loc.offset, u64::from(loc.length))?;
         self.cache_tree(id, &self.open_block_at(&loc, id, &sealed)?)
+    }
+
+    /// `versions` in turn, each one's root tree fetched before it is handed out: on a remote
+    /// box a few side by side (each root lies in a volume of its own backup, a round trip
+    /// apiece), a batch at a time so that the tree cache still holds them when they are
+    /// walked. For walks through many versions; a root that fails to load here is met again,
+    /// and reported, by the walk.
+    pub fn roots_ahead<'a, I>(&'a self, versions: I) -> impl Iterator<Item = &'a Manifest> + 'a
+    where
+        I: IntoIterator<Item = &'a Manifest>,
+        I::IntoIter: 'a,
+    {
+        let at_once = self.backend.small_reads_at_once();
+        let mut versions = versions.into_iter();
+        let mut batch = std::collections::VecDeque::new();
+        std::iter::from_fn(move || {
+            if batch.is_empty() {
+                batch.extend(versions.by_ref().take(at_once.max(1)));
+                if at_once > 1 {
+                    let mut roots: Vec<BlockId> = batch
+                        .iter()
+                        .filter_map(|m: &&Manifest| m.root_id().ok())
+                        .filter(|r| self.cached_tree(r).is_none())
+                        .collect();
+                    roots.sort_unstable();
+                    roots.dedup();
+                    crate::fanout::all_side_by_side(roots.len(), at_once, |i| self.tree(&roots[i]).is_ok());
+                }
+            }
+            batch.pop_front()
+        })
     }
 
     /// The blocks of `volume` when it is to be fetched whole for its directory trees: on a

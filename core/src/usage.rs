@@ -28,7 +28,7 @@ pub struct Usage {
 pub fn used_blocks(repo: &Repository, versions: &[Manifest], cancel: &AtomicBool) -> Result<Usage> {
     let mut usage = Usage::default();
     let mut seen: HashSet<BlockId> = HashSet::new();
-    for v in versions {
+    for v in repo.roots_ahead(versions) {
         let root = v.root_id()?;
         let mut stack = vec![(root, PathBuf::from("/"))];
         while let Some((id, path)) = stack.pop() {

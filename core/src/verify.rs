@@ -541,6 +541,9 @@ pub fn verify_version_locked(
     let fresh_from = f.problems.len();
 
     // 3. Every version's trees, each distinct tree once; every needed block must be indexed.
+    // 4. Selected volumes: download and check every block.
+    // The two read side by side (on a remote box, the trees' round trips pass while the
+    // volumes arrive); what they found is taken up in that order.
     let all_versions = repo.versions()?;
     let walked: Vec<Manifest> = if opts.quick {
         let wanted = id.and_then(|id| all_versions.iter().find(|m| m.id == id));
@@ -549,7 +552,33 @@ pub fn verify_version_locked(
         all_versions.clone()
     };
     report.versions = walked.len();
-    let usage = usage::used_blocks(repo, &walked, cancel)?;
+    let mut present: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).filter(|v| data.contains_key(*v)).collect();
+    if opts.quick {
+        // The light check samples what the new version may rely on: not volumes the check
+        // before the backup already found damaged (their blocks were stored again).
+        let given_up: HashSet<String> =
+            repo.catalog()?.volume_states()?.into_iter().filter(|v| v.2).map(|v| v.0).collect();
+        present.retain(|v| !given_up.contains(*v));
+    }
+    let take = match opts.selection {
+        Selection::All => present.len(),
+        Selection::Samples(n) => n.min(present.len()),
+        Selection::Percent(p) => ((present.len() as f64 * p / 100.0).ceil() as usize).clamp(1, present.len().max(1)),
+    };
+    present.shuffle(&mut rand::thread_rng());
+    present.truncate(take);
+    present.sort();
+    let hashes: HashMap<&str, Option<[u8; 32]>> = volumes.iter().map(|v| (v.name.as_str(), v.hash)).collect();
+    let (usage, checks) = crate::fanout::beside(
+        "brickbox-trees",
+        || usage::used_blocks(repo, &walked, cancel),
+        || check_volumes(repo, &present, &data, &hashes, cancel),
+    );
+    // A walk that failed (say, stopped) fails the verify once what the volumes showed is noted.
+    let (usage, walk_failed) = match usage.ok_or_else(|| Error::Invalid("reading the versions' trees failed".into()))? {
+        Ok(usage) => (usage, None),
+        Err(e) => (usage::Usage::default(), Some(e)),
+    };
     report.trees = usage.trees;
     for (id, e, version, path) in usage.unreadable {
         let object = match &e {
@@ -568,25 +597,6 @@ pub fn verify_version_locked(
         f.bad(unindexed, p);
     }
 
-    // 4. Selected volumes: download and check every block.
-    let mut present: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).filter(|v| data.contains_key(*v)).collect();
-    if opts.quick {
-        // The light check samples what the new version may rely on: not volumes the check
-        // before the backup already found damaged (their blocks were stored again).
-        let given_up: HashSet<String> =
-            repo.catalog()?.volume_states()?.into_iter().filter(|v| v.2).map(|v| v.0).collect();
-        present.retain(|v| !given_up.contains(*v));
-    }
-    let take = match opts.selection {
-        Selection::All => present.len(),
-        Selection::Samples(n) => n.min(present.len()),
-        Selection::Percent(p) => ((present.len() as f64 * p / 100.0).ceil() as usize).clamp(1, present.len().max(1)),
-    };
-    present.shuffle(&mut rand::thread_rng());
-    present.truncate(take);
-    present.sort();
-    let hashes: HashMap<&str, Option<[u8; 32]>> = volumes.iter().map(|v| (v.name.as_str(), v.hash)).collect();
-    let checks = check_volumes(repo, &present, &data, &hashes, cancel);
     // What was read is recorded, also when the check was stopped before the end.
     for (vol, check) in present.into_iter().zip(checks) {
         let Some(check) = check else {
@@ -623,6 +633,9 @@ pub fn verify_version_locked(
         }
     }
     stop()?;
+    if let Some(e) = walk_failed {
+        return Err(e);
+    }
     // Damage recorded by an earlier check of a volume not read this time still stands.
     let earlier_from = f.problems.len();
     let damage = repo.catalog()?.damage()?;
@@ -688,7 +701,7 @@ pub fn affected_files(
     bad: &HashMap<BlockId, usize>,
 ) -> Result<BTreeMap<usize, HashSet<Affected>>> {
     let mut hits: BTreeMap<usize, HashSet<Affected>> = BTreeMap::new();
-    for v in versions {
+    for v in repo.roots_ahead(versions) {
         if let Some(&i) = v.root_id().ok().and_then(|r| bad.get(&r)) {
             hits.entry(i).or_default().insert(Affected { version: v.id.clone(), path: "/".into() });
         }

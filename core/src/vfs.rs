@@ -1639,6 +1639,7 @@ impl Vfs {
             let (parent, name) = split_last(path);
             let Some(p) = self.hist_trees(parent)? else { return Ok(None) };
             let mut child_of = Vec::with_capacity(p.ids.len());
+            self.prefetch_trees(&p.ids);
             for id in &p.ids {
                 let tree = self.tree(id)?;
                 child_of.push(match tree.find(name) {
@@ -1662,6 +1663,7 @@ impl Vfs {
     fn hist_union(&self, path: &[u8]) -> VfsResult<BTreeMap<Vec<u8>, bool>> {
         let mut out = BTreeMap::new();
         let Some(t) = self.hist_trees(path)? else { return Ok(out) };
+        self.prefetch_trees(&t.ids);
         for id in &t.ids {
             let tree = self.tree(id)?;
             for n in &tree.nodes {
@@ -1676,6 +1678,7 @@ impl Vfs {
         let Some(t) = self.hist_trees(parent_path)? else { return Ok(None) };
         // The entry in each distinct parent tree.
         let mut found: Vec<Option<NodeRef>> = Vec::with_capacity(t.ids.len());
+        self.prefetch_trees(&t.ids);
         for id in &t.ids {
             found.push(NodeRef::find(&self.tree(id)?, name));
         }
@@ -1892,6 +1895,19 @@ impl Vfs {
         let ids: Vec<BlockId> = sweep.into_iter().map(|(_, b)| b).filter(|b| b == id || !trees.contains(b)).collect();
         drop(trees);
         self.blocks.prefetch(ids, false);
+    }
+
+    /// Starts loading those of the trees `ids` not in memory, side by side: their volumes
+    /// swept where small, the others alone (the history of a directory needs its tree in
+    /// every version, and on a remote box each is a round trip).
+    fn prefetch_trees(&self, ids: &[BlockId]) {
+        let trees = lock(&self.trees);
+        let missing: Vec<BlockId> = ids.iter().filter(|id| !trees.contains(id)).copied().collect();
+        drop(trees);
+        for id in &missing {
+            self.sweep_tree_volume(id);
+        }
+        self.blocks.prefetch(missing, false);
     }
 
     /// A listed directory's subdirectories are likely next (`ls -R`, `find`, `du`, a copy):

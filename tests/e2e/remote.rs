@@ -1003,12 +1003,45 @@ pub(crate) enum Mode {
     /// Forward everything, but flip one byte in the middle of the first large piece sent
     /// to the server (the body of an upload): damage in transit that no error reports.
     Corrupt,
+    /// Forward everything, each request held back `ms` milliseconds (a distant server), so
+    /// that requests sent side by side are seen on their way at the same time.
+    Slow { ms: u64 },
+}
+
+/// Requests on their way through a proxy: sent, not yet answered.
+#[derive(Default)]
+pub(crate) struct Flight {
+    now: AtomicU64,
+    most: AtomicU64,
+}
+
+impl Flight {
+    fn start(&self) {
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+    }
+
+    fn end(&self) {
+        let _ = self.now.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+    }
+}
+
+/// How a pair of pumps forwards one connection (see [`Mode::Faulty`] and [`Mode::Slow`]).
+#[derive(Clone)]
+struct Pump {
+    percent: u64,
+    setup: u32,
+    delay: Duration,
+    faults: Arc<AtomicU64>,
+    flight: Arc<Flight>,
+    stop: Arc<AtomicBool>,
 }
 
 pub(crate) struct Proxy {
     pub(crate) addr: SocketAddr,
     stop: Arc<AtomicBool>,
     faults: Arc<AtomicU64>,
+    flight: Arc<Flight>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
     accept: Option<std::thread::JoinHandle<()>>,
 }
@@ -1019,8 +1052,22 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let faults = Arc::new(AtomicU64::new(0));
+        let flight = Arc::new(Flight::default());
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let (st, fa, co) = (stop.clone(), faults.clone(), conns.clone());
+        let pump = |percent, setup, ms| Pump {
+            percent,
+            setup,
+            delay: Duration::from_millis(ms),
+            faults: faults.clone(),
+            flight: flight.clone(),
+            stop: stop.clone(),
+        };
+        let (faulty, slow) = match mode {
+            Mode::Faulty { percent, setup } => (pump(percent, setup, 0), pump(0, 0, 0)),
+            Mode::Slow { ms } => (pump(0, 0, 0), pump(0, 0, ms)),
+            _ => (pump(0, 0, 0), pump(0, 0, 0)),
+        };
         let accept = std::thread::spawn(move || {
             let mut seed = 0x5eed_u64;
             for client in listener.incoming() {
@@ -1041,21 +1088,27 @@ impl Proxy {
                         }
                         pump_corrupting(client, server, fa.clone());
                     }
-                    Mode::Faulty { percent, setup } => {
+                    Mode::Faulty { .. } | Mode::Slow { .. } => {
                         let Ok(server) = TcpStream::connect(upstream) else { continue };
                         if let Ok(s) = server.try_clone() {
                             co.lock().unwrap().push(s);
                         }
-                        pump_pair(client, server, (percent, setup), seed, fa.clone(), st.clone());
+                        let how = if matches!(mode, Mode::Slow { .. }) { &slow } else { &faulty };
+                        pump_pair(client, server, how.clone(), seed);
                     }
                 }
             }
         });
-        Proxy { addr, stop, faults, conns, accept: Some(accept) }
+        Proxy { addr, stop, faults, flight, conns, accept: Some(accept) }
     }
 
     pub(crate) fn faults(&self) -> u64 {
         self.faults.load(Ordering::SeqCst)
+    }
+
+    /// The most requests on their way at once since the last call (which starts a new count).
+    pub(crate) fn most_at_once(&self) -> u64 {
+        self.flight.most.swap(self.flight.now.load(Ordering::SeqCst), Ordering::SeqCst)
     }
 
     /// Stops listening and closes every connection.
@@ -1088,20 +1141,15 @@ impl Rng {
     }
 }
 
-fn pump_pair(
-    client: TcpStream,
-    server: TcpStream,
-    (percent, setup): (u64, u32),
-    seed: u64,
-    faults: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-) {
+fn pump_pair(client: TcpStream, server: TcpStream, how: Pump, seed: u64) {
+    let Pump { percent, setup, delay, faults, flight, stop } = how;
     // `server_spoke` marks a turn of the conversation: the next bytes from the client
     // start a new request, and the next bytes from the server a new response.
     let server_spoke = Arc::new(AtomicBool::new(true));
     let client_spoke = Arc::new(AtomicBool::new(false));
     let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
     let (ss, cs, f2, st2) = (server_spoke.clone(), client_spoke.clone(), faults.clone(), stop.clone());
+    let flight2 = flight.clone();
     // client -> server
     std::thread::spawn(move || {
         let mut rng = Rng(seed | 1);
@@ -1120,6 +1168,8 @@ fn pump_pair(
             let new_request = ss.swap(false, Ordering::SeqCst);
             if new_request {
                 turn += 1;
+                flight.start();
+                std::thread::sleep(delay);
             }
             // The connection's setup (turns 2..=setup) is part of its first request.
             let exempt = turn > 1 && turn <= setup;
@@ -1161,6 +1211,7 @@ fn pump_pair(
             let new_response = client_spoke.swap(false, Ordering::SeqCst);
             if new_response {
                 turn += 1;
+                flight2.end();
             }
             if new_response && turn > setup && n > 64 && rng.percent() < percent / 2 {
                 f2.fetch_add(1, Ordering::SeqCst);
@@ -1202,6 +1253,63 @@ fn pump_corrupting(client: TcpStream, server: TcpStream, damaged: Arc<AtomicU64>
     };
     copy(client.try_clone().unwrap(), server.try_clone().unwrap(), Some(damaged));
     copy(server, client, None);
+}
+
+/// Commands that go through every version (history, find --all-versions, verify,
+/// list-broken-files, the mount's /history) fetch the versions' directory trees from a remote
+/// box side by side, not one round trip after another: through a proxy that holds each
+/// request back, several are seen on their way at once — more than opening the box sends.
+#[test]
+fn s3_walks_through_versions_read_their_trees_side_by_side() {
+    let Some(direct) = remote(Proto::S3, &unique("walks")) else { return };
+    let env = Env::new();
+    let s = Session::new(&env, direct.clone());
+    let src = env.mkdir("src");
+    make_tree(&src);
+    s.ok(&args!["init"]);
+    // Each backup stores its changed trees in a volume of its own.
+    for i in 0..12 {
+        fs::write(src.join("docs/readme.md"), format!("# version {i}\n")).unwrap();
+        s.json(&args!["backup", &src]);
+    }
+    let proxy = Proxy::start(direct.addr, Mode::Slow { ms: 150 });
+    let slow = Session::new(&env, direct.via(proxy.addr));
+    proxy.most_at_once();
+    slow.ok(&args!["versions"]);
+    let opening = proxy.most_at_once();
+    let readme = src.join("docs/readme.md");
+    let walks: [Vec<OsString>; 4] = [
+        args!["history", &readme],
+        args!["find", "readme.md", "--all-versions"],
+        args!["verify"],
+        args!["list-broken-files"],
+    ];
+    for walk in &walks {
+        let out = slow.ok(walk).stdout;
+        let most = proxy.most_at_once();
+        assert!(most >= 8 && most > opening, "{walk:?}: at most {most} requests at once (opening: {opening})\n{out}");
+    }
+    let history = slow.ok(&args!["history", &readme]).stdout;
+    assert_eq!(history.lines().filter(|l| l.contains("readme.md")).count(), 12, "{history}");
+
+    if Path::new("/dev/fuse").exists() && is_root() {
+        let dir = env.mkdir("mnt");
+        let log = env.path().join("mount.stderr");
+        let (mut child, _) = start_mount(&slow, &dir, &log, &src, &[]);
+        let docs = dir.join("history").join(src.strip_prefix("/").unwrap()).join("docs");
+        std::thread::sleep(Duration::from_millis(500));
+        proxy.most_at_once();
+        let names: Vec<_> = fs::read_dir(&docs).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let most = proxy.most_at_once();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = child.wait();
+        detach(&dir);
+        assert!(names.iter().any(|n| n == "readme.md"), "{names:?}");
+        assert!(most >= 8, "the mount's /history: at most {most} requests at once");
+    }
+    s.assert_no_secrets();
+    slow.assert_no_secrets();
 }
 
 /// An upload damaged on the way (one byte flipped, no error anywhere) is not counted as
