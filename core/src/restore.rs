@@ -12,7 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::ops::ControlFlow;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -92,8 +92,9 @@ struct Item {
 /// The blocks one file still needs: (block, offset in the file).
 struct FilePlan {
     item: usize,
-    /// Freshly created: all-zero pages may be left as holes.
-    sparse: bool,
+    /// From this offset on the file is a hole until written (all of a file created anew, the
+    /// part of an existing one beyond its old end): all-zero pages there are left as holes.
+    sparse_from: u64,
     blocks: Vec<(BlockId, u64)>,
 }
 
@@ -110,7 +111,7 @@ impl FilePlan {
                 (b.id, at)
             })
             .collect();
-        FilePlan { item, sparse: true, blocks }
+        FilePlan { item, sparse_from: 0, blocks }
     }
 }
 
@@ -141,6 +142,9 @@ struct Ctx<'a> {
     created: Option<Vec<OnceLock<bool>>>,
     /// The first error that stops the restore met while creating a file (a full disk).
     fatal: Mutex<Option<Error>>,
+    /// Items not restored and left as they were (something else in their place that may not
+    /// be replaced, or a file that could not be set up): their metadata is not applied.
+    skipped: Vec<AtomicBool>,
 }
 
 /// Restores `paths` (absolute paths inside the version; empty = all) of `version`.
@@ -204,6 +208,7 @@ pub fn restore(
         lost: Mutex::new(HashSet::new()),
         created: new_target.then(|| items.iter().map(|_| OnceLock::new()).collect()),
         fatal: Mutex::new(None),
+        skipped: items.iter().map(|_| AtomicBool::new(false)).collect(),
     };
     if let Some(t) = &opts.target {
         std::fs::create_dir_all(t)
@@ -215,7 +220,7 @@ pub fn restore(
     }
 
     // 1. Directories, parents first (items are in walk order).
-    for it in items.iter().filter(|i| i.node.kind == FileKind::Dir) {
+    for (i, it) in items.iter().enumerate().filter(|(_, it)| it.node.kind == FileKind::Dir) {
         if let Some(parent) = it.dest.parent() {
             ctx.ensure_dir(parent)?;
         }
@@ -225,7 +230,10 @@ pub fn restore(
                 let _ = std::fs::remove_file(&it.dest);
                 ctx.make_dir(&it.dest)?;
             }
-            Ok(_) => ctx.warn(format!("{}: exists and is not a directory (use --overwrite)", it.dest.display())),
+            Ok(_) => {
+                ctx.warn(format!("{}: exists and is not a directory (use --overwrite)", it.dest.display()));
+                ctx.skip(i);
+            }
             Err(_) => ctx.make_dir(&it.dest)?,
         }
     }
@@ -233,7 +241,7 @@ pub fn restore(
     // 2. File contents: plan every block, then read volumes in offset order, in parallel.
     let mut first_of_group: HashMap<u64, usize> = HashMap::new();
     let mut files = Vec::new();
-    let mut links = Vec::new();
+    let mut links: Vec<(usize, usize)> = Vec::new();
     for (i, it) in items.iter().enumerate() {
         if it.node.kind != FileKind::File {
             continue;
@@ -289,7 +297,26 @@ pub fn restore(
     } else {
         let plans: Vec<Option<FilePlan>> =
             files.par_iter().map(|&i| ctx.prepare_file(&items[i], i)).collect::<Result<_>>()?;
-        ctx.fetch_and_write(&pool, &items, plans.into_iter().flatten().collect(), || {})?;
+        let mut plans: Vec<FilePlan> = plans.into_iter().flatten().collect();
+        // A group of hard links whose first name was left as it was (something that may not
+        // be replaced is there) is restored through its next name that can be.
+        let mut taken_over: HashMap<usize, usize> = HashMap::new();
+        let mut kept = Vec::with_capacity(links.len());
+        for (first, i) in links {
+            if !ctx.is_skipped(first) {
+                kept.push((first, i));
+            } else if let Some(&by) = taken_over.get(&first) {
+                kept.push((by, i));
+            } else {
+                let plan = ctx.prepare_file(&items[i], i)?;
+                if !ctx.is_skipped(i) {
+                    plans.extend(plan);
+                    taken_over.insert(first, i);
+                }
+            }
+        }
+        links = kept;
+        ctx.fetch_and_write(&pool, &items, plans, || {})?;
     }
     if cancel.load(Ordering::Relaxed) {
         return Err(Error::Interrupted("restore stopped; restored files may be incomplete".into()));
@@ -303,10 +330,11 @@ pub fn restore(
 
         // 3. Hard links, symlinks and special files.
         for (first, i) in links {
-            ctx.hard_link(&items[first], &items[i]);
+            ctx.hard_link((first, &items[first]), (i, &items[i]));
         }
-        for it in items.iter().filter(|i| !matches!(i.node.kind, FileKind::File | FileKind::Dir)) {
-            ctx.restore_special(it);
+        for (i, it) in items.iter().enumerate().filter(|(_, i)| !matches!(i.node.kind, FileKind::File | FileKind::Dir))
+        {
+            ctx.restore_special(i, it);
         }
 
         // 4. Metadata: everything but directories, then directories deepest first. Directories
@@ -316,14 +344,20 @@ pub fn restore(
             .iter()
             .flat_map(|s| Path::new(s).ancestors().skip(1).map(Path::to_path_buf).collect::<Vec<_>>())
             .collect();
-        let items: Vec<Item> = items.into_iter().filter(|i| !above.contains(&i.source)).collect();
-        items.par_iter().filter(|i| i.node.kind != FileKind::Dir).for_each(|it| ctx.apply_metadata(it));
-        let mut dirs: Vec<&Item> = items.iter().filter(|i| i.node.kind == FileKind::Dir).collect();
+        // Nor is what was left as it was.
+        let restored: Vec<&Item> = items
+            .iter()
+            .enumerate()
+            .filter(|(i, it)| !above.contains(&it.source) && !ctx.is_skipped(*i))
+            .map(|(_, it)| it)
+            .collect();
+        restored.par_iter().filter(|i| i.node.kind != FileKind::Dir).for_each(|it| ctx.apply_metadata(it));
+        let mut dirs: Vec<&Item> = restored.into_iter().filter(|i| i.node.kind == FileKind::Dir).collect();
         dirs.sort_by_key(|i| std::cmp::Reverse(i.depth));
         for it in dirs {
             ctx.apply_metadata(it);
         }
-        items
+        items.into_iter().filter(|i| !above.contains(&i.source)).collect::<Vec<Item>>()
     });
 
     let count = |k: &dyn Fn(&Item) -> bool| items.iter().filter(|i| k(i)).count() as u64;
@@ -475,8 +509,8 @@ const LOCAL_FETCH: (usize, u64) = (4, 4 << 20);
 struct RunWriter<'c, 'a> {
     ctx: &'c Ctx<'a>,
     items: &'c [Item],
-    /// Where each block goes: (item, offset, sparse).
-    wanted: &'c HashMap<BlockId, Vec<(usize, u64, bool)>>,
+    /// Where each block goes: (item, offset, where holes may start).
+    wanted: &'c HashMap<BlockId, Vec<(usize, u64, u64)>>,
     scratch: Vec<u8>,
     open: Option<(usize, File)>,
 }
@@ -576,7 +610,7 @@ impl RunWriter<'_, '_> {
                 return Ok(());
             }
         };
-        for &(item, off, sparse) in &self.wanted[id] {
+        for &(item, off, sparse_from) in &self.wanted[id] {
             let dest = &self.items[item].dest;
             if !ctx.ready(&self.items[item], item) {
                 continue;
@@ -592,7 +626,7 @@ impl RunWriter<'_, '_> {
                 }
             }
             let r = match &self.open {
-                Some((_, f)) => ctx.write_at(f, data, off, dest, sparse),
+                Some((_, f)) => ctx.write_at(f, data, off, dest, sparse_from),
                 None => Ok(()),
             };
             if let Err(e) = r {
@@ -612,6 +646,15 @@ fn fetch_plan(repo: &Repository) -> (usize, u64) {
 const PAGE: usize = 4096;
 
 impl Ctx<'_> {
+    /// Notes item `item` as not restored, left as it was.
+    fn skip(&self, item: usize) {
+        self.skipped[item].store(true, Ordering::Relaxed);
+    }
+
+    fn is_skipped(&self, item: usize) -> bool {
+        self.skipped[item].load(Ordering::Relaxed)
+    }
+
     fn warn(&self, msg: String) {
         if let Ok(mut w) = self.warnings.lock() {
             w.push(msg);
@@ -667,6 +710,11 @@ impl Ctx<'_> {
                 Err(Error::Io { path, source })
             }
             e @ (Error::Backend { .. } | Error::Catalog(_)) => Err(e),
+            // Named once: the error names its path.
+            Error::Io { path, source } if path == it.dest => {
+                self.warn(format!("{}: {source}", path.display()));
+                Ok(())
+            }
             e => {
                 self.warn(format!("{}: {e}", it.dest.display()));
                 Ok(())
@@ -684,6 +732,7 @@ impl Ctx<'_> {
                 Ok(write) => return write,
                 Err(e) => e,
             };
+            self.skip(item);
             if let Err(fatal) = self.file_problem(it, e) {
                 self.failed.store(true, Ordering::Relaxed);
                 if let Ok(mut f) = self.fatal.lock() {
@@ -717,14 +766,18 @@ impl Ctx<'_> {
             // file is left as it is and another one replaced only with --overwrite.
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                 let (file, fresh) = self.open_existing(dest)?;
-                if !fresh {
-                    if self.compare_existing(it, &file)?.is_none() {
-                        return Ok(false);
-                    }
+                if fresh {
+                    file
+                } else if self.compare_existing(it, &file)?.is_none() {
+                    return Ok(false);
+                } else if file.metadata().at(dest)?.nlink() > 1 {
+                    // Not written through: other names share it.
+                    self.replace_file(dest)?
+                } else {
                     // Written anew from nothing, so that all-zero pages may stay holes.
                     file.set_len(0).at(dest)?;
+                    file
                 }
-                file
             }
             other => other.at(dest)?,
         };
@@ -757,7 +810,10 @@ impl Ctx<'_> {
     fn prepare_file(&self, it: &Item, index: usize) -> Result<Option<FilePlan>> {
         match self.try_prepare_file(it, index) {
             Ok(p) => Ok(p),
-            Err(e) => self.file_problem(it, e).map(|_| None),
+            Err(e) => {
+                self.skip(index);
+                self.file_problem(it, e).map(|_| None)
+            }
         }
     }
 
@@ -779,16 +835,20 @@ impl Ctx<'_> {
             None => self.open_existing(dest)?,
         };
         let content = &it.node.content;
-        let wanted: Vec<bool> = if fresh {
-            vec![true; content.len()]
+        let (file, wanted, sparse_from) = if fresh {
+            (file, vec![true; content.len()], 0)
         } else {
+            let old = file.metadata().at(dest)?;
             match self.compare_existing(it, &file)? {
-                Some(differs) => differs,
                 None => return Ok(None),
+                // Other names share this file (hard links, maybe outside what is restored):
+                // writing it would change them too, so it is replaced by a new one.
+                Some(_) if old.nlink() > 1 => (self.replace_file(dest)?, vec![true; content.len()], 0),
+                Some(differs) => (file, differs, old.len()),
             }
         };
         // Setting the length first leaves unwritten (all-zero) ranges as holes.
-        if !fresh || it.node.size > 0 {
+        if sparse_from > 0 || it.node.size > 0 {
             file.set_len(it.node.size).at(dest)?;
         }
         let mut blocks = Vec::new();
@@ -800,7 +860,7 @@ impl Ctx<'_> {
             off += u64::from(b.len);
         }
         self.progress.files.fetch_add(1, Ordering::Relaxed);
-        Ok(Some(FilePlan { item: index, sparse: fresh, blocks }))
+        Ok(Some(FilePlan { item: index, sparse_from, blocks }))
     }
 
     /// Opens what is already at `dest` to compare it with the backup, or replaces it with a
@@ -819,6 +879,12 @@ impl Ctx<'_> {
             }
             Err(_) => (File::create(dest).at(dest)?, true),
         })
+    }
+
+    /// Puts a new, empty file in place of the one at `dest`.
+    fn replace_file(&self, dest: &Path) -> Result<File> {
+        std::fs::remove_file(dest).at(dest)?;
+        OpenOptions::new().write(true).create_new(true).open(dest).at(dest)
     }
 
     /// Indexes of blocks whose bytes in the existing file differ from the backup.
@@ -852,10 +918,10 @@ impl Ctx<'_> {
         plans: Vec<FilePlan>,
         reading: impl FnOnce(),
     ) -> Result<()> {
-        let mut wanted: HashMap<BlockId, Vec<(usize, u64, bool)>> = HashMap::new();
+        let mut wanted: HashMap<BlockId, Vec<(usize, u64, u64)>> = HashMap::new();
         for p in &plans {
             for &(id, off) in &p.blocks {
-                wanted.entry(id).or_default().push((p.item, off, p.sparse));
+                wanted.entry(id).or_default().push((p.item, off, p.sparse_from));
             }
         }
         let mut located: Vec<(BlockLocation, BlockId)> = Vec::with_capacity(wanted.len());
@@ -894,16 +960,17 @@ impl Ctx<'_> {
         })
     }
 
-    fn write_at(&self, file: &File, data: &[u8], offset: u64, dest: &Path, sparse: bool) -> Result<()> {
-        if !sparse {
-            file.write_all_at(data, offset).at(dest)?;
-            self.written.fetch_add(data.len() as u64, Ordering::Relaxed);
-            return Ok(());
+    /// Writes `data` at `offset`; from `sparse_from` on, all-zero pages are left as holes.
+    fn write_at(&self, file: &File, data: &[u8], offset: u64, dest: &Path, sparse_from: u64) -> Result<()> {
+        let dense = usize::try_from(sparse_from.saturating_sub(offset)).map_or(data.len(), |d| d.min(data.len()));
+        if dense > 0 {
+            file.write_all_at(&data[..dense], offset).at(dest)?;
+            self.written.fetch_add(dense as u64, Ordering::Relaxed);
         }
+        let (data, offset) = (&data[dense..], offset + dense as u64);
         // Leave holes where whole pages are zero, so sparse files stay sparse.
         let mut pos = 0;
         while pos < data.len() {
-            let zero_start = pos;
             while pos < data.len() && is_zero_page(&data[pos..(pos + PAGE).min(data.len())]) {
                 pos = (pos + PAGE).min(data.len());
             }
@@ -911,7 +978,6 @@ impl Ctx<'_> {
             while pos < data.len() && !is_zero_page(&data[pos..(pos + PAGE).min(data.len())]) {
                 pos = (pos + PAGE).min(data.len());
             }
-            let _ = zero_start;
             if pos > data_start {
                 file.write_all_at(&data[data_start..pos], offset + data_start as u64).at(dest)?;
                 self.written.fetch_add((pos - data_start) as u64, Ordering::Relaxed);
@@ -920,14 +986,25 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    fn hard_link(&self, first: &Item, it: &Item) {
+    /// Makes item `i` a hard link to the file of item `f`, restored before it.
+    fn hard_link(&self, (f, first): (usize, &Item), (i, it): (usize, &Item)) {
+        if self.is_skipped(f) {
+            self.warn(format!(
+                "{}: not restored: a hard link to {}, which was not restored",
+                it.dest.display(),
+                first.dest.display()
+            ));
+            self.skip(i);
+            return;
+        }
         if std::fs::symlink_metadata(&it.dest).is_ok() {
+            // The same file already there counts as restored.
+            if same_inode(&first.dest, &it.dest) {
+                return;
+            }
             if !self.opts.overwrite {
-                // Identical content already there counts as restored.
-                if same_inode(&first.dest, &it.dest) {
-                    return;
-                }
                 self.warn(format!("{}: exists (use --overwrite)", it.dest.display()));
+                self.skip(i);
                 return;
             }
             let _ = std::fs::remove_file(&it.dest);
@@ -937,10 +1014,12 @@ impl Ctx<'_> {
         }
         if let Err(e) = std::fs::hard_link(&first.dest, &it.dest) {
             self.warn(format!("{}: cannot create hard link: {e}", it.dest.display()));
+            self.skip(i);
         }
     }
 
-    fn restore_special(&self, it: &Item) {
+    /// Creates item `i`, a symlink or special file.
+    fn restore_special(&self, i: usize, it: &Item) {
         let dest = &it.dest;
         if let Some(p) = dest.parent() {
             let _ = std::fs::create_dir_all(p);
@@ -951,6 +1030,7 @@ impl Ctx<'_> {
             }
             if !self.opts.overwrite {
                 self.warn(format!("{}: exists (use --overwrite)", dest.display()));
+                self.skip(i);
                 return;
             }
             let _ = std::fs::remove_file(dest);
@@ -960,12 +1040,14 @@ impl Ctx<'_> {
             FileKind::Socket => return,
             FileKind::CharDevice | FileKind::BlockDevice if !platform::is_root() => {
                 self.warn(format!("{}: device files can only be restored as root", dest.display()));
+                self.skip(i);
                 return;
             }
             k => platform::make_special(dest, k, it.node.mode, it.node.rdev),
         };
         if let Err(e) = r {
             self.warn(format!("{}: cannot create: {e}", dest.display()));
+            self.skip(i);
         }
     }
 
@@ -975,22 +1057,50 @@ impl Ctx<'_> {
         if n.kind == FileKind::Socket || std::fs::symlink_metadata(dest).is_err() {
             return;
         }
+        // The owner by name where this system knows the name, else by number.
+        let uid = platform::uid_for_name(&n.user).filter(|_| !n.user.is_empty()).unwrap_or(n.uid);
+        let gid = platform::gid_for_name(&n.group).filter(|_| !n.group.is_empty()).unwrap_or(n.gid);
         if self.opts.restore_permissions {
-            let uid = platform::uid_for_name(&n.user).filter(|_| !n.user.is_empty()).unwrap_or(n.uid);
-            let gid = platform::gid_for_name(&n.group).filter(|_| !n.group.is_empty()).unwrap_or(n.gid);
             if let Err(e) = platform::set_owner(dest, uid, gid) {
                 self.warn(format!("{}: cannot set owner: {e}", dest.display()));
             }
         }
+        let all = self.opts.restore_permissions;
+        let ours = |name: &[u8]| all || name.starts_with(b"user.");
+        let mut failed = Vec::new();
+        // Restored over what was there: attributes the backup does not have go too (never
+        // the system's security labels).
+        if self.created.is_none() {
+            failed =
+                platform::remove_other_xattrs(dest, &n.xattrs, &|name| ours(name) && !name.starts_with(b"security."));
+        }
         if !n.xattrs.is_empty() {
-            let all = self.opts.restore_permissions;
-            let failed = platform::set_xattrs(dest, &n.xattrs, &|name: &[u8]| all || name.starts_with(b"user."));
-            for (name, e) in failed {
-                self.warn(format!("{}: cannot set attribute {}: {e}", dest.display(), String::from_utf8_lossy(&name)));
-            }
+            failed.extend(platform::set_xattrs(dest, &n.xattrs, &ours));
+        }
+        for (name, e) in failed {
+            self.warn(format!("{}: cannot set attribute {}: {e}", dest.display(), String::from_utf8_lossy(&name)));
         }
         if n.kind != FileKind::Symlink {
-            if let Err(e) = platform::set_mode(dest, n.mode) {
+            let mut mode = n.mode;
+            // Set-user-ID and set-group-ID only where the file has the owner it had: a file of
+            // `nobody` restored by root without its owner would otherwise run as root.
+            if n.kind != FileKind::Dir && mode & 0o6000 != 0 {
+                let now = std::fs::symlink_metadata(dest).ok().map(|m| (m.uid(), m.gid()));
+                if now.is_none_or(|(u, _)| u != uid) {
+                    mode &= !0o4000;
+                }
+                if now.is_none_or(|(_, g)| g != gid) {
+                    mode &= !0o2000;
+                }
+                if mode != n.mode {
+                    self.warn(format!(
+                        "{}: set-user/group-ID bit left off: the file's owner is not the one backed up \
+                         (owners are restored with --restore-permissions)",
+                        dest.display()
+                    ));
+                }
+            }
+            if let Err(e) = platform::set_mode(dest, mode) {
                 self.warn(format!("{}: cannot set permissions: {e}", dest.display()));
             }
         }
@@ -1001,7 +1111,6 @@ impl Ctx<'_> {
 }
 
 fn same_inode(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
     match (std::fs::symlink_metadata(a), std::fs::symlink_metadata(b)) {
         (Ok(x), Ok(y)) => x.ino() == y.ino() && x.dev() == y.dev(),
         _ => false,

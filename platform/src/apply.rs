@@ -64,6 +64,41 @@ pub fn set_xattrs(
     failed
 }
 
+/// Removes the extended attributes of the entry itself that `keep` does not name, among
+/// those `filter(name)` selects; for restoring over an entry that has attributes the backup
+/// does not. Returns the names that could not be removed, each with its error.
+#[cfg(unix)]
+pub fn remove_other_xattrs(
+    path: &Path,
+    keep: &[(Vec<u8>, Vec<u8>)],
+    filter: &dyn Fn(&[u8]) -> bool,
+) -> Vec<(Vec<u8>, io::Error)> {
+    use std::os::unix::ffi::OsStrExt;
+
+    if !xattr::SUPPORTED_PLATFORM {
+        return Vec::new();
+    }
+    let names = match xattr::list(path) {
+        Ok(names) => names,
+        // No attributes where there is no support for them.
+        Err(e) if crate::meta::is_unsupported(&e) => return Vec::new(),
+        Err(e) => return vec![(Vec::new(), with_path("list extended attributes of", path, e))],
+    };
+    let mut failed = Vec::new();
+    for name in names {
+        let bytes = name.as_bytes();
+        if !filter(bytes) || keep.iter().any(|(k, _)| k == bytes) {
+            continue;
+        }
+        if let Err(e) = xattr::remove(path, &name) {
+            let shown = String::from_utf8_lossy(bytes).into_owned();
+            let e = io::Error::new(e.kind(), format!("extended attribute {shown:?}: {e}"));
+            failed.push((bytes.to_vec(), with_path("remove extended attribute of", path, e)));
+        }
+    }
+    failed
+}
+
 /// Creates a special file: a FIFO with `mkfifo`, or a character or block
 /// device with `mknod` (needs privileges) using device number `rdev`.
 ///
@@ -217,6 +252,19 @@ pub fn set_xattrs(
         .filter(|(name, _)| filter(name))
         .map(|(name, _)| (name.clone(), crate::error::unsupported("set extended attribute of", path)))
         .collect()
+}
+
+/// Removes extended attributes of the entry itself that `keep` does not name.
+///
+/// This operating system has no support: there are none to remove.
+#[cfg(not(unix))]
+pub fn remove_other_xattrs(
+    path: &Path,
+    keep: &[(Vec<u8>, Vec<u8>)],
+    filter: &dyn Fn(&[u8]) -> bool,
+) -> Vec<(Vec<u8>, io::Error)> {
+    let _ = (path, keep, filter);
+    Vec::new()
 }
 
 /// Creates a special file (FIFO or device).

@@ -200,6 +200,137 @@ fn restore_over_existing_files_needs_overwrite() {
     assert_same_tree(&src, &out, Compare::ALL);
 }
 
+/// `--overwrite` never writes through a file that other names share: hard links among the
+/// restored files, or to a file outside what is restored, keep their own content. A file
+/// rewritten in place keeps its holes.
+#[test]
+fn restore_over_existing_files_never_writes_through_hard_links() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    fs::write(src.join("x"), b"content of x\n").unwrap();
+    fs::write(src.join("y"), b"content of y, different\n").unwrap();
+    let mut sparse = fs::File::create(src.join("sparse")).unwrap();
+    sparse.write_all(b"head").unwrap();
+    sparse.set_len(40 << 20).unwrap();
+    env.backup(&args![&src]);
+
+    // x and y became one file since; x also a name of a file outside the backup.
+    fs::remove_file(src.join("y")).unwrap();
+    fs::hard_link(src.join("x"), src.join("y")).unwrap();
+    env.ok(&args!["restore", "--overwrite"]);
+    assert_eq!(fs::read(src.join("x")).unwrap(), b"content of x\n");
+    assert_eq!(fs::read(src.join("y")).unwrap(), b"content of y, different\n");
+
+    let outside = env.path().join("outside");
+    fs::write(&outside, b"not part of any backup\n").unwrap();
+    fs::remove_file(src.join("x")).unwrap();
+    fs::hard_link(&outside, src.join("x")).unwrap();
+    env.ok(&args!["restore", "--overwrite"]);
+    assert_eq!(fs::read(&outside).unwrap(), b"not part of any backup\n");
+    assert_eq!(fs::read(src.join("x")).unwrap(), b"content of x\n");
+
+    // A short file in place of the sparse one: rewritten in place, the rest stays a hole.
+    fs::write(src.join("sparse"), b"12345").unwrap();
+    env.ok(&args!["restore", "--overwrite"]);
+    let back = fs::read(src.join("sparse")).unwrap();
+    assert!(back.starts_with(b"head") && back[4..].iter().all(|&b| b == 0));
+    let m = fs::metadata(src.join("sparse")).unwrap();
+    assert_eq!(m.len(), 40 << 20);
+    assert!(m.blocks() * 512 < 1 << 20, "the holes were filled: {} bytes allocated", m.blocks() * 512);
+}
+
+/// What a restore refuses to replace is left exactly as it was, metadata included; a new
+/// name of a hard-link group whose first name was refused gets the backed-up content, not
+/// the refused file's.
+#[test]
+fn a_restore_leaves_what_it_refuses_as_it_was() {
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    fs::create_dir(src.join("dir")).unwrap();
+    fs::write(src.join("file"), b"backed up\n").unwrap();
+    fs::write(src.join("a"), b"NEW content\n").unwrap();
+    fs::hard_link(src.join("a"), src.join("b")).unwrap();
+    env.backup(&args![&src]);
+
+    let t = env.path().join("t");
+    let out = t.join(src.strip_prefix("/").unwrap());
+    fs::create_dir_all(out.join("file")).unwrap(); // a folder where the backup has a file
+    fs::write(out.join("dir"), b"a file where the backup has a folder\n").unwrap();
+    fs::write(out.join("a"), b"OLD user data\n").unwrap();
+    chmod(&out.join("file"), 0o700);
+    chmod(&out.join("dir"), 0o600);
+    chmod(&out.join("a"), 0o640);
+    for p in ["file", "dir", "a"] {
+        set_mtime(&out.join(p), 1_500_000_000_000_000_000);
+    }
+    let before: Vec<Entry> = ["file", "dir", "a"].iter().map(|p| entry(&out.join(p), true)).collect();
+    let r = env.run(&args!["restore", "--target", &t]);
+    r.expect_code(3);
+    let after: Vec<Entry> = ["file", "dir", "a"].iter().map(|p| entry(&out.join(p), true)).collect();
+    assert_eq!(before, after, "{}", r.stderr);
+    assert_eq!(fs::read(out.join("b")).unwrap(), b"NEW content\n", "{}", r.stderr);
+
+    // In place: a file changed since keeps its content, mode and time.
+    fs::write(src.join("file"), b"edited since\n").unwrap();
+    chmod(&src.join("file"), 0o600);
+    set_mtime(&src.join("file"), 1_500_000_000_000_000_000);
+    let before = entry(&src.join("file"), true);
+    env.run(&args!["restore"]).expect_code(3);
+    assert_eq!(entry(&src.join("file"), true), before);
+}
+
+/// A file restored over an existing one gets exactly the backed-up extended attributes
+/// (`user.*`; all of them with --restore-permissions). Set-user-ID and set-group-ID come back
+/// only with the owner they belong to.
+#[test]
+fn restored_files_get_exactly_the_backed_up_attributes() {
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    let f = src.join("f");
+    fs::write(&f, b"v1\n").unwrap();
+    if xattr::set(&f, "user.keep", b"k").is_err() {
+        eprintln!("SKIP: no user extended attributes on this file system");
+        return;
+    }
+    xattr::set(&f, "user.gone", b"g").unwrap();
+    env.backup(&args![&src]);
+    xattr::remove(&f, "user.gone").unwrap();
+    env.backup(&args![&src]);
+    let t = env.path().join("t");
+    let out = restored(&t, &src);
+    env.ok(&args!["restore", "1", "--target", &t]);
+    assert!(xattr::get(out.join("f"), "user.gone").unwrap().is_some());
+    env.ok(&args!["restore", "0", "--target", &t, "--overwrite"]);
+    let names: Vec<_> = xattr::list(out.join("f")).unwrap().collect();
+    assert_eq!(names, ["user.keep"]);
+    // In place too, the file's content being the same.
+    xattr::set(&f, "user.gone", b"g").unwrap();
+    env.ok(&args!["restore", "--overwrite"]);
+    let names: Vec<_> = xattr::list(&f).unwrap().collect();
+    assert_eq!(names, ["user.keep"]);
+
+    if !is_root() {
+        eprintln!("SKIP set-user-ID part: needs root");
+        return;
+    }
+    let p = src.join("p");
+    fs::write(&p, b"#!/bin/sh\n").unwrap();
+    lchown(&p, 65534, 65534);
+    chmod(&p, 0o6755);
+    env.backup(&args![&src]);
+    let t2 = env.path().join("t2");
+    let r = env.run(&args!["restore", "--target", &t2]);
+    r.expect_code(3);
+    assert!(r.stderr.contains("set-user/group-ID"), "{r:?}");
+    let got = entry(&restored(&t2, &src).join("p"), false);
+    assert_eq!(got.mode & 0o7777, 0o755, "owned by root now: no set-user-ID");
+    let t3 = env.path().join("t3");
+    env.ok(&args!["restore", "--target", &t3, "--restore-permissions"]);
+    let got = entry(&restored(&t3, &src).join("p"), false);
+    assert_eq!((got.mode & 0o7777, got.uid), (0o6755, 65534));
+}
+
 #[test]
 fn restore_without_target_puts_files_back_in_place() {
     let env = Env::with_box();
