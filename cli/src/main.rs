@@ -34,6 +34,9 @@ fn main() -> ExitCode {
     });
     match commands::run(cli) {
         Ok(code) => ExitCode::from(code),
+        // The reader of the output went away (`| head`): quietly, as other tools end then
+        // (128 + SIGPIPE).
+        Err(e) if is_broken_pipe(&e) && brickbox_platform::stdout_reader_gone() => ExitCode::from(141),
         Err(e) => {
             eprintln!("error: {}", describe(&e));
             if let Some(h) = e.chain().find_map(|c| c.downcast_ref::<brickbox_core::Error>()).and_then(|e| e.hint()) {
@@ -42,6 +45,16 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        let kind = match c.downcast_ref::<std::io::Error>() {
+            Some(io) => Some(io.kind()),
+            None => c.downcast_ref::<serde_json::Error>().and_then(serde_json::Error::io_error_kind),
+        };
+        kind == Some(std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// An error and its causes, each cause only where the text so far does not already hold it

@@ -79,6 +79,22 @@ pub fn lower_thread_priority() {
     }
 }
 
+/// Whether standard output is a pipe whose reading end was closed (`brickbox ls | head`):
+/// what was left to print has nowhere to go, and that is no error of the command.
+pub fn stdout_reader_gone() -> bool {
+    #[cfg(unix)]
+    {
+        let mut out = libc::pollfd { fd: libc::STDOUT_FILENO, events: 0, revents: 0 };
+        // SAFETY: one valid pollfd, and no waiting; a pipe without readers reports POLLERR.
+        let ready = unsafe { libc::poll(&mut out, 1, 0) };
+        ready == 1 && out.revents & libc::POLLERR != 0
+    }
+    #[cfg(not(unix))]
+    {
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

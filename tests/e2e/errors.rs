@@ -631,3 +631,33 @@ fn unreadable_file_is_skipped_with_a_warning_and_exit_3() {
     assert_eq!(r.code, 3, "{r:?}");
     assert!(r.stderr.contains("locked.txt"), "{}", r.stderr);
 }
+
+/// A listing piped into a reader that stops early (`brickbox ls -R | head`) ends quietly,
+/// as other tools do (128 + SIGPIPE), in text or in JSON.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    use std::io::Read;
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    for i in 0..3000 {
+        fs::write(src.join(format!("a-file-with-a-rather-long-name-{i:05}.txt")), b"x").unwrap();
+    }
+    env.backup(&args![&src]);
+    for json in [false, true] {
+        let mut a = args!["ls", "-R", "latest"];
+        if json {
+            a.push("--json".into());
+        }
+        let mut c = env.cmd(&a);
+        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let mut first = [0u8; 100];
+        out.read_exact(&mut first).unwrap();
+        drop(out);
+        let done = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&done.stderr);
+        assert_eq!(done.status.code(), Some(141), "json {json}: {stderr}");
+        assert!(stderr.is_empty(), "json {json}: {stderr}");
+    }
+}
