@@ -343,7 +343,11 @@ pub fn backup_then<T>(
         let abs = absolute(s)?;
         platform::lstat(&abs)
             .map_err(|e| Error::Invalid(format!("source path {} cannot be read: {e}", abs.display())))?;
-        display.push(abs.to_string_lossy().into_owned());
+        // The same source given twice (`/a/s` and `s` from /a) is listed once.
+        let shown = abs.to_string_lossy().into_owned();
+        if !display.contains(&shown) {
+            display.push(shown);
+        }
         let mut node = &mut roots;
         for c in abs.components().skip(1) {
             node = node.children.entry(c.as_os_str().as_bytes().to_vec()).or_default();

@@ -339,10 +339,13 @@ pub fn restore(
 
         // 4. Metadata: everything but directories, then directories deepest first. Directories
         // recorded only as the way down to a backed-up source are left as they are.
-        let above: std::collections::HashSet<PathBuf> = version
-            .sources
+        // (Not one that is itself a source or inside one: `backup /a /a/b` backs up /a whole.)
+        let sources: Vec<&Path> = version.sources.iter().map(Path::new).collect();
+        let above: HashSet<PathBuf> = sources
             .iter()
-            .flat_map(|s| Path::new(s).ancestors().skip(1).map(Path::to_path_buf).collect::<Vec<_>>())
+            .flat_map(|s| s.ancestors().skip(1))
+            .filter(|a| !sources.iter().any(|s| a.starts_with(s)))
+            .map(Path::to_path_buf)
             .collect();
         // Nor is what was left as it was.
         let restored: Vec<&Item> = items

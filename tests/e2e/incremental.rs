@@ -354,6 +354,28 @@ fn restore_without_target_puts_files_back_in_place() {
     assert_snapshot_matches(&before, &src, &snapshot(&src, false), &src, Compare::ALL);
 }
 
+/// A folder given as a source beside one of its own subfolders (`backup /a /a/b`) is backed
+/// up whole: a restore gives it its times and mode back like any other, and a source given
+/// twice is listed once.
+#[test]
+fn a_source_inside_another_does_not_hide_the_outer_ones_metadata() {
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    fs::create_dir(src.join("inner")).unwrap();
+    fs::write(src.join("inner/f.txt"), b"f\n").unwrap();
+    chmod(&src, 0o750);
+    set_mtime(&src.join("inner"), 1_300_000_000_000_000_000);
+    set_mtime(&src, 1_400_000_000_000_000_000);
+    let before = snapshot(&src, true);
+    env.json(&args!["backup", &src, src.join("inner"), &src]);
+    let t = env.path().join("t");
+    env.restore(&args![], &t);
+    let out = restored(&t, &src);
+    assert_snapshot_matches(&before, &src, &snapshot(&out, true), &out, Compare::ALL);
+    let versions = env.json(&args!["versions"]);
+    assert_eq!(versions[0]["sources"].as_array().map(Vec::len), Some(2), "{versions}");
+}
+
 #[test]
 fn restore_in_place_leaves_the_directories_above_the_source_alone() {
     let env = Env::with_box();
