@@ -29,7 +29,8 @@ pub fn format_short(ns: i64) -> String {
 /// Parses a user-given point in time (local time unless an offset is given).
 ///
 /// Accepts RFC 3339, `YYYY-MM-DD`, `YYYY-MM-DD HH:MM[:SS]`, `YYYY-MM-DDTHH:MM[:SS]` and
-/// the folder form `YYYY-MM-DDTHH.MM.SS`. A bare date means the end of that day.
+/// the folder form `YYYY-MM-DDTHH.MM.SS`. A time means the end of what it names: a bare date
+/// the end of that day, `HH:MM` the end of that minute.
 pub fn parse_time(s: &str) -> Option<i64> {
     let s = s.trim();
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
@@ -37,10 +38,12 @@ pub fn parse_time(s: &str) -> Option<i64> {
         let whole = if t.timestamp_subsec_nanos() == 0 { 999_999_999 } else { 0 };
         return t.timestamp_nanos_opt().map(|n| n + whole);
     }
-    for fmt in ["%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H.%M.%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M"] {
+    // What a time names lasts to its end: a second, a minute (as a date does its day).
+    let seconds = ["%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H.%M.%S"].map(|f| (f, 999_999_999));
+    let minutes = ["%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M"].map(|f| (f, 59_999_999_999));
+    for (fmt, rest) in seconds.into_iter().chain(minutes) {
         if let Ok(t) = NaiveDateTime::parse_from_str(s, fmt) {
-            // Whole seconds: include everything within that second.
-            return Local.from_local_datetime(&t).earliest()?.timestamp_nanos_opt().map(|n| n + 999_999_999);
+            return Local.from_local_datetime(&t).earliest()?.timestamp_nanos_opt().map(|n| n + rest);
         }
     }
     if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
@@ -82,5 +85,8 @@ mod tests {
         let start = parse_time_start("2026-11-24").unwrap();
         assert_eq!(parse_time("2026-11-24").unwrap() - start, 86_400_000_000_000 - 1);
         assert_eq!(parse_time_start(&name).unwrap() + 999_999_999, parsed);
+        // A minute lasts to its end, like a day.
+        let minute = "2026-11-24 21:42";
+        assert_eq!(parse_time(minute).unwrap() - parse_time_start(minute).unwrap(), 60_000_000_000 - 1);
     }
 }
