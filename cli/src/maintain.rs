@@ -334,12 +334,13 @@ fn print_compaction(r: Option<&CompactReport>) {
         eprintln!("warning: {w}");
     }
     println!(
-        "compacted: {} volume(s) deleted, {} written; {} freed, {} downloaded, {} uploaded",
+        "compacted: {} volume(s) deleted ({}), {} written ({} uploaded, {} downloaded to repack); {} given back",
         r.volumes_deleted,
+        human(r.bytes_deleted),
         r.volumes_written,
-        human(r.bytes_freed),
+        human(r.bytes_uploaded),
         human(r.bytes_downloaded),
-        human(r.bytes_uploaded)
+        human(r.bytes_freed)
     );
 }
 

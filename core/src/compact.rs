@@ -70,6 +70,8 @@ pub struct CompactReport {
     /// Bytes stored in new volumes and indexes.
     pub bytes_uploaded: u64,
     /// Bytes of deleted volumes.
+    pub bytes_deleted: u64,
+    /// Space given back: bytes deleted less bytes stored in their place.
     pub bytes_freed: u64,
     /// Problems met (a damaged volume is left as it is and reported here).
     pub warnings: Vec<String>,
@@ -134,8 +136,9 @@ pub fn compact_locked(
     for p in emptied {
         delete_volume(repo, &p.volume)?;
         report.volumes_deleted += 1;
-        report.bytes_freed += p.bytes;
+        report.bytes_deleted += p.bytes;
     }
+    report.bytes_freed = report.bytes_deleted.saturating_sub(report.bytes_uploaded);
     Ok(report)
 }
 

@@ -78,6 +78,12 @@ fn forget_keeps_what_the_rules_say_and_compaction_frees_the_space() {
     assert!(out["compact"]["volumes_deleted"].as_u64().unwrap() >= 1, "{out:#}");
     let after = folder_bytes(&env.repo, "data");
     assert!(after + MIB < before, "compaction freed too little: {before} -> {after}");
+    // What it says it gave back is what data/ lost (volumes deleted, less those written;
+    // indexes are counted with what was written).
+    let c = &out["compact"];
+    let freed = num(c, "bytes_freed");
+    assert_eq!(freed, num(c, "bytes_deleted").saturating_sub(num(c, "bytes_uploaded")), "{c:#}");
+    assert!(freed <= before - after && before - after - freed < 64 << 10, "{before} -> {after}: {c:#}");
     assert_clean(&env);
 
     // Every kept version restores bit-exact: the oldest (tagged) and the last two.
