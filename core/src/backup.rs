@@ -596,6 +596,11 @@ impl Walk<'_> {
         n.user = platform::user_name(st.uid).unwrap_or_default();
         n.group = platform::group_name(st.gid).unwrap_or_default();
         n.mtime_ns = st.mtime_ns;
+        // Nanoseconds since 1970 in 64 bits reach from 1677 to 2262; beyond, the nearest end.
+        if st.mtime_ns == i64::MAX || st.mtime_ns == i64::MIN {
+            let at = crate::time::format_rfc3339(st.mtime_ns);
+            self.warn(format!("{}: modification time out of range; stored as {at}", path.display()));
+        }
         // Listing a directory updates its access time, so recording it would make every
         // directory look changed on the next run; directories keep atime = mtime.
         n.atime_ns = if st.kind == FileKind::Dir { st.mtime_ns } else { st.atime_ns };

@@ -661,3 +661,28 @@ fn output_into_a_closed_pipe_ends_quietly() {
         assert!(stderr.is_empty(), "json {json}: {stderr}");
     }
 }
+
+/// A modification time beyond what a version can hold (after 2262) is stored as the latest
+/// one it can, with a warning naming the file (it was clamped silently).
+#[test]
+fn a_modification_time_out_of_range_is_named() {
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    let f = src.join("from-the-future.txt");
+    fs::write(&f, b"x").unwrap();
+    // The year 2400 (ext4 and tmpfs hold it).
+    let c = std::ffi::CString::new(f.as_os_str().as_encoded_bytes()).unwrap();
+    let t = libc::timespec { tv_sec: 13_569_465_600, tv_nsec: 0 };
+    // SAFETY: a valid path and two timespecs.
+    if unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [t, t].as_ptr(), 0) } != 0 {
+        eprintln!("SKIP: this file system does not hold times after 2262");
+        return;
+    }
+    let r = env.run(&args!["backup", &src]);
+    r.expect_code(3);
+    assert!(r.stderr.contains("from-the-future.txt: modification time out of range; stored as 2262-"), "{r:?}");
+    // The rest of the backup is whole.
+    let t = env.path().join("t");
+    env.restore(&args![], &t);
+    assert_eq!(fs::read(restored(&t, &src).join("from-the-future.txt")).unwrap(), b"x");
+}
