@@ -19,7 +19,7 @@ use brickbox_platform::{mode_string, FileKind};
 use serde_json::json;
 
 use crate::args::{Cli, Command, Global};
-use crate::format::human;
+use crate::format::{human, shown_name};
 use crate::progress::{self, Bar};
 use crate::{CANCEL, EXIT_WARNINGS};
 
@@ -296,17 +296,27 @@ pub(crate) fn box_path(p: &Path) -> Result<PathBuf> {
     Ok(if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) })
 }
 
+/// An entry in JSON. Names that are not UTF-8 cannot be JSON strings: the entry's path, name
+/// and target are then given as [`shown_name`] shows them, and `"escaped": true` says so.
 fn entry_json(path: &Path, n: &Node) -> serde_json::Value {
-    json!({
-        "path": path.to_string_lossy(),
-        "name": String::from_utf8_lossy(&n.name),
+    let target = (n.kind == FileKind::Symlink).then_some(n.target.as_slice());
+    let raw = [path.as_os_str().as_bytes(), &n.name, target.unwrap_or_default()];
+    let escaped = raw.iter().any(|b| std::str::from_utf8(b).is_err());
+    let text = |b: &[u8]| if escaped { shown_name(b).into_owned() } else { String::from_utf8_lossy(b).into_owned() };
+    let mut e = json!({
+        "path": text(raw[0]),
+        "name": text(&n.name),
         "type": kind_name(n.kind),
         "mode": format!("{:o}", n.mode),
         "user": n.user, "group": n.group, "uid": n.uid, "gid": n.gid,
         "size": n.size,
         "mtime": format_rfc3339(n.mtime_ns),
-        "target": (n.kind == FileKind::Symlink).then(|| String::from_utf8_lossy(&n.target).into_owned()),
-    })
+        "target": target.map(text),
+    });
+    if escaped {
+        e["escaped"] = json!(true);
+    }
+    e
 }
 
 fn kind_name(k: FileKind) -> &'static str {
@@ -331,11 +341,11 @@ fn long_line(path: &Path, n: &Node) -> String {
         group,
         n.size,
         format_short(n.mtime_ns),
-        path.display()
+        shown_name(path.as_os_str().as_bytes())
     );
     if n.kind == FileKind::Symlink {
         line.push_str(" -> ");
-        line.push_str(&String::from_utf8_lossy(&n.target));
+        line.push_str(&shown_name(&n.target));
     }
     line
 }
@@ -456,7 +466,16 @@ fn diff(g: &Global, a: crate::args::DiffArgs) -> Result<u8> {
     let new = browse::resolve_version(&vs, &a.new)?;
     let changes = browse::diff(&repo, old, new)?;
     if g.json {
-        let arr = changes.iter().map(|(c, p)| json!({"change": c, "path": p.to_string_lossy()})).collect();
+        let arr = changes
+            .iter()
+            .map(|(c, p)| {
+                let raw = p.as_os_str().as_bytes();
+                match std::str::from_utf8(raw) {
+                    Ok(path) => json!({"change": c, "path": path}),
+                    Err(_) => json!({"change": c, "path": shown_name(raw), "escaped": true}),
+                }
+            })
+            .collect();
         print_json(&serde_json::Value::Array(arr))?;
     } else {
         let mut out = std::io::stdout().lock();
@@ -466,7 +485,7 @@ fn diff(g: &Global, a: crate::args::DiffArgs) -> Result<u8> {
                 Change::Removed => '-',
                 Change::Changed => 'M',
             };
-            writeln!(out, "{mark} {}", p.display())?;
+            writeln!(out, "{mark} {}", shown_name(p.as_os_str().as_bytes()))?;
         }
     }
     Ok(0)

@@ -219,3 +219,38 @@ fn ls_find_and_single_path_restore_see_awkward_names() {
     assert_same_tree(&bad, &restored(&t, &bad), Compare::ALL);
     assert!(!restored(&t, &src.join("big.bin")).exists(), "a single-path restore restored more");
 }
+
+/// Listings show every name on one line and without loss: bytes that are not UTF-8, control
+/// characters and newlines escaped (`\xff`, `\n`), in text and in JSON (marked `escaped`),
+/// so two names that differ only there are told apart.
+#[test]
+fn listings_show_odd_names_on_one_line_without_loss() {
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    fs::write(raw_name(&src, b"bad\xff\xfe"), b"1").unwrap();
+    fs::write(raw_name(&src, b"bad\xff\xfd"), b"2").unwrap();
+    fs::write(raw_name(&src, b"two\nlines"), b"3").unwrap();
+    fs::write(src.join("back\\slash"), b"4").unwrap();
+    std::os::unix::fs::symlink(raw_name(Path::new("."), b"to\xff"), src.join("link")).unwrap();
+    env.backup(&args![&src]);
+
+    let out = env.ok(&args!["ls", "latest", &src]).stdout;
+    let at = |name: &str| out.lines().any(|l| l.ends_with(&format!("/{name}")));
+    assert!(at(r"bad\xff\xfe") && at(r"bad\xff\xfd") && at(r"two\nlines") && at(r"back\\slash"), "{out}");
+    assert!(out.lines().any(|l| l.ends_with(r"link -> ./to\xff")), "{out}");
+    assert_eq!(out.lines().count(), 5, "one line per entry: {out}");
+    let found = env.ok(&args!["find", "bad*"]).stdout;
+    assert_eq!(found.lines().count(), 2, "{found}");
+
+    let json = env.json(&args!["ls", "latest", &src]);
+    let entries = json.as_array().unwrap();
+    let names: std::collections::BTreeSet<&str> = entries.iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 5, "{json:#}");
+    for e in entries {
+        let name = e["name"].as_str().unwrap();
+        let odd = name.starts_with("bad") || name == "link";
+        assert_eq!(e.get("escaped").is_some(), odd, "{e}");
+    }
+    // Names that are UTF-8 are given as they are, control characters included.
+    assert!(names.contains("two\nlines") && names.contains("back\\slash"), "{names:?}");
+}
