@@ -620,7 +620,7 @@ impl RunWriter<'_, '_> {
             }
             if self.open.as_ref().is_none_or(|(i, _)| *i != item) {
                 self.open = None;
-                match OpenOptions::new().write(true).open(dest).at(dest) {
+                match open_no_follow(OpenOptions::new().write(true), dest) {
                     Ok(f) => self.open = Some((item, f)),
                     Err(e) => {
                         ctx.file_problem(&self.items[item], e)?;
@@ -870,7 +870,7 @@ impl Ctx<'_> {
     /// new file when it is something else (and `--overwrite` allows it). `true` = new file.
     fn open_existing(&self, dest: &Path) -> Result<(File, bool)> {
         Ok(match std::fs::symlink_metadata(dest) {
-            Ok(m) if m.is_file() => (OpenOptions::new().read(true).write(true).open(dest).at(dest)?, false),
+            Ok(m) if m.is_file() => (open_no_follow(OpenOptions::new().read(true).write(true), dest)?, false),
             Ok(_) => {
                 if !self.opts.overwrite {
                     return Err(Error::Invalid("exists and is not a regular file (use --overwrite)".into()));
@@ -1111,6 +1111,13 @@ impl Ctx<'_> {
             self.warn(format!("{}: cannot set times: {e}", dest.display()));
         }
     }
+}
+
+/// Opens the file at `dest` itself: a symlink put in its place since it was looked at (in a
+/// target others can write to) is not followed, the open fails.
+fn open_no_follow(opts: &mut OpenOptions, dest: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    opts.custom_flags(libc::O_NOFOLLOW).open(dest).at(dest)
 }
 
 fn same_inode(a: &Path, b: &Path) -> bool {
