@@ -339,14 +339,15 @@ pub fn backup_then<T>(
     }
     let mut roots = SourceTree::default();
     let mut display = Vec::new();
+    let mut given: Vec<PathBuf> = Vec::new();
     for s in sources {
         let abs = absolute(s)?;
         platform::lstat(&abs)
             .map_err(|e| Error::Invalid(format!("source path {} cannot be read: {e}", abs.display())))?;
         // The same source given twice (`/a/s` and `s` from /a) is listed once.
-        let shown = abs.to_string_lossy().into_owned();
-        if !display.contains(&shown) {
-            display.push(shown);
+        if !given.contains(&abs) {
+            display.push(abs.to_string_lossy().into_owned());
+            given.push(abs.clone());
         }
         let mut node = &mut roots;
         for c in abs.components().skip(1) {

@@ -814,33 +814,49 @@ impl Repository {
 
     /// `versions` in turn, each one's root tree fetched before it is handed out: on a remote
     /// box a few side by side (each root lies in a volume of its own backup, a round trip
-    /// apiece), a batch at a time so that the tree cache still holds them when they are
-    /// walked. For walks through many versions; a root that fails to load here is met again,
-    /// and reported, by the walk.
+    /// apiece), in batches whose volumes of trees fit a quarter of the tree cache, so that it
+    /// still holds them when they are walked. For walks through many versions; a root that
+    /// fails to load here is met again, and reported, by the walk.
     pub fn roots_ahead<'a, I>(&'a self, versions: I) -> impl Iterator<Item = &'a Manifest> + 'a
     where
         I: IntoIterator<Item = &'a Manifest>,
         I::IntoIter: 'a,
     {
         let at_once = self.backend.small_reads_at_once();
-        let mut versions = versions.into_iter();
+        let mut versions = versions.into_iter().peekable();
         let mut batch = std::collections::VecDeque::new();
         std::iter::from_fn(move || {
-            if batch.is_empty() {
-                batch.extend(versions.by_ref().take(at_once.max(1)));
-                if at_once > 1 {
-                    let mut roots: Vec<BlockId> = batch
-                        .iter()
-                        .filter_map(|m: &&Manifest| m.root_id().ok())
-                        .filter(|r| self.cached_tree(r).is_none())
-                        .collect();
-                    roots.sort_unstable();
-                    roots.dedup();
-                    crate::fanout::all_side_by_side(roots.len(), at_once, |i| self.tree(&roots[i]).is_ok());
+            if batch.is_empty() && at_once > 1 {
+                let mut roots: Vec<BlockId> = Vec::new();
+                let mut trees = 0;
+                while batch.len() < at_once {
+                    let Some(root) = versions.peek().map(|m| m.root_id().ok()) else { break };
+                    let new = root.filter(|r| !roots.contains(r) && self.cached_tree(r).is_none());
+                    let weight = new.map_or(0, |r| self.trees_fetched_with(&r));
+                    if !batch.is_empty() && trees + weight > TREE_SWEEP_BLOCKS {
+                        break;
+                    }
+                    trees += weight;
+                    roots.extend(new);
+                    batch.extend(versions.next());
                 }
+                crate::fanout::all_side_by_side(roots.len(), at_once, |i| self.tree(&roots[i]).is_ok());
             }
-            batch.pop_front()
+            batch.pop_front().or_else(|| versions.next())
         })
+    }
+
+    /// How many trees fetching tree `id` brings into the tree cache: those of its volume
+    /// when that is swept (see [`Self::tree_volume_sweep`]), else one.
+    fn trees_fetched_with(&self, id: &BlockId) -> usize {
+        let Ok(loc) = self.locate(id) else { return 1 };
+        if self.swept.lock().map_or(true, |s| s.contains(&loc.volume)) {
+            return 1;
+        }
+        match self.catalog().and_then(|c| c.volume_blocks(&loc.volume)) {
+            Ok((size, blocks)) if size <= TREE_SWEEP_BYTES && blocks.len() <= TREE_SWEEP_BLOCKS => blocks.len(),
+            _ => 1,
+        }
     }
 
     /// The blocks of `volume` when it is to be fetched whole for its directory trees: on a

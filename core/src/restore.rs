@@ -219,22 +219,50 @@ pub fn restore(
         let _ = std::fs::remove_file(&probe);
     }
 
-    // 1. Directories, parents first (items are in walk order).
-    for (i, it) in items.iter().enumerate().filter(|(_, it)| it.node.kind == FileKind::Dir) {
+    // Directories recorded only as the way down to a source are the system's own: they may
+    // be symlinks to folders (as /home is on some systems), and their metadata is left as it
+    // is. (Not one that is itself a source or inside one: `backup /a /a/b` backs up /a whole.)
+    let sources: Vec<&Path> = version.sources.iter().map(Path::new).collect();
+    let above: HashSet<PathBuf> = sources
+        .iter()
+        .flat_map(|s| s.ancestors().skip(1))
+        .filter(|a| !sources.iter().any(|s| a.starts_with(s)))
+        .map(Path::to_path_buf)
+        .collect();
+
+    // 1. Directories, parents first (items are in walk order). Where something that may not
+    // be replaced stands in a folder's place, it and everything below it are left as they are.
+    let mut refused: Vec<&Path> = Vec::new();
+    for (i, it) in items.iter().enumerate() {
+        if refused.iter().any(|r| it.dest.starts_with(r)) {
+            ctx.skip(i);
+            continue;
+        }
+        if it.node.kind != FileKind::Dir || (above.contains(&it.source) && it.dest.is_dir()) {
+            continue;
+        }
         if let Some(parent) = it.dest.parent() {
             ctx.ensure_dir(parent)?;
         }
-        match std::fs::symlink_metadata(&it.dest) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) if opts.overwrite => {
-                let _ = std::fs::remove_file(&it.dest);
+        let problem = match std::fs::symlink_metadata(&it.dest) {
+            Ok(m) if m.is_dir() => None,
+            Ok(_) if opts.overwrite => match std::fs::remove_file(&it.dest) {
+                Ok(()) => {
+                    ctx.make_dir(&it.dest)?;
+                    None
+                }
+                Err(e) => Some(format!("cannot be replaced by a folder: {e}")),
+            },
+            Ok(_) => Some("exists and is not a directory (use --overwrite)".to_string()),
+            Err(_) => {
                 ctx.make_dir(&it.dest)?;
+                None
             }
-            Ok(_) => {
-                ctx.warn(format!("{}: exists and is not a directory (use --overwrite)", it.dest.display()));
-                ctx.skip(i);
-            }
-            Err(_) => ctx.make_dir(&it.dest)?,
+        };
+        if let Some(problem) = problem {
+            ctx.warn(format!("{}: {problem}; nothing below it is restored", it.dest.display()));
+            ctx.skip(i);
+            refused.push(&it.dest);
         }
     }
 
@@ -243,7 +271,7 @@ pub fn restore(
     let mut files = Vec::new();
     let mut links: Vec<(usize, usize)> = Vec::new();
     for (i, it) in items.iter().enumerate() {
-        if it.node.kind != FileKind::File {
+        if it.node.kind != FileKind::File || ctx.is_skipped(i) {
             continue;
         }
         if it.node.link_group != 0 {
@@ -337,17 +365,8 @@ pub fn restore(
             ctx.restore_special(i, it);
         }
 
-        // 4. Metadata: everything but directories, then directories deepest first. Directories
-        // recorded only as the way down to a backed-up source are left as they are.
-        // (Not one that is itself a source or inside one: `backup /a /a/b` backs up /a whole.)
-        let sources: Vec<&Path> = version.sources.iter().map(Path::new).collect();
-        let above: HashSet<PathBuf> = sources
-            .iter()
-            .flat_map(|s| s.ancestors().skip(1))
-            .filter(|a| !sources.iter().any(|s| a.starts_with(s)))
-            .map(Path::to_path_buf)
-            .collect();
-        // Nor is what was left as it was.
+        // 4. Metadata: everything but directories, then directories deepest first; not of
+        // directories above the sources, nor of what was left as it was.
         let restored: Vec<&Item> = items
             .iter()
             .enumerate()
@@ -623,6 +642,7 @@ impl RunWriter<'_, '_> {
                 match open_no_follow(OpenOptions::new().write(true), dest) {
                     Ok(f) => self.open = Some((item, f)),
                     Err(e) => {
+                        ctx.skip(item);
                         ctx.file_problem(&self.items[item], e)?;
                         continue;
                     }
@@ -633,6 +653,8 @@ impl RunWriter<'_, '_> {
                 None => Ok(()),
             };
             if let Err(e) = r {
+                // Not whole: not given the backup's times and mode, as if it were.
+                ctx.skip(item);
                 ctx.file_problem(&self.items[item], e)?;
             }
             ctx.progress.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -678,6 +700,8 @@ impl Ctx<'_> {
         if !self.ready(it, item) {
             return;
         }
+        // Not whole: not given the backup's times and mode, as if it were.
+        self.skip(item);
         if self.lost.lock().map_or(true, |mut lost| lost.insert(item)) {
             self.error(format!("{}: {why}", it.source.display()));
         }
@@ -773,9 +797,9 @@ impl Ctx<'_> {
                     file
                 } else if self.compare_existing(it, &file)?.is_none() {
                     return Ok(false);
-                } else if file.metadata().at(dest)?.nlink() > 1 {
+                } else if let Some(old) = file.metadata().ok().filter(|m| m.nlink() > 1) {
                     // Not written through: other names share it.
-                    self.replace_file(dest)?
+                    self.replace_file(dest, &old)?
                 } else {
                     // Written anew from nothing, so that all-zero pages may stay holes.
                     file.set_len(0).at(dest)?;
@@ -846,7 +870,7 @@ impl Ctx<'_> {
                 None => return Ok(None),
                 // Other names share this file (hard links, maybe outside what is restored):
                 // writing it would change them too, so it is replaced by a new one.
-                Some(_) if old.nlink() > 1 => (self.replace_file(dest)?, vec![true; content.len()], 0),
+                Some(_) if old.nlink() > 1 => (self.replace_file(dest, &old)?, vec![true; content.len()], 0),
                 Some(differs) => (file, differs, old.len()),
             }
         };
@@ -884,10 +908,19 @@ impl Ctx<'_> {
         })
     }
 
-    /// Puts a new, empty file in place of the one at `dest`.
-    fn replace_file(&self, dest: &Path) -> Result<File> {
-        std::fs::remove_file(dest).at(dest)?;
-        OpenOptions::new().write(true).create_new(true).open(dest).at(dest)
+    /// Puts a new, empty file in place of the one at `dest` (whose metadata is `old`): made
+    /// beside it with its owner (as a file written in place keeps it), then renamed over it,
+    /// so that the name is never missing.
+    fn replace_file(&self, dest: &Path, old: &std::fs::Metadata) -> Result<File> {
+        let tmp = dest.with_file_name(format!(".brickbox-{}.tmp", hex::encode(crate::crypto::random_bytes::<8>())));
+        let file = OpenOptions::new().write(true).create_new(true).open(&tmp).at(&tmp)?;
+        // Best effort: without the right to, the file stays the restoring user's.
+        let _ = std::os::unix::fs::fchown(&file, Some(old.uid()), Some(old.gid()));
+        if let Err(e) = std::fs::rename(&tmp, dest) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io(dest, e));
+        }
+        Ok(file)
     }
 
     /// Indexes of blocks whose bytes in the existing file differ from the backup.
@@ -991,6 +1024,9 @@ impl Ctx<'_> {
 
     /// Makes item `i` a hard link to the file of item `f`, restored before it.
     fn hard_link(&self, (f, first): (usize, &Item), (i, it): (usize, &Item)) {
+        if self.is_skipped(i) {
+            return;
+        }
         if self.is_skipped(f) {
             self.warn(format!(
                 "{}: not restored: a hard link to {}, which was not restored",
@@ -1023,6 +1059,9 @@ impl Ctx<'_> {
 
     /// Creates item `i`, a symlink or special file.
     fn restore_special(&self, i: usize, it: &Item) {
+        if self.is_skipped(i) {
+            return;
+        }
         let dest = &it.dest;
         if let Some(p) = dest.parent() {
             let _ = std::fs::create_dir_all(p);
@@ -1071,17 +1110,18 @@ impl Ctx<'_> {
         let all = self.opts.restore_permissions;
         let ours = |name: &[u8]| all || name.starts_with(b"user.");
         let mut failed = Vec::new();
-        // Restored over what was there: attributes the backup does not have go too (never
-        // the system's security labels).
-        if self.created.is_none() {
+        // Replacing what was there (--overwrite): attributes the backup does not have go too
+        // (never the system's security labels).
+        if self.opts.overwrite && self.created.is_none() {
             failed =
                 platform::remove_other_xattrs(dest, &n.xattrs, &|name| ours(name) && !name.starts_with(b"security."));
         }
         if !n.xattrs.is_empty() {
             failed.extend(platform::set_xattrs(dest, &n.xattrs, &ours));
         }
-        for (name, e) in failed {
-            self.warn(format!("{}: cannot set attribute {}: {e}", dest.display(), String::from_utf8_lossy(&name)));
+        // Each error names the operation, the entry and the attribute.
+        for (_, e) in failed {
+            self.warn(e.to_string());
         }
         if n.kind != FileKind::Symlink {
             let mut mode = n.mode;
@@ -1096,11 +1136,12 @@ impl Ctx<'_> {
                     mode &= !0o2000;
                 }
                 if mode != n.mode {
-                    self.warn(format!(
-                        "{}: set-user/group-ID bit left off: the file's owner is not the one backed up \
-                         (owners are restored with --restore-permissions)",
-                        dest.display()
-                    ));
+                    let why = if self.opts.restore_permissions {
+                        "its owner could not be set"
+                    } else {
+                        "its owner is not the one backed up (owners are restored with --restore-permissions)"
+                    };
+                    self.warn(format!("{}: set-user/group-ID bit left off: {why}", dest.display()));
                 }
             }
             if let Err(e) = platform::set_mode(dest, mode) {

@@ -575,9 +575,10 @@ pub fn verify_version_locked(
         || check_volumes(repo, &present, &data, &hashes, cancel),
     );
     // A walk that failed (say, stopped) fails the verify once what the volumes showed is noted.
-    let (usage, walk_failed) = match usage.ok_or_else(|| Error::Invalid("reading the versions' trees failed".into()))? {
-        Ok(usage) => (usage, None),
-        Err(e) => (usage::Usage::default(), Some(e)),
+    let (usage, walk_failed) = match usage {
+        Some(Ok(usage)) => (usage, None),
+        Some(Err(e)) => (usage::Usage::default(), Some(e)),
+        None => (usage::Usage::default(), Some(Error::Invalid("reading the versions' trees failed".into()))),
     };
     report.trees = usage.trees;
     for (id, e, version, path) in usage.unreadable {

@@ -105,6 +105,9 @@ const DIR_OPENS: usize = 64;
 /// Directories whose first files are requested ahead at once at most (see
 /// `Vfs::prime_next_dir`).
 const PRIMED_DIRS: usize = 8;
+/// Trees loaded ahead of a walk through a history directory's versions (each may bring its
+/// volume of trees, up to 4 MiB: eight fill a quarter of a remote mount's cache).
+const TREES_AHEAD: usize = 8;
 /// Subdirectory trees a listing loads ahead at most.
 const SUBTREES_AHEAD: usize = 64;
 /// Files up to this size, or an eighth of the read-ahead window, are loaded whole by directory
@@ -1639,14 +1642,12 @@ impl Vfs {
             let (parent, name) = split_last(path);
             let Some(p) = self.hist_trees(parent)? else { return Ok(None) };
             let mut child_of = Vec::with_capacity(p.ids.len());
-            self.prefetch_trees(&p.ids);
-            for id in &p.ids {
-                let tree = self.tree(id)?;
+            self.trees_in_turn(&p.ids, |tree| {
                 child_of.push(match tree.find(name) {
                     Some(n) if n.kind == FileKind::Dir => Some(n.subtree),
                     _ => None,
-                });
-            }
+                })
+            })?;
             let states = p.per_version.iter().map(|&i| if i < EMPTY_DIR { child_of[i as usize] } else { None });
             HistTrees::build(p.generation, states)
         };
@@ -1663,14 +1664,12 @@ impl Vfs {
     fn hist_union(&self, path: &[u8]) -> VfsResult<BTreeMap<Vec<u8>, bool>> {
         let mut out = BTreeMap::new();
         let Some(t) = self.hist_trees(path)? else { return Ok(out) };
-        self.prefetch_trees(&t.ids);
-        for id in &t.ids {
-            let tree = self.tree(id)?;
+        self.trees_in_turn(&t.ids, |tree| {
             for n in &tree.nodes {
                 let is_dir = out.entry(n.name.clone()).or_insert(false);
                 *is_dir |= n.kind == FileKind::Dir;
             }
-        }
+        })?;
         Ok(out)
     }
 
@@ -1678,10 +1677,7 @@ impl Vfs {
         let Some(t) = self.hist_trees(parent_path)? else { return Ok(None) };
         // The entry in each distinct parent tree.
         let mut found: Vec<Option<NodeRef>> = Vec::with_capacity(t.ids.len());
-        self.prefetch_trees(&t.ids);
-        for id in &t.ids {
-            found.push(NodeRef::find(&self.tree(id)?, name));
-        }
+        self.trees_in_turn(&t.ids, |tree| found.push(NodeRef::find(&tree, name)))?;
         let is_dir = found.iter().flatten().any(|n| n.kind == FileKind::Dir);
         // Attributes come from the newest version that has the entry as shown.
         let newest = t
@@ -1897,9 +1893,22 @@ impl Vfs {
         self.blocks.prefetch(ids, false);
     }
 
+    /// The trees `ids` to `each`, in order; those not in memory load [`TREES_AHEAD`] ahead,
+    /// side by side (the history of a directory needs its tree in every version, and on a
+    /// remote box each is a round trip).
+    fn trees_in_turn(&self, ids: &[BlockId], mut each: impl FnMut(Arc<Tree>)) -> VfsResult<()> {
+        for (k, id) in ids.iter().enumerate() {
+            let ahead = if k == 0 { 0..ids.len().min(TREES_AHEAD) } else { k + TREES_AHEAD - 1..k + TREES_AHEAD };
+            if let Some(next) = ids.get(ahead.start..ahead.end.min(ids.len())) {
+                self.prefetch_trees(next);
+            }
+            each(self.tree(id)?);
+        }
+        Ok(())
+    }
+
     /// Starts loading those of the trees `ids` not in memory, side by side: their volumes
-    /// swept where small, the others alone (the history of a directory needs its tree in
-    /// every version, and on a remote box each is a round trip).
+    /// swept where small, the others alone.
     fn prefetch_trees(&self, ids: &[BlockId]) {
         let trees = lock(&self.trees);
         let missing: Vec<BlockId> = ids.iter().filter(|id| !trees.contains(id)).copied().collect();

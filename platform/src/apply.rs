@@ -90,10 +90,15 @@ pub fn remove_other_xattrs(
         if !filter(bytes) || keep.iter().any(|(k, _)| k == bytes) {
             continue;
         }
-        if let Err(e) = xattr::remove(path, &name) {
-            let shown = String::from_utf8_lossy(bytes).into_owned();
-            let e = io::Error::new(e.kind(), format!("extended attribute {shown:?}: {e}"));
-            failed.push((bytes.to_vec(), with_path("remove extended attribute of", path, e)));
+        match xattr::remove(path, &name) {
+            // Gone meanwhile (another name of the same file had it removed): as wanted.
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+            Err(e) => {
+                let shown = String::from_utf8_lossy(bytes).into_owned();
+                let e = io::Error::new(e.kind(), format!("extended attribute {shown:?}: {e}"));
+                failed.push((bytes.to_vec(), with_path("remove extended attribute of", path, e)));
+            }
+            Ok(()) => {}
         }
     }
     failed

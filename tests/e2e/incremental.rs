@@ -230,6 +230,19 @@ fn restore_over_existing_files_never_writes_through_hard_links() {
     assert_eq!(fs::read(&outside).unwrap(), b"not part of any backup\n");
     assert_eq!(fs::read(src.join("x")).unwrap(), b"content of x\n");
 
+    // A file replaced (not written through) keeps the owner it had, as one written in place.
+    if is_root() {
+        lchown(&src.join("x"), 65534, 65534);
+        fs::write(&outside, b"shares x again\n").unwrap();
+        fs::remove_file(src.join("x")).unwrap();
+        fs::hard_link(&outside, src.join("x")).unwrap();
+        lchown(&outside, 65534, 65534);
+        env.ok(&args!["restore", "--overwrite"]);
+        assert_eq!(fs::read(&outside).unwrap(), b"shares x again\n");
+        let e = entry(&src.join("x"), true);
+        assert_eq!((e.uid, e.nlink, e.data.as_deref()), (65534, 1, Some(&b"content of x\n"[..])));
+    }
+
     // A short file in place of the sparse one: rewritten in place, the rest stays a hole.
     fs::write(src.join("sparse"), b"12345").unwrap();
     env.ok(&args!["restore", "--overwrite"]);
@@ -240,14 +253,18 @@ fn restore_over_existing_files_never_writes_through_hard_links() {
     assert!(m.blocks() * 512 < 1 << 20, "the holes were filled: {} bytes allocated", m.blocks() * 512);
 }
 
-/// What a restore refuses to replace is left exactly as it was, metadata included; a new
-/// name of a hard-link group whose first name was refused gets the backed-up content, not
-/// the refused file's.
+/// What a restore refuses to replace is left exactly as it was, metadata included, and so is
+/// everything below a folder's place that holds something else (a symlink there is not
+/// followed); a new name of a hard-link group whose first name was refused gets the
+/// backed-up content, not the refused file's.
 #[test]
 fn a_restore_leaves_what_it_refuses_as_it_was() {
     let env = Env::with_box();
     let src = env.mkdir("src");
-    fs::create_dir(src.join("dir")).unwrap();
+    fs::create_dir_all(src.join("dir/sub")).unwrap();
+    fs::write(src.join("dir/sub/deep.txt"), b"deep\n").unwrap();
+    fs::create_dir_all(src.join("linked/sub")).unwrap();
+    fs::write(src.join("linked/inner.txt"), b"inner\n").unwrap();
     fs::write(src.join("file"), b"backed up\n").unwrap();
     fs::write(src.join("a"), b"NEW content\n").unwrap();
     fs::hard_link(src.join("a"), src.join("b")).unwrap();
@@ -258,6 +275,12 @@ fn a_restore_leaves_what_it_refuses_as_it_was() {
     fs::create_dir_all(out.join("file")).unwrap(); // a folder where the backup has a file
     fs::write(out.join("dir"), b"a file where the backup has a folder\n").unwrap();
     fs::write(out.join("a"), b"OLD user data\n").unwrap();
+    // A symlink where the backup has a folder: what is behind it is not the restore's.
+    let elsewhere = env.mkdir("elsewhere");
+    std::os::unix::fs::symlink(&elsewhere, out.join("linked")).unwrap();
+    chmod(&elsewhere, 0o700);
+    set_mtime(&elsewhere, 1_500_000_000_000_000_000);
+    let elsewhere_before = snapshot(&elsewhere, true);
     chmod(&out.join("file"), 0o700);
     chmod(&out.join("dir"), 0o600);
     chmod(&out.join("a"), 0o640);
@@ -270,6 +293,8 @@ fn a_restore_leaves_what_it_refuses_as_it_was() {
     let after: Vec<Entry> = ["file", "dir", "a"].iter().map(|p| entry(&out.join(p), true)).collect();
     assert_eq!(before, after, "{}", r.stderr);
     assert_eq!(fs::read(out.join("b")).unwrap(), b"NEW content\n", "{}", r.stderr);
+    assert_eq!(snapshot(&elsewhere, true), elsewhere_before, "written through the symlink: {}", r.stderr);
+    assert!(r.stderr.contains("nothing below it is restored"), "{}", r.stderr);
 
     // In place: a file changed since keeps its content, mode and time.
     fs::write(src.join("file"), b"edited since\n").unwrap();
@@ -304,6 +329,10 @@ fn restored_files_get_exactly_the_backed_up_attributes() {
     env.ok(&args!["restore", "0", "--target", &t, "--overwrite"]);
     let names: Vec<_> = xattr::list(out.join("f")).unwrap().collect();
     assert_eq!(names, ["user.keep"]);
+    // Without --overwrite, a file found the same is left with what was added to it.
+    xattr::set(out.join("f"), "user.added", b"a").unwrap();
+    env.ok(&args!["restore", "0", "--target", &t]);
+    assert!(xattr::get(out.join("f"), "user.added").unwrap().is_some());
     // In place too, the file's content being the same.
     xattr::set(&f, "user.gone", b"g").unwrap();
     env.ok(&args!["restore", "--overwrite"]);
