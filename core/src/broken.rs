@@ -32,24 +32,14 @@ pub struct BrokenFile {
     pub reason: String,
 }
 
-/// The blocks that cannot be read: in missing volumes, recorded as damaged, or in damaged
-/// volumes as a whole.
+/// The blocks that cannot be read: in missing volumes, or recorded as damaged, and no intact
+/// copy elsewhere.
 fn unreadable_blocks(repo: &Repository) -> Result<HashSet<BlockId>> {
     let listed: HashSet<String> = repo.backend().list(objects::DATA_DIR)?.into_iter().collect();
     let mut gone_vols: HashSet<String> = HashSet::new();
-    let mut bad = HashSet::new();
-    let damage = repo.catalog()?.damage()?;
-    for d in damage {
-        match d.block {
-            Some(b) => {
-                bad.insert(b);
-            }
-            None if d.object.starts_with(objects::DATA_DIR) => {
-                gone_vols.insert(d.object);
-            }
-            None => {}
-        }
-    }
+    // A volume's problems as a whole (its size, its hash) are found by a check that reads
+    // each of its blocks too, and records each bad one: those are what cannot be read.
+    let mut bad: HashSet<BlockId> = repo.catalog()?.damage()?.into_iter().filter_map(|d| d.block).collect();
     let volumes = repo.catalog()?.volumes()?;
     for v in volumes {
         if !listed.contains(&v.name) {

@@ -482,6 +482,9 @@ fn verify_finds_damage_and_repair_recovers_it_from_local_files() {
     assert_eq!(code, 1, "{report:#}");
     let text = report.to_string();
     assert!(text.contains("hash"), "{report:#}");
+    // Every block of that volume is intact: no file is broken by it.
+    let broken = env.run(&args!["list-broken-files"]);
+    assert_eq!(broken.code, 0, "{broken:?}");
 
     // A whole volume deleted: the files that need it are named.
     fs::remove_file(&vols[1]).unwrap();
