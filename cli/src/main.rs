@@ -25,6 +25,7 @@ pub const EXIT_WARNINGS: u8 = 3;
 fn main() -> ExitCode {
     brickbox_platform::one_heap();
     let cli = args::Cli::parse();
+    quiet_when_output_closes();
     let _ = ctrlc::set_handler(|| {
         if CANCEL.swap(true, Ordering::SeqCst) {
             eprintln!("\nbrickbox: stopping now");
@@ -45,6 +46,21 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Output printed with `println!` into a pipe whose reader went away ends the process as
+/// an error from writing it does (see `main`), not with a panic and its backtrace.
+fn quiet_when_output_closes() {
+    let earlier = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let text =
+            payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied());
+        if text.is_some_and(|t| t.starts_with("failed printing to stdout")) && brickbox_platform::stdout_reader_gone() {
+            std::process::exit(141);
+        }
+        earlier(info);
+    }));
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {

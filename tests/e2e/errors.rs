@@ -643,11 +643,18 @@ fn output_into_a_closed_pipe_ends_quietly() {
         fs::write(src.join(format!("a-file-with-a-rather-long-name-{i:05}.txt")), b"x").unwrap();
     }
     env.backup(&args![&src]);
-    for json in [false, true] {
-        let mut a = args!["ls", "-R", "latest"];
-        if json {
-            a.push("--json".into());
-        }
+    // The same with every file broken (their volumes gone): a listing printed line by line.
+    let env2 = Env::with_box();
+    env2.backup(&args![&src]);
+    for v in objects(&env2.repo, "data") {
+        fs::remove_file(v).unwrap();
+    }
+    let commands = [
+        (&env, args!["ls", "-R", "latest"]),
+        (&env, args!["ls", "-R", "latest", "--json"]),
+        (&env2, args!["list-broken-files"]),
+    ];
+    for (env, a) in commands {
         let mut c = env.cmd(&a);
         c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
         let mut child = c.spawn().unwrap();
@@ -657,8 +664,8 @@ fn output_into_a_closed_pipe_ends_quietly() {
         drop(out);
         let done = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&done.stderr);
-        assert_eq!(done.status.code(), Some(141), "json {json}: {stderr}");
-        assert!(stderr.is_empty(), "json {json}: {stderr}");
+        assert_eq!(done.status.code(), Some(141), "{a:?}: {stderr}");
+        assert!(stderr.is_empty(), "{a:?}: {stderr}");
     }
 }
 
