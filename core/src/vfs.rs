@@ -1057,8 +1057,9 @@ impl Blocks {
         self.pool.spawn(move || me.load_run(run));
     }
 
-    /// Fetches a run of neighbouring blocks with one ranged read; if that read fails, each
-    /// block not handed on yet is tried alone so one bad block does not fail its neighbours.
+    /// Fetches a run of neighbouring blocks with one ranged read (each block handed on as it
+    /// arrives, a damaged one failing alone); if the read itself fails, the blocks not handed
+    /// on yet fail with it, or are looked for elsewhere when their volume is gone.
     fn load_run(&self, run: Vec<(BlockLocation, Claim)>) {
         let (locs, claims): (Vec<BlockLocation>, Vec<Claim>) = run.into_iter().unzip();
         let ids: Vec<BlockId> = claims.iter().map(|c| c.id).collect();
@@ -1075,18 +1076,13 @@ impl Blocks {
             }
         });
         if let Err(e) = fetched {
-            let mut left: Vec<(&BlockLocation, Claim)> =
-                locs.iter().zip(claims).filter_map(|(loc, c)| c.map(|c| (loc, c))).collect();
-            // A lone block is not fetched again, only looked for elsewhere.
-            if left.len() == 1 {
-                if let Some((loc, claim)) = left.pop() {
-                    let r = self.relocate_after(Arc::new(e), loc, &claim.id);
-                    claim.finish(r);
-                }
-                return;
-            }
+            let e = Arc::new(e);
+            let left = locs.iter().zip(claims).filter_map(|(loc, c)| c.map(|c| (loc, c)));
             for (loc, claim) in left {
-                let r = self.fetch_or_relocate(loc, &claim.id);
+                // Gone or cut short (a compaction may have moved the blocks): each is looked
+                // for elsewhere. Not answered, after every retry: the others would fail the
+                // same way, each after as long again, so none is asked for alone.
+                let r = if e.is_damage() { self.relocate_after(e.clone(), loc, &claim.id) } else { Err(e.clone()) };
                 claim.finish(r);
             }
         }

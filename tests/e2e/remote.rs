@@ -1013,10 +1013,15 @@ pub(crate) enum Mode {
 pub(crate) struct Flight {
     now: AtomicU64,
     most: AtomicU64,
+    /// Requests seen in all.
+    seen: AtomicU64,
+    /// While set, requests are held and never forwarded (a server that hangs).
+    hung: AtomicBool,
 }
 
 impl Flight {
     fn start(&self) {
+        self.seen.fetch_add(1, Ordering::SeqCst);
         let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
         self.most.fetch_max(now, Ordering::SeqCst);
     }
@@ -1111,6 +1116,16 @@ impl Proxy {
         self.flight.most.swap(self.flight.now.load(Ordering::SeqCst), Ordering::SeqCst)
     }
 
+    /// Requests seen so far.
+    pub(crate) fn requests(&self) -> u64 {
+        self.flight.seen.load(Ordering::SeqCst)
+    }
+
+    /// From now on, requests are held and never answered (a server that hangs).
+    pub(crate) fn hang(&self) {
+        self.flight.hung.store(true, Ordering::SeqCst);
+    }
+
     /// Stops listening and closes every connection.
     pub(crate) fn stop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -1170,6 +1185,9 @@ fn pump_pair(client: TcpStream, server: TcpStream, how: Pump, seed: u64) {
                 turn += 1;
                 flight.start();
                 std::thread::sleep(delay);
+                while flight.hung.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
             }
             // The connection's setup (turns 2..=setup) is part of its first request.
             let exempt = turn > 1 && turn <= setup;
@@ -1253,6 +1271,48 @@ fn pump_corrupting(client: TcpStream, server: TcpStream, damaged: Arc<AtomicU64>
     };
     copy(client.try_clone().unwrap(), server.try_clone().unwrap(), Some(damaged));
     copy(server, client, None);
+}
+
+/// A mount whose server stops answering (it hangs; the connection is not refused) fails a
+/// read with EIO after the request's timeout and retries: once for the blocks read together,
+/// not again for each of them, one after another.
+#[test]
+fn s3_mount_read_from_a_hung_server_fails_once_not_block_by_block() {
+    if !Path::new("/dev/fuse").exists() || !is_root() {
+        eprintln!("SKIP: needs /dev/fuse and root");
+        return;
+    }
+    let Some(direct) = remote(Proto::S3, &unique("hung")) else { return };
+    let env = Env::new();
+    let s = Session::new(&env, direct.clone());
+    let src = env.mkdir("src");
+    make_tree(&src);
+    fs::write(src.join("big.bin"), random_bytes(31, 24 << 20)).unwrap();
+    s.ok(&args!["init"]);
+    s.json(&args!["backup", &src]);
+    let proxy = Proxy::start(direct.addr, Mode::Slow { ms: 0 });
+    let mut slow = Session::new(&env, direct.via(proxy.addr));
+    slow.extra = args_s(&["--retries", "1", "--retry-delay", "100ms", "--timeout", "2s"]);
+    let dir = env.mkdir("mnt");
+    let log = env.path().join("mount.stderr");
+    let (mut child, latest) = start_mount(&slow, &dir, &log, &src, &[]);
+    assert_eq!(fs::read(latest.join("notes.txt")).unwrap(), fs::read(src.join("notes.txt")).unwrap());
+
+    proxy.hang();
+    let started = Instant::now();
+    let read = fs::read(latest.join("big.bin"));
+    let took = started.elapsed();
+    let asked = proxy.requests();
+    // Blocks asked for one by one after the read failed would keep coming.
+    std::thread::sleep(Duration::from_secs(6));
+    let asked_after = proxy.requests();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    detach(&dir);
+    assert!(read.is_err(), "a read from a hung server succeeded");
+    assert!(took < Duration::from_secs(30), "the read took {took:?}");
+    assert_eq!(asked_after, asked, "blocks were asked for again one by one after the read failed");
 }
 
 /// Commands that go through every version (history, find --all-versions, verify,
