@@ -793,7 +793,10 @@ fn rclone_remote_shown(remote: &str) -> (String, Vec<String>) {
         Some(rest) => (":", rest),
         None => ("", remote),
     };
-    let Some((name, path)) = split_unquoted(body, ':').filter(|(name, _)| !name.contains(['/', '\\'])) else {
+    // A path with no remote (`/srv/box`) has a slash before any colon; one inside quotes
+    // (`url='http://…'`) is a parameter's.
+    let is_remote = |name: &str| split_unquoted(name, '/').is_none() && split_unquoted(name, '\\').is_none();
+    let Some((name, path)) = split_unquoted(body, ':').filter(|(name, _)| is_remote(name)) else {
         return (remote.to_string(), Vec::new());
     };
     let Some((base, params)) = split_unquoted(name, ',') else {
@@ -1276,6 +1279,10 @@ mod tests {
         let l = p("rclone://nas,pass='pw%3Aa':box?rclone_binary=/opt/rclone", &[], &[]);
         assert_eq!((l.display.as_str(), get(&l, "rclone_binary")), ("rclone://nas,…:box", Some("/opt/rclone")));
         assert_eq!(l.secrets, vec!["pw:a".to_string()]);
+        // A quoted value holding `:` and `/` (a URL) is a parameter like any other.
+        let l = p("rclone://:webdav,url='http://127.0.0.1:41002',user=u,pass=OBSC9ured:/rcbox", &[], &[]);
+        assert_eq!(l.display, "rclone://:webdav,…:/rcbox");
+        assert_eq!(l.secrets, vec!["OBSC9ured".to_string()]);
         let e = parse_with_env("rclone://", &[], &[], &[]).unwrap_err().to_string();
         assert!(e.contains("needs a remote"), "{e}");
     }
