@@ -183,7 +183,8 @@ fn plan(repo: &Repository, opts: &CompactOptions, cancel: &AtomicBool) -> Result
     }
     usage.blocks.extend(missing.blocks.into_iter().filter(|b| catalog_blocks.contains(b)));
     let per_volume: BTreeMap<String, VolumeUse> = usage::volume_usage(repo, &usage.blocks)?.into_iter().collect();
-    let listed: HashSet<String> = repo.backend().list(objects::DATA_DIR)?.into_iter().collect();
+    // With sizes: an orphan volume is known to no index, and its size only from here.
+    let listed: BTreeMap<String, u64> = repo.backend().list_sized(objects::DATA_DIR)?.into_iter().collect();
     let sizes: BTreeMap<String, u64> = repo.catalog()?.volumes()?.into_iter().map(|v| (v.name, v.size)).collect();
     let damaged: HashSet<String> = repo.catalog()?.damage()?.into_iter().map(|d| d.object).collect();
 
@@ -191,7 +192,7 @@ fn plan(repo: &Repository, opts: &CompactOptions, cancel: &AtomicBool) -> Result
     let mut small = Vec::new();
     for (name, u) in &per_volume {
         // Missing or damaged volumes are repair's business.
-        if !listed.contains(name) || damaged.contains(name) {
+        if !listed.contains_key(name) || damaged.contains(name) {
             continue;
         }
         let bytes = sizes.get(name).copied().unwrap_or(u.bytes);
@@ -210,10 +211,10 @@ fn plan(repo: &Repository, opts: &CompactOptions, cancel: &AtomicBool) -> Result
     }
     // A volume whose index object is in the box (even a damaged one) is not an orphan.
     let indexes: HashSet<String> = repo.backend().list(objects::INDEX_DIR)?.into_iter().collect();
-    for name in &listed {
+    for (name, &bytes) in &listed {
         let has_index = objects::volume_id_from_name(name).is_some_and(|v| indexes.contains(&objects::index_name(&v)));
         if name.ends_with(".dblock.zip") && !has_index && !sizes.contains_key(name) {
-            out.push(VolumePlan { volume: name.clone(), action: "orphan".into(), bytes: 0, used_bytes: 0 });
+            out.push(VolumePlan { volume: name.to_string(), action: "orphan".into(), bytes, used_bytes: 0 });
         }
     }
     Ok((out, usage.blocks))

@@ -632,6 +632,9 @@ fn compaction_merges_small_volumes_and_cleans_up_after_interruptions() {
     assert!(env.json(&args!["verify"])["notes"].to_string().contains("without an index"));
     let plan = env.json(&args!["compact", "--small-volumes", "3", "--dry-run"]);
     assert!(plan["plan"].as_array().unwrap().len() > 3, "{plan:#}");
+    // The orphan is planned with its size (it is known to no index, only to the listing).
+    let planned = plan["plan"].as_array().unwrap().iter().find(|p| p["action"] == "orphan").cloned();
+    assert_eq!(planned.map(|p| p["bytes"].clone()), Some(serde_json::json!(13)), "{plan:#}");
     assert_eq!(volumes(&env).len(), before + 1);
     let out = env.json(&args!["compact", "--small-volumes", "3"]);
     assert!(!orphan.exists());
