@@ -693,3 +693,16 @@ fn a_modification_time_out_of_range_is_named() {
     env.restore(&args![], &t);
     assert_eq!(fs::read(restored(&t, &src).join("from-the-future.txt")).unwrap(), b"x");
 }
+
+/// An SFTP box given a key file that is not there says so, before any login is tried (ssh
+/// would only say the login was refused).
+#[test]
+fn an_sftp_key_that_is_not_there_is_named() {
+    let env = Env::new();
+    let key = env.path().join("no-such-key");
+    let mut c = env.bare_cmd();
+    c.args(["-r", "sftp://someone@127.0.0.1:9/box", "--option"]).arg(format!("key={}", key.display())).arg("versions");
+    let r = run_cmd(c);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("cannot be read") && r.stderr.contains("no-such-key"), "{r:?}");
+}
