@@ -36,7 +36,7 @@ pub enum Error {
         reason: String,
     },
     /// A block referenced by a tree is not known to the catalog or the box.
-    #[error("block {0} is missing from the repository (no volume holds it)")]
+    #[error("block {0} is in no volume the catalog knows ('brickbox verify' says why; 'brickbox repair' rebuilds lost indexes)")]
     MissingBlock(String),
     /// A malformed encoding inside a decrypted object.
     #[error("malformed data: {0}")]

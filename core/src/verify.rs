@@ -409,15 +409,13 @@ pub fn verify_version_locked(
     let volumes = repo.catalog()?.volumes()?;
     report.volumes = volumes.len();
     let known: HashSet<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
-    for name in data.keys() {
-        let has_index = objects::volume_id_from_name(name).is_some_and(|v| indexes.contains(&objects::index_name(&v)));
-        if !has_index {
-            report.notes.push(format!(
-                "{name}: volume without an index (left by an interrupted backup); no version uses it, \
-                 'brickbox compact' removes it"
-            ));
-        }
-    }
+    // Volumes without an index: noted once it is known whether versions need blocks that no
+    // index lists (then the index was lost, not left unwritten by an interrupted backup).
+    let mut without_index: Vec<&String> = data
+        .keys()
+        .filter(|name| !objects::volume_id_from_name(name).is_some_and(|v| indexes.contains(&objects::index_name(&v))))
+        .collect();
+    without_index.sort();
     for v in &volumes {
         if !data.contains_key(&v.name) {
             let p = f.add(&v.name, "volume is missing from the box");
@@ -590,10 +588,25 @@ pub fn verify_version_locked(
         f.direct.push((p, Affected { version, path: path.to_string_lossy().into_owned() }));
     }
     let unindexed = repo.catalog()?.missing_blocks(usage.blocks.iter().filter(|id| !f.bad_blocks.contains_key(*id)))?;
+    for name in &without_index {
+        report.notes.push(if unindexed.is_empty() {
+            format!(
+                "{name}: volume without an index (left by an interrupted backup); no version uses it, \
+                 'brickbox compact' removes it"
+            )
+        } else {
+            format!("{name}: volume without an index; it may hold blocks versions need, 'brickbox repair' rebuilds its index")
+        });
+    }
     if !unindexed.is_empty() {
+        let fix = if without_index.is_empty() {
+            ""
+        } else {
+            "; volumes without an index may hold them: 'brickbox repair' rebuilds their indexes"
+        };
         let p = f.add(
             objects::INDEX_DIR.trim_end_matches('/'),
-            format!("{} block(s) needed by versions are in no indexed volume", unindexed.len()),
+            format!("{} block(s) needed by versions are in no indexed volume{fix}", unindexed.len()),
         );
         f.bad(unindexed, p);
     }

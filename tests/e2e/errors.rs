@@ -509,9 +509,22 @@ fn blocks_no_index_lists_fail_their_file_once() {
     let hex = file_name(&volume).trim_end_matches(".dblock.zip").to_string();
     fs::remove_file(env.repo.join("index").join(format!("{hex}.dindex"))).unwrap();
     let t = env.path().join("t");
-    let r = env.run_with_db(&env.path().join("fresh.sqlite"), &args!["restore", "--target", &t]);
-    assert!(r.stderr.contains("missing from the repository"), "{}", r.stderr);
+    let fresh = env.path().join("fresh.sqlite");
+    let r = env.run_with_db(&fresh, &args!["restore", "--target", &t]);
+    assert!(
+        r.stderr.contains("is in no volume the catalog knows") && r.stderr.contains("brickbox repair"),
+        "{}",
+        r.stderr
+    );
     assert_only_the_victim_lost(&r, &restored(&t, &src), &src);
+    // verify names the volume as one that may hold them, and repair as the fix.
+    let v = env.run_with_db(&fresh, &args!["verify", "--json"]);
+    let report = v.json();
+    let notes = report["notes"].to_string();
+    assert!(
+        notes.contains(&hex) && notes.contains("rebuilds its index") && !notes.contains("no version uses it"),
+        "{report:#}"
+    );
 }
 
 #[test]
