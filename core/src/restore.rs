@@ -14,7 +14,7 @@ use std::ops::ControlFlow;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
@@ -145,6 +145,11 @@ struct Ctx<'a> {
     /// Items not restored and left as they were (something else in their place that may not
     /// be replaced, or a file that could not be set up): their metadata is not applied.
     skipped: Vec<AtomicBool>,
+    /// Files this restore made anew (not ones it writes in place), and how many of their
+    /// blocks are still to be written: if the restore stops, those not finished are removed,
+    /// so that none is left looking restored and a second run makes them again.
+    made: Vec<AtomicBool>,
+    unfinished: Vec<AtomicUsize>,
 }
 
 /// Restores `paths` (absolute paths inside the version; empty = all) of `version`.
@@ -209,6 +214,8 @@ pub fn restore(
         created: new_target.then(|| items.iter().map(|_| OnceLock::new()).collect()),
         fatal: Mutex::new(None),
         skipped: items.iter().map(|_| AtomicBool::new(false)).collect(),
+        made: items.iter().map(|_| AtomicBool::new(false)).collect(),
+        unfinished: items.iter().map(|_| AtomicUsize::new(0)).collect(),
     };
     if let Some(t) = &opts.target {
         std::fs::create_dir_all(t)
@@ -283,72 +290,88 @@ pub fn restore(
         }
         files.push(i);
     }
-    if ctx.created.is_some() {
-        let plans = files.iter().map(|&i| FilePlan::new_file(i, &items[i].node)).collect();
-        // Creates the files in order, ahead of most blocks; a run with a block for a file not
-        // created yet creates it itself.
-        let create_all = || {
-            for &i in &files {
-                if ctx.cancel.load(Ordering::Relaxed) || ctx.failed.load(Ordering::Relaxed) {
-                    break;
-                }
-                ctx.ready(&items[i], i);
+    // 2b. The contents. If the restore stops, the files it made and did not finish are
+    // removed: none is left looking restored, and a second run makes them again.
+    // (The groups of hard links come back: their first names may change on the way.)
+    let contents = |mut links: Vec<(usize, usize)>| -> Result<Vec<(usize, usize)>> {
+        if ctx.created.is_some() {
+            let plans: Vec<FilePlan> = files.iter().map(|&i| FilePlan::new_file(i, &items[i].node)).collect();
+            for p in &plans {
+                ctx.unfinished[p.item].store(p.blocks.len(), Ordering::Relaxed);
             }
-        };
-        let (fetched, created) = std::thread::scope(|s| {
-            // Started once the reads are planned: on a busy core, planning them comes first.
-            let mut creator = None;
-            let start_creator = || {
-                let thread = std::thread::Builder::new().name("brickbox-create".into());
-                creator = thread.spawn_scoped(s, create_all).ok();
-            };
-            let fetched = ctx.fetch_and_write(&pool, &items, plans, start_creator);
-            if fetched.is_err() {
-                ctx.failed.store(true, Ordering::Relaxed);
-            }
-            let created = match creator {
-                Some(h) => h.join().map_err(|_| Error::Invalid("creating the restored files failed".into())),
-                // Without a thread to spare, the files no block went to are created here
-                // (none after an error before the reads: `failed` is set).
-                None => {
-                    create_all();
-                    Ok(())
+            // Creates the files in order, ahead of most blocks; a run with a block for a file not
+            // created yet creates it itself.
+            let create_all = || {
+                for &i in &files {
+                    if ctx.cancel.load(Ordering::Relaxed) || ctx.failed.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    ctx.ready(&items[i], i);
                 }
             };
-            (fetched, created)
-        });
-        if let Some(e) = ctx.fatal.lock().ok().and_then(|mut f| f.take()) {
-            return Err(e);
-        }
-        fetched?;
-        created?;
-    } else {
-        let plans: Vec<Option<FilePlan>> =
-            files.par_iter().map(|&i| ctx.prepare_file(&items[i], i)).collect::<Result<_>>()?;
-        let mut plans: Vec<FilePlan> = plans.into_iter().flatten().collect();
-        // A group of hard links whose first name was left as it was (something that may not
-        // be replaced is there) is restored through its next name that can be.
-        let mut taken_over: HashMap<usize, usize> = HashMap::new();
-        let mut kept = Vec::with_capacity(links.len());
-        for (first, i) in links {
-            if !ctx.is_skipped(first) {
-                kept.push((first, i));
-            } else if let Some(&by) = taken_over.get(&first) {
-                kept.push((by, i));
-            } else {
-                let plan = ctx.prepare_file(&items[i], i)?;
-                if !ctx.is_skipped(i) {
-                    plans.extend(plan);
-                    taken_over.insert(first, i);
+            let (fetched, created) = std::thread::scope(|s| {
+                // Started once the reads are planned: on a busy core, planning them comes first.
+                let mut creator = None;
+                let start_creator = || {
+                    let thread = std::thread::Builder::new().name("brickbox-create".into());
+                    creator = thread.spawn_scoped(s, create_all).ok();
+                };
+                let fetched = ctx.fetch_and_write(&pool, &items, plans, start_creator);
+                if fetched.is_err() {
+                    ctx.failed.store(true, Ordering::Relaxed);
+                }
+                let created = match creator {
+                    Some(h) => h.join().map_err(|_| Error::Invalid("creating the restored files failed".into())),
+                    // Without a thread to spare, the files no block went to are created here
+                    // (none after an error before the reads: `failed` is set).
+                    None => {
+                        create_all();
+                        Ok(())
+                    }
+                };
+                (fetched, created)
+            });
+            if let Some(e) = ctx.fatal.lock().ok().and_then(|mut f| f.take()) {
+                return Err(e);
+            }
+            fetched?;
+            created?;
+        } else {
+            let plans: Vec<Option<FilePlan>> =
+                files.par_iter().map(|&i| ctx.prepare_file(&items[i], i)).collect::<Result<_>>()?;
+            let mut plans: Vec<FilePlan> = plans.into_iter().flatten().collect();
+            // A group of hard links whose first name was left as it was (something that may not
+            // be replaced is there) is restored through its next name that can be.
+            let mut taken_over: HashMap<usize, usize> = HashMap::new();
+            let mut kept = Vec::with_capacity(links.len());
+            for (first, i) in links {
+                if !ctx.is_skipped(first) {
+                    kept.push((first, i));
+                } else if let Some(&by) = taken_over.get(&first) {
+                    kept.push((by, i));
+                } else {
+                    let plan = ctx.prepare_file(&items[i], i)?;
+                    if !ctx.is_skipped(i) {
+                        plans.extend(plan);
+                        taken_over.insert(first, i);
+                    }
                 }
             }
+            links = kept;
+            ctx.fetch_and_write(&pool, &items, plans, || {})?;
         }
-        links = kept;
-        ctx.fetch_and_write(&pool, &items, plans, || {})?;
+        Ok(links)
+    };
+    let contents = contents(links);
+    if contents.is_err() || cancel.load(Ordering::Relaxed) {
+        let removed = ctx.remove_unfinished(&items);
+        contents?;
+        return Err(Error::Interrupted(match removed {
+            0 => "restore stopped".to_string(),
+            n => format!("restore stopped; the {n} file(s) it had begun were removed (run it again to restore them)"),
+        }));
     }
-    if cancel.load(Ordering::Relaxed) {
-        return Err(Error::Interrupted("restore stopped; restored files may be incomplete".into()));
-    }
+    let links = contents?;
 
     // Nothing is read from the box after this: its lock is released (a round trip on a
     // remote box) while links and metadata are restored.
@@ -652,10 +675,16 @@ impl RunWriter<'_, '_> {
                 Some((_, f)) => ctx.write_at(f, data, off, dest, sparse_from),
                 None => Ok(()),
             };
-            if let Err(e) = r {
-                // Not whole: not given the backup's times and mode, as if it were.
-                ctx.skip(item);
-                ctx.file_problem(&self.items[item], e)?;
+            match r {
+                Ok(()) => {
+                    let _ =
+                        ctx.unfinished[item].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+                }
+                Err(e) => {
+                    // Not whole: not given the backup's times and mode, as if it were.
+                    ctx.skip(item);
+                    ctx.file_problem(&self.items[item], e)?;
+                }
             }
             ctx.progress.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
         }
@@ -671,6 +700,13 @@ fn fetch_plan(repo: &Repository) -> (usize, u64) {
 const PAGE: usize = 4096;
 
 impl Ctx<'_> {
+    /// Removes the files this restore made and did not finish; how many.
+    fn remove_unfinished(&self, items: &[Item]) -> usize {
+        let unfinished = (0..items.len())
+            .filter(|&i| self.made[i].load(Ordering::Relaxed) && self.unfinished[i].load(Ordering::Relaxed) > 0);
+        unfinished.filter(|&i| std::fs::remove_file(&items[i].dest).is_ok()).count()
+    }
+
     /// Notes item `item` as not restored, left as it was.
     fn skip(&self, item: usize) {
         self.skipped[item].store(true, Ordering::Relaxed);
@@ -755,7 +791,7 @@ impl Ctx<'_> {
     fn ready(&self, it: &Item, item: usize) -> bool {
         let Some(created) = self.created.as_ref().and_then(|c| c.get(item)) else { return true };
         *created.get_or_init(|| {
-            let e = match self.create_new_file(it) {
+            let e = match self.create_new_file(it, item) {
                 Ok(write) => return write,
                 Err(e) => e,
             };
@@ -778,7 +814,7 @@ impl Ctx<'_> {
 
     /// Creates file `it` in a new target, as long as its backup says (the rest a hole);
     /// `false` when nothing is to be written to it (the same file was found there).
-    fn create_new_file(&self, it: &Item) -> Result<bool> {
+    fn create_new_file(&self, it: &Item, item: usize) -> Result<bool> {
         let dest = &it.dest;
         let create = || OpenOptions::new().write(true).create_new(true).open(dest);
         let file = match create() {
@@ -787,18 +823,22 @@ impl Ctx<'_> {
                 if let Some(parent) = dest.parent() {
                     self.ensure_dir(parent)?;
                 }
-                create().at(dest)?
+                let file = create().at(dest)?;
+                self.made[item].store(true, Ordering::Relaxed);
+                file
             }
             // Something else put it there meanwhile: as in a target that held it, the same
             // file is left as it is and another one replaced only with --overwrite.
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                 let (file, fresh) = self.open_existing(dest)?;
                 if fresh {
+                    self.made[item].store(true, Ordering::Relaxed);
                     file
                 } else if self.compare_existing(it, &file)?.is_none() {
                     return Ok(false);
                 } else if let Some(old) = file.metadata().ok().filter(|m| m.nlink() > 1) {
                     // Not written through: other names share it.
+                    self.made[item].store(true, Ordering::Relaxed);
                     self.replace_file(dest, &old)?
                 } else {
                     // Written anew from nothing, so that all-zero pages may stay holes.
@@ -806,7 +846,11 @@ impl Ctx<'_> {
                     file
                 }
             }
-            other => other.at(dest)?,
+            other => {
+                let file = other.at(dest)?;
+                self.made[item].store(true, Ordering::Relaxed);
+                file
+            }
         };
         if it.node.size > 0 {
             file.set_len(it.node.size).at(dest)?;
@@ -862,16 +906,17 @@ impl Ctx<'_> {
             None => self.open_existing(dest)?,
         };
         let content = &it.node.content;
-        let (file, wanted, sparse_from) = if fresh {
-            (file, vec![true; content.len()], 0)
+        // The file, the blocks it needs, where holes may start, and whether it is a new one.
+        let (file, wanted, sparse_from, new) = if fresh {
+            (file, vec![true; content.len()], 0, true)
         } else {
             let old = file.metadata().at(dest)?;
             match self.compare_existing(it, &file)? {
                 None => return Ok(None),
                 // Other names share this file (hard links, maybe outside what is restored):
                 // writing it would change them too, so it is replaced by a new one.
-                Some(_) if old.nlink() > 1 => (self.replace_file(dest, &old)?, vec![true; content.len()], 0),
-                Some(differs) => (file, differs, old.len()),
+                Some(_) if old.nlink() > 1 => (self.replace_file(dest, &old)?, vec![true; content.len()], 0, true),
+                Some(differs) => (file, differs, old.len(), false),
             }
         };
         // Setting the length first leaves unwritten (all-zero) ranges as holes.
@@ -887,6 +932,10 @@ impl Ctx<'_> {
             off += u64::from(b.len);
         }
         self.progress.files.fetch_add(1, Ordering::Relaxed);
+        if new {
+            self.made[index].store(true, Ordering::Relaxed);
+            self.unfinished[index].store(blocks.len(), Ordering::Relaxed);
+        }
         Ok(Some(FilePlan { item: index, sparse_from, blocks }))
     }
 

@@ -1,4 +1,4 @@
-//! Interrupted backups: the next backup completes, reuses what was uploaded, and restores bit-exact.
+//! Interrupted backups and restores: the next run completes, reuses what was done, and restores bit-exact.
 //!
 //! The source is 48 MiB rather than the ~300 MiB of the issue, with 1 MiB volumes instead of 8 MiB
 //! (so about as many volumes): a debug build stores new data at only ~5 MB/s, because the generic
@@ -117,4 +117,38 @@ fn sigkill_during_backup_then_rerun_completes() {
     let (code, _) = interrupted_backup(&env, &src, libc::SIGKILL);
     assert_eq!(code, None, "killed by the signal");
     check_rerun(&env, &src, total);
+}
+
+/// A restore stopped by Ctrl-C leaves no file it had begun looking restored (those it had
+/// not finished are removed; it said they were zero-filled placeholders with the backed-up
+/// size before), and a second run restores everything, without --overwrite.
+#[test]
+fn sigint_during_restore_leaves_no_unfinished_file_and_a_rerun_completes() {
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    make_source(&src, 700);
+    env.backup(&args![&src, "--volume-size", VOLUME]);
+    let t = env.path().join("t");
+    let out = restored(&t, &src);
+    let err_path = env.path().join("restore.stderr");
+    let mut c = env.cmd(&args!["restore", "--target", &t]);
+    c.stdout(Stdio::null()).stderr(File::create(&err_path).unwrap());
+    let mut child = c.spawn().unwrap();
+    // Stopped once the files are made and the first is being written.
+    let start = Instant::now();
+    while !out.join("data0.bin").exists() && child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(120), "the restore made no file");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    let stderr = fs::read_to_string(&err_path).unwrap();
+    eprintln!("restore stopped with {status}: {stderr}");
+    for name in ["data0.bin", "small.txt", "nested/data1.bin", "data2.bin"] {
+        let p = out.join(name);
+        assert!(!p.exists() || same_content(&p, &src.join(name)), "{name} left unfinished ({status}): {stderr}");
+    }
+    env.restore(&args![], &t);
+    assert_same_tree(&src, &out, Compare::ALL);
 }
