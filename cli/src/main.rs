@@ -33,7 +33,15 @@ fn main() -> ExitCode {
         }
         eprintln!("\nbrickbox: interrupted, finishing what is in flight (press Ctrl-C again to abort at once)");
     });
-    match commands::run(cli) {
+    // Unwinding from a print into a closed pipe releases what the command holds (its lock
+    // on the box) on the way out.
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| commands::run(cli)));
+    let ran = match ran {
+        Ok(ran) => ran,
+        Err(_) if OUTPUT_CLOSED.load(Ordering::SeqCst) => return ExitCode::from(141),
+        Err(panic) => std::panic::resume_unwind(panic),
+    };
+    match ran {
         Ok(code) => ExitCode::from(code),
         // The reader of the output went away (`| head`): quietly, as other tools end then
         // (128 + SIGPIPE).
@@ -48,8 +56,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// Output printed with `println!` into a pipe whose reader went away ends the process as
-/// an error from writing it does (see `main`), not with a panic and its backtrace.
+/// Set when `println!` failed because the reader of the output went away.
+static OUTPUT_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// Output printed with `println!` into a pipe whose reader went away ends the command as an
+/// error from writing it does (see `main`), not with a panic message and its backtrace.
 fn quiet_when_output_closes() {
     let earlier = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -57,7 +68,8 @@ fn quiet_when_output_closes() {
         let text =
             payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied());
         if text.is_some_and(|t| t.starts_with("failed printing to stdout")) && brickbox_platform::stdout_reader_gone() {
-            std::process::exit(141);
+            OUTPUT_CLOSED.store(true, Ordering::SeqCst);
+            return;
         }
         earlier(info);
     }));

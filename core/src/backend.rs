@@ -449,17 +449,6 @@ impl Backend {
             }
             _ => None,
         };
-        if loc.service == "sftp" {
-            // ssh only says the login was refused when the key it was given is not there.
-            if let Some(key) = loc.config.get("key") {
-                std::fs::File::open(key).map_err(|e| {
-                    Error::Invalid(format!(
-                        "the SSH key {key} for {} cannot be read: {e} (give the private key's path with --option key=FILE)",
-                        loc.display
-                    ))
-                })?;
-            }
-        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("brickbox-io")

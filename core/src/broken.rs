@@ -38,22 +38,23 @@ fn unreadable_blocks(repo: &Repository) -> Result<HashSet<BlockId>> {
     let listed: HashSet<String> = repo.backend().list(objects::DATA_DIR)?.into_iter().collect();
     let mut gone_vols: HashSet<String> = HashSet::new();
     // A volume's problems as a whole (its size, its hash) are found by a check that reads
-    // each of its blocks too, and records each bad one: those are what cannot be read.
-    let mut bad: HashSet<BlockId> = repo.catalog()?.damage()?.into_iter().filter_map(|d| d.block).collect();
+    // each of its blocks too, and records each bad one: those are what cannot be read there.
+    let damaged: HashSet<(String, BlockId)> =
+        repo.catalog()?.damage()?.into_iter().filter_map(|d| Some((d.object, d.block?))).collect();
+    let mut bad: HashSet<BlockId> = damaged.iter().map(|(_, b)| *b).collect();
     let volumes = repo.catalog()?.volumes()?;
     for v in volumes {
         if !listed.contains(&v.name) {
             gone_vols.insert(v.name);
         }
     }
-    // A block counts as readable if any volume that is neither gone nor wholly damaged holds
-    // it intact.
+    // A block counts as readable if a volume that is not gone holds it undamaged.
     let mut readable = HashSet::new();
     let mut in_gone = HashSet::new();
     repo.catalog()?.for_each_block(|vol, id, _| {
         if gone_vols.contains(vol) {
             in_gone.insert(id);
-        } else if !bad.contains(&id) {
+        } else if !bad.contains(&id) || !damaged.contains(&(vol.to_string(), id)) {
             readable.insert(id);
         }
     })?;

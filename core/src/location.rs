@@ -767,6 +767,19 @@ pub fn parse_with_env(
             b.set("endpoint", ep.trim_end_matches('/'));
         }
     }
+    // ssh only says the login was refused when the key it was given cannot be read (it tries
+    // the agent's keys and its own instead): said here, naming the file.
+    if let (Some(key), "sftp") = (b.config.get("key").cloned(), info.service) {
+        let path = match (key.strip_prefix("~/"), std::env::var_os("HOME")) {
+            (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
+            _ => PathBuf::from(&key),
+        };
+        if let Err(e) = std::fs::File::open(&path) {
+            b.warnings.push(format!(
+                "the SSH key {key} cannot be read ({e}); ssh tries the agent's keys and its default ones instead"
+            ));
+        }
+    }
     for (k, v) in &b.config {
         if is_secret_key(k) && !v.is_empty() {
             b.secrets.push(v.clone());
@@ -793,15 +806,17 @@ fn rclone_remote_shown(remote: &str) -> (String, Vec<String>) {
         Some(rest) => (":", rest),
         None => ("", remote),
     };
-    // A path with no remote (`/srv/box`) has a slash before any colon; one inside quotes
-    // (`url='http://…'`) is a parameter's.
-    let is_remote = |name: &str| split_unquoted(name, '/').is_none() && split_unquoted(name, '\\').is_none();
-    let Some((name, path)) = split_unquoted(body, ':').filter(|(name, _)| is_remote(name)) else {
+    let Some((name, path)) = split_unquoted(body, ':') else {
         return (remote.to_string(), Vec::new());
     };
     let Some((base, params)) = split_unquoted(name, ',') else {
         return (remote.to_string(), Vec::new());
     };
+    // A path with no remote (`/srv/a,b:c`) has a slash in what would be the remote's name;
+    // parameters may hold slashes (a secret key, a quoted URL). `:backend,…` always has one.
+    if lead.is_empty() && base.contains(['/', '\\']) {
+        return (remote.to_string(), Vec::new());
+    }
     // A value holding an unquoted `:` (`endpoint=https://…`; rclone wants it quoted) ends the
     // name too early: what looks like the path then still holds parameters, so none of it is
     // shown, and its parameters are looked at for secrets too.
@@ -1283,6 +1298,13 @@ mod tests {
         let l = p("rclone://:webdav,url='http://127.0.0.1:41002',user=u,pass=OBSC9ured:/rcbox", &[], &[]);
         assert_eq!(l.display, "rclone://:webdav,…:/rcbox");
         assert_eq!(l.secrets, vec!["OBSC9ured".to_string()]);
+        // A secret with a slash, as S3 secret keys often have.
+        let l = p("rclone://:s3,access_key_id=AK,secret_access_key=wJal/K7MD:bucket/box", &[], &[]);
+        assert_eq!(
+            (l.display.as_str(), l.secrets.clone()),
+            ("rclone://:s3,…:bucket/box", vec!["wJal/K7MD".to_string()])
+        );
+        assert_eq!(p("rclone:///srv/a,b:c", &[], &[]).display, "rclone:///srv/a,b:c");
         let e = parse_with_env("rclone://", &[], &[], &[]).unwrap_err().to_string();
         assert!(e.contains("needs a remote"), "{e}");
     }

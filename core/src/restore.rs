@@ -145,9 +145,10 @@ struct Ctx<'a> {
     /// Items not restored and left as they were (something else in their place that may not
     /// be replaced, or a file that could not be set up): their metadata is not applied.
     skipped: Vec<AtomicBool>,
-    /// Files this restore made anew (not ones it writes in place), and how many of their
-    /// blocks are still to be written: if the restore stops, those not finished are removed,
-    /// so that none is left looking restored and a second run makes them again.
+    /// Files this restore made where nothing was (not ones it writes in place or put in the
+    /// place of something), and how many of their blocks are still to be written: if the
+    /// restore stops, those not finished are removed, so that none is left looking restored
+    /// and a second run makes them again.
     made: Vec<AtomicBool>,
     unfinished: Vec<AtomicUsize>,
 }
@@ -226,9 +227,9 @@ pub fn restore(
         let _ = std::fs::remove_file(&probe);
     }
 
-    // Directories recorded only as the way down to a source are the system's own: they may
-    // be symlinks to folders (as /home is on some systems), and their metadata is left as it
-    // is. (Not one that is itself a source or inside one: `backup /a /a/b` backs up /a whole.)
+    // Directories recorded only as the way down to a source are the system's own: in place,
+    // they may be symlinks to folders (as /home is on some systems), and their metadata is
+    // left as it is. (Not one that is itself a source or inside one: `backup /a /a/b` backs up /a whole.)
     let sources: Vec<&Path> = version.sources.iter().map(Path::new).collect();
     let above: HashSet<PathBuf> = sources
         .iter()
@@ -245,7 +246,9 @@ pub fn restore(
             ctx.skip(i);
             continue;
         }
-        if it.node.kind != FileKind::Dir || (above.contains(&it.source) && it.dest.is_dir()) {
+        // (In place only: under a target, a symlink there would lead out of it.)
+        let system_dir = above.contains(&it.source) && opts.target.is_none() && it.dest.is_dir();
+        if it.node.kind != FileKind::Dir || system_dir {
             continue;
         }
         if let Some(parent) = it.dest.parent() {
@@ -366,10 +369,12 @@ pub fn restore(
     if contents.is_err() || cancel.load(Ordering::Relaxed) {
         let removed = ctx.remove_unfinished(&items);
         contents?;
-        return Err(Error::Interrupted(match removed {
-            0 => "restore stopped".to_string(),
-            n => format!("restore stopped; the {n} file(s) it had begun were removed (run it again to restore them)"),
-        }));
+        let removed = match removed {
+            0 => String::new(),
+            n => format!("; the {n} new file(s) it had not finished were removed"),
+        };
+        let in_place = if opts.overwrite { "; files it was rewriting in place may be incomplete" } else { "" };
+        return Err(Error::Interrupted(format!("restore stopped{removed}{in_place} (run it again to finish)")));
     }
     let links = contents?;
 
@@ -816,7 +821,7 @@ impl Ctx<'_> {
     /// `false` when nothing is to be written to it (the same file was found there).
     fn create_new_file(&self, it: &Item, item: usize) -> Result<bool> {
         let dest = &it.dest;
-        let create = || OpenOptions::new().write(true).create_new(true).open(dest);
+        let create = || create_file(dest);
         let file = match create() {
             // A folder above it that was not restored (a single file asked for).
             Err(e) if e.kind() == ErrorKind::NotFound => {
@@ -830,15 +835,14 @@ impl Ctx<'_> {
             // Something else put it there meanwhile: as in a target that held it, the same
             // file is left as it is and another one replaced only with --overwrite.
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-                let (file, fresh) = self.open_existing(dest)?;
+                let (file, fresh, was_there) = self.open_existing(dest)?;
                 if fresh {
-                    self.made[item].store(true, Ordering::Relaxed);
+                    self.made[item].store(!was_there, Ordering::Relaxed);
                     file
                 } else if self.compare_existing(it, &file)?.is_none() {
                     return Ok(false);
                 } else if let Some(old) = file.metadata().ok().filter(|m| m.nlink() > 1) {
                     // Not written through: other names share it.
-                    self.made[item].store(true, Ordering::Relaxed);
                     self.replace_file(dest, &old)?
                 } else {
                     // Written anew from nothing, so that all-zero pages may stay holes.
@@ -891,7 +895,7 @@ impl Ctx<'_> {
     fn try_prepare_file(&self, it: &Item, index: usize) -> Result<Option<FilePlan>> {
         let dest = &it.dest;
         // Usually the file is new: one call creates it (and fails if anything is there).
-        let created = match OpenOptions::new().write(true).create_new(true).open(dest) {
+        let created = match create_file(dest) {
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 if let Some(parent) = dest.parent() {
                     self.ensure_dir(parent)?;
@@ -901,22 +905,22 @@ impl Ctx<'_> {
             Err(e) if e.kind() == ErrorKind::AlreadyExists => None,
             other => Some(other.at(dest)?),
         };
-        let (file, fresh) = match created {
-            Some(file) => (file, true),
+        let (file, fresh, was_there) = match created {
+            Some(file) => (file, true, false),
             None => self.open_existing(dest)?,
         };
         let content = &it.node.content;
-        // The file, the blocks it needs, where holes may start, and whether it is a new one.
-        let (file, wanted, sparse_from, new) = if fresh {
-            (file, vec![true; content.len()], 0, true)
+        // The file, the blocks it needs, and where holes may start.
+        let (file, wanted, sparse_from) = if fresh {
+            (file, vec![true; content.len()], 0)
         } else {
             let old = file.metadata().at(dest)?;
             match self.compare_existing(it, &file)? {
                 None => return Ok(None),
                 // Other names share this file (hard links, maybe outside what is restored):
                 // writing it would change them too, so it is replaced by a new one.
-                Some(_) if old.nlink() > 1 => (self.replace_file(dest, &old)?, vec![true; content.len()], 0, true),
-                Some(differs) => (file, differs, old.len(), false),
+                Some(_) if old.nlink() > 1 => (self.replace_file(dest, &old)?, vec![true; content.len()], 0),
+                Some(differs) => (file, differs, old.len()),
             }
         };
         // Setting the length first leaves unwritten (all-zero) ranges as holes.
@@ -932,7 +936,8 @@ impl Ctx<'_> {
             off += u64::from(b.len);
         }
         self.progress.files.fetch_add(1, Ordering::Relaxed);
-        if new {
+        // A file where there was none: if the restore stops before it is whole, it goes.
+        if fresh && !was_there {
             self.made[index].store(true, Ordering::Relaxed);
             self.unfinished[index].store(blocks.len(), Ordering::Relaxed);
         }
@@ -940,10 +945,11 @@ impl Ctx<'_> {
     }
 
     /// Opens what is already at `dest` to compare it with the backup, or replaces it with a
-    /// new file when it is something else (and `--overwrite` allows it). `true` = new file.
-    fn open_existing(&self, dest: &Path) -> Result<(File, bool)> {
+    /// new file when it is something else (and `--overwrite` allows it); whether the file is
+    /// new, and whether something was there before.
+    fn open_existing(&self, dest: &Path) -> Result<(File, bool, bool)> {
         Ok(match std::fs::symlink_metadata(dest) {
-            Ok(m) if m.is_file() => (open_no_follow(OpenOptions::new().read(true).write(true), dest)?, false),
+            Ok(m) if m.is_file() => (open_no_follow(OpenOptions::new().read(true).write(true), dest)?, false, true),
             Ok(_) => {
                 if !self.opts.overwrite {
                     return Err(Error::Invalid("exists and is not a regular file (use --overwrite)".into()));
@@ -951,9 +957,9 @@ impl Ctx<'_> {
                 if std::fs::remove_dir(dest).is_err() {
                     std::fs::remove_file(dest).at(dest)?;
                 }
-                (File::create(dest).at(dest)?, true)
+                (create_file(dest).at(dest)?, true, true)
             }
-            Err(_) => (File::create(dest).at(dest)?, true),
+            Err(_) => (create_file(dest).at(dest)?, true, false),
         })
     }
 
@@ -962,7 +968,7 @@ impl Ctx<'_> {
     /// so that the name is never missing.
     fn replace_file(&self, dest: &Path, old: &std::fs::Metadata) -> Result<File> {
         let tmp = dest.with_file_name(format!(".brickbox-{}.tmp", hex::encode(crate::crypto::random_bytes::<8>())));
-        let file = OpenOptions::new().write(true).create_new(true).open(&tmp).at(&tmp)?;
+        let file = create_file(&tmp).at(&tmp)?;
         // Best effort: without the right to, the file stays the restoring user's.
         let _ = std::os::unix::fs::fchown(&file, Some(old.uid()), Some(old.gid()));
         if let Err(e) = std::fs::rename(&tmp, dest) {
@@ -1201,6 +1207,13 @@ impl Ctx<'_> {
             self.warn(format!("{}: cannot set times: {e}", dest.display()));
         }
     }
+}
+
+/// Creates the file `dest`, which must not exist, readable by its owner only until the
+/// backed-up mode is set (a file left incomplete keeps it, whatever it holds).
+fn create_file(dest: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new().write(true).create_new(true).mode(0o600).open(dest)
 }
 
 /// Opens the file at `dest` itself: a symlink put in its place since it was looked at (in a

@@ -1078,11 +1078,20 @@ impl Blocks {
         if let Err(e) = fetched {
             let e = Arc::new(e);
             let left = locs.iter().zip(claims).filter_map(|(loc, c)| c.map(|c| (loc, c)));
+            // A remote box that did not answer, after every retry: the others would fail the
+            // same way, each after as long again, so none is asked for alone.
+            let unanswered = !e.is_damage() && !self.repo.backend().is_local();
             for (loc, claim) in left {
-                // Gone or cut short (a compaction may have moved the blocks): each is looked
-                // for elsewhere. Not answered, after every retry: the others would fail the
-                // same way, each after as long again, so none is asked for alone.
-                let r = if e.is_damage() { self.relocate_after(e.clone(), loc, &claim.id) } else { Err(e.clone()) };
+                let r = if unanswered {
+                    Err(e.clone())
+                } else if e.is_damage() {
+                    // Gone or cut short (a compaction may have moved the blocks): each is
+                    // looked for elsewhere.
+                    self.relocate_after(e.clone(), loc, &claim.id)
+                } else {
+                    // A local read error: the others may read.
+                    self.fetch_or_relocate(loc, &claim.id)
+                };
                 claim.finish(r);
             }
         }

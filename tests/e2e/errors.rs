@@ -656,12 +656,17 @@ fn output_into_a_closed_pipe_ends_quietly() {
         fs::write(src.join(format!("a-file-with-a-rather-long-name-{i:05}.txt")), b"x").unwrap();
     }
     env.backup(&args![&src]);
-    // The same with every file broken (their volumes gone): a listing printed line by line.
+    // The same with every file broken (the volume of their contents gone, not that of the
+    // trees): a listing printed line by line.
     let env2 = Env::with_box();
-    env2.backup(&args![&src]);
-    for v in objects(&env2.repo, "data") {
-        fs::remove_file(v).unwrap();
+    let src2 = env2.mkdir("src");
+    for i in 0..3000 {
+        fs::write(src2.join(format!("a-file-with-a-rather-long-name-{i:05}.bin")), random_bytes(i, 1000)).unwrap();
     }
+    env2.backup(&args![&src2]);
+    let contents = objects(&env2.repo, "data").into_iter().max_by_key(|v| fs::metadata(v).unwrap().len()).unwrap();
+    fs::remove_file(contents).unwrap();
+    assert!(env2.run(&args!["list-broken-files"]).stdout.lines().count() > 2000);
     let commands = [
         (&env, args!["ls", "-R", "latest"]),
         (&env, args!["ls", "-R", "latest", "--json"]),
@@ -707,14 +712,15 @@ fn a_modification_time_out_of_range_is_named() {
     assert_eq!(fs::read(restored(&t, &src).join("from-the-future.txt")).unwrap(), b"x");
 }
 
-/// An SFTP box given a key file that is not there says so, before any login is tried (ssh
-/// would only say the login was refused).
+/// An SFTP box given a key file that cannot be read says so, naming it (ssh would only say
+/// the login was refused, after trying other keys).
 #[test]
 fn an_sftp_key_that_is_not_there_is_named() {
     let env = Env::new();
     let key = env.path().join("no-such-key");
     let mut c = env.bare_cmd();
-    c.args(["-r", "sftp://someone@127.0.0.1:9/box", "--option"]).arg(format!("key={}", key.display())).arg("versions");
+    c.args(["-r", "sftp://someone@127.0.0.1:9/box", "--retries", "0", "--option"]);
+    c.arg(format!("key={}", key.display())).arg("versions");
     let r = run_cmd(c);
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("cannot be read") && r.stderr.contains("no-such-key"), "{r:?}");
