@@ -216,11 +216,14 @@ impl Catalog {
         Ok(())
     }
 
-    /// Where a block is stored, if any volume holds it (the newest copy when several do).
+    /// Where a block is stored, if any volume holds it: when several do, a copy not recorded
+    /// as damaged, the newest of those.
     pub fn block(&self, id: &BlockId) -> Result<Option<BlockLocation>> {
         let mut st = self.conn.prepare_cached(
             "SELECT v.name, b.offset, b.length, b.raw_length FROM blocks b JOIN volumes v ON v.id = b.volume \
-             WHERE b.hash = ?1 ORDER BY b.volume DESC LIMIT 1",
+             WHERE b.hash = ?1 \
+             ORDER BY EXISTS (SELECT 1 FROM damage d WHERE d.object = v.name AND d.block = b.hash), b.volume DESC \
+             LIMIT 1",
         )?;
         Ok(st
             .query_row([&id.0[..]], |r| {
@@ -601,4 +604,32 @@ pub fn decode_content(buf: &[u8]) -> Result<Vec<BlockRef>> {
         out.push(BlockRef { id, len });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objects::IndexEntry;
+
+    fn volume(n: u8, id: BlockId) -> VolumeIndex {
+        let entry = IndexEntry { id, offset: u64::from(n) * 100, length: 50, raw_len: 40 };
+        VolumeIndex { volume_id: [n; 16], volume_size: 1000, volume_hash: None, entries: vec![entry] }
+    }
+
+    #[test]
+    fn a_block_held_twice_is_read_from_a_copy_not_recorded_as_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cat = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
+        let id = BlockId([7; 32]);
+        cat.add_volume(&volume(1, id)).unwrap();
+        cat.add_volume(&volume(2, id)).unwrap();
+        let newest = objects::volume_name(&[2; 16]);
+        assert_eq!(cat.block(&id).unwrap().map(|l| l.volume), Some(newest.clone()));
+        cat.record_damage(&Damage { object: newest.clone(), block: Some(id), problem: "bad".into() }).unwrap();
+        assert_eq!(cat.block(&id).unwrap().map(|l| l.volume), Some(objects::volume_name(&[1; 16])));
+        // Damage to the volume as a whole (its hash) says nothing about this block.
+        cat.clear_damage(&newest).unwrap();
+        cat.record_damage(&Damage { object: newest.clone(), block: None, problem: "hash".into() }).unwrap();
+        assert_eq!(cat.block(&id).unwrap().map(|l| l.volume), Some(newest));
+    }
 }

@@ -806,8 +806,12 @@ fn rclone_remote_shown(remote: &str) -> (String, Vec<String>) {
         Some(rest) => (":", rest),
         None => ("", remote),
     };
-    let Some((name, path)) = split_unquoted(body, ':') else {
-        return (remote.to_string(), Vec::new());
+    let (name, path) = match split_unquoted(body, ':') {
+        Some(split) => split,
+        // A connection string with nothing after its parameters (a typo, an unclosed quote):
+        // all of it is parameters.
+        None if !lead.is_empty() => (body, ""),
+        None => return (remote.to_string(), Vec::new()),
     };
     let Some((base, params)) = split_unquoted(name, ',') else {
         return (remote.to_string(), Vec::new());
@@ -838,7 +842,7 @@ fn rclone_remote_shown(remote: &str) -> (String, Vec<String>) {
             secrets.push(v.to_string());
         }
     }
-    if params_in_path {
+    if params_in_path || path.is_empty() {
         return (format!("{lead}{base},…"), secrets);
     }
     (format!("{lead}{base},…:{path}"), secrets)
@@ -1305,6 +1309,15 @@ mod tests {
             ("rclone://:s3,…:bucket/box", vec!["wJal/K7MD".to_string()])
         );
         assert_eq!(p("rclone:///srv/a,b:c", &[], &[]).display, "rclone:///srv/a,b:c");
+        // No path after the parameters, or a quote left open: still no secret shown.
+        for typo in [":s3,access_key_id=AK,secret_access_key=SKtypo", ":s3,secret_access_key='SKtypo"] {
+            let l = p(&format!("rclone://{typo}"), &[], &[]);
+            assert_eq!(
+                (l.display.as_str(), l.secrets.clone()),
+                ("rclone://:s3,…", vec!["SKtypo".to_string()]),
+                "{typo}"
+            );
+        }
         let e = parse_with_env("rclone://", &[], &[], &[]).unwrap_err().to_string();
         assert!(e.contains("needs a remote"), "{e}");
     }
