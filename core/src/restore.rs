@@ -151,6 +151,8 @@ struct Ctx<'a> {
     /// and a second run makes them again.
     made: Vec<AtomicBool>,
     unfinished: Vec<AtomicUsize>,
+    /// Folders under the target found to be folders, not symlinks (see [`Ctx::ensure_dir`]).
+    checked_dirs: Mutex<HashSet<PathBuf>>,
 }
 
 /// Restores `paths` (absolute paths inside the version; empty = all) of `version`.
@@ -217,6 +219,7 @@ pub fn restore(
         skipped: items.iter().map(|_| AtomicBool::new(false)).collect(),
         made: items.iter().map(|_| AtomicBool::new(false)).collect(),
         unfinished: items.iter().map(|_| AtomicUsize::new(0)).collect(),
+        checked_dirs: Mutex::new(HashSet::new()),
     };
     if let Some(t) = &opts.target {
         std::fs::create_dir_all(t)
@@ -407,7 +410,10 @@ pub fn restore(
         for it in dirs {
             ctx.apply_metadata(it);
         }
-        items.into_iter().filter(|i| !above.contains(&i.source)).collect::<Vec<Item>>()
+        // What is counted: what was restored (or found the same).
+        let restored =
+            items.into_iter().enumerate().filter(|(i, it)| !above.contains(&it.source) && !ctx.is_skipped(*i));
+        restored.map(|(_, it)| it).collect::<Vec<Item>>()
     });
 
     let count = |k: &dyn Fn(&Item) -> bool| items.iter().filter(|i| k(i)).count() as u64;
@@ -756,11 +762,37 @@ impl Ctx<'_> {
         }
     }
 
+    /// Makes folder `p` and those above it that are missing. Under a target none of them is
+    /// followed where it is a symlink: it could lead out of the target.
     fn ensure_dir(&self, p: &Path) -> Result<()> {
-        if p.is_dir() {
-            return Ok(());
+        let Some(target) = self.opts.target.as_deref().filter(|t| p.starts_with(t)) else {
+            if p.is_dir() {
+                return Ok(());
+            }
+            return std::fs::create_dir_all(p).map_err(|e| fatal_or(p, e));
+        };
+        let mut at = target.to_path_buf();
+        for part in p.strip_prefix(target).unwrap_or(p).components() {
+            at.push(part);
+            if self.checked_dirs.lock().is_ok_and(|d| d.contains(&at)) {
+                continue;
+            }
+            match std::fs::symlink_metadata(&at) {
+                Ok(m) if m.is_dir() => {}
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(Error::Invalid(format!(
+                        "{}: a symlink where a folder belongs; not followed, it could lead out of the target",
+                        at.display()
+                    )))
+                }
+                Ok(_) => return Err(Error::Invalid(format!("{}: exists and is not a folder", at.display()))),
+                Err(_) => self.make_dir(&at)?,
+            }
+            if let Ok(mut d) = self.checked_dirs.lock() {
+                d.insert(at.clone());
+            }
         }
-        std::fs::create_dir_all(p).map_err(|e| fatal_or(p, e))
+        Ok(())
     }
 
     /// Sorts an error about one file into errors (damaged data), warnings, or fatal.

@@ -305,6 +305,37 @@ fn a_restore_leaves_what_it_refuses_as_it_was() {
     assert_eq!(entry(&src.join("file"), true), before);
 }
 
+/// A restore under a target never follows a symlink that stands where one of the folders
+/// above what it restores belongs: it could lead out of the target. The summary counts what
+/// was restored, not what was left as it was.
+#[test]
+fn a_restore_under_a_target_does_not_follow_symlinks_above_it() {
+    let env = Env::with_box();
+    let src = env.mkdir("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("d/f.txt"), b"f\n").unwrap();
+    fs::write(src.join("kept.txt"), b"mine\n").unwrap();
+    env.backup(&args![&src]);
+    let t = env.path().join("t");
+    let elsewhere = env.mkdir("elsewhere");
+    let first = src.components().nth(1).unwrap(); // the top folder of the source's path
+    fs::create_dir_all(&t).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, t.join(first)).unwrap();
+    let r = env.run(&args!["restore", "latest", src.join("d"), "--target", &t]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("a symlink where a folder belongs"), "{r:?}");
+    assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0, "written through the symlink");
+
+    // Counted: the restored entries, not the file left as it was.
+    let t2 = env.path().join("t2");
+    let out = restored(&t2, &src);
+    fs::create_dir_all(&out).unwrap();
+    fs::write(out.join("kept.txt"), b"changed\n").unwrap();
+    let r = env.run(&args!["restore", "--json", "--target", &t2]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert_eq!(num(&r.json(), "files"), 1, "{}", r.stdout);
+}
+
 /// A file restored over an existing one gets exactly the backed-up extended attributes
 /// (`user.*`; all of them with --restore-permissions). Set-user-ID and set-group-ID come back
 /// only with the owner they belong to.
