@@ -44,6 +44,12 @@ const TREE_SWEEP_BYTES: u64 = 4 << 20;
 /// Most blocks such a volume may hold (a quarter of the tree cache).
 const TREE_SWEEP_BLOCKS: usize = 1024;
 
+/// Whether a volume of `size` bytes holding `blocks` blocks is small enough to be fetched
+/// whole for its trees.
+fn sweepable(size: u64, blocks: usize) -> bool {
+    size <= TREE_SWEEP_BYTES && blocks <= TREE_SWEEP_BLOCKS
+}
+
 /// The config to use: the box's, checked against the copy in the key file that unlocked it.
 /// A config that differs from that copy, cannot be read or is gone is damage: the copy is used.
 fn settle_config(
@@ -854,7 +860,7 @@ impl Repository {
             return 1;
         }
         match self.catalog().and_then(|c| c.volume_blocks(&loc.volume)) {
-            Ok((size, blocks)) if size <= TREE_SWEEP_BYTES && blocks.len() <= TREE_SWEEP_BLOCKS => blocks.len(),
+            Ok((size, blocks)) if sweepable(size, blocks.len()) => blocks.len(),
             _ => 1,
         }
     }
@@ -868,7 +874,7 @@ impl Repository {
             return Vec::new();
         }
         let Ok((size, blocks)) = self.catalog().and_then(|c| c.volume_blocks(volume)) else { return Vec::new() };
-        if size > TREE_SWEEP_BYTES || blocks.len() > TREE_SWEEP_BLOCKS {
+        if !sweepable(size, blocks.len()) {
             return Vec::new();
         }
         blocks
